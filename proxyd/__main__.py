@@ -1,0 +1,3 @@
+from proxyd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Every error proxyd reports, each mapped to one OCI error code and HTTP status.
+
+ProxydError                      (500 UNKNOWN)
+├── RequestError                 the client asked for something malformed
+│   ├── NameInvalid              400 NAME_INVALID
+│   ├── TagInvalid               400 TAG_INVALID
+│   ├── DigestInvalid            400 DIGEST_INVALID
+│   ├── RangeNotSatisfiable      416 RANGE_INVALID
+│   └── Unsupported              405 UNSUPPORTED (method or API proxyd does not serve)
+├── NotFound
+│   ├── NameUnknown              404 NAME_UNKNOWN (namespace or repository)
+│   ├── ManifestUnknown          404 MANIFEST_UNKNOWN
+│   └── BlobUnknown              404 BLOB_UNKNOWN
+├── Unauthorized                 401 UNAUTHORIZED (upstream refused proxyd's credentials)
+├── Denied                       403 DENIED
+├── TooManyRequests              429 TOOMANYREQUESTS (carries Retry-After)
+├── ManifestTooLarge             413 SIZE_INVALID
+└── UpstreamError                502 UNAVAILABLE: no host of the chain could answer
+    ├── NoCapableHost            502 UNAVAILABLE: the chain has no host for the request
+    ├── TokenError               502 UNAVAILABLE: a token server failed or sent no token
+    └── DigestMismatch           502 DIGEST_INVALID: upstream bytes do not match
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ProxydError(Exception):
+    code: ClassVar[str] = "UNKNOWN"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, detail: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return {"errors": [error]}
+
+
+class RequestError(ProxydError):
+    status = 400
+
+
+class NameInvalid(RequestError):
+    code = "NAME_INVALID"
+
+
+class TagInvalid(RequestError):
+    code = "TAG_INVALID"
+
+
+class DigestInvalid(RequestError):
+    code = "DIGEST_INVALID"
+
+
+class RangeNotSatisfiable(RequestError):
+    code = "RANGE_INVALID"
+    status = 416
+
+
+class Unsupported(RequestError):
+    code = "UNSUPPORTED"
+    status = 405
+
+
+class NotFound(ProxydError):
+    status = 404
+
+
+class EndpointUnknown(NotFound):
+    code = "UNSUPPORTED"
+
+
+class NameUnknown(NotFound):
+    code = "NAME_UNKNOWN"
+
+
+class ManifestUnknown(NotFound):
+    code = "MANIFEST_UNKNOWN"
+
+
+class BlobUnknown(NotFound):
+    code = "BLOB_UNKNOWN"
+
+
+class Unauthorized(ProxydError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Denied(ProxydError):
+    code = "DENIED"
+    status = 403
+
+
+class TooManyRequests(ProxydError):
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+
+class ManifestTooLarge(ProxydError):
+    code = "SIZE_INVALID"
+    status = 413
+
+
+class UpstreamError(ProxydError):
+    code = "UNAVAILABLE"
+    status = 502
+
+
+class NoCapableHost(UpstreamError):
+    pass
+
+
+class TokenError(UpstreamError):
+    pass
+
+
+class DigestMismatch(UpstreamError):
+    code = "DIGEST_INVALID"
+
+    def __init__(self, expected: str, actual: str, *, host: str = ""):
+        where = f" from {host}" if host else ""
+        super().__init__(
+            f"content{where} does not match its digest: expected {expected}, got {actual}",
+            detail={"expected": expected, "actual": actual},
+        )
+        self.expected = expected
+        self.actual = actual

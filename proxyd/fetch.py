@@ -1,0 +1,395 @@
+"""The pull core: answer manifest and blob requests from the store when upstream has
+confirmed the repository holds the content, and otherwise fetch, verify and store.
+
+A blob download is a background task shared by every request for its digest: it
+writes a temporary file while hashing it, and each client streams from that file as
+bytes arrive. The last byte is held back until the digest is verified, so a client
+never receives a complete wrong body; a mismatch cuts every client short and keeps
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+
+from proxyd.errors import (
+    BlobUnknown,
+    Denied,
+    DigestMismatch,
+    ManifestTooLarge,
+    ManifestUnknown,
+    NameUnknown,
+    ProxydError,
+    RangeNotSatisfiable,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+)
+from proxyd.hosts import Capability
+from proxyd.reference import Digest, is_digest
+from proxyd.routing import Target
+from proxyd.store import BlobStore, BlobWriter
+from proxyd.upstream import Upstream, UpstreamClient
+
+log = structlog.get_logger("proxyd.fetch")
+
+READ_CHUNK = 1 << 20
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.oci.artifact.manifest.v1+json",
+)
+
+
+@dataclass
+class Manifest:
+    digest: Digest
+    media_type: str
+    size: int
+    body: bytes | None  # None answers a HEAD
+    cache: str  # "hit" or "miss"
+    host: str | None = None
+
+
+@dataclass
+class StoredBlob:
+    digest: Digest
+    path: os.PathLike[str]
+    size: int
+
+
+@dataclass
+class BlobHead:
+    digest: Digest
+    size: int | None
+    host: str
+
+
+class Download:
+    """One upstream fetch of a blob, streamed to any number of readers."""
+
+    def __init__(self, writer: BlobWriter) -> None:
+        self.writer = writer
+        self.digest = writer.digest
+        self.size: int | None = None
+        self.host = ""
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done = False
+        self.error: BaseException | None = None
+        self._progress = asyncio.Event()
+        self._fd = os.open(writer.temp_path, os.O_RDONLY)
+        self._users = 1  # the download itself; each reader adds one
+
+    def notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            os.close(self._fd)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The blob's bytes from the start, as they arrive; raises if the download
+        fails. Until verified, the last byte is withheld."""
+        self._users += 1
+        offset = 0
+        try:
+            while True:
+                progress = self._progress
+                if self.error is not None:
+                    raise UpstreamError(f"download of {self.digest} failed: {self.error}")
+                available = self.writer.written if self.done else self.writer.written - 1
+                if offset < available:
+                    data = os.pread(self._fd, min(READ_CHUNK, available - offset), offset)
+                    offset += len(data)
+                    yield data
+                elif self.done:
+                    return
+                else:
+                    await progress.wait()
+        finally:
+            self.release()
+
+
+class Puller:
+    def __init__(self, store: BlobStore, upstream: UpstreamClient, max_manifest_size: int):
+        self.store = store
+        self.upstream = upstream
+        self.max_manifest_size = max_manifest_size
+        self._downloads: dict[Digest, Download] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._manifest_fetches: dict[tuple[str, str, Digest], asyncio.Future[Manifest]] = {}
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- manifests ----------------------------------------------------------------------
+
+    async def manifest(
+        self, target: Target, reference: str, accept: list[str], *, head: bool
+    ) -> Manifest:
+        if not is_digest(reference):
+            return await self._resolve_tag(target, reference, accept, head=head)
+        digest = Digest.parse(reference)
+        ns, repo = target.namespace.name, target.repository
+        media_type = self.store.linked(ns, repo, digest, "_manifests")
+        body = self.store.read(digest) if media_type is not None else None
+        if media_type is not None and body is not None:
+            return Manifest(digest, media_type, len(body), None if head else body, "hit")
+        key = (ns, repo, digest)
+        pending = self._manifest_fetches.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_manifest(target, digest, accept))
+            self._manifest_fetches[key] = pending
+            pending.add_done_callback(lambda _: self._manifest_fetches.pop(key, None))
+        manifest = await asyncio.shield(pending)
+        return manifest if not head else Manifest(**{**manifest.__dict__, "body": None})
+
+    async def _fetch_manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
+        async with self._request(
+            target, Capability.PULL, "GET", f"manifests/{digest}", accept
+        ) as up:
+            await _raise_for_status(up, ManifestUnknown, f"manifest {digest}")
+            body = await self._read_manifest(up)
+            media_type = _media_type(up.response, body)
+        self._commit_manifest(target, digest, body, media_type, up.host.host)
+        return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
+
+    async def _resolve_tag(
+        self, target: Target, tag: str, accept: list[str], *, head: bool
+    ) -> Manifest:
+        method = "HEAD" if head else "GET"
+        async with self._request(
+            target, Capability.RESOLVE, method, f"manifests/{tag}", accept
+        ) as up:
+            await _raise_for_status(up, ManifestUnknown, f"manifest {tag}")
+            announced = up.response.headers.get("Docker-Content-Digest")
+            if head:
+                if announced:
+                    size = int(up.response.headers.get("Content-Length", "0"))
+                    media_type = up.response.headers.get("Content-Type", "")
+                    return Manifest(
+                        Digest.parse(announced), media_type, size, None, "miss", up.host.host
+                    )
+            else:
+                body = await self._read_manifest(up)
+                media_type = _media_type(up.response, body)
+        if head:  # the registry did not say the digest: learn it with a GET
+            manifest = await self._resolve_tag(target, tag, accept, head=False)
+            return Manifest(**{**manifest.__dict__, "body": None})
+        algorithm = Digest.parse(announced).algorithm if announced else "sha256"
+        digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
+        if announced and str(digest) != announced:
+            raise DigestMismatch(announced, str(digest), host=up.host.host)
+        self._commit_manifest(target, digest, body, media_type, up.host.host)
+        return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
+
+    def _commit_manifest(
+        self, target: Target, digest: Digest, body: bytes, media_type: str, host: str
+    ) -> None:
+        self.store.put(digest, body)  # raises DigestMismatch, keeping nothing
+        self.store.link(target.namespace.name, target.repository, digest, "_manifests", media_type)
+
+    async def _read_manifest(self, up: Upstream) -> bytes:
+        """Read at most max_manifest_size bytes (containerd's MaxManifestSize)."""
+        limit = self.max_manifest_size
+        length = up.response.content_length
+        if length is not None and length > limit:
+            raise ManifestTooLarge(f"manifest from {up.host.host} is {length} bytes; limit {limit}")
+        body = await up.response.content.read(limit + 1)
+        while len(body) <= limit and not up.response.content.at_eof():
+            more = await up.response.content.read(limit + 1 - len(body))
+            if not more:
+                break
+            body += more
+        if len(body) > limit:
+            raise ManifestTooLarge(
+                f"manifest from {up.host.host} exceeds the limit of {limit} bytes"
+            )
+        return body
+
+    # -- blobs --------------------------------------------------------------------------
+
+    async def blob(
+        self, target: Target, digest: Digest, *, head: bool
+    ) -> StoredBlob | Download | BlobHead:
+        """A stored blob, a download to stream from, or (HEAD of a missing blob) the
+        upstream's answer. Never serves content this repository was not confirmed for."""
+        size = self.store.size(digest)
+        if size is not None:
+            await self._confirm(target, digest)
+            return StoredBlob(digest, self.store.path(digest), size)
+        if head:
+            return await self._head_blob(target, digest)
+        download = self._downloads.get(digest)
+        if download is not None:
+            await self._confirm(target, digest)
+        else:
+            download = self._start_download(target, digest)
+        await asyncio.shield(download.ready)
+        return download
+
+    async def _confirm(self, target: Target, digest: Digest) -> None:
+        """Upstream must have said this repository holds the digest before we serve it."""
+        if self.store.linked(target.namespace.name, target.repository, digest) is None:
+            await self._head_blob(target, digest)
+
+    async def _head_blob(self, target: Target, digest: Digest) -> BlobHead:
+        async with self._request(target, Capability.PULL, "HEAD", f"blobs/{digest}") as up:
+            await _raise_for_status(up, BlobUnknown, f"blob {digest}")
+            length = up.response.content_length
+        self.store.link(target.namespace.name, target.repository, digest)
+        return BlobHead(digest, length, up.host.host)
+
+    def _start_download(self, target: Target, digest: Digest) -> Download:
+        download = Download(self.store.writer(digest))
+        self._downloads[digest] = download
+        task = asyncio.create_task(self._download(target, download))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return download
+
+    async def _download(self, target: Target, download: Download) -> None:
+        digest = download.digest
+        try:
+            async with self._request(target, Capability.PULL, "GET", f"blobs/{digest}") as up:
+                await _raise_for_status(up, BlobUnknown, f"blob {digest}")
+                download.size = up.response.content_length
+                download.host = up.host.host
+                self.store.link(target.namespace.name, target.repository, digest)
+                download.ready.set_result(None)
+                async for chunk in up.response.content.iter_any():
+                    download.writer.write(chunk)
+                    download.notify()
+            if download.size is not None and download.writer.written != download.size:
+                raise UpstreamError(
+                    f"{up.host.host} sent {download.writer.written} of {download.size} bytes"
+                )
+            await asyncio.get_running_loop().run_in_executor(None, download.writer.commit)
+            download.done = True
+            log.info(
+                "blob.stored", digest=str(digest), size=download.writer.written, host=up.host.host
+            )
+        except BaseException as exc:
+            download.error = exc
+            download.writer.close()
+            if not download.ready.done():
+                download.ready.set_exception(exc)
+                download.ready.exception()  # retrieved: waiters re-raise it themselves
+            if isinstance(exc, DigestMismatch | aiohttp.ClientError | TimeoutError | UpstreamError):
+                log.warning("blob.failed", digest=str(digest), error=str(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._downloads.pop(digest, None)
+            download.notify()
+            download.release()
+
+    # -- the rest ------------------------------------------------------------------------
+
+    async def tags(
+        self, target: Target, params: dict[str, str]
+    ) -> tuple[dict[str, Any], str | None]:
+        async with self._request(
+            target, Capability.RESOLVE, "GET", "tags/list", params=params
+        ) as up:
+            await _raise_for_status(up, NameUnknown, f"repository {target.repository}")
+            try:
+                body = json.loads(await up.response.content.read(self.max_manifest_size))
+            except ValueError:
+                raise UpstreamError(f"{up.host.host} sent a tag list that is not JSON") from None
+            return body, up.response.headers.get("Link")
+
+    def _request(
+        self,
+        target: Target,
+        capability: Capability,
+        method: str,
+        suffix: str,
+        accept: list[str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        headers = [("Accept", value) for value in (accept or [])]
+        if suffix.startswith("manifests/") and not accept:
+            headers = [("Accept", value) for value in MANIFEST_TYPES]
+        return self.upstream.request(
+            target.namespace,
+            capability,
+            method,
+            target.repository,
+            suffix,
+            headers=headers,
+            params=params,
+        )
+
+
+def _media_type(response: aiohttp.ClientResponse, body: bytes) -> str:
+    header = response.headers.get("Content-Type", "").split(";")[0].strip()
+    if header and header not in ("application/json", "text/plain", "application/octet-stream"):
+        return header
+    try:
+        declared = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    return declared if isinstance(declared, str) and declared else header or MANIFEST_TYPES[1]
+
+
+_NOT_FOUND: dict[str, type[ProxydError]] = {
+    "MANIFEST_UNKNOWN": ManifestUnknown,
+    "BLOB_UNKNOWN": BlobUnknown,
+    "NAME_UNKNOWN": NameUnknown,
+}
+
+
+async def _raise_for_status(up: Upstream, not_found: type[ProxydError], what: str) -> None:
+    """Turn an upstream's final non-200 answer into proxyd's error, keeping the
+    registry's message: the client sees what the registry said, in OCI form."""
+    status = up.response.status
+    if status in (200, 206):
+        return
+    errors = await _upstream_errors(up.response)
+    said = "; ".join(str(e.get("message") or e.get("code")) for e in errors) or str(status)
+    message = f"{up.host.host}: {what}: {said}"
+    if status == 404:
+        code = str(errors[0].get("code")) if errors else ""
+        raise _NOT_FOUND.get(code, not_found)(message)
+    if status == 401:
+        raise Unauthorized(message)
+    if status == 403:
+        raise Denied(message)
+    if status == 416:
+        raise RangeNotSatisfiable(message)
+    if status == 429:
+        retry_after = up.response.headers.get("Retry-After")
+        raise TooManyRequests(
+            message, headers={"Retry-After": retry_after} if retry_after else None
+        )
+    raise UpstreamError(f"{message} (status {status})")
+
+
+async def _upstream_errors(response: aiohttp.ClientResponse) -> list[dict[str, Any]]:
+    """The `errors` of a registry's OCI error body, if it sent one."""
+    if response.method == "HEAD":
+        return []
+    try:
+        data = json.loads(await response.content.read(64 * 1024))
+    except (ValueError, aiohttp.ClientError):
+        return []
+    errors = data.get("errors") if isinstance(data, dict) else None
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []

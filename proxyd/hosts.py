@@ -1,0 +1,260 @@
+"""Host chains: which registry hosts serve a namespace, and what each may be trusted with.
+
+The shape is containerd's `remotes/docker` `RegistryHost` and its `hosts.toml`: a
+namespace has one `server` (the upstream, trusted with every capability, tried last)
+and any number of mirrors (tried first, in file order, each with exactly the
+capabilities it lists). The same model reads proxyd's own `[namespaces."…"]` tables
+and a containerd hosts directory, so a file can move between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from proxyd.reference import DOCKER_HUB, HOST_RE
+
+
+class Capability(enum.Flag):
+    """What a host may be asked to do (containerd's HostCapabilities)."""
+
+    PULL = enum.auto()  # fetch content by digest: verifiable, so mirrors may do it
+    RESOLVE = enum.auto()  # tag -> digest: a trusted act
+    PUSH = enum.auto()
+
+    @classmethod
+    def all(cls) -> Capability:
+        return cls.PULL | cls.RESOLVE | cls.PUSH
+
+    @classmethod
+    def parse(cls, names: list[str]) -> Capability:
+        result = cls(0)
+        for name in names:
+            try:
+                result |= cls[name.upper()]
+            except KeyError:
+                raise ValueError(
+                    f"unknown capability {name!r} (expected pull, resolve or push)"
+                ) from None
+        return result
+
+    def names(self) -> list[str]:
+        return [c.name.lower() for c in Capability if c in self and c.name]
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _as_client_pairs(value: Any) -> Any:
+    """hosts.toml `client` is a path, a list of paths, or a list of [cert, key] pairs."""
+    pairs = []
+    for item in _as_list(value) or []:
+        if isinstance(item, str):
+            pairs.append((item, None))
+        elif isinstance(item, list) and len(item) in (1, 2):
+            pairs.append((item[0], item[1] if len(item) == 2 else None))
+        else:
+            raise ValueError("client must be a path or a [cert, key] pair")
+    return pairs
+
+
+def _as_headers(value: Any) -> Any:
+    return {k: _as_list(v) for k, v in (value or {}).items()}
+
+
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+ClientPairs = Annotated[list[tuple[str, str | None]], BeforeValidator(_as_client_pairs)]
+Headers = Annotated[dict[str, list[str]], BeforeValidator(_as_headers)]
+
+
+class HostSettings(BaseModel):
+    """One `[host."…"]` table, or the top level of a hosts.toml for the server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    capabilities: list[str] | None = None
+    ca: StrList = Field(default_factory=list)
+    client: ClientPairs = Field(default_factory=list)
+    skip_verify: bool = False
+    header: Headers = Field(default_factory=dict)
+    override_path: bool = False
+    connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
+    read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0)
+
+
+class NamespaceSettings(HostSettings):
+    """A namespace: containerd's hosts.toml, plus proxyd's per-namespace options."""
+
+    server: str | None = None
+    host: dict[str, HostSettings] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegistryHost:
+    scheme: str
+    host: str  # host[:port], as used for credentials and in URLs
+    path: str  # API root, normally "/v2"
+    capabilities: Capability
+    is_mirror: bool
+    headers: tuple[tuple[str, str], ...] = ()
+    ca: tuple[str, ...] = ()
+    client: tuple[tuple[str, str | None], ...] = ()
+    skip_verify: bool = False
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    def url(self, suffix: str) -> str:
+        """`suffix` is below the API root: `team/app/manifests/v1`."""
+        return f"{self.origin}{self.path.rstrip('/')}/{suffix}"
+
+    def describe(self) -> str:
+        role = "mirror" if self.is_mirror else "upstream"
+        return f"{self.origin}{self.path} ({role}: {', '.join(self.capabilities.names())})"
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """The ordered host chain of one upstream namespace: mirrors first, server last."""
+
+    name: str
+    hosts: tuple[RegistryHost, ...]
+    source: str = "built-in"
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def hosts_for(self, capability: Capability) -> list[RegistryHost]:
+        return [h for h in self.hosts if capability in h.capabilities]
+
+
+def is_local(host: str) -> bool:
+    hostname = urlsplit(f"//{host}").hostname or host
+    return hostname in LOCAL_HOSTS
+
+
+def default_server(namespace: str) -> str:
+    """containerd's DefaultHost: docker.io lives at registry-1.docker.io; plain http
+    only for loopback."""
+    host = "registry-1.docker.io" if namespace == DOCKER_HUB else namespace
+    return f"{'http' if is_local(host) else 'https'}://{host}"
+
+
+def _join_path(path: str, override_path: bool) -> str:
+    """containerd's rule: the API root is the URL's path with `/v2` appended unless it
+    already ends so, or `override_path` says the path is the API root as given."""
+    path = "/" + path.strip("/") if path.strip("/") else ""
+    if override_path:
+        return path or "/"
+    return path if path.endswith("/v2") else f"{path}/v2"
+
+
+def make_host(
+    url: str,
+    settings: HostSettings,
+    *,
+    is_mirror: bool,
+    base_dir: Path | None = None,
+) -> RegistryHost:
+    if "://" not in url:
+        url = f"{'http' if is_local(url.split('/')[0]) else 'https'}://{url}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"invalid host URL {url!r}: expected http(s)://host[:port][/path]")
+    if not HOST_RE.fullmatch(parts.netloc):
+        raise ValueError(f"invalid host {parts.netloc!r} in {url!r}")
+    if settings.capabilities is None:
+        capabilities = Capability.all() if not is_mirror else Capability.PULL | Capability.RESOLVE
+    else:
+        capabilities = Capability.parse(settings.capabilities)
+
+    def resolve(p: str) -> str:
+        return str(base_dir / p) if base_dir and not Path(p).is_absolute() else p
+
+    return RegistryHost(
+        scheme=parts.scheme,
+        host=parts.netloc,
+        path=_join_path(parts.path, settings.override_path),
+        capabilities=capabilities,
+        is_mirror=is_mirror,
+        headers=tuple((k, v) for k, values in settings.header.items() for v in values),
+        ca=tuple(resolve(p) for p in settings.ca),
+        client=tuple((resolve(c), resolve(k) if k else None) for c, k in settings.client),
+        skip_verify=settings.skip_verify,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+    )
+
+
+def build_namespace(
+    name: str,
+    settings: NamespaceSettings,
+    *,
+    source: str,
+    base_dir: Path | None = None,
+) -> Namespace:
+    mirrors = [
+        make_host(url, host, is_mirror=True, base_dir=base_dir)
+        for url, host in settings.host.items()
+    ]
+    server = make_host(
+        settings.server or default_server(name), settings, is_mirror=False, base_dir=base_dir
+    )
+    return Namespace(name=name, hosts=(*mirrors, server), source=source)
+
+
+def parse_hosts_toml(text: str) -> NamespaceSettings:
+    """Read one containerd hosts.toml; tables keep their file order (dicts are ordered)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"invalid TOML: {exc}") from None
+    try:
+        return NamespaceSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def hosts_dir_namespace_name(directory: str) -> str:
+    """containerd names a directory `host_port` when the port would need a colon
+    on filesystems that forbid it; both spellings are accepted."""
+    if ":" not in directory and "_" in directory:
+        host, _, port = directory.rpartition("_")
+        if port.isdigit():
+            return f"{host}:{port}"
+    return directory
+
+
+def load_hosts_dir(directory: Path) -> dict[str, NamespaceSettings]:
+    """`DIR/<namespace>/hosts.toml`, and `DIR/_default/hosts.toml` for the rest."""
+    found: dict[str, NamespaceSettings] = {}
+    if not directory.is_dir():
+        raise ValueError(f"hosts directory {directory} does not exist")
+    for path in sorted(directory.glob("*/hosts.toml")):
+        name = path.parent.name
+        if name != "_default":
+            name = hosts_dir_namespace_name(name)
+        try:
+            found[name] = parse_hosts_toml(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return found

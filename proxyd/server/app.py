@@ -1,0 +1,36 @@
+"""The application factory: builds the core objects once and owns their lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxyd.config import Registry
+from proxyd.fetch import Puller
+from proxyd.server import handlers
+from proxyd.server.keys import PULLER, REGISTRY
+from proxyd.server.middleware import access_log
+from proxyd.store import BlobStore
+from proxyd.upstream import UpstreamClient
+
+
+def create_app(registry: Registry) -> web.Application:
+    app = web.Application(middlewares=[access_log], client_max_size=1 << 20)
+    app[REGISTRY] = registry
+    app.cleanup_ctx.append(_core)
+    app.router.add_route("GET", "/v2/", handlers.base)
+    app.router.add_route("GET", "/v2", handlers.base)
+    app.router.add_route("*", "/v2/{tail:.+}", handlers.api)
+    return app
+
+
+async def _core(app: web.Application) -> AsyncIterator[None]:
+    settings = app[REGISTRY].settings
+    store = BlobStore(settings.cache_dir)
+    store.open()
+    async with UpstreamClient(app[REGISTRY], user_agent=settings.user_agent) as upstream:
+        puller = Puller(store, upstream, settings.max_manifest_size)
+        app[PULLER] = puller
+        yield
+        await puller.close()

@@ -1,0 +1,151 @@
+"""Request handlers of the `/v2/` API: parse, call the pull core, render."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import structlog
+from aiohttp import hdrs, web
+
+from proxyd.errors import Unsupported
+from proxyd.fetch import BlobHead, Download, Manifest, StoredBlob
+from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
+from proxyd.routing import Target, route
+from proxyd.server.keys import ACCESS, PULLER, REGISTRY
+from proxyd.server.middleware import API_VERSION_HEADER
+
+log = structlog.get_logger("proxyd.server")
+
+CACHE_HEADER = "X-Proxyd-Cache"
+_BLOB_CHUNK = 256 * 1024
+
+
+async def base(request: web.Request) -> web.Response:
+    """`GET /v2/`: the API version check every client starts with."""
+    return web.json_response({}, headers=API_VERSION_HEADER)
+
+
+async def api(request: web.Request) -> web.StreamResponse:
+    path = parse_api_path(request.path)
+    if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+        raise Unsupported(f"proxyd does not accept {request.method} on {path.endpoint.value}")
+    target = route(request.app[REGISTRY], path.name, request.query.get("ns"))
+    access = request[ACCESS]
+    access.namespace = target.namespace.name
+    access.repository = target.repository
+    if path.endpoint is Endpoint.MANIFEST:
+        return await manifest(request, target, path)
+    if path.endpoint is Endpoint.BLOB:
+        return await blob(request, target, path.digest)
+    if path.endpoint is Endpoint.TAGS:
+        return await tags(request, target, path)
+    raise Unsupported(f"proxyd does not serve {path.endpoint.value} yet")
+
+
+async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.Response:
+    reference = path.reference
+    if not is_digest(reference):
+        validate_tag(reference)
+    accept = request.headers.getall(hdrs.ACCEPT, [])
+    head = request.method == hdrs.METH_HEAD
+    result: Manifest = await request.app[PULLER].manifest(target, reference, accept, head=head)
+    _note(request, result.host, result.cache)
+    headers = {
+        **API_VERSION_HEADER,
+        hdrs.CONTENT_TYPE: result.media_type,
+        "Docker-Content-Digest": str(result.digest),
+        hdrs.ETAG: f'"{result.digest}"',
+        CACHE_HEADER: result.cache,
+    }
+    if head:
+        headers[hdrs.CONTENT_LENGTH] = str(result.size)
+        return web.Response(headers=headers)
+    return web.Response(body=result.body, headers=headers)
+
+
+async def blob(request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
+    head = request.method == hdrs.METH_HEAD
+    result = await request.app[PULLER].blob(target, digest, head=head)
+    headers = {
+        **API_VERSION_HEADER,
+        hdrs.CONTENT_TYPE: "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+    }
+    if isinstance(result, StoredBlob):
+        _note(request, None, "hit")
+        return BlobFileResponse(result, headers={**headers, CACHE_HEADER: "hit"})
+    if isinstance(result, BlobHead):
+        _note(request, result.host, "miss")
+        if result.size is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(result.size)
+        return web.Response(headers={**headers, hdrs.ETAG: f'"{digest}"', CACHE_HEADER: "miss"})
+    return await stream_download(request, result, headers)
+
+
+async def stream_download(
+    request: web.Request, download: Download, headers: dict[str, str]
+) -> web.StreamResponse:
+    _note(request, download.host, "miss")
+    response = web.StreamResponse(
+        headers={**headers, hdrs.ETAG: f'"{download.digest}"', CACHE_HEADER: "miss"}
+    )
+    if download.size is not None:
+        response.content_length = download.size
+    await response.prepare(request)
+    try:
+        async for chunk in download.chunks():
+            await response.write(chunk)
+    except Exception as exc:
+        # Headers are out: the only honest signal left is to cut the connection.
+        log.warning("blob.aborted", digest=str(download.digest), error=str(exc))
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+class BlobFileResponse(web.FileResponse):
+    """A stored blob, sent with sendfile; the ETag is the digest, as registries send."""
+
+    def __init__(self, blob: StoredBlob, headers: dict[str, str]) -> None:
+        super().__init__(blob.path, chunk_size=_BLOB_CHUNK, headers=headers)
+        self._digest_etag = f'"{blob.digest}"'
+
+    @property
+    def etag(self) -> Any:
+        return self._digest_etag
+
+    @etag.setter
+    def etag(self, value: Any) -> None:
+        self.headers[hdrs.ETAG] = self._digest_etag
+
+
+async def tags(request: web.Request, target: Target, path: ApiPath) -> web.Response:
+    params = {k: request.query[k] for k in ("n", "last") if k in request.query}
+    body, link = await request.app[PULLER].tags(target, params)
+    _note(request, None, "miss")
+    body["name"] = path.name
+    headers = dict(API_VERSION_HEADER)
+    if link:
+        headers["Link"] = _client_link(link, path.name, request.query.get("ns"))
+    if request.method == hdrs.METH_HEAD:
+        return web.Response(headers={**headers, hdrs.CONTENT_TYPE: "application/json"})
+    return web.json_response(body, headers=headers, dumps=json.dumps)
+
+
+def _client_link(link: str, name: str, ns: str | None) -> str:
+    """Point an upstream pagination Link back at proxyd, under the client's name."""
+    url = link.split(";", 1)[0].strip().strip("<>")
+    query = urlsplit(url).query
+    if ns:
+        query = f"{query}&{urlencode({'ns': ns})}" if query else urlencode({"ns": ns})
+    return f'</v2/{name}/tags/list{"?" + query if query else ""}>; rel="next"'
+
+
+def _note(request: web.Request, host: str | None, cache: str) -> None:
+    access = request[ACCESS]
+    access.host = host
+    access.cache = cache

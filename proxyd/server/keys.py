@@ -1,0 +1,26 @@
+"""Typed application and request state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxyd.config import Registry
+from proxyd.fetch import Puller
+
+REGISTRY = web.AppKey("registry", Registry)
+PULLER = web.AppKey("puller", Puller)
+
+
+@dataclass
+class Access:
+    """What the access log says of a request, filled in by the handler."""
+
+    namespace: str | None = None
+    repository: str | None = None
+    host: str | None = None
+    cache: str | None = None
+
+
+ACCESS = "proxyd.access"

@@ -1,0 +1,160 @@
+"""The content-addressed store on disk: blobs and manifests named by their digest,
+and links recording which (namespace, repository) upstream confirmed holds each one.
+
+Layout under the cache directory:
+    blobs/<algorithm>/<hex>                                 verified content only
+    tmp/<random>                                            downloads in progress
+    links/<namespace>/<repository>/_blobs/<algorithm>/<hex>      empty file
+    links/<namespace>/<repository>/_manifests/<algorithm>/<hex>  the media type
+
+A file appears under `blobs/` only by an atomic rename after its digest was checked,
+so a crash at any moment leaves at most a stray file in `tmp/`, removed at start.
+Every path is built from a validated `Digest`, repository name and host name, and
+checked to stay inside the cache directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from proxyd.errors import DigestMismatch
+from proxyd.reference import Digest
+
+LinkKind = Literal["_blobs", "_manifests"]
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.links = self.root / "links"
+
+    def open(self) -> None:
+        """Create the layout and drop what an interrupted run left in `tmp/`."""
+        for directory in (self.blobs, self.tmp, self.links):
+            directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def path(self, digest: Digest) -> Path:
+        return self._inside(self.blobs / digest.algorithm / digest.hex)
+
+    def size(self, digest: Digest) -> int | None:
+        """The stored size, or None when the digest is not stored."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, digest: Digest) -> bytes | None:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def writer(self, digest: Digest) -> BlobWriter:
+        return BlobWriter(self, digest)
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        """Store small content (a manifest) after checking it."""
+        with self.writer(digest) as writer:
+            writer.write(data)
+            writer.commit()
+
+    # -- links: what upstream confirmed, per repository ---------------------------------
+
+    def _link_path(self, namespace: str, repository: str, kind: LinkKind, digest: Digest) -> Path:
+        return self._inside(
+            self.links / namespace / repository / kind / digest.algorithm / digest.hex
+        )
+
+    def link(
+        self,
+        namespace: str,
+        repository: str,
+        digest: Digest,
+        kind: LinkKind = "_blobs",
+        media_type: str = "",
+    ) -> None:
+        path = self._link_path(namespace, repository, kind, digest)
+        if path.exists() and (kind == "_blobs" or path.read_text() == media_type):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"link-{secrets.token_hex(8)}"
+        tmp.write_text(media_type)
+        os.replace(tmp, path)
+
+    def linked(
+        self, namespace: str, repository: str, digest: Digest, kind: LinkKind = "_blobs"
+    ) -> str | None:
+        """The link's content ("" for blobs, the media type for manifests), or None."""
+        try:
+            return self._link_path(namespace, repository, kind, digest).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _inside(self, path: Path) -> Path:
+        """Defence in depth: names are validated upstream of here, but a path that
+        would leave the cache directory is refused regardless."""
+        resolved = Path(os.path.normpath(path))
+        if not resolved.is_relative_to(self.root):
+            raise ValueError(f"path {path} escapes the cache directory")
+        return resolved
+
+
+class BlobWriter:
+    """Writes a temporary file while hashing it; `commit` renames it into place only
+    when the digest matches. Leaving the `with` block without commit discards it."""
+
+    def __init__(self, store: BlobStore, digest: Digest) -> None:
+        self.store = store
+        self.digest = digest
+        self.temp_path = store.tmp / f"{digest.hex[:16]}-{secrets.token_hex(8)}"
+        self._file = open(self.temp_path, "xb")  # noqa: SIM115 (closed in close())
+        self._hash = hashlib.new(digest.algorithm)
+        self.written = 0
+        self.committed = False
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.written += len(data)
+
+    def flush(self) -> None:
+        """Make written bytes visible to readers of the temporary file."""
+        self._file.flush()
+
+    def commit(self) -> None:
+        """Verify and rename into place; raise DigestMismatch (and keep nothing) else."""
+        actual = f"{self.digest.algorithm}:{self._hash.hexdigest()}"
+        if actual != str(self.digest):
+            self.close()
+            raise DigestMismatch(str(self.digest), actual)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self.store.path(self.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.temp_path, final)
+        self.committed = True
+
+    def close(self) -> None:
+        """Discard unless committed; safe to call twice."""
+        if not self._file.closed:
+            self._file.close()
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                self.temp_path.unlink()

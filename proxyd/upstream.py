@@ -1,0 +1,256 @@
+"""One request through a namespace's host chain (containerd's resolver/fetcher loop).
+
+Hosts are tried in order among those with the needed capability. Connection errors,
+timeouts, 5xx, 429, and a mirror's 404/401/403 move on to the next host; the
+upstream server's answer is final. A 401 goes to the authorizer and the request is
+sent once more with fresh credentials. Redirects are followed by hand so the
+registry's Authorization (and client certificate) never reach another origin.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import structlog
+from multidict import CIMultiDict
+
+from proxyd.auth import Authorizer
+from proxyd.config import Registry
+from proxyd.errors import (
+    NoCapableHost,
+    ProxydError,
+    TokenError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+)
+from proxyd.hosts import Capability, Namespace, RegistryHost
+
+log = structlog.get_logger("proxyd.upstream")
+
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass
+class HostFailure:
+    host: RegistryHost
+    reason: str
+    status: int | None = None
+    retry_after: str | None = None
+
+
+@dataclass
+class Upstream:
+    """An open response from the host that answered; its body is still unread."""
+
+    host: RegistryHost
+    response: aiohttp.ClientResponse
+    failures: list[HostFailure]
+
+
+class UpstreamClient:
+    """Owns the one connection pool shared by every upstream request."""
+
+    def __init__(self, registry: Registry, *, user_agent: str) -> None:
+        self.registry = registry
+        self.user_agent = user_agent
+        self._session: aiohttp.ClientSession | None = None
+        self._authorizer: Authorizer | None = None
+        self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
+
+    async def __aenter__(self) -> UpstreamClient:
+        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        self._authorizer = Authorizer(
+            self._session, self.registry.credential_for, user_agent=self.user_agent
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def authorizer(self) -> Authorizer:
+        assert self._authorizer is not None, "use UpstreamClient as an async context manager"
+        return self._authorizer
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "use UpstreamClient as an async context manager"
+        return self._session
+
+    @asynccontextmanager
+    async def request(
+        self,
+        namespace: Namespace,
+        capability: Capability,
+        method: str,
+        repository: str,
+        suffix: str,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        params: dict[str, str] | None = None,
+        actions: str = "pull",
+    ) -> AsyncIterator[Upstream]:
+        """Yield the first acceptable response of the chain; raise when none is."""
+        hosts = namespace.hosts_for(capability)
+        if not hosts:
+            raise NoCapableHost(
+                f"namespace {namespace.name!r} has no host with the "
+                f"{capability.name and capability.name.lower()} capability"
+            )
+        scope = f"repository:{repository}:{actions}"
+        failures: list[HostFailure] = []
+        for host in hosts:
+            try:
+                response = await self._send(
+                    host, method, f"{repository}/{suffix}", headers, params, scope
+                )
+            except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
+                failures.append(HostFailure(host, _describe(exc)))
+                log.info("upstream.failed", host=host.host, reason=failures[-1].reason)
+                continue
+            except Unauthorized as exc:
+                if not host.is_mirror:
+                    raise
+                failures.append(HostFailure(host, exc.message, 401))
+                continue
+            if _moves_on(host, response.status):
+                failures.append(
+                    HostFailure(
+                        host,
+                        f"answered {response.status}",
+                        response.status,
+                        response.headers.get("Retry-After"),
+                    )
+                )
+                log.info("upstream.failed", host=host.host, status=response.status)
+                response.release()
+                continue
+            try:
+                yield Upstream(host, response, failures)
+            finally:
+                response.release()
+            return
+        raise _chain_error(namespace, failures)
+
+    async def _send(
+        self,
+        host: RegistryHost,
+        method: str,
+        path: str,
+        extra: Iterable[tuple[str, str]],
+        params: dict[str, str] | None,
+        scope: str,
+    ) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=host.connect_timeout, sock_read=host.read_timeout
+        )
+        base: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent)])
+        for name, value in (*host.headers, *extra):
+            base.add(name, value)
+        for attempt in (1, 2):
+            authorization = await self.authorizer.authorization(
+                host, scope, self._ssl_for(host, same_origin=True)
+            )
+            url = host.url(path)
+            for _hop in range(MAX_REDIRECTS + 1):
+                same_origin = _origin(url) == host.origin
+                headers = CIMultiDict(base)
+                if authorization and same_origin:
+                    headers["Authorization"] = authorization
+                response = await self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    params=params if url == host.url(path) else None,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    ssl=self._ssl_for(host, same_origin),
+                )
+                if response.status in _REDIRECTS and "Location" in response.headers:
+                    url = urljoin(url, response.headers["Location"])
+                    response.release()
+                    continue
+                break
+            else:
+                response.release()
+                raise aiohttp.TooManyRedirects(response.request_info, response.history)
+            if response.status != 401 or not same_origin:
+                return response
+            challenge = response.headers.getall("WWW-Authenticate", [])
+            response.release()
+            if attempt == 2 or not self.authorizer.learn(host, challenge):
+                self.authorizer.forget(host, scope)
+                raise Unauthorized(
+                    f"{host.host} refused proxyd's credentials for {scope}"
+                    if authorization
+                    else f"{host.host} requires credentials for {scope} and proxyd has none"
+                )
+        raise AssertionError("unreachable")
+
+    def _ssl_for(self, host: RegistryHost, same_origin: bool) -> Any:
+        """TLS settings of the host: its CAs apply to redirects too, its client
+        certificate only to the host itself."""
+        if host.scheme != "https":
+            return True
+        key = (host, same_origin)
+        if key not in self._ssl:
+            if host.skip_verify:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            else:
+                context = ssl.create_default_context()
+                for ca in host.ca:
+                    context.load_verify_locations(cafile=ca)
+            if same_origin:
+                for cert, key_file in host.client:
+                    context.load_cert_chain(cert, key_file)
+            self._ssl[key] = context
+        return self._ssl[key]
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _moves_on(host: RegistryHost, status: int) -> bool:
+    """Whether this answer sends the request on to the next host of the chain."""
+    if status >= 500 or status == 429:
+        return True
+    return host.is_mirror and status in (401, 403, 404)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ProxydError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _chain_error(namespace: Namespace, failures: list[HostFailure]) -> ProxydError:
+    """The client gets the last host's reason; 429 keeps its Retry-After."""
+    summary = "; ".join(f"{f.host.origin}: {f.reason}" for f in failures)
+    last = failures[-1]
+    if last.status == 429:
+        headers = {"Retry-After": last.retry_after} if last.retry_after else {}
+        return TooManyRequests(
+            f"every host of {namespace.name!r} is rate limiting: {summary}", headers=headers
+        )
+    return UpstreamError(f"no host of {namespace.name!r} could answer: {summary}")
