@@ -70,6 +70,10 @@ def parse_www_authenticate(values: list[str]) -> list[Challenge]:
     return challenges
 
 
+def basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 @dataclass
 class _Token:
     value: str
@@ -122,8 +126,7 @@ class Authorizer:
         if challenge.scheme == "basic":
             if credential is None or credential.username is None:
                 return None
-            raw = f"{credential.username}:{credential.password or ''}".encode()
-            return "Basic " + base64.b64encode(raw).decode()
+            return basic_authorization(credential.username, credential.password or "")
         if credential is not None and credential.registry_token:
             return f"Bearer {credential.registry_token}"
         scopes = {scope} if scope else set()
@@ -187,9 +190,9 @@ class Authorizer:
                     )
                 status, body = await self._call("POST", realm, ssl, data=form)
                 if status in _TOKEN_FALLBACK_STATUSES:
-                    basic = aiohttp.BasicAuth(credential.username or "", secret)
+                    basic = basic_authorization(credential.username or "", secret)
                     status, body = await self._call(
-                        "GET", realm, ssl, params=self._query(service, scope), auth=basic
+                        "GET", realm, ssl, params=self._query(service, scope), authorization=basic
                     )
             else:
                 status, body = await self._call(
@@ -213,9 +216,13 @@ class Authorizer:
             query["scope"] = scope
         return query
 
-    async def _call(self, method: str, url: str, ssl: Any, **kwargs: Any) -> tuple[int, bytes]:
+    async def _call(
+        self, method: str, url: str, ssl: Any, authorization: str = "", **kwargs: Any
+    ) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=30)
         headers = {"User-Agent": self._user_agent}
+        if authorization:
+            headers["Authorization"] = authorization
         async with self._session.request(
             method, url, headers=headers, timeout=timeout, ssl=ssl, **kwargs
         ) as resp:

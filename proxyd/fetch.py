@@ -81,8 +81,9 @@ class BlobHead:
 class Download:
     """One upstream fetch of a blob, streamed to any number of readers."""
 
-    def __init__(self, writer: BlobWriter) -> None:
+    def __init__(self, writer: BlobWriter, target: Target) -> None:
         self.writer = writer
+        self.target = target  # the repository whose GET confirms the digest
         self.digest = writer.digest
         self.size: int | None = None
         self.host = ""
@@ -115,6 +116,8 @@ class Download:
                 available = self.writer.written if self.done else self.writer.written - 1
                 if offset < available:
                     data = os.pread(self._fd, min(READ_CHUNK, available - offset), offset)
+                    if not data:  # the file is shorter than written: never spin on it
+                        raise UpstreamError(f"temporary file of {self.digest} was truncated")
                     offset += len(data)
                     yield data
                 elif self.done:
@@ -238,10 +241,10 @@ class Puller:
         if head:
             return await self._head_blob(target, digest)
         download = self._downloads.get(digest)
-        if download is not None:
-            await self._confirm(target, digest)
-        else:
+        if download is None:
             download = self._start_download(target, digest)
+        elif download.target != target:
+            await self._confirm(target, digest)
         await asyncio.shield(download.ready)
         return download
 
@@ -258,7 +261,7 @@ class Puller:
         return BlobHead(digest, length, up.host.host)
 
     def _start_download(self, target: Target, digest: Digest) -> Download:
-        download = Download(self.store.writer(digest))
+        download = Download(self.store.writer(digest), target)
         self._downloads[digest] = download
         task = asyncio.create_task(self._download(target, download))
         self._tasks.add(task)

@@ -117,7 +117,8 @@ class BlobWriter:
         self.store = store
         self.digest = digest
         self.temp_path = store.tmp / f"{digest.hex[:16]}-{secrets.token_hex(8)}"
-        self._file = open(self.temp_path, "xb")  # noqa: SIM115 (closed in close())
+        # Unbuffered: readers of a download in flight pread this file as it grows.
+        self._file = open(self.temp_path, "xb", buffering=0)  # noqa: SIM115 (see close())
         self._hash = hashlib.new(digest.algorithm)
         self.written = 0
         self.committed = False
@@ -129,13 +130,11 @@ class BlobWriter:
         self.close()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._file.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) or 0 :]
         self._hash.update(data)
         self.written += len(data)
-
-    def flush(self) -> None:
-        """Make written bytes visible to readers of the temporary file."""
-        self._file.flush()
 
     def commit(self) -> None:
         """Verify and rename into place; raise DigestMismatch (and keep nothing) else."""
@@ -143,7 +142,6 @@ class BlobWriter:
         if actual != str(self.digest):
             self.close()
             raise DigestMismatch(str(self.digest), actual)
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         final = self.store.path(self.digest)

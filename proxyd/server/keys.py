@@ -23,4 +23,4 @@ class Access:
     cache: str | None = None
 
 
-ACCESS = "proxyd.access"
+ACCESS = web.RequestKey("access", Access)

@@ -1,0 +1,51 @@
+"""Fixtures shared by the in-process tests: fake upstreams on real TCP ports, and a
+proxyd app configured by a TOML text, exactly as a user would write it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxyd.config import build_registry, load_settings
+from proxyd.server import create_app
+from tests.fakes import FakeRegistry, FakeTokenServer
+
+MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def make_proxyd(aiohttp_client: Any, tmp_path: Path, cache_dir: Path) -> MakeProxyd:
+    async def make(config: str, **flags: Any) -> TestClient[Any, Any]:
+        path = tmp_path / "proxyd.toml"
+        path.write_text(config)
+        settings = load_settings(path, cache_dir=cache_dir, **flags)
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(build_registry(settings)))
+        return client
+
+    return make
+
+
+@pytest.fixture
+def start_fake(aiohttp_server: Any) -> Callable[[Any], Awaitable[TestServer]]:
+    async def start(fake: FakeRegistry | FakeTokenServer) -> TestServer:
+        server: TestServer = await aiohttp_server(fake.app(), host="127.0.0.1")
+        return server
+
+    return start
+
+
+def origin(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+def host(server: TestServer) -> str:
+    return f"127.0.0.1:{server.port}"

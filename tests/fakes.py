@@ -1,0 +1,232 @@
+"""In-process registries for what a real one will not do on demand: corrupt bytes,
+chosen status codes, hangs, redirects, odd token servers. Each records the requests
+it received so tests can assert on what crossed the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: CIMultiDictProxy[str]
+
+
+@dataclass
+class FakeImage:
+    repository: str
+    tag: str
+    manifest: bytes
+    blobs: dict[str, bytes]
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+    @property
+    def layer(self) -> str:
+        return next(d for d in self.blobs if d != self.config)
+
+    @property
+    def config(self) -> str:
+        return json.loads(self.manifest)["config"]["digest"]
+
+
+def make_image(repository: str = "team/app", tag: str = "v1", layer: bytes = b"") -> FakeImage:
+    layer = layer or b"layer-bytes-" * 1000 + repository.encode()
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest_of(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": digest_of(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    return FakeImage(
+        repository, tag, manifest, {digest_of(config): config, digest_of(layer): layer}
+    )
+
+
+@dataclass
+class FakeRegistry:
+    """A registry serving a few images, with knobs for misbehaviour."""
+
+    images: list[FakeImage] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
+    status: int | None = None  # answer every API request with this status
+    hang: bool = False  # never answer API requests
+    corrupt: bool = False  # flip a byte of every blob
+    basic: tuple[str, str] | None = None  # require Basic credentials
+    bearer_realm: str | None = None  # require tokens from this realm
+    valid_tokens: set[str] = field(default_factory=set)
+    redirect_blobs_to: str | None = None  # 307 blob GETs to this base URL
+    retry_after: str | None = None
+    drop_after: int | None = None  # cut a blob body after this many bytes
+    gate: asyncio.Event | None = None  # blob bodies wait for this before the last byte
+
+    def add(self, image: FakeImage) -> FakeImage:
+        self.images.append(image)
+        return image
+
+    def requests(self, kind: str = "") -> list[Seen]:
+        return [s for s in self.seen if kind in s.path]
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    def _authorized(self, request: web.Request) -> web.Response | None:
+        given = request.headers.get("Authorization", "")
+        if self.basic is not None:
+            expected = "Basic " + base64.b64encode(":".join(self.basic).encode()).decode()
+            if given != expected:
+                return web.json_response(
+                    {"errors": [{"code": "UNAUTHORIZED", "message": "basic auth"}]},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Basic realm="fake"'},
+                )
+        if self.bearer_realm is not None and given.removeprefix("Bearer ") not in self.valid_tokens:
+            repo = request.path.removeprefix("/v2/").rsplit("/", 2)[0]
+            challenge = (
+                f'Bearer realm="{self.bearer_realm}",service="fake",scope="repository:{repo}:pull"'
+            )
+            return web.json_response(
+                {"errors": [{"code": "UNAUTHORIZED", "message": "token required"}]},
+                status=401,
+                headers={"WWW-Authenticate": challenge},
+            )
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Seen(request.method, request.path, dict(request.query), request.headers))
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.status is not None:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.json_response(
+                {"errors": [{"code": "UNKNOWN", "message": "told to fail"}]},
+                status=self.status,
+                headers=headers,
+            )
+        if request.path == "/v2/":
+            return self._authorized(request) or web.json_response({})
+        denied = self._authorized(request)
+        if denied is not None:
+            return denied
+        rest = request.path.removeprefix("/v2/")
+        for image in self.images:
+            if rest == f"{image.repository}/tags/list":
+                tags = sorted(i.tag for i in self.images if i.repository == image.repository)
+                return web.json_response({"name": image.repository, "tags": tags})
+            for reference in (image.tag, image.digest):
+                if rest == f"{image.repository}/manifests/{reference}":
+                    return web.Response(
+                        body=image.manifest,
+                        headers={
+                            "Content-Type": OCI_MANIFEST,
+                            "Docker-Content-Digest": image.digest,
+                        },
+                    )
+            for digest, blob in image.blobs.items():
+                if rest == f"{image.repository}/blobs/{digest}":
+                    return await self._blob(request, blob)
+        code = "MANIFEST_UNKNOWN" if "/manifests/" in rest else "BLOB_UNKNOWN"
+        return web.json_response({"errors": [{"code": code, "message": "not here"}]}, status=404)
+
+    async def _blob(self, request: web.Request, blob: bytes) -> web.StreamResponse:
+        if self.redirect_blobs_to and request.method == "GET":
+            raise web.HTTPTemporaryRedirect(f"{self.redirect_blobs_to}{request.path}")
+        headers = {
+            "Docker-Content-Digest": digest_of(blob),
+            "Content-Type": "application/octet-stream",
+        }
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(len(blob))})
+        if self.corrupt:
+            blob = bytes([blob[0] ^ 0xFF]) + blob[1:]
+        response = web.StreamResponse(headers=headers)
+        response.content_length = len(blob)
+        await response.prepare(request)
+        if self.drop_after is not None:
+            await response.write(blob[: self.drop_after])
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write(blob[:-1])
+        if self.gate is not None:
+            await self.gate.wait()
+        await response.write(blob[-1:])
+        await response.write_eof()
+        return response
+
+
+@dataclass
+class FakeTokenServer:
+    """Hands out tokens for a FakeRegistry; `mode` picks its (mis)behaviour."""
+
+    registry: FakeRegistry
+    users: dict[str, str] = field(default_factory=lambda: {"alice": "wonderland"})
+    mode: str = "ok"  # ok | no-token | post-unsupported | refuse
+    seen: list[Seen] = field(default_factory=list)
+    issued: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/token", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        form: dict[str, Any] = dict(await request.post()) if request.method == "POST" else {}
+        self.seen.append(
+            Seen(request.method, request.path, {**request.query, **form}, request.headers)
+        )
+        if self.mode == "refuse":
+            return web.json_response({"details": "bad credentials"}, status=401)
+        if request.method == "POST":
+            if self.mode == "post-unsupported":
+                return web.Response(status=404)
+            if self.users.get(str(form.get("username"))) != form.get("password"):
+                return web.json_response({"error": "invalid_grant"}, status=401)
+        else:
+            auth = request.headers.get("Authorization", "")
+            if auth:
+                user, _, password = (
+                    base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":")
+                )
+                if self.users.get(user) != password:
+                    return web.json_response({"details": "bad credentials"}, status=401)
+        if self.mode == "no-token":
+            return web.json_response({"expires_in": 300})
+        self.issued += 1
+        token = f"token-{self.issued}"
+        self.registry.valid_tokens.add(token)
+        return web.json_response({"token": token, "expires_in": 300})

@@ -1,0 +1,485 @@
+"""The pull path end to end in one process: proxyd's app in front of fake registries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import host, origin
+from tests.fakes import FakeRegistry, FakeTokenServer, make_image
+
+
+def upstream_config(server: object, *extra: str) -> str:
+    return "\n".join(
+        [
+            f'default_namespace = "{host(server)}"',
+            f'[namespaces."{host(server)}"]',
+            f'server = "{origin(server)}"',
+            *extra,
+        ]
+    )
+
+
+async def test_base_endpoint_announces_the_registry_api(make_proxyd):
+    proxyd = await make_proxyd("")
+    response = await proxyd.get("/v2/")
+    assert response.status == 200
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+async def test_pull_by_tag_then_blobs_are_served_from_the_store(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+
+    manifest = await proxyd.get("/v2/team/app/manifests/v1")
+    assert manifest.status == 200
+    assert await manifest.read() == image.manifest
+    assert manifest.headers["Docker-Content-Digest"] == image.digest
+    assert manifest.headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
+
+    for _ in range(2):
+        blob = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+        assert blob.status == 200
+        assert await blob.read() == image.blobs[image.layer]
+        assert blob.headers["Docker-Content-Digest"] == image.layer
+    assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
+    assert blob.headers["X-Proxyd-Cache"] == "hit"
+
+    by_digest = await proxyd.get(f"/v2/team/app/manifests/{image.digest}")
+    assert await by_digest.read() == image.manifest
+    assert by_digest.headers["X-Proxyd-Cache"] == "hit"
+    assert len(upstream.requests(f"/manifests/{image.digest}")) == 0
+
+
+async def test_head_of_a_tag_answers_digest_and_size_without_a_body(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.head("/v2/team/app/manifests/v1")
+    assert response.status == 200
+    assert response.headers["Docker-Content-Digest"] == image.digest
+    assert response.headers["Content-Length"] == str(len(image.manifest))
+    assert await response.read() == b""
+
+
+async def test_blob_range_from_the_store_answers_206(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    await (await proxyd.get(f"/v2/team/app/blobs/{image.layer}")).read()
+    response = await proxyd.get(
+        f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=10-19"}
+    )
+    assert response.status == 206
+    assert await response.read() == image.blobs[image.layer][10:20]
+
+
+async def test_every_accept_header_is_passed_upstream(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    accept = [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.index.v1+json",
+    ]
+    await proxyd.get("/v2/team/app/manifests/v1", headers=[("Accept", a) for a in accept])
+    assert upstream.requests("/manifests/v1")[0].headers.getall("Accept") == accept
+
+
+async def test_ns_query_selects_the_namespace_and_is_not_forwarded(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(server).replace(f'default_namespace = "{host(server)}"', "")
+    )
+    response = await proxyd.get("/v2/team/app/manifests/v1", params={"ns": host(server)})
+    assert response.status == 200
+    assert await response.read() == image.manifest
+    assert "ns" not in upstream.requests("/manifests/v1")[0].query
+
+
+async def test_registry_host_as_first_path_component_selects_the_namespace(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(server).replace(f'default_namespace = "{host(server)}"', "")
+    )
+    response = await proxyd.get(f"/v2/{host(server)}/team/app/manifests/v1")
+    assert response.status == 200
+    assert await response.read() == image.manifest
+    assert upstream.requests()[0].path == "/v2/team/app/manifests/v1"
+
+
+async def test_one_component_docker_hub_names_get_library(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image("library/alpine", "3"))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(f'[namespaces."docker.io"]\nserver = "{origin(server)}"\n')
+    response = await proxyd.get("/v2/alpine/manifests/3")
+    assert response.status == 200
+    assert await response.read() == image.manifest
+
+
+async def test_tag_list_passes_pagination_on(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image(tag="v1"))
+    upstream.add(make_image(tag="v2"))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.get("/v2/team/app/tags/list", params={"n": "10", "last": "v0"})
+    assert response.status == 200
+    assert await response.json() == {"name": "team/app", "tags": ["v1", "v2"]}
+    assert upstream.requests("/tags/list")[0].query == {"n": "10", "last": "v0"}
+
+
+async def test_unknown_manifest_is_manifest_unknown(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.get("/v2/team/app/manifests/nope")
+    assert response.status == 404
+    assert (await response.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_bad_input_gets_oci_errors(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    cases = {
+        "/v2/Team/App/manifests/v1": (400, "NAME_INVALID"),
+        "/v2/team/app/manifests/-bad": (400, "TAG_INVALID"),
+        "/v2/team/app/blobs/sha256:short": (400, "DIGEST_INVALID"),
+        "/v2/team/app/blobs/md5:" + "0" * 32: (400, "DIGEST_INVALID"),
+        "/v2/team/app/blobs/latest": (400, "DIGEST_INVALID"),
+        "/v2/team/app/nothing/here": (404, "UNSUPPORTED"),
+        "/v2/unknown.example:5000/team/app/manifests/v1": (404, "NAME_UNKNOWN"),
+    }
+    for path, (status, code) in cases.items():
+        response = await proxyd.get(path)
+        assert response.status == status, path
+        assert (await response.json())["errors"][0]["code"] == code, path
+    assert upstream.seen == []
+
+
+async def test_unconfigured_ns_is_refused(make_proxyd):
+    proxyd = await make_proxyd("")
+    response = await proxyd.get("/v2/team/app/manifests/v1", params={"ns": "evil.example"})
+    assert response.status == 404
+    assert (await response.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+
+
+async def test_pushes_are_refused_for_now(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.post("/v2/team/app/blobs/uploads/")
+    assert response.status == 405
+    assert (await response.json())["errors"][0]["code"] == "UNSUPPORTED"
+    assert upstream.seen == []
+
+
+async def test_corrupt_blob_fails_the_client_and_stores_nothing(
+    make_proxyd, start_fake, cache_dir: Path
+):
+    upstream = FakeRegistry(corrupt=True)
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    assert not (cache_dir / "blobs" / "sha256" / image.layer.split(":")[1]).exists()
+    assert list((cache_dir / "tmp").iterdir()) == []
+
+    upstream.corrupt = False
+    retry = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await retry.read() == image.blobs[image.layer]
+
+
+async def test_broken_upstream_connection_fails_the_client_and_keeps_nothing(
+    make_proxyd, start_fake, cache_dir: Path
+):
+    upstream = FakeRegistry(drop_after=100)
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    assert not (cache_dir / "blobs" / "sha256" / image.layer.split(":")[1]).exists()
+
+
+async def test_manifest_over_the_size_limit_is_refused(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server), max_manifest_size=100)
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 413
+    assert (await response.json())["errors"][0]["code"] == "SIZE_INVALID"
+
+
+async def test_concurrent_requests_share_one_upstream_fetch_and_all_stream(make_proxyd, start_fake):
+    upstream = FakeRegistry(gate=asyncio.Event())
+    image = upstream.add(make_image(layer=b"x" * 3_000_000))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+
+    async def pull() -> bytes:
+        response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+        assert response.status == 200
+        first = await response.content.read(1000)  # arrives before the download ends
+        assert upstream.gate is not None
+        upstream.gate.set()
+        return first + await response.read()
+
+    bodies = await asyncio.wait_for(asyncio.gather(*(pull() for _ in range(10))), 30)
+    assert all(body == image.blobs[image.layer] for body in bodies)
+    assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
+
+
+async def test_blob_cached_for_one_repository_is_confirmed_before_another_gets_it(
+    make_proxyd, start_fake
+):
+    upstream = FakeRegistry()
+    shared = b"shared-layer" * 500
+    upstream.add(make_image("team/one", layer=shared))
+    other = upstream.add(make_image("team/two", layer=shared))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    layer = other.layer
+    assert (await (await proxyd.get(f"/v2/team/one/blobs/{layer}")).read()) == shared
+
+    secret = await proxyd.get(f"/v2/team/secret/blobs/{layer}")
+    assert secret.status == 404
+    assert (await secret.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+    two = await proxyd.get(f"/v2/team/two/blobs/{layer}")
+    assert await two.read() == shared
+    assert [s.method for s in upstream.requests(f"team/two/blobs/{layer}")] == ["HEAD"]
+
+
+async def test_token_auth_is_answered_by_proxyd_and_tokens_are_reused(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    tokens = FakeTokenServer(upstream)
+    token_server = await start_fake(tokens)
+    upstream.bearer_realm = f"{origin(token_server)}/token"
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server,
+            f'[credentials."{host(server)}"]',
+            'username = "alice"',
+            'password = "wonderland"',
+        )
+    )
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+    for digest in image.blobs:
+        assert (await proxyd.get(f"/v2/team/app/blobs/{digest}")).status == 200
+    assert tokens.issued == 1
+    post = tokens.seen[0]
+    assert post.method == "POST"
+    assert post.query["grant_type"] == "password"
+    assert post.query["scope"] == "repository:team/app:pull"
+    assert post.query["service"] == "fake"
+
+
+async def test_token_post_unsupported_falls_back_to_get_with_basic(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    tokens = FakeTokenServer(upstream, mode="post-unsupported")
+    token_server = await start_fake(tokens)
+    upstream.bearer_realm = f"{origin(token_server)}/token"
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server,
+            f'[credentials."{host(server)}"]',
+            'username = "alice"',
+            'password = "wonderland"',
+        )
+    )
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+    assert [s.method for s in tokens.seen] == ["POST", "GET"]
+    assert tokens.seen[1].headers["Authorization"].startswith("Basic ")
+
+
+async def test_anonymous_token_is_fetched_with_get(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    tokens = FakeTokenServer(upstream)
+    token_server = await start_fake(tokens)
+    upstream.bearer_realm = f"{origin(token_server)}/token"
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+    assert tokens.seen[0].method == "GET"
+    assert "Authorization" not in tokens.seen[0].headers
+
+
+async def test_rejected_credentials_are_a_401_not_a_loop(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    tokens = FakeTokenServer(upstream, mode="refuse")
+    token_server = await start_fake(tokens)
+    upstream.bearer_realm = f"{origin(token_server)}/token"
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server, f'[credentials."{host(server)}"]', 'username = "alice"', 'password = "wrong"'
+        )
+    )
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 401
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "UNAUTHORIZED"
+    assert "refused" in error["message"]
+    assert len(upstream.seen) <= 2
+
+
+async def test_token_server_without_a_token_is_a_clear_error(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    tokens = FakeTokenServer(upstream, mode="no-token")
+    token_server = await start_fake(tokens)
+    upstream.bearer_realm = f"{origin(token_server)}/token"
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 502
+    assert "did not include a token" in (await response.json())["errors"][0]["message"]
+
+
+async def test_basic_auth_upstream(make_proxyd, start_fake):
+    upstream = FakeRegistry(basic=("alice", "wonderland"))
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server,
+            f'[credentials."{host(server)}"]',
+            'username = "alice"',
+            'password = "wonderland"',
+        )
+    )
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 200
+    assert await response.read() == image.manifest
+
+
+async def test_redirect_to_another_host_carries_no_credentials(make_proxyd, start_fake):
+    storage = FakeRegistry()
+    upstream = FakeRegistry(basic=("alice", "wonderland"))
+    image = upstream.add(make_image())
+    storage.add(image)
+    storage_server = await start_fake(storage)
+    upstream.redirect_blobs_to = origin(storage_server)
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server,
+            f'[credentials."{host(server)}"]',
+            'username = "alice"',
+            'password = "wonderland"',
+        )
+    )
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await response.read() == image.blobs[image.layer]
+    assert storage.seen, "the redirect was not followed"
+    assert all("Authorization" not in s.headers for s in storage.seen)
+
+
+async def test_mirror_failures_fall_back_to_upstream_without_its_credentials(
+    make_proxyd, start_fake
+):
+    upstream = FakeRegistry(basic=("alice", "wonderland"))
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    for mirror in (FakeRegistry(), FakeRegistry(status=500), FakeRegistry(hang=True)):
+        mirror_server = await start_fake(mirror)
+        proxyd = await make_proxyd(
+            upstream_config(
+                server,
+                f'[namespaces."{host(server)}".host."{origin(mirror_server)}"]',
+                'capabilities = ["pull", "resolve"]',
+                "read_timeout = 0.5",
+                f'[credentials."{host(server)}"]',
+                'username = "alice"',
+                'password = "wonderland"',
+            )
+        )
+        response = await proxyd.get("/v2/team/app/manifests/v1")
+        assert response.status == 200, mirror
+        assert await response.read() == image.manifest
+        assert mirror.seen, "the mirror was not tried first"
+        assert all("Authorization" not in s.headers for s in mirror.seen)
+
+
+async def test_mirror_serves_pulls_but_tags_resolve_only_where_allowed(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    mirror = FakeRegistry()
+    mirror.add(image)
+    server, mirror_server = await start_fake(upstream), await start_fake(mirror)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server,
+            f'[namespaces."{host(server)}".host."{origin(mirror_server)}"]',
+            'capabilities = ["pull"]',
+        )
+    )
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+    assert (await proxyd.get(f"/v2/team/app/blobs/{image.layer}")).status == 200
+    assert [s.path for s in upstream.seen] == ["/v2/team/app/manifests/v1"]
+    assert [s.path for s in mirror.seen] == [f"/v2/team/app/blobs/{image.layer}"]
+
+
+async def test_all_hosts_rate_limited_is_429_with_retry_after(make_proxyd, start_fake):
+    upstream = FakeRegistry(status=429, retry_after="7")
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 429
+    assert response.headers["Retry-After"] == "7"
+    assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+async def test_unreachable_upstream_is_a_502_naming_the_host(make_proxyd):
+    proxyd = await make_proxyd(
+        'default_namespace = "127.0.0.1:9"\n[namespaces."127.0.0.1:9"]\nserver = "http://127.0.0.1:9"\n'
+    )
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 502
+    body = await response.json()
+    assert body["errors"][0]["code"] == "UNAVAILABLE"
+    assert "127.0.0.1:9" in body["errors"][0]["message"]
+
+
+async def test_a_chain_without_a_capable_host_is_a_clear_error(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server, 'capabilities = ["pull"]'))
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 502
+    assert "resolve" in (await response.json())["errors"][0]["message"]
+    assert upstream.seen == []
+
+
+async def test_responses_are_json_oci_errors_never_tracebacks(make_proxyd):
+    proxyd = await make_proxyd("")
+    response = await proxyd.get("/v2/../../etc/passwd")
+    assert response.status in (400, 404)
+    assert "errors" in json.loads(await response.text())
