@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -98,7 +99,7 @@ def serve(registry: Registry) -> int:
     from aiohttp import web
 
     from proxyd.log import configure
-    from proxyd.server import create_app
+    from proxyd.server import AccessLogger, create_app
 
     settings = registry.settings
     configure(settings.log_level, settings.log_format)
@@ -118,7 +119,8 @@ def serve(registry: Registry) -> int:
             host=host,
             port=port,
             print=None,
-            access_log=None,
+            access_log=logging.getLogger("proxyd.access"),
+            access_log_class=AccessLogger,
             shutdown_timeout=10,
             handle_signals=True,
         )

@@ -46,5 +46,3 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp's own access log would repeat ours.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

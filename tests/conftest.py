@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxyd.config import build_registry, load_settings
-from proxyd.server import create_app
+from proxyd.server import AccessLogger, create_app
 from tests.fakes import FakeRegistry, FakeTokenServer
 
 MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -28,7 +28,9 @@ def make_proxyd(aiohttp_client: Any, tmp_path: Path, cache_dir: Path) -> MakePro
         path = tmp_path / "proxyd.toml"
         path.write_text(config)
         settings = load_settings(path, cache_dir=cache_dir, **flags)
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(build_registry(settings)))
+        server = TestServer(create_app(build_registry(settings)), host="127.0.0.1")
+        await server.start_server(access_log_class=AccessLogger)  # as `proxyd serve` does
+        client: TestClient[Any, Any] = await aiohttp_client(server)
         return client
 
     return make

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import host, origin
 from tests.fakes import FakeRegistry, FakeTokenServer, make_image
@@ -483,3 +484,23 @@ async def test_responses_are_json_oci_errors_never_tracebacks(make_proxyd):
     response = await proxyd.get("/v2/../../etc/passwd")
     assert response.status in (400, 404)
     assert "errors" in json.loads(await response.text())
+
+
+async def test_each_request_is_one_access_log_event(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    with capture_logs() as logs:
+        response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+        body = await response.read()
+        await asyncio.sleep(0.05)  # the event is written once the response is sent
+    [event] = [e for e in logs if e["event"] == "request"]
+    assert event["method"] == "GET"
+    assert event["status"] == 200
+    assert event["namespace"] == host(server)
+    assert event["repository"] == "team/app"
+    assert event["host"] == host(server)
+    assert event["cache"] == "miss"
+    assert event["bytes"] == len(body)
+    assert event["duration_ms"] >= 0

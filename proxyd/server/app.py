@@ -10,13 +10,13 @@ from proxyd.config import Registry
 from proxyd.fetch import Puller
 from proxyd.server import handlers
 from proxyd.server.keys import PULLER, REGISTRY
-from proxyd.server.middleware import access_log
+from proxyd.server.middleware import request_context
 from proxyd.store import BlobStore
 from proxyd.upstream import UpstreamClient
 
 
 def create_app(registry: Registry) -> web.Application:
-    app = web.Application(middlewares=[access_log], client_max_size=1 << 20)
+    app = web.Application(middlewares=[request_context], client_max_size=1 << 20)
     app[REGISTRY] = registry
     app.cleanup_ctx.append(_core)
     app.router.add_route("GET", "/v2/", handlers.base)

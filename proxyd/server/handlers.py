@@ -94,12 +94,16 @@ async def stream_download(
     if download.size is not None:
         response.content_length = download.size
     await response.prepare(request)
+    access = request[ACCESS]
+    access.sent = 0
     try:
         async for chunk in download.chunks():
             await response.write(chunk)
+            access.sent += len(chunk)
     except Exception as exc:
         # Headers are out: the only honest signal left is to cut the connection.
         log.warning("blob.aborted", digest=str(download.digest), error=str(exc))
+        access.aborted = True
         if request.transport is not None:
             request.transport.abort()
         return response

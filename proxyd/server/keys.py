@@ -21,6 +21,8 @@ class Access:
     repository: str | None = None
     host: str | None = None
     cache: str | None = None
+    aborted: bool = False  # a stream cut short after its headers were sent
+    sent: int | None = None  # body bytes of a stream; else the response's Content-Length
 
 
 ACCESS = web.RequestKey("access", Access)

@@ -4,16 +4,18 @@ request, and every error rendered in the OCI error format."""
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
 
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
 from proxyd.server.keys import ACCESS, Access
 
 log = structlog.get_logger("proxyd.access")
+errlog = structlog.get_logger("proxyd.server")
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -26,21 +28,24 @@ def error_response(error: ProxydError) -> web.Response:
 
 
 @web.middleware
-async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id to every log event of the request and render errors."""
     request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    access = request[ACCESS] = Access()
-    started = time.perf_counter()
-    status = 500
-    response: web.StreamResponse | None = None
-    try:
-        response = await oci_errors(request, handler)
-        status = response.status
-        if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
-        return response
-    finally:
+    request[ACCESS] = Access()
+    response = await oci_errors(request, handler)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One `request` event per request, written once the response is sent, so the
+    byte count and duration are the real ones."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        access = request.get(ACCESS) or Access()
         log.info(
             "request",
             method=request.method,
@@ -48,11 +53,16 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             namespace=access.namespace,
             repository=access.repository,
             host=access.host,
-            status=status,
-            bytes=response.body_length if response is not None else 0,
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            status=response.status,
+            bytes=access.sent if access.sent is not None else response.content_length or 0,
+            duration_ms=round(time * 1000, 1),
             cache=access.cache,
+            **({"aborted": True} if access.aborted else {}),
         )
+
+    @property
+    def enabled(self) -> bool:
+        return True
 
 
 async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -61,7 +71,7 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         return await handler(request)
     except ProxydError as error:
-        log.info("request.error", code=error.code, status=error.status, message=error.message)
+        errlog.info("request.error", code=error.code, status=error.status, message=error.message)
         return error_response(error)
     except web.HTTPMethodNotAllowed:
         return error_response(Unsupported(f"{request.method} is not supported on {request.path}"))
@@ -70,5 +80,5 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPException:
         raise
     except Exception:
-        log.exception("request.failed")
+        errlog.exception("request.failed")
         return error_response(ProxydError("internal error; the log of proxyd has the details"))
