@@ -47,6 +47,8 @@ _CHALLENGE_PART = re.compile(
     re.VERBOSE,
 )
 
+_EMPTY_ELEMENTS = re.compile(r"[\s,]*")  # RFC 7230 section 7: empty list elements are legal
+
 
 def parse_www_authenticate(values: list[str]) -> list[Challenge]:
     """Parse `WWW-Authenticate` header values (RFC 7235) into challenges. Unparseable
@@ -56,6 +58,9 @@ def parse_www_authenticate(values: list[str]) -> list[Challenge]:
         pos = 0
         current: Challenge | None = None
         while pos < len(value):
+            pos = _EMPTY_ELEMENTS.match(value, pos).end()  # type: ignore[union-attr]
+            if pos >= len(value):
+                break
             match = _CHALLENGE_PART.match(value, pos)
             if not match or match.end() == pos:
                 break
@@ -132,7 +137,12 @@ class Authorizer:
         scopes = {scope} if scope else set()
         if challenge.params.get("scope"):
             scopes.update(challenge.params["scope"].split())
-        token = await self._token(host, challenge, " ".join(sorted(scopes)), credential, ssl)
+        try:
+            token = await self._token(host, challenge, " ".join(sorted(scopes)), credential, ssl)
+        except TokenError:
+            # Learn afresh next time: the registry may have moved its realm or dropped auth.
+            self._challenges.pop(host.host, None)
+            raise
         return f"Bearer {token.value}"
 
     async def _token(

@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from proxyd.hosts import (
+    HostsFile,
     Namespace,
     NamespaceSettings,
     build_namespace,
@@ -158,26 +159,40 @@ def read_docker_config(path: Path) -> dict[str, Credential]:
         data = json.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read docker config {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"docker config {path} is not JSON: {exc}") from None
+    auths = data.get("auths", {}) if isinstance(data, dict) else None
+    if not isinstance(auths, dict):
+        raise ConfigError(f"docker config {path}: expected an object with an `auths` object")
     found: dict[str, Credential] = {}
-    for key, entry in (data.get("auths") or {}).items():
+    for key, entry in auths.items():
         if not isinstance(entry, dict):
-            continue
+            raise ConfigError(f"docker config {path}: auths.{key} is not an object")
         username, password = entry.get("username"), entry.get("password")
         if entry.get("auth"):
-            try:
-                decoded = base64.b64decode(entry["auth"]).decode()
-            except (ValueError, UnicodeDecodeError):
-                raise ConfigError(f"{path}: auths.{key}.auth is not base64 user:password") from None
-            username, _, password = decoded.partition(":")
-        found[_docker_config_host(key)] = Credential(
-            username=username or None,
-            password=password or None,
-            identity_token=entry.get("identitytoken") or None,
-            registry_token=entry.get("registrytoken") or None,
-        )
+            username, password = _decode_auth(entry["auth"], f"{path}: auths.{key}.auth")
+        try:
+            found[_docker_config_host(key)] = Credential(
+                username=username or None,
+                password=password or None,
+                identity_token=entry.get("identitytoken") or None,
+                registry_token=entry.get("registrytoken") or None,
+            )
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, path)) from None
     return found
+
+
+def _decode_auth(value: object, where: str) -> tuple[str, str]:
+    """`auth` is base64 of `user:password`; docker refuses anything else, and so do we."""
+    try:
+        decoded = base64.b64decode(value, validate=True).decode()  # type: ignore[arg-type]
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{where} is not base64 of user:password") from None
+    username, sep, password = decoded.partition(":")
+    if not sep or not username:
+        raise ConfigError(f"{where} does not decode to user:password")
+    return username, password
 
 
 def _docker_config_host(key: str) -> str:
@@ -193,7 +208,7 @@ class Registry:
     settings: Settings
     namespaces: dict[str, Namespace]
     credentials: dict[str, Credential]
-    fallback: NamespaceSettings | None = None  # hosts_dir/_default
+    fallback: HostsFile | None = None  # hosts_dir/_default
     _synthesised: dict[str, Namespace] = field(default_factory=dict)
 
     def namespace(self, name: str) -> Namespace | None:
@@ -205,7 +220,12 @@ class Registry:
         if not HOST_RE.fullmatch(name):
             return None
         if self.fallback is not None:
-            built = build_namespace(name, self.fallback, source="hosts_dir/_default")
+            built = build_namespace(
+                name,
+                self.fallback.settings,
+                source=str(self.fallback.directory / "hosts.toml"),
+                base_dir=self.fallback.directory,
+            )
         elif self.settings.allow_unconfigured_namespaces:
             built = build_namespace(name, NamespaceSettings(), source="default host")
         else:
@@ -225,13 +245,16 @@ def build_registry(settings: Settings) -> Registry:
         for name, ns in settings.namespaces.items():
             namespaces[name] = build_namespace(name, ns, source="config file")
         if settings.hosts_dir is not None:
-            for name, ns in load_hosts_dir(settings.hosts_dir).items():
+            for name, hosts_file in load_hosts_dir(settings.hosts_dir).items():
                 if name == "_default":
-                    fallback = ns
+                    fallback = hosts_file
                 elif name not in namespaces:
-                    base = settings.hosts_dir / name
-                    source = f"{base}/hosts.toml"
-                    namespaces[name] = build_namespace(name, ns, source=source, base_dir=base)
+                    namespaces[name] = build_namespace(
+                        name,
+                        hosts_file.settings,
+                        source=str(hosts_file.directory / "hosts.toml"),
+                        base_dir=hosts_file.directory,
+                    )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if DOCKER_HUB not in namespaces and fallback is None:

@@ -64,6 +64,11 @@ class RangeNotSatisfiable(RequestError):
     status = 416
 
 
+class PreconditionFailed(RequestError):
+    code = "PRECONDITION_FAILED"
+    status = 412
+
+
 class Unsupported(RequestError):
     code = "UNSUPPORTED"
     status = 405

@@ -24,6 +24,7 @@ import structlog
 from proxyd.errors import (
     BlobUnknown,
     Denied,
+    DigestInvalid,
     DigestMismatch,
     ManifestTooLarge,
     ManifestUnknown,
@@ -188,7 +189,7 @@ class Puller:
                     size = int(up.response.headers.get("Content-Length", "0"))
                     media_type = up.response.headers.get("Content-Type", "")
                     return Manifest(
-                        Digest.parse(announced), media_type, size, None, "miss", up.host.host
+                        _announced(announced, up), media_type, size, None, "miss", up.host.host
                     )
             else:
                 body = await self._read_manifest(up)
@@ -196,7 +197,7 @@ class Puller:
         if head:  # the registry did not say the digest: learn it with a GET
             manifest = await self._resolve_tag(target, tag, accept, head=False)
             return Manifest(**{**manifest.__dict__, "body": None})
-        algorithm = Digest.parse(announced).algorithm if announced else "sha256"
+        algorithm = _announced(announced, up).algorithm if announced else "sha256"
         digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
         if announced and str(digest) != announced:
             raise DigestMismatch(announced, str(digest), host=up.host.host)
@@ -316,7 +317,9 @@ class Puller:
             try:
                 body = json.loads(await up.response.content.read(self.max_manifest_size))
             except ValueError:
-                raise UpstreamError(f"{up.host.host} sent a tag list that is not JSON") from None
+                body = None
+            if not isinstance(body, dict):
+                raise UpstreamError(f"{up.host.host} sent a tag list that is not a JSON object")
             return body, up.response.headers.get("Link")
 
     def _request(
@@ -340,6 +343,14 @@ class Puller:
             headers=headers,
             params=params,
         )
+
+
+def _announced(header: str, up: Upstream) -> Digest:
+    """A registry's Docker-Content-Digest; a malformed one is its fault, not the client's."""
+    try:
+        return Digest.parse(header)
+    except DigestInvalid:
+        raise UpstreamError(f"{up.host.host} announced a malformed digest {header!r}") from None
 
 
 def _media_type(response: aiohttp.ClientResponse, body: bytes) -> str:

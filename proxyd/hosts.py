@@ -10,6 +10,7 @@ and a containerd hosts directory, so a file can move between the two unchanged.
 from __future__ import annotations
 
 import enum
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,7 @@ def make_host(
         raise ValueError(f"invalid host URL {url!r}: expected http(s)://host[:port][/path]")
     if not HOST_RE.fullmatch(parts.netloc):
         raise ValueError(f"invalid host {parts.netloc!r} in {url!r}")
-    if settings.capabilities is None:
+    if not settings.capabilities:  # unset or empty: containerd's rule, defaults apply
         capabilities = Capability.all() if not is_mirror else Capability.PULL | Capability.RESOLVE
     else:
         capabilities = Capability.parse(settings.capabilities)
@@ -235,18 +236,23 @@ def _explain(exc: ValidationError) -> str:
 
 
 def hosts_dir_namespace_name(directory: str) -> str:
-    """containerd names a directory `host_port` when the port would need a colon
-    on filesystems that forbid it; both spellings are accepted."""
-    if ":" not in directory and "_" in directory:
-        host, _, port = directory.rpartition("_")
-        if port.isdigit():
-            return f"{host}:{port}"
+    """containerd's `hostDirectory` spells `host:port` as `host_port_` (filesystems may
+    forbid colons); `host_port` and `host:port` are accepted too."""
+    match = re.fullmatch(r"(.+)_(\d{1,5})_?", directory)
+    if match and ":" not in directory:
+        return f"{match[1]}:{match[2]}"
     return directory
 
 
-def load_hosts_dir(directory: Path) -> dict[str, NamespaceSettings]:
+@dataclass(frozen=True)
+class HostsFile:
+    settings: NamespaceSettings
+    directory: Path  # relative `ca` and `client` paths resolve against it
+
+
+def load_hosts_dir(directory: Path) -> dict[str, HostsFile]:
     """`DIR/<namespace>/hosts.toml`, and `DIR/_default/hosts.toml` for the rest."""
-    found: dict[str, NamespaceSettings] = {}
+    found: dict[str, HostsFile] = {}
     if not directory.is_dir():
         raise ValueError(f"hosts directory {directory} does not exist")
     for path in sorted(directory.glob("*/hosts.toml")):
@@ -254,7 +260,7 @@ def load_hosts_dir(directory: Path) -> dict[str, NamespaceSettings]:
         if name != "_default":
             name = hosts_dir_namespace_name(name)
         try:
-            found[name] = parse_hosts_toml(path.read_text())
+            found[name] = HostsFile(parse_hosts_toml(path.read_text()), path.parent)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
     return found

@@ -102,7 +102,7 @@ class ApiPath:
 
 
 _API_PATHS = [
-    (re.compile(r"(?P<name>.+)/blobs/uploads/?(?P<ref>[^/]*)"), Endpoint.UPLOADS),
+    (re.compile(r"(?P<name>.+)/blobs/uploads(?:/(?P<ref>[^/]*))?"), Endpoint.UPLOADS),
     (re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)"), Endpoint.MANIFEST),
     (re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)"), Endpoint.BLOB),
     (re.compile(r"(?P<name>.+)/referrers/(?P<ref>[^/]+)"), Endpoint.REFERRERS),
@@ -121,5 +121,5 @@ def parse_api_path(path: str) -> ApiPath:
     for pattern, endpoint in _API_PATHS:
         match = pattern.fullmatch(rest)
         if match:
-            return ApiPath(match["name"], endpoint, match["ref"])
+            return ApiPath(match["name"], endpoint, match["ref"] or "")
     raise EndpointUnknown(f"unknown API path {path!r}")

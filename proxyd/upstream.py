@@ -182,8 +182,8 @@ class UpstreamClient:
                     ssl=self._ssl_for(host, same_origin),
                 )
                 if response.status in _REDIRECTS and "Location" in response.headers:
-                    url = urljoin(url, response.headers["Location"])
                     response.release()
+                    url = _redirect_target(url, response.headers["Location"])
                     continue
                 break
             else:
@@ -222,6 +222,18 @@ class UpstreamClient:
                     context.load_cert_chain(cert, key_file)
             self._ssl[key] = context
         return self._ssl[key]
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Only http(s) redirects are followed; a malformed one fails this host."""
+    try:
+        target = urljoin(url, location)
+        scheme = urlsplit(target).scheme
+    except ValueError:
+        raise aiohttp.InvalidURL(location) from None
+    if scheme not in ("http", "https"):
+        raise aiohttp.InvalidURL(location)
+    return target
 
 
 def _origin(url: str) -> str:

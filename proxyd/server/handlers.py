@@ -8,9 +8,13 @@ from urllib.parse import urlencode, urlsplit
 
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxyd.errors import Unsupported
+from proxyd.errors import PreconditionFailed, Unsupported
 from proxyd.fetch import BlobHead, Download, Manifest, StoredBlob
+from proxyd.ranges import parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
 from proxyd.routing import Target, route
 from proxyd.server.keys import ACCESS, PULLER, REGISTRY
@@ -75,7 +79,7 @@ async def blob(request: web.Request, target: Target, digest: Digest) -> web.Stre
     }
     if isinstance(result, StoredBlob):
         _note(request, None, "hit")
-        return BlobFileResponse(result, headers={**headers, CACHE_HEADER: "hit"})
+        return await serve_stored(request, result, {**headers, CACHE_HEADER: "hit"})
     if isinstance(result, BlobHead):
         _note(request, result.host, "miss")
         if result.size is not None:
@@ -111,12 +115,58 @@ async def stream_download(
     return response
 
 
+_CONDITIONAL = (
+    hdrs.RANGE,
+    hdrs.IF_RANGE,
+    hdrs.IF_MATCH,
+    hdrs.IF_NONE_MATCH,
+    hdrs.IF_MODIFIED_SINCE,
+    hdrs.IF_UNMODIFIED_SINCE,
+)
+
+
+async def serve_stored(
+    request: web.Request, blob: StoredBlob, headers: dict[str, str]
+) -> web.StreamResponse:
+    """A stored blob with sendfile. Conditions and Range are judged here against the
+    digest ETag (aiohttp's FileResponse would use its own mtime-size ETag); the file
+    response then sees only the one normalised range to send."""
+    etag = f'"{blob.digest}"'
+    if _etag_matches(request.headers.getall(hdrs.IF_NONE_MATCH, []), etag):
+        return web.Response(status=304, headers={**API_VERSION_HEADER, hdrs.ETAG: etag})
+    if_match = request.headers.getall(hdrs.IF_MATCH, [])
+    if if_match and not _etag_matches(if_match, etag):
+        raise PreconditionFailed(f"If-Match does not match {etag}")
+    span = None
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    if if_range is None or _etag_matches([if_range], etag):
+        span = parse_range(request.headers.get(hdrs.RANGE), blob.size)
+    plain = CIMultiDict(request.headers)
+    for name in _CONDITIONAL:
+        plain.popall(name, None)
+    if span is not None:
+        plain[hdrs.RANGE] = f"bytes={span[0]}-{span[1]}"
+    return BlobFileResponse(blob, headers, request.clone(headers=CIMultiDictProxy(plain)))
+
+
+def _etag_matches(values: list[str], etag: str) -> bool:
+    """Weak comparison (RFC 9110 13.1.2); `*` matches any current representation."""
+    tags = {t.strip().removeprefix("W/") for value in values for t in value.split(",")}
+    return "*" in tags or etag in tags
+
+
 class BlobFileResponse(web.FileResponse):
     """A stored blob, sent with sendfile; the ETag is the digest, as registries send."""
 
-    def __init__(self, blob: StoredBlob, headers: dict[str, str]) -> None:
+    def __init__(self, blob: StoredBlob, headers: dict[str, str], plain: web.Request) -> None:
         super().__init__(blob.path, chunk_size=_BLOB_CHUNK, headers=headers)
         self._digest_etag = f'"{blob.digest}"'
+        self._plain = plain  # the request with conditions already judged, one range at most
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:  # FileResponse would judge the original request's headers again
+            return await web.StreamResponse.prepare(self, request)
+        return await super().prepare(self._plain)
 
     @property
     def etag(self) -> Any:

@@ -1,0 +1,485 @@
+"""Settings precedence (flags, PROXYD_* environment, TOML file, defaults), docker's
+config.json, the layered registry of host chains, and `proxyd check-config`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from proxyd.cli import main
+from proxyd.config import (
+    ConfigError,
+    Credential,
+    build_registry,
+    default_cache_dir,
+    load_settings,
+    read_docker_config,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """The developer's own PROXYD_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("PROXYD_"):
+            monkeypatch.delenv(name)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    return write(
+        tmp_path / "proxyd.toml",
+        'listen = "0.0.0.0:6000"\n'
+        'cache_dir = "/srv/proxyd-file"\n'
+        'default_namespace = "ghcr.io"\n'
+        '[namespaces."ghcr.io"]\n'
+        'server = "https://ghcr.io"\n',
+    )
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+# -- precedence ---------------------------------------------------------------------------
+
+
+def test_defaults_apply_when_nothing_is_given():
+    settings = load_settings(None)
+    assert settings.listen == "127.0.0.1:5000"
+    assert settings.cache_dir == default_cache_dir()
+    assert settings.default_namespace == "docker.io"
+    assert settings.allow_unconfigured_namespaces is False
+
+
+def test_the_file_wins_over_the_defaults(config_file):
+    settings = load_settings(config_file)
+    assert settings.listen == "0.0.0.0:6000"
+    assert settings.cache_dir == Path("/srv/proxyd-file")
+    assert settings.default_namespace == "ghcr.io"
+
+
+def test_the_environment_wins_over_the_file(config_file, monkeypatch):
+    monkeypatch.setenv("PROXYD_LISTEN", "10.0.0.1:7000")
+    monkeypatch.setenv("PROXYD_CACHE_DIR", "/srv/proxyd-env")
+    settings = load_settings(config_file)
+    assert settings.listen == "10.0.0.1:7000"
+    assert settings.cache_dir == Path("/srv/proxyd-env")
+    assert settings.default_namespace == "ghcr.io"  # not in the environment: the file's
+
+
+def test_flags_win_over_the_environment(config_file, monkeypatch):
+    monkeypatch.setenv("PROXYD_LISTEN", "10.0.0.1:7000")
+    monkeypatch.setenv("PROXYD_DEFAULT_NAMESPACE", "quay.io")
+    settings = load_settings(config_file, listen="[::1]:8000", default_namespace=None)
+    assert settings.listen == "[::1]:8000"
+    assert settings.default_namespace == "quay.io"  # a flag not given leaves the env's
+
+
+def test_environment_variable_names_are_case_insensitive(monkeypatch):
+    monkeypatch.setenv("proxyd_listen", "10.0.0.2:7000")
+    assert load_settings(None).listen == "10.0.0.2:7000"
+
+
+def test_boolean_settings_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PROXYD_ALLOW_UNCONFIGURED_NAMESPACES", "true")
+    assert load_settings(None).allow_unconfigured_namespaces is True
+
+
+def test_log_level_is_accepted_in_any_case():
+    assert load_settings(None, log_level="DEBUG").log_level == "debug"
+
+
+# -- invalid settings ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", ["nope", "host:", "host:99999", ":x", "127.0.0.1"])
+def test_an_invalid_listen_flag_is_a_config_error_naming_listen(listen):
+    with pytest.raises(ConfigError, match="listen"):
+        load_settings(None, listen=listen)
+
+
+def test_an_invalid_environment_value_is_a_config_error_naming_the_key(monkeypatch):
+    monkeypatch.setenv("PROXYD_MAX_MANIFEST_SIZE", "a lot")
+    with pytest.raises(ConfigError, match="max_manifest_size"):
+        load_settings(None)
+
+
+def test_an_invalid_file_value_is_a_config_error_naming_the_key_and_the_file(tmp_path):
+    path = write(tmp_path / "proxyd.toml", 'log_level = "loud"\n')
+    with pytest.raises(ConfigError, match="log_level") as raised:
+        load_settings(path)
+    assert str(path) in str(raised.value)
+
+
+def test_an_unknown_key_in_the_file_is_a_config_error_naming_it(tmp_path):
+    path = write(tmp_path / "proxyd.toml", 'lsiten = "127.0.0.1:5000"\n')
+    with pytest.raises(ConfigError, match="lsiten"):
+        load_settings(path)
+
+
+def test_a_namespace_that_is_no_host_name_is_a_config_error(tmp_path):
+    path = write(tmp_path / "proxyd.toml", '[namespaces."not a host"]\n')
+    with pytest.raises(ConfigError, match="'not a host' is not a registry host name"):
+        load_settings(path)
+
+
+def test_invalid_toml_is_a_config_error_naming_the_file(tmp_path):
+    path = write(tmp_path / "proxyd.toml", "listen = \n")
+    with pytest.raises(ConfigError, match="invalid TOML") as raised:
+        load_settings(path)
+    assert str(path) in str(raised.value)
+
+
+def test_a_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_an_unknown_capability_in_the_file_is_a_config_error_once_chains_are_built(tmp_path):
+    path = write(
+        tmp_path / "proxyd.toml",
+        '[namespaces."docker.io".host."https://m.example"]\ncapabilities = ["fly"]\n',
+    )
+    with pytest.raises(ConfigError, match="unknown capability 'fly'"):
+        build_registry(load_settings(path))
+
+
+# -- docker's config.json -----------------------------------------------------------------
+
+
+def docker_config(tmp_path: Path, auths: object) -> Path:
+    return write(tmp_path / "config.json", json.dumps({"auths": auths}))
+
+
+def test_docker_auth_is_base64_user_and_password(tmp_path):
+    path = docker_config(tmp_path, {"registry.example": {"auth": b64("alice:open:sesame")}})
+    credential = read_docker_config(path)["registry.example"]
+    assert (credential.username, credential.password) == ("alice", "open:sesame")
+
+
+def test_docker_username_and_password_fields_are_read(tmp_path):
+    path = docker_config(tmp_path, {"r.example": {"username": "bob", "password": "builder"}})
+    credential = read_docker_config(path)["r.example"]
+    assert (credential.username, credential.password) == ("bob", "builder")
+
+
+def test_docker_identity_token_becomes_an_oauth_refresh_token(tmp_path):
+    path = docker_config(
+        tmp_path, {"r.example": {"auth": b64("<token>:"), "identitytoken": "refresh-me"}}
+    )
+    credential = read_docker_config(path)["r.example"]
+    assert credential.identity_token == "refresh-me"
+    assert credential.username == "<token>"
+    assert credential.password is None
+
+
+@pytest.mark.parametrize(
+    "key", ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "https://docker.io"]
+)
+def test_docker_hub_keys_are_credentials_for_registry_1(tmp_path, key):
+    path = docker_config(tmp_path, {key: {"auth": b64("alice:pw")}})
+    assert list(read_docker_config(path)) == ["registry-1.docker.io"]
+
+
+def test_url_keys_become_the_host_and_port(tmp_path):
+    path = docker_config(tmp_path, {"https://r.example:5000/v2/": {"auth": b64("a:b")}})
+    assert list(read_docker_config(path)) == ["r.example:5000"]
+
+
+def test_entries_that_are_not_objects_are_a_config_error_naming_the_entry(tmp_path):
+    path = docker_config(tmp_path, {"r.example": "nonsense", "s.example": {"auth": b64("a:b")}})
+    with pytest.raises(ConfigError, match=r"auths\.r\.example is not an object"):
+        read_docker_config(path)
+
+
+def test_a_docker_config_without_auths_gives_no_credentials(tmp_path):
+    path = write(tmp_path / "config.json", '{"credsStore": "desktop"}')
+    assert read_docker_config(path) == {}
+
+
+def test_auth_that_is_not_base64_is_a_config_error_naming_the_entry(tmp_path):
+    path = docker_config(tmp_path, {"r.example": {"auth": "not base64"}})
+    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+def test_a_docker_config_that_is_not_json_is_a_config_error(tmp_path):
+    path = write(tmp_path / "config.json", "{auths:")
+    with pytest.raises(ConfigError, match="not JSON"):
+        read_docker_config(path)
+
+
+def test_a_missing_docker_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read docker config"):
+        read_docker_config(tmp_path / "missing.json")
+
+
+def test_auth_with_characters_outside_the_base64_alphabet_is_a_config_error(tmp_path):
+    path = docker_config(tmp_path, {"r.example": {"auth": "@@@@"}})
+    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+def test_auth_without_a_colon_is_a_config_error(tmp_path):
+    path = docker_config(tmp_path, {"r.example": {"auth": b64("alice")}})
+    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+def test_auth_that_is_not_a_string_is_a_config_error(tmp_path):
+    path = docker_config(tmp_path, {"r.example": {"auth": 123}})
+    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+@pytest.mark.parametrize("text", ["[]", '"text"', '{"auths": []}'])
+def test_a_docker_config_of_the_wrong_shape_is_a_config_error(tmp_path, text):
+    path = write(tmp_path / "config.json", text)
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        read_docker_config(path)
+
+
+# -- secrets stay secret ------------------------------------------------------------------
+
+
+def test_credential_repr_never_shows_a_secret(tmp_path):
+    credential = Credential(
+        username="alice",
+        password="s3cret-pw",
+        identity_token="s3cret-refresh",
+        registry_token="s3cret-bearer",
+    )
+    path = write(
+        tmp_path / "proxyd.toml",
+        '[credentials."r.example"]\nusername = "alice"\npassword = "s3cret-pw"\n',
+    )
+    settings = load_settings(path)
+    for text in (repr(credential), str(credential), f"{credential!r}", repr(settings)):
+        assert "s3cret" not in text
+    assert "alice" in repr(credential)
+
+
+# -- the layered registry -----------------------------------------------------------------
+
+
+@pytest.fixture
+def hosts_dir(tmp_path):
+    root = tmp_path / "certs.d"
+    write(root / "ghcr.io" / "hosts.toml", '[host."https://ghcr-mirror.example"]\n')
+    write(root / "quay.io" / "hosts.toml", '[host."https://quay-mirror.example"]\n')
+    return root
+
+
+def test_built_in_docker_hub_is_present_without_any_configuration():
+    registry = build_registry(load_settings(None))
+    namespace = registry.namespace("docker.io")
+    assert namespace is not None
+    assert namespace.source == "built-in"
+    assert [h.origin for h in namespace.hosts] == ["https://registry-1.docker.io"]
+
+
+def test_hosts_dir_namespaces_are_loaded_with_their_file_as_source(hosts_dir):
+    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    namespace = registry.namespace("quay.io")
+    assert namespace is not None
+    assert [h.origin for h in namespace.hosts] == ["https://quay-mirror.example", "https://quay.io"]
+    assert namespace.source == f"{hosts_dir / 'quay.io'}/hosts.toml"
+
+
+def test_config_file_namespaces_win_over_the_hosts_dir(tmp_path, hosts_dir):
+    path = write(
+        tmp_path / "proxyd.toml",
+        '[namespaces."ghcr.io"]\n[namespaces."ghcr.io".host."https://from-file.example"]\n',
+    )
+    registry = build_registry(load_settings(path, hosts_dir=hosts_dir))
+    namespace = registry.namespace("ghcr.io")
+    assert namespace is not None
+    assert namespace.source == "config file"
+    assert [h.host for h in namespace.hosts] == ["from-file.example", "ghcr.io"]
+
+
+def test_relative_paths_in_a_hosts_dir_resolve_against_its_namespace_directory(tmp_path):
+    root = tmp_path / "certs.d"
+    write(
+        root / "quay.io" / "hosts.toml",
+        'ca = "ca.crt"\n[host."https://m.example"]\nca = "m.crt"\n',
+    )
+    registry = build_registry(load_settings(None, hosts_dir=root))
+    namespace = registry.namespace("quay.io")
+    assert namespace is not None
+    assert [h.ca for h in namespace.hosts] == [
+        (str(root / "quay.io" / "m.crt"),),
+        (str(root / "quay.io" / "ca.crt"),),
+    ]
+
+
+def test_relative_paths_resolve_against_a_host_port_directory_spelled_with_underscore(
+    tmp_path,
+):
+    root = tmp_path / "certs.d"
+    write(root / "r.example_5000" / "hosts.toml", 'ca = "ca.crt"\n')
+    registry = build_registry(
+        load_settings(None, hosts_dir=root, default_namespace="r.example:5000")
+    )
+    namespace = registry.namespace("r.example:5000")
+    assert namespace is not None
+    assert namespace.hosts[-1].ca == (str(root / "r.example_5000" / "ca.crt"),)
+    assert namespace.source == str(root / "r.example_5000" / "hosts.toml")
+
+
+def test_default_hosts_toml_serves_any_unconfigured_namespace(hosts_dir):
+    write(hosts_dir / "_default" / "hosts.toml", '[host."https://any-mirror.example"]\n')
+    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    namespace = registry.namespace("registry.example.com")
+    assert namespace is not None
+    assert namespace.source == str(hosts_dir / "_default" / "hosts.toml")
+    assert [h.origin for h in namespace.hosts] == [
+        "https://any-mirror.example",
+        "https://registry.example.com",
+    ]
+    assert registry.namespace("registry.example.com") is namespace  # built once
+
+
+def test_default_hosts_toml_also_serves_docker_hub_through_registry_1(hosts_dir):
+    write(hosts_dir / "_default" / "hosts.toml", '[host."https://any-mirror.example"]\n')
+    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    namespace = registry.namespace("docker.io")
+    assert namespace is not None
+    assert [h.host for h in namespace.hosts] == ["any-mirror.example", "registry-1.docker.io"]
+
+
+def test_relative_paths_in_the_default_hosts_toml_resolve_against_its_directory(hosts_dir):
+    write(hosts_dir / "_default" / "hosts.toml", 'ca = "ca.crt"\n')
+    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    namespace = registry.namespace("registry.example.com")
+    assert namespace is not None
+    assert namespace.hosts[-1].ca == (str(hosts_dir / "_default" / "ca.crt"),)
+
+
+def test_an_unconfigured_namespace_is_refused_by_default():
+    registry = build_registry(load_settings(None))
+    assert registry.namespace("ghcr.io") is None
+
+
+def test_allow_unconfigured_namespaces_routes_to_the_registry_host_itself():
+    registry = build_registry(load_settings(None, allow_unconfigured_namespaces=True))
+    namespace = registry.namespace("ghcr.io")
+    assert namespace is not None
+    assert namespace.source == "default host"
+    assert [h.origin for h in namespace.hosts] == ["https://ghcr.io"]
+
+
+@pytest.mark.parametrize("name", ["", "not a host", "../etc", "a/b", "host:port"])
+def test_a_name_that_is_no_host_never_becomes_a_namespace(name):
+    registry = build_registry(load_settings(None, allow_unconfigured_namespaces=True))
+    assert registry.namespace(name) is None
+
+
+def test_a_default_namespace_that_is_not_configured_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"default_namespace 'ghcr\.io' is not configured"):
+        build_registry(load_settings(None, default_namespace="ghcr.io"))
+
+
+def test_a_default_namespace_may_come_from_the_hosts_dir(hosts_dir):
+    registry = build_registry(load_settings(None, hosts_dir=hosts_dir, default_namespace="ghcr.io"))
+    assert registry.settings.default_namespace == "ghcr.io"
+
+
+def test_a_broken_hosts_dir_is_a_config_error(tmp_path):
+    root = tmp_path / "certs.d"
+    write(root / "ghcr.io" / "hosts.toml", "server = \n")
+    with pytest.raises(ConfigError, match=r"ghcr\.io"):
+        build_registry(load_settings(None, hosts_dir=root))
+
+
+def test_credentials_in_the_config_file_win_over_docker_config(tmp_path):
+    docker = docker_config(
+        tmp_path,
+        {"r.example": {"auth": b64("docker:pw")}, "s.example": {"auth": b64("docker:pw")}},
+    )
+    path = write(tmp_path / "proxyd.toml", '[credentials."r.example"]\nusername = "file"\n')
+    registry = build_registry(load_settings(path, docker_config=docker))
+    r, s = registry.credential_for("r.example"), registry.credential_for("s.example")
+    assert r is not None and r.username == "file"
+    assert s is not None and s.username == "docker"
+    assert registry.credential_for("t.example") is None
+
+
+# -- proxyd check-config ------------------------------------------------------------------
+
+
+def test_check_config_prints_each_namespace_chain_in_order(tmp_path, capsys):
+    path = write(
+        tmp_path / "proxyd.toml",
+        'listen = "127.0.0.1:5055"\n'
+        '[namespaces."docker.io"]\n'
+        '[namespaces."docker.io".host."https://hub-mirror.example"]\n'
+        '[namespaces."ghcr.io"]\n'
+        'server = "https://ghcr.io"\n'
+        '[credentials."ghcr.io"]\n'
+        'username = "alice"\n'
+        'password = "s3cret"\n',
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "listen:            127.0.0.1:5055" in out
+    assert "namespace docker.io  (from config file)" in out
+    assert "1. https://hub-mirror.example/v2 (mirror: pull, resolve), anonymous" in out
+    assert "2. https://registry-1.docker.io/v2 (upstream: pull, resolve, push), anonymous" in out
+    assert "namespace ghcr.io  (from config file)" in out
+    assert "1. https://ghcr.io/v2 (upstream: pull, resolve, push), credentials" in out
+    assert out.index("namespace docker.io") < out.index("namespace ghcr.io")
+    assert "s3cret" not in out
+
+
+def test_check_config_says_how_other_namespaces_are_served(tmp_path, capsys):
+    path = write(tmp_path / "proxyd.toml", "allow_unconfigured_namespaces = true\n")
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert "any other namespace: its registry host itself" in capsys.readouterr().out
+
+
+def test_check_config_reads_the_config_named_by_the_environment(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path / "proxyd.toml", 'listen = "127.0.0.1:5077"\n')
+    monkeypatch.setenv("PROXYD_CONFIG", str(path))
+    assert main(["check-config"]) == 0
+    assert "127.0.0.1:5077" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('listen = "nowhere"\n', "listen"),
+        ("listen = \n", "invalid TOML"),
+        ('default_namespace = "ghcr.io"\n', "default_namespace 'ghcr.io' is not configured"),
+        ('[namespaces."docker.io".host."https://m.example"]\ncapabilities = ["fly"]\n', "fly"),
+    ],
+)
+def test_check_config_of_an_invalid_config_exits_2_with_a_message_and_no_traceback(
+    tmp_path, capsys, text, said
+):
+    path = write(tmp_path / "proxyd.toml", text)
+    assert main(["check-config", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("proxyd: ")
+    assert said in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_check_config_with_a_malformed_docker_config_exits_2(tmp_path, capsys):
+    docker = write(tmp_path / "config.json", "[]")
+    path = write(tmp_path / "proxyd.toml", "")
+    assert main(["check-config", "--config", str(path), "--docker-config", str(docker)]) == 2
+    assert str(docker) in capsys.readouterr().err
