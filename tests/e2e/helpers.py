@@ -1,0 +1,63 @@
+"""What the end-to-end tests share besides fixtures: names, proxyd configurations
+in front of a registry, and checks on pulled images and proxyd's access log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tests.peers.clients import PulledImage
+from tests.peers.image import PushedImage
+from tests.peers.proxyd import Host, Namespace, ProxydProcess, proxyd_config
+from tests.peers.registry import Registry
+
+ALICE = ("alice", "wonderland")
+ALICE_CREDS = "alice:wonderland"
+REPOSITORY = "team/app"
+# A namespace name without a port, usable as a path prefix (see test_harness).
+PATH_PREFIX_NAMESPACE = "registry.test"
+
+StartProxyd = Callable[..., ProxydProcess]
+
+
+def upstream_config(
+    registry: Registry,
+    *,
+    namespace: str | None = None,
+    default_namespace: str | None = None,
+    mirrors: Sequence[Host] = (),
+    credentials: bool = True,
+    extra_namespaces: Sequence[Namespace] = (),
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """proxyd in front of ``registry``, holding alice's credentials for it.
+
+    ``namespace`` is the name clients use (default: the registry's ``host:port``);
+    it is also the default namespace unless ``default_namespace`` says otherwise.
+    Credentials are keyed by the registry's ``host:port`` and, when it differs, by
+    the namespace name too.
+    """
+    name = namespace or registry.host
+    creds = {}
+    if credentials:
+        creds = {registry.host: ALICE, name: ALICE}
+    return proxyd_config(
+        default_namespace=default_namespace or name,
+        namespaces=[Namespace(name, registry.url, tuple(mirrors)), *extra_namespaces],
+        credentials=creds,
+        settings={"log_level": "info", **(settings or {})},
+    )
+
+
+def assert_same_image(pulled: PulledImage, pushed: PushedImage) -> None:
+    assert pulled.manifest_digest == pushed.manifest_digest, "manifest digest differs"
+    assert pulled.blob_digests == set(pushed.blob_digests), "blob digests differ"
+
+
+def blob_gets(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Access-log entries of ``GET …/blobs/sha256:…``."""
+    return [e for e in entries if e.get("method") == "GET" and "/blobs/" in str(e.get("path"))]
+
+
+def digest_of(path: str) -> str:
+    return path.partition("?")[0].rpartition("/")[2]
