@@ -483,3 +483,15 @@ def test_check_config_with_a_malformed_docker_config_exits_2(tmp_path, capsys):
     path = write(tmp_path / "proxyd.toml", "")
     assert main(["check-config", "--config", str(path), "--docker-config", str(docker)]) == 2
     assert str(docker) in capsys.readouterr().err
+
+
+def test_the_written_out_default_config_is_the_embedded_default():
+    """config/proxyd.toml documents the defaults; loading it must change nothing."""
+    written = load_settings(Path(__file__).parents[1] / "config" / "proxyd.toml")
+    embedded = load_settings(None)
+    assert written.model_dump(exclude={"namespaces"}) == embedded.model_dump(exclude={"namespaces"})
+    chains = [
+        {name: ns.hosts for name, ns in build_registry(settings).namespaces.items()}
+        for settings in (written, embedded)
+    ]
+    assert chains[0] == chains[1]

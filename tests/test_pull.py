@@ -504,3 +504,29 @@ async def test_each_request_is_one_access_log_event(make_proxyd, start_fake):
     assert event["cache"] == "miss"
     assert event["bytes"] == len(body)
     assert event["duration_ms"] >= 0
+
+
+async def test_secrets_never_reach_the_log(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    tokens = FakeTokenServer(upstream)
+    token_server = await start_fake(tokens)
+    upstream.bearer_realm = f"{origin(token_server)}/token"
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server,
+            f'[credentials."{host(server)}"]',
+            'username = "alice"',
+            'password = "wonderland"',
+        ),
+        log_level="debug",
+    )
+    with capture_logs() as logs:
+        assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+        assert (await proxyd.get(f"/v2/team/app/blobs/{image.layer}")).status == 200
+        await asyncio.sleep(0.05)
+    text = repr(logs)
+    assert "wonderland" not in text
+    assert "token-1" not in text
+    assert "Basic " not in text and "Bearer " not in text
