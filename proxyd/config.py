@@ -58,6 +58,17 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("proxyd"))
 
 
+class CacheSettings(BaseModel):
+    """Where small responses (tags, tag lists, referrers) are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="sqlite: a file in cache_dir; redis: shared by replicas"
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="with backend = redis")
+
+
 class Settings(BaseSettings):
     """Every setting; each top-level one is also `--flag-name` and `PROXYD_FLAG_NAME`."""
 
@@ -83,6 +94,8 @@ class Settings(BaseSettings):
         default_factory=dict, description="host chains by namespace (hosts.toml tables)"
     )
     credentials: dict[str, Credential] = Field(default_factory=dict)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    offline: bool = Field(False, description="serve from the cache alone, never ask upstream")
 
     @field_validator("listen")
     @classmethod

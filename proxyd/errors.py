@@ -114,6 +114,11 @@ class ManifestTooLarge(ProxydError):
     status = 413
 
 
+class Offline(ProxydError):
+    code = "UNAVAILABLE"
+    status = 503
+
+
 class UpstreamError(ProxydError):
     code = "UNAVAILABLE"
     status = 502

@@ -11,12 +11,13 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -29,19 +30,23 @@ from proxyd.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     NameUnknown,
+    Offline,
     ProxydError,
     RangeNotSatisfiable,
     TooManyRequests,
     Unauthorized,
     UpstreamError,
 )
+from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability
 from proxyd.reference import Digest, is_digest
 from proxyd.routing import Target
+from proxyd.smallcache import Entry, SmallCache
 from proxyd.store import BlobStore, BlobWriter
 from proxyd.upstream import Upstream, UpstreamClient
 
 log = structlog.get_logger("proxyd.fetch")
+T = TypeVar("T")
 
 READ_CHUNK = 1 << 20
 MANIFEST_TYPES = (
@@ -60,8 +65,16 @@ class Manifest:
     digest: Digest
     media_type: str
     size: int
-    body: bytes | None  # None answers a HEAD
-    cache: str  # "hit" or "miss"
+    body: bytes
+    cache: str  # "hit", "miss", "revalidated" (upstream said unchanged) or "stale"
+    host: str | None = None
+
+
+@dataclass
+class TagList:
+    body: dict[str, Any]
+    link: str | None  # the upstream's pagination Link
+    cache: str
     host: str | None = None
 
 
@@ -130,13 +143,23 @@ class Download:
 
 
 class Puller:
-    def __init__(self, store: BlobStore, upstream: UpstreamClient, max_manifest_size: int):
+    def __init__(
+        self,
+        store: BlobStore,
+        upstream: UpstreamClient,
+        small: SmallCache,
+        *,
+        max_manifest_size: int,
+        offline: bool = False,
+    ) -> None:
         self.store = store
         self.upstream = upstream
+        self.small = small
         self.max_manifest_size = max_manifest_size
+        self.offline = offline
+        self.flights: SingleFlight[Any] = SingleFlight()
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._manifest_fetches: dict[tuple[str, str, Digest], asyncio.Future[Manifest]] = {}
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -145,25 +168,20 @@ class Puller:
 
     # -- manifests ----------------------------------------------------------------------
 
-    async def manifest(
-        self, target: Target, reference: str, accept: list[str], *, head: bool
-    ) -> Manifest:
+    async def manifest(self, target: Target, reference: str, accept: list[str]) -> Manifest:
         if not is_digest(reference):
-            return await self._resolve_tag(target, reference, accept, head=head)
+            return await self._resolve_tag(target, reference, accept)
         digest = Digest.parse(reference)
         ns, repo = target.namespace.name, target.repository
         media_type = self.store.linked(ns, repo, digest, "_manifests")
         body = self.store.read(digest) if media_type is not None else None
         if media_type is not None and body is not None:
-            return Manifest(digest, media_type, len(body), None if head else body, "hit")
-        key = (ns, repo, digest)
-        pending = self._manifest_fetches.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._fetch_manifest(target, digest, accept))
-            self._manifest_fetches[key] = pending
-            pending.add_done_callback(lambda _: self._manifest_fetches.pop(key, None))
-        manifest = await asyncio.shield(pending)
-        return manifest if not head else Manifest(**{**manifest.__dict__, "body": None})
+            return Manifest(digest, media_type, len(body), body, "hit")
+        key = ("manifest", ns, repo, digest)
+        manifest: Manifest = await self.flights.run(
+            key, lambda: self._fetch_manifest(target, digest, accept)
+        )
+        return manifest
 
     async def _fetch_manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
         async with self._request(
@@ -172,40 +190,110 @@ class Puller:
             await _raise_for_status(up, ManifestUnknown, f"manifest {digest}")
             body = await self._read_manifest(up)
             media_type = _media_type(up.response, body)
-        self._commit_manifest(target, digest, body, media_type, up.host.host)
+        self._commit_manifest(target, digest, body, media_type)
         return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
 
-    async def _resolve_tag(
-        self, target: Target, tag: str, accept: list[str], *, head: bool
+    async def _resolve_tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
+        key = _tag_key(target, tag, accept)
+        return await self._through_cache(
+            target,
+            key,
+            f"tag {tag}",
+            refresh=lambda entry: self._refresh_tag(target, tag, accept, key, entry),
+            from_entry=lambda entry, cache: self._from_entry(target, entry, cache),
+        )
+
+    async def _through_cache(
+        self,
+        target: Target,
+        key: str,
+        what: str,
+        refresh: Callable[[Entry | None], Awaitable[T]],
+        from_entry: Callable[[Entry, str], T],
+    ) -> T:
+        """The small-response policy: a fresh entry is served; an old one is
+        revalidated or refetched (once, however many ask); when every host fails, an
+        old entry is served marked stale. --offline serves entries of any age."""
+        entry = await self.small.get(key)
+        if entry is not None:
+            fresh = entry.age(self.small.now()) < target.namespace.tag_ttl
+            if fresh or self.offline:
+                return from_entry(entry, "hit" if fresh else "stale")
+        if self.offline:
+            raise Offline(f"offline, and {what} of {target.repository} is not cached")
+        try:
+            result: T = await self.flights.run(key, lambda: refresh(entry))
+            return result
+        except (UpstreamError, TooManyRequests) as exc:
+            if entry is None:
+                raise
+            log.warning(
+                "cache.stale",
+                namespace=target.namespace.name,
+                repository=target.repository,
+                what=what,
+                age_s=round(entry.age(self.small.now())),
+                error=exc.message,
+            )
+            return from_entry(entry, "stale")
+
+    async def _refresh_tag(
+        self, target: Target, tag: str, accept: list[str], key: str, entry: Entry | None
     ) -> Manifest:
-        method = "HEAD" if head else "GET"
+        if entry is not None:
+            async with self._request(
+                target, Capability.RESOLVE, "HEAD", f"manifests/{tag}", accept
+            ) as up:
+                await _raise_for_status(up, ManifestUnknown, f"manifest {tag}")
+                announced = up.response.headers.get("Docker-Content-Digest")
+            if announced == entry.value.get("digest"):
+                await self.small.put(key, entry.value)  # unchanged: no body transferred
+                return self._from_entry(target, entry, "revalidated", up.host.host)
         async with self._request(
-            target, Capability.RESOLVE, method, f"manifests/{tag}", accept
+            target, Capability.RESOLVE, "GET", f"manifests/{tag}", accept
         ) as up:
             await _raise_for_status(up, ManifestUnknown, f"manifest {tag}")
             announced = up.response.headers.get("Docker-Content-Digest")
-            if head:
-                if announced:
-                    size = int(up.response.headers.get("Content-Length", "0"))
-                    media_type = up.response.headers.get("Content-Type", "")
-                    return Manifest(
-                        _announced(announced, up), media_type, size, None, "miss", up.host.host
-                    )
-            else:
-                body = await self._read_manifest(up)
-                media_type = _media_type(up.response, body)
-        if head:  # the registry did not say the digest: learn it with a GET
-            manifest = await self._resolve_tag(target, tag, accept, head=False)
-            return Manifest(**{**manifest.__dict__, "body": None})
+            body = await self._read_manifest(up)
+            media_type = _media_type(up.response, body)
         algorithm = _announced(announced, up).algorithm if announced else "sha256"
         digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
         if announced and str(digest) != announced:
             raise DigestMismatch(announced, str(digest), host=up.host.host)
-        self._commit_manifest(target, digest, body, media_type, up.host.host)
+        self._commit_manifest(target, digest, body, media_type)
+        await self.small.put(
+            key,
+            {
+                "digest": str(digest),
+                "media_type": media_type,
+                "body": base64.b64encode(body).decode(),
+            },
+        )
         return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
 
+    def _from_entry(
+        self, target: Target, entry: Entry, cache: str, host: str | None = None
+    ) -> Manifest:
+        """A cached tag resolution; its bytes are checked against its digest, since the
+        record may come from a shared cache, and land in this replica's store."""
+        try:
+            digest = Digest.parse(str(entry.value["digest"]))
+            body = base64.b64decode(str(entry.value["body"]), validate=True)
+            media_type = str(entry.value["media_type"])
+        except (KeyError, ValueError, ProxydError):
+            raise UpstreamError("a cached tag record is damaged") from None
+        if hashlib.new(digest.algorithm, body).hexdigest() != digest.hex:
+            raise DigestMismatch(str(digest), "a cached tag record with other bytes")
+        ns, repo = target.namespace.name, target.repository
+        if (
+            self.store.size(digest) is None
+            or self.store.linked(ns, repo, digest, "_manifests") is None
+        ):
+            self._commit_manifest(target, digest, body, media_type)
+        return Manifest(digest, media_type, len(body), body, cache, host)
+
     def _commit_manifest(
-        self, target: Target, digest: Digest, body: bytes, media_type: str, host: str
+        self, target: Target, digest: Digest, body: bytes, media_type: str
     ) -> None:
         self.store.put(digest, body)  # raises DigestMismatch, keeping nothing
         self.store.link(target.namespace.name, target.repository, digest, "_manifests", media_type)
@@ -307,9 +395,19 @@ class Puller:
 
     # -- the rest ------------------------------------------------------------------------
 
-    async def tags(
-        self, target: Target, params: dict[str, str]
-    ) -> tuple[dict[str, Any], str | None]:
+    async def tags(self, target: Target, params: dict[str, str]) -> TagList:
+        key = f"tags {target.namespace.name} {target.repository} {sorted(params.items())}"
+        return await self._through_cache(
+            target,
+            key,
+            "the tag list",
+            refresh=lambda _: self._fetch_tags(target, params, key),
+            from_entry=lambda entry, cache: TagList(
+                entry.value["body"], entry.value.get("link"), cache
+            ),
+        )
+
+    async def _fetch_tags(self, target: Target, params: dict[str, str], key: str) -> TagList:
         async with self._request(
             target, Capability.RESOLVE, "GET", "tags/list", params=params
         ) as up:
@@ -320,7 +418,9 @@ class Puller:
                 body = None
             if not isinstance(body, dict):
                 raise UpstreamError(f"{up.host.host} sent a tag list that is not a JSON object")
-            return body, up.response.headers.get("Link")
+            link = up.response.headers.get("Link")
+        await self.small.put(key, {"body": body, "link": link})
+        return TagList(body, link, "miss", up.host.host)
 
     def _request(
         self,
@@ -343,6 +443,12 @@ class Puller:
             headers=headers,
             params=params,
         )
+
+
+def _tag_key(target: Target, tag: str, accept: list[str]) -> str:
+    """What a tag resolves to depends on what the client accepts (index or manifest)."""
+    accepted = ",".join(sorted({a.strip() for v in accept for a in v.split(",")})) or "*"
+    return f"tag {target.namespace.name} {target.repository} {tag} {accepted}"
 
 
 def _announced(header: str, up: Upstream) -> Digest:

@@ -52,6 +52,7 @@ class Capability(enum.Flag):
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_TAG_TTL = 60.0
 
 
 def _as_list(value: Any) -> Any:
@@ -100,6 +101,9 @@ class NamespaceSettings(HostSettings):
 
     server: str | None = None
     host: dict[str, HostSettings] = Field(default_factory=dict)
+    tag_ttl: float = Field(
+        DEFAULT_TAG_TTL, ge=0, description="seconds a tag, tag list or referrers answer is fresh"
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Namespace:
     name: str
     hosts: tuple[RegistryHost, ...]
     source: str = "built-in"
+    tag_ttl: float = DEFAULT_TAG_TTL
     options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def hosts_for(self, capability: Capability) -> list[RegistryHost]:
@@ -214,7 +219,7 @@ def build_namespace(
     server = make_host(
         settings.server or default_server(name), settings, is_mirror=False, base_dir=base_dir
     )
-    return Namespace(name=name, hosts=(*mirrors, server), source=source)
+    return Namespace(name=name, hosts=(*mirrors, server), source=source, tag_ttl=settings.tag_ttl)
 
 
 def parse_hosts_toml(text: str) -> NamespaceSettings:

@@ -24,6 +24,7 @@ from proxyd.auth import Authorizer
 from proxyd.config import Registry
 from proxyd.errors import (
     NoCapableHost,
+    Offline,
     ProxydError,
     TokenError,
     TooManyRequests,
@@ -58,9 +59,10 @@ class Upstream:
 class UpstreamClient:
     """Owns the one connection pool shared by every upstream request."""
 
-    def __init__(self, registry: Registry, *, user_agent: str) -> None:
+    def __init__(self, registry: Registry, *, user_agent: str, offline: bool = False) -> None:
         self.registry = registry
         self.user_agent = user_agent
+        self.offline = offline
         self._session: aiohttp.ClientSession | None = None
         self._authorizer: Authorizer | None = None
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
@@ -106,6 +108,8 @@ class UpstreamClient:
         actions: str = "pull",
     ) -> AsyncIterator[Upstream]:
         """Yield the first acceptable response of the chain; raise when none is."""
+        if self.offline:
+            raise Offline(f"offline: {method} {repository}/{suffix} needs {namespace.name}")
         hosts = namespace.hosts_for(capability)
         if not hosts:
             raise NoCapableHost(

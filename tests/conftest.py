@@ -27,7 +27,8 @@ def make_proxyd(aiohttp_client: Any, tmp_path: Path, cache_dir: Path) -> MakePro
     async def make(config: str, **flags: Any) -> TestClient[Any, Any]:
         path = tmp_path / "proxyd.toml"
         path.write_text(config)
-        settings = load_settings(path, cache_dir=cache_dir, **flags)
+        flags.setdefault("cache_dir", cache_dir)
+        settings = load_settings(path, **flags)
         server = TestServer(create_app(build_registry(settings)), host="127.0.0.1")
         await server.start_server(access_log_class=AccessLogger)  # as `proxyd serve` does
         client: TestClient[Any, Any] = await aiohttp_client(server)

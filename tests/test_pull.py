@@ -404,12 +404,13 @@ async def test_redirect_to_another_host_carries_no_credentials(make_proxyd, star
 
 
 async def test_mirror_failures_fall_back_to_upstream_without_its_credentials(
-    make_proxyd, start_fake
+    make_proxyd, start_fake, tmp_path
 ):
     upstream = FakeRegistry(basic=("alice", "wonderland"))
     image = upstream.add(make_image())
     server = await start_fake(upstream)
-    for mirror in (FakeRegistry(), FakeRegistry(status=500), FakeRegistry(hang=True)):
+    mirrors = (FakeRegistry(), FakeRegistry(status=500), FakeRegistry(hang=True))
+    for number, mirror in enumerate(mirrors):
         mirror_server = await start_fake(mirror)
         proxyd = await make_proxyd(
             upstream_config(
@@ -420,7 +421,8 @@ async def test_mirror_failures_fall_back_to_upstream_without_its_credentials(
                 f'[credentials."{host(server)}"]',
                 'username = "alice"',
                 'password = "wonderland"',
-            )
+            ),
+            cache_dir=tmp_path / f"cache-{number}",
         )
         response = await proxyd.get("/v2/team/app/manifests/v1")
         assert response.status == 200, mirror

@@ -11,6 +11,7 @@ from proxyd.fetch import Puller
 from proxyd.server import handlers
 from proxyd.server.keys import PULLER, REGISTRY
 from proxyd.server.middleware import request_context
+from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from proxyd.upstream import UpstreamClient
 
@@ -29,8 +30,24 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
     settings = app[REGISTRY].settings
     store = BlobStore(settings.cache_dir)
     store.open()
-    async with UpstreamClient(app[REGISTRY], user_agent=settings.user_agent) as upstream:
-        puller = Puller(store, upstream, settings.max_manifest_size)
+    small = (
+        SmallCache.redis(settings.cache.redis_url)
+        if settings.cache.backend == "redis"
+        else SmallCache.sqlite(store.root / "small.sqlite")
+    )
+    async with UpstreamClient(
+        app[REGISTRY], user_agent=settings.user_agent, offline=settings.offline
+    ) as upstream:
+        puller = Puller(
+            store,
+            upstream,
+            small,
+            max_manifest_size=settings.max_manifest_size,
+            offline=settings.offline,
+        )
         app[PULLER] = puller
-        yield
-        await puller.close()
+        try:
+            yield
+        finally:
+            await puller.close()
+            await small.close()

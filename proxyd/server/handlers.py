@@ -53,8 +53,7 @@ async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.R
     if not is_digest(reference):
         validate_tag(reference)
     accept = request.headers.getall(hdrs.ACCEPT, [])
-    head = request.method == hdrs.METH_HEAD
-    result: Manifest = await request.app[PULLER].manifest(target, reference, accept, head=head)
+    result: Manifest = await request.app[PULLER].manifest(target, reference, accept)
     _note(request, result.host, result.cache)
     headers = {
         **API_VERSION_HEADER,
@@ -63,7 +62,7 @@ async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.R
         hdrs.ETAG: f'"{result.digest}"',
         CACHE_HEADER: result.cache,
     }
-    if head:
+    if request.method == hdrs.METH_HEAD:
         headers[hdrs.CONTENT_LENGTH] = str(result.size)
         return web.Response(headers=headers)
     return web.Response(body=result.body, headers=headers)
@@ -179,12 +178,12 @@ class BlobFileResponse(web.FileResponse):
 
 async def tags(request: web.Request, target: Target, path: ApiPath) -> web.Response:
     params = {k: request.query[k] for k in ("n", "last") if k in request.query}
-    body, link = await request.app[PULLER].tags(target, params)
-    _note(request, None, "miss")
-    body["name"] = path.name
-    headers = dict(API_VERSION_HEADER)
-    if link:
-        headers["Link"] = _client_link(link, path.name, request.query.get("ns"))
+    result = await request.app[PULLER].tags(target, params)
+    _note(request, result.host, result.cache)
+    body = {**result.body, "name": path.name}
+    headers = {**API_VERSION_HEADER, CACHE_HEADER: result.cache}
+    if result.link:
+        headers["Link"] = _client_link(result.link, path.name, request.query.get("ns"))
     if request.method == hdrs.METH_HEAD:
         return web.Response(headers={**headers, hdrs.CONTENT_TYPE: "application/json"})
     return web.json_response(body, headers=headers, dumps=json.dumps)

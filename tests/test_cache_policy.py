@@ -1,0 +1,157 @@
+"""Tags, tag lists and their freshness: served from the small-response cache while
+fresh, revalidated with a HEAD when old, and served stale when every host fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import host, origin
+from tests.fakes import FakeRegistry, make_image
+
+
+def config(server: object, tag_ttl: float, *extra: str) -> str:
+    return "\n".join(
+        [
+            f'default_namespace = "{host(server)}"',
+            *extra,
+            f'[namespaces."{host(server)}"]',
+            f'server = "{origin(server)}"',
+            f"tag_ttl = {tag_ttl}",
+        ]
+    )
+
+
+def manifest_requests(upstream: FakeRegistry) -> list[str]:
+    return [s.method for s in upstream.requests("/manifests/v1")]
+
+
+async def test_a_fresh_tag_is_answered_without_asking_upstream(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=300))
+    first = await proxyd.get("/v2/team/app/manifests/v1")
+    assert first.headers["X-Proxyd-Cache"] == "miss"
+    for method in ("GET", "HEAD", "GET"):
+        again = await proxyd.request(method, "/v2/team/app/manifests/v1")
+        assert again.status == 200
+        assert again.headers["Docker-Content-Digest"] == image.digest
+        assert again.headers["X-Proxyd-Cache"] == "hit"
+    assert await again.read() == image.manifest
+    assert manifest_requests(upstream) == ["GET"]
+
+
+async def test_an_old_tag_is_revalidated_with_a_head_and_no_body(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0))
+    await proxyd.get("/v2/team/app/manifests/v1")
+    again = await proxyd.get("/v2/team/app/manifests/v1")
+    assert again.headers["X-Proxyd-Cache"] == "revalidated"
+    assert await again.read() == image.manifest
+    assert manifest_requests(upstream) == ["GET", "HEAD"]
+
+
+async def test_a_moved_tag_is_fetched_again(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    old = upstream.add(make_image(layer=b"old" * 100))
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0))
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).headers[
+        "Docker-Content-Digest"
+    ] == old.digest
+    upstream.images.clear()
+    new = upstream.add(make_image(layer=b"new" * 100))
+    moved = await proxyd.get("/v2/team/app/manifests/v1")
+    assert moved.headers["Docker-Content-Digest"] == new.digest
+    assert await moved.read() == new.manifest
+    assert manifest_requests(upstream) == ["GET", "HEAD", "GET"]
+
+
+async def test_when_every_host_fails_an_old_tag_is_served_stale(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0))
+    await proxyd.get("/v2/team/app/manifests/v1")
+    for failure in ({"status": 503}, {"status": 429}, {"status": 500}):
+        upstream.status = failure["status"]
+        stale = await proxyd.get("/v2/team/app/manifests/v1")
+        assert stale.status == 200, failure
+        assert stale.headers["X-Proxyd-Cache"] == "stale"
+        assert await stale.read() == image.manifest
+
+
+async def test_without_a_cached_tag_the_client_gets_the_upstream_error(make_proxyd, start_fake):
+    upstream = FakeRegistry(status=503)
+    upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0))
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 502
+
+
+async def test_a_deleted_tag_is_not_served_stale(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0))
+    await proxyd.get("/v2/team/app/manifests/v1")
+    upstream.images.clear()
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+    assert response.status == 404
+    assert (await response.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_offline_serves_the_cache_alone(make_proxyd, start_fake, cache_dir):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    online = await make_proxyd(config(server, tag_ttl=0))
+    await online.get("/v2/team/app/manifests/v1")
+    await (await online.get(f"/v2/team/app/blobs/{image.layer}")).read()
+    seen = len(upstream.seen)
+
+    offline = await make_proxyd(config(server, tag_ttl=0), offline=True)
+    tag = await offline.get("/v2/team/app/manifests/v1")
+    assert tag.status == 200
+    assert tag.headers["X-Proxyd-Cache"] == "stale"
+    blob = await offline.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await blob.read() == image.blobs[image.layer]
+    missing = await offline.get("/v2/team/app/manifests/v2")
+    assert missing.status == 503
+    assert (await missing.json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert len(upstream.seen) == seen
+
+
+async def test_concurrent_revalidations_of_one_tag_make_one_upstream_request(
+    make_proxyd, start_fake
+):
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0))
+    await proxyd.get("/v2/team/app/manifests/v1")
+    answers = await asyncio.gather(*(proxyd.get("/v2/team/app/manifests/v1") for _ in range(20)))
+    assert {a.status for a in answers} == {200}
+    assert manifest_requests(upstream).count("HEAD") < 20
+    assert manifest_requests(upstream).count("GET") == 1
+
+
+async def test_tag_lists_are_cached_and_served_stale(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image(tag="v1"))
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0))
+    first = await proxyd.get("/v2/team/app/tags/list")
+    assert (await first.json())["tags"] == ["v1"]
+    upstream.status = 503
+    stale = await proxyd.get("/v2/team/app/tags/list")
+    assert stale.status == 200
+    assert stale.headers["X-Proxyd-Cache"] == "stale"
+    assert (await stale.json())["tags"] == ["v1"]
+
+
+async def test_a_tag_cached_for_one_accept_set_does_not_answer_another(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=300))
+    oci = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    docker = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+    await proxyd.get("/v2/team/app/manifests/v1", headers=oci)
+    await proxyd.get("/v2/team/app/manifests/v1", headers=docker)
+    await proxyd.get("/v2/team/app/manifests/v1", headers=oci)
+    assert manifest_requests(upstream) == ["GET", "GET"]
