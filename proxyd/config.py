@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     credentials: dict[str, Credential] = Field(default_factory=dict)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     offline: bool = Field(False, description="serve from the cache alone, never ask upstream")
+    breaker_failures: int = Field(
+        3, ge=1, description="consecutive failures after which a host is skipped"
+    )
+    breaker_cooldown: float = Field(
+        30.0, gt=0, description="seconds a failing host is skipped before a probe"
+    )
 
     @field_validator("listen")
     @classmethod

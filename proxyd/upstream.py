@@ -21,6 +21,7 @@ import structlog
 from multidict import CIMultiDict
 
 from proxyd.auth import Authorizer
+from proxyd.breaker import Breakers, parse_retry_after
 from proxyd.config import Registry
 from proxyd.errors import (
     NoCapableHost,
@@ -59,10 +60,18 @@ class Upstream:
 class UpstreamClient:
     """Owns the one connection pool shared by every upstream request."""
 
-    def __init__(self, registry: Registry, *, user_agent: str, offline: bool = False) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        user_agent: str,
+        offline: bool = False,
+        breakers: Breakers | None = None,
+    ) -> None:
         self.registry = registry
         self.user_agent = user_agent
         self.offline = offline
+        self.breakers = breakers or Breakers()
         self._session: aiohttp.ClientSession | None = None
         self._authorizer: Authorizer | None = None
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
@@ -119,12 +128,16 @@ class UpstreamClient:
         scope = f"repository:{repository}:{actions}"
         failures: list[HostFailure] = []
         for host in hosts:
+            if not self.breakers.allow(host.host):
+                failures.append(HostFailure(host, "skipped: circuit open after failures"))
+                continue
             try:
                 response = await self._send(
                     host, method, f"{repository}/{suffix}", headers, params, scope
                 )
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
                 failures.append(HostFailure(host, _describe(exc)))
+                self.breakers.failed(host.host)
                 log.info("upstream.failed", host=host.host, reason=failures[-1].reason)
                 continue
             except Unauthorized as exc:
@@ -133,17 +146,17 @@ class UpstreamClient:
                 failures.append(HostFailure(host, exc.message, 401))
                 continue
             if _moves_on(host, response.status):
+                retry_after = response.headers.get("Retry-After")
                 failures.append(
-                    HostFailure(
-                        host,
-                        f"answered {response.status}",
-                        response.status,
-                        response.headers.get("Retry-After"),
-                    )
+                    HostFailure(host, f"answered {response.status}", response.status, retry_after)
                 )
+                if response.status >= 500 or response.status == 429:
+                    wait = parse_retry_after(retry_after) if response.status == 429 else None
+                    self.breakers.failed(host.host, wait)
                 log.info("upstream.failed", host=host.host, status=response.status)
                 response.release()
                 continue
+            self.breakers.succeeded(host.host)
             try:
                 yield Upstream(host, response, failures)
             finally:

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from proxyd.breaker import Breakers
 from proxyd.config import Registry
 from proxyd.fetch import Puller
-from proxyd.server import handlers
+from proxyd.server import handlers, health
 from proxyd.server.keys import PULLER, REGISTRY
 from proxyd.server.middleware import request_context
 from proxyd.smallcache import SmallCache
@@ -20,6 +21,8 @@ def create_app(registry: Registry) -> web.Application:
     app = web.Application(middlewares=[request_context], client_max_size=1 << 20)
     app[REGISTRY] = registry
     app.cleanup_ctx.append(_core)
+    app.router.add_get("/healthz", health.healthz)  # and HEAD
+    app.router.add_get("/readyz", health.readyz)
     app.router.add_route("GET", "/v2/", handlers.base)
     app.router.add_route("GET", "/v2", handlers.base)
     app.router.add_route("*", "/v2/{tail:.+}", handlers.api)
@@ -35,8 +38,9 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         if settings.cache.backend == "redis"
         else SmallCache.sqlite(store.root / "small.sqlite")
     )
+    breakers = Breakers(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown)
     async with UpstreamClient(
-        app[REGISTRY], user_agent=settings.user_agent, offline=settings.offline
+        app[REGISTRY], user_agent=settings.user_agent, offline=settings.offline, breakers=breakers
     ) as upstream:
         puller = Puller(
             store,

@@ -1,0 +1,123 @@
+"""A host that keeps failing is skipped for a while, then probed by one request."""
+
+from __future__ import annotations
+
+from proxyd.breaker import Breakers, parse_retry_after
+from tests.conftest import host, origin
+from tests.fakes import FakeRegistry, make_image
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_host_is_skipped_after_consecutive_failures_then_probed_once():
+    clock = Clock()
+    breakers = Breakers(failures=3, cooldown=30, clock=clock)
+    for _ in range(2):
+        breakers.failed("mirror")
+        assert breakers.allow("mirror")
+    breakers.failed("mirror")
+    assert not breakers.allow("mirror")
+    clock.now += 31
+    assert breakers.allow("mirror")  # the probe
+    assert not breakers.allow("mirror")  # everyone else waits for it
+    breakers.succeeded("mirror")
+    assert breakers.allow("mirror") and breakers.allow("mirror")
+
+
+def test_a_failed_probe_opens_the_circuit_again():
+    clock = Clock()
+    breakers = Breakers(failures=1, cooldown=30, clock=clock)
+    breakers.failed("mirror")
+    clock.now += 31
+    assert breakers.allow("mirror")
+    breakers.failed("mirror")
+    assert not breakers.allow("mirror")
+
+
+def test_a_success_forgets_earlier_failures():
+    breakers = Breakers(failures=2, cooldown=30, clock=Clock())
+    breakers.failed("mirror")
+    breakers.succeeded("mirror")
+    breakers.failed("mirror")
+    assert breakers.allow("mirror")
+
+
+def test_retry_after_closes_a_host_for_as_long_as_it_asked():
+    clock = Clock()
+    breakers = Breakers(failures=5, cooldown=30, clock=clock)
+    breakers.failed("hub", retry_after=120)
+    clock.now += 100
+    assert not breakers.allow("hub")
+    clock.now += 21
+    assert breakers.allow("hub")
+
+
+def test_retry_after_is_seconds_or_an_http_date():
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=lambda: 1445412480.0) == 0.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=lambda: 1445412470.0) == 10.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def chain(upstream_server: object, mirror_server: object, *extra: str) -> str:
+    return "\n".join(
+        [
+            f'default_namespace = "{host(upstream_server)}"',
+            *extra,
+            f'[namespaces."{host(upstream_server)}"]',
+            f'server = "{origin(upstream_server)}"',
+            "tag_ttl = 0",
+            f'[namespaces."{host(upstream_server)}".host."{origin(mirror_server)}"]',
+            'capabilities = ["pull", "resolve"]',
+            "read_timeout = 0.3",
+        ]
+    )
+
+
+async def test_a_hanging_mirror_stops_costing_its_timeout(make_proxyd, start_fake):
+    upstream, mirror = FakeRegistry(), FakeRegistry(hang=True)
+    upstream.add(make_image())
+    proxyd = await make_proxyd(
+        chain(await start_fake(upstream), await start_fake(mirror), "breaker_failures = 2")
+    )
+    for _ in range(4):
+        assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+    assert len(mirror.seen) == 2
+
+
+async def test_a_rate_limited_mirror_is_left_alone_for_its_retry_after(make_proxyd, start_fake):
+    upstream, mirror = FakeRegistry(), FakeRegistry(status=429, retry_after="600")
+    upstream.add(make_image())
+    proxyd = await make_proxyd(chain(await start_fake(upstream), await start_fake(mirror)))
+    for _ in range(3):
+        assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+    assert len(mirror.seen) == 1
+
+
+async def test_when_every_host_is_skipped_the_answer_is_immediate_and_names_them(
+    make_proxyd, start_fake
+):
+    upstream = FakeRegistry(status=503)
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        "\n".join(
+            [
+                f'default_namespace = "{host(server)}"',
+                "breaker_failures = 1",
+                f'[namespaces."{host(server)}"]',
+                f'server = "{origin(server)}"',
+            ]
+        )
+    )
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 502
+    skipped = await proxyd.get("/v2/team/app/manifests/v1")
+    assert skipped.status == 502
+    assert "circuit open" in (await skipped.json())["errors"][0]["message"]
+    assert len(upstream.seen) == 1
