@@ -117,17 +117,19 @@ class Download:
         if self._users == 0:
             os.close(self._fd)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The blob's bytes from the start, as they arrive; raises if the download
-        fails. Until verified, the last byte is withheld."""
+    async def chunks(self, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, stop) of the blob as they arrive; raises if the download
+        fails. Until the digest is verified, the blob's last byte is withheld."""
         self._users += 1
-        offset = 0
+        offset = start
         try:
-            while True:
+            while stop is None or offset < stop:
                 progress = self._progress
                 if self.error is not None:
                     raise UpstreamError(f"download of {self.digest} failed: {self.error}")
                 available = self.writer.written if self.done else self.writer.written - 1
+                if stop is not None:
+                    available = min(available, stop)
                 if offset < available:
                     data = os.pread(self._fd, min(READ_CHUNK, available - offset), offset)
                     if not data:  # the file is shorter than written: never spin on it

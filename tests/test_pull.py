@@ -532,3 +532,47 @@ async def test_secrets_never_reach_the_log(make_proxyd, start_fake):
     assert "wonderland" not in text
     assert "token-1" not in text
     assert "Basic " not in text and "Bearer " not in text
+
+
+async def test_a_range_on_a_miss_is_206_and_the_whole_blob_is_stored(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    blob = image.blobs[image.layer]
+    part = await proxyd.get(f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=10-19"})
+    assert part.status == 206
+    assert part.headers["Content-Range"] == f"bytes 10-19/{len(blob)}"
+    assert await part.read() == blob[10:20]
+    await asyncio.sleep(0.1)  # the download goes on without the client
+    whole = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert whole.headers["X-Proxyd-Cache"] == "hit"
+    assert await whole.read() == blob
+    assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
+
+
+async def test_a_range_is_served_from_a_download_in_flight_before_it_ends(make_proxyd, start_fake):
+    upstream = FakeRegistry(gate=asyncio.Event())
+    image = upstream.add(make_image(layer=bytes(range(256)) * 4000))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    blob = image.blobs[image.layer]
+    whole = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")  # held before its last byte
+    part = await proxyd.get(f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=100-199"})
+    assert part.status == 206
+    assert await asyncio.wait_for(part.read(), 5) == blob[100:200]
+    assert upstream.gate is not None
+    upstream.gate.set()
+    assert await whole.read() == blob
+    assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
+
+
+async def test_a_range_to_the_end_of_a_corrupt_blob_is_cut_short(make_proxyd, start_fake):
+    upstream = FakeRegistry(corrupt=True)
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    part = await proxyd.get(f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=100-"})
+    assert part.status == 206
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await part.read()

@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.errors import PreconditionFailed, Unsupported
 from proxyd.fetch import BlobHead, Download, Manifest, StoredBlob
-from proxyd.ranges import parse_range
+from proxyd.ranges import content_range, parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
 from proxyd.routing import Target, route
 from proxyd.server.keys import ACCESS, PULLER, REGISTRY
@@ -94,13 +94,19 @@ async def stream_download(
     response = web.StreamResponse(
         headers={**headers, hdrs.ETAG: f'"{download.digest}"', CACHE_HEADER: "miss"}
     )
+    start, stop = 0, download.size
     if download.size is not None:
-        response.content_length = download.size
+        span = parse_range(request.headers.get(hdrs.RANGE), download.size)
+        if span is not None:  # served from the download in flight as the bytes arrive
+            start, stop = span[0], span[1] + 1
+            response.set_status(206)
+            response.headers[hdrs.CONTENT_RANGE] = content_range(*span, download.size)
+        response.content_length = stop - start if stop is not None else None
     await response.prepare(request)
     access = request[ACCESS]
     access.sent = 0
     try:
-        async for chunk in download.chunks():
+        async for chunk in download.chunks(start, stop):
             await response.write(chunk)
             access.sent += len(chunk)
     except Exception as exc:
