@@ -12,11 +12,12 @@ import base64
 import json
 import tomllib
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -67,6 +68,12 @@ class CacheSettings(BaseModel):
         "sqlite", description="sqlite: a file in cache_dir; redis: shared by replicas"
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="with backend = redis")
+    max_size: ByteSize | None = Field(
+        None, description='evict least recently used blobs above this ("20GiB"); none: no limit'
+    )
+    max_age: timedelta | None = Field(
+        None, description='evict blobs unused this long (seconds or "P30D"); none: no limit'
+    )
 
 
 class Settings(BaseSettings):

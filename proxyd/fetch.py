@@ -153,12 +153,14 @@ class Puller:
         *,
         max_manifest_size: int,
         offline: bool = False,
+        on_commit: Callable[[int], None] = lambda size: None,
     ) -> None:
         self.store = store
         self.upstream = upstream
         self.small = small
         self.max_manifest_size = max_manifest_size
         self.offline = offline
+        self.on_commit = on_commit  # a blob of this size was stored (eviction watches)
         self.flights: SingleFlight[Any] = SingleFlight()
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -177,6 +179,8 @@ class Puller:
         ns, repo = target.namespace.name, target.repository
         media_type = self.store.linked(ns, repo, digest, "_manifests")
         body = self.store.read(digest) if media_type is not None else None
+        if body is not None:
+            self.store.use(digest)
         if media_type is not None and body is not None:
             return Manifest(digest, media_type, len(body), body, "hit")
         key = ("manifest", ns, repo, digest)
@@ -325,7 +329,7 @@ class Puller:
     ) -> StoredBlob | Download | BlobHead:
         """A stored blob, a download to stream from, or (HEAD of a missing blob) the
         upstream's answer. Never serves content this repository was not confirmed for."""
-        size = self.store.size(digest)
+        size = self.store.use(digest)
         if size is not None:
             await self._confirm(target, digest)
             return StoredBlob(digest, self.store.path(digest), size)
@@ -377,6 +381,7 @@ class Puller:
                 )
             await asyncio.get_running_loop().run_in_executor(None, download.writer.commit)
             download.done = True
+            self.on_commit(download.writer.written)
             log.info(
                 "blob.stored", digest=str(digest), size=download.writer.written, host=up.host.host
             )

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,7 @@ from proxyd.errors import DigestMismatch
 from proxyd.reference import Digest
 
 LinkKind = Literal["_blobs", "_manifests"]
+TOUCH_EVERY = 60.0  # seconds between updates of a blob's last-use time
 
 
 class BlobStore:
@@ -53,6 +55,20 @@ class BlobStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def use(self, digest: Digest) -> int | None:
+        """The stored size, or None; marks the blob used (its mtime, at most once a
+        minute) so eviction keeps what is in demand."""
+        path = self.path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        now = time.time()
+        if now - st.st_mtime > TOUCH_EVERY:
+            with contextlib.suppress(OSError):
+                os.utime(path, (now, now))
+        return st.st_size
 
     def read(self, digest: Digest) -> bytes | None:
         try:

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from proxyd.breaker import Breakers
 from proxyd.config import Registry
+from proxyd.evict import Evictor
 from proxyd.fetch import Puller
 from proxyd.server import handlers, health
 from proxyd.server.keys import PULLER, REGISTRY
@@ -38,6 +39,7 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         if settings.cache.backend == "redis"
         else SmallCache.sqlite(store.root / "small.sqlite")
     )
+    evictor = Evictor(store, max_size=settings.cache.max_size, max_age=settings.cache.max_age)
     breakers = Breakers(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown)
     async with UpstreamClient(
         app[REGISTRY], user_agent=settings.user_agent, offline=settings.offline, breakers=breakers
@@ -48,10 +50,14 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
             small,
             max_manifest_size=settings.max_manifest_size,
             offline=settings.offline,
+            on_commit=evictor.committed,
         )
         app[PULLER] = puller
+        if evictor.enabled:
+            evictor.start()
         try:
             yield
         finally:
+            await evictor.stop()
             await puller.close()
             await small.close()

@@ -1,0 +1,174 @@
+"""Eviction: keep the blob store under its size and age limits, least recently used
+first. Pure planning (`plan`) is separate from the filesystem (`scan`, `apply`).
+
+"Used" is the blob file's mtime: the store touches it when it serves the blob (at
+most once a minute). A blob used within the grace period is never removed, so
+nothing being written (downloads live in tmp/ until committed) or read is taken;
+an open file keeps its bytes after unlink anyway. Links of a removed blob go with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import structlog
+
+from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
+from proxyd.store import BlobStore
+
+log = structlog.get_logger("proxyd.evict")
+
+GRACE = 300.0  # seconds: recently used blobs are never evicted
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    digest: Digest
+    size: int
+    last_used: float
+
+
+@dataclass
+class Plan:
+    remove: list[StoredFile] = field(default_factory=list)
+    total: int = 0  # bytes stored before
+    entries: int = 0
+
+    @property
+    def freed(self) -> int:
+        return sum(f.size for f in self.remove)
+
+
+def scan(store: BlobStore) -> list[StoredFile]:
+    found = []
+    for algorithm, length in DIGEST_HEX_LENGTHS.items():
+        directory = store.blobs / algorithm
+        if not directory.is_dir():
+            continue
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if len(entry.name) != length or not entry.is_file(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    found.append(StoredFile(Digest(algorithm, entry.name), st.st_size, st.st_mtime))
+    return found
+
+
+def plan(
+    files: list[StoredFile],
+    *,
+    max_size: int | None,
+    max_age: float | None,
+    now: float,
+    grace: float = GRACE,
+) -> Plan:
+    """Remove what is older than max_age, then the least recently used until the
+    rest fits in max_size; never a file used within `grace` seconds."""
+    result = Plan(total=sum(f.size for f in files), entries=len(files))
+    keep = []
+    for stored in sorted(files, key=lambda f: f.last_used):
+        idle = now - stored.last_used
+        if max_age is not None and idle > max_age and idle > grace:
+            result.remove.append(stored)
+        else:
+            keep.append(stored)
+    remaining = sum(f.size for f in keep)
+    for stored in keep:
+        if max_size is None or remaining <= max_size:
+            break
+        if now - stored.last_used <= grace:
+            break  # the rest is newer still
+        result.remove.append(stored)
+        remaining -= stored.size
+    return result
+
+
+def apply(store: BlobStore, chosen: Plan) -> None:
+    doomed = {(f.digest.algorithm, f.digest.hex) for f in chosen.remove}
+    for stored in chosen.remove:
+        with contextlib.suppress(FileNotFoundError):
+            store.path(stored.digest).unlink()
+    if doomed:
+        _remove_links(store.links, doomed)
+
+
+def _remove_links(links: Path, doomed: set[tuple[str, str]]) -> None:
+    """links/<ns>/<repo…>/_kind/<algorithm>/<hex>: one walk, removing the doomed."""
+    for directory, _subdirs, files in os.walk(links):
+        algorithm = os.path.basename(directory)
+        for name in files:
+            if (algorithm, name) in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+
+
+class Evictor:
+    """Runs eviction in a thread, periodically and when a commit passes max_size."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        max_size: int | None,
+        max_age: timedelta | None,
+        interval: float = 600.0,
+    ) -> None:
+        self.store = store
+        self.max_size = max_size
+        self.max_age = max_age.total_seconds() if max_age is not None else None
+        self.interval = interval
+        self.stored_bytes: int | None = None  # known after the first scan
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_size is not None or self.max_age is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def committed(self, size: int) -> None:
+        """A blob was stored: wake the evictor if the store may have passed its limit."""
+        if self.stored_bytes is not None:
+            self.stored_bytes += size
+        if self.max_size is not None and (self.stored_bytes or 0) > self.max_size:
+            self._wake.set()
+
+    async def run_once(self, *, dry_run: bool = False) -> Plan:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.collect, dry_run)
+
+    def collect(self, dry_run: bool = False) -> Plan:
+        chosen = plan(
+            scan(self.store), max_size=self.max_size, max_age=self.max_age, now=time.time()
+        )
+        if not dry_run:
+            apply(self.store, chosen)
+            self.stored_bytes = chosen.total - chosen.freed
+            if chosen.remove:
+                log.info("cache.evicted", blobs=len(chosen.remove), freed=chosen.freed)
+        return chosen
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except OSError as exc:
+                log.warning("cache.evict_failed", error=str(exc))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)

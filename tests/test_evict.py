@@ -1,0 +1,118 @@
+"""Eviction keeps the store within its limits, least recently used first, and never
+takes what was used a moment ago."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from proxyd.evict import GRACE, Evictor, StoredFile, apply, plan, scan
+from proxyd.reference import Digest
+from proxyd.store import BlobStore
+from tests.conftest import host, origin
+from tests.fakes import FakeRegistry, make_image
+
+NOW = 1_000_000.0
+
+
+def stored(name: str, size: int, idle: float) -> StoredFile:
+    return StoredFile(Digest("sha256", hashlib.sha256(name.encode()).hexdigest()), size, NOW - idle)
+
+
+def test_without_limits_nothing_is_removed():
+    files = [stored("a", 10, 10_000), stored("b", 10, 20_000)]
+    assert plan(files, max_size=None, max_age=None, now=NOW).remove == []
+
+
+def test_least_recently_used_go_first_until_the_rest_fits():
+    old, older, new = stored("old", 40, 5_000), stored("older", 40, 9_000), stored("new", 40, 1_000)
+    chosen = plan([new, old, older], max_size=50, max_age=None, now=NOW)
+    assert chosen.remove == [older, old]
+    assert chosen.freed == 80
+    assert chosen.total == 120
+
+
+def test_blobs_unused_longer_than_max_age_go_whatever_the_size():
+    stale, fresh = stored("stale", 1, 8 * 86400), stored("fresh", 1, 3600)
+    assert plan([stale, fresh], max_size=None, max_age=7 * 86400, now=NOW).remove == [stale]
+
+
+def test_a_blob_used_within_the_grace_period_is_never_removed():
+    busy = stored("busy", 1000, GRACE / 2)
+    assert plan([busy], max_size=1, max_age=1, now=NOW).remove == []
+
+
+def put(store: BlobStore, data: bytes, idle: float) -> Digest:
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    store.put(digest, data)
+    when = NOW - idle
+    os.utime(store.path(digest), (when, when))
+    return digest
+
+
+def test_apply_removes_the_blobs_and_their_links(tmp_path: Path):
+    store = BlobStore(tmp_path)
+    store.open()
+    gone = put(store, b"gone" * 100, idle=10_000)
+    kept = put(store, b"kept" * 100, idle=100)
+    for digest in (gone, kept):
+        store.link("registry.example", "team/app", digest)
+        store.link("registry.example", "team/other", digest, "_manifests", "application/json")
+    files = scan(store)
+    assert {f.digest for f in files} == {gone, kept}
+    apply(store, plan(files, max_size=500, max_age=None, now=NOW))
+    assert store.size(gone) is None and store.size(kept) == 400
+    assert store.linked("registry.example", "team/app", gone) is None
+    assert store.linked("registry.example", "team/other", gone, "_manifests") is None
+    assert store.linked("registry.example", "team/app", kept) == ""
+
+
+def test_serving_a_blob_marks_it_used(tmp_path: Path):
+    store = BlobStore(tmp_path)
+    store.open()
+    digest = put(store, b"x" * 10, idle=10_000)
+    assert store.use(digest) == 10
+    [file] = scan(store)
+    assert file.last_used > NOW
+
+
+def test_a_dry_run_removes_nothing(tmp_path: Path):
+    store = BlobStore(tmp_path)
+    store.open()
+    digest = put(store, b"y" * 10, idle=10_000)
+    chosen = Evictor(store, max_size=0, max_age=None).collect(dry_run=True)
+    assert [f.digest for f in chosen.remove] == [digest]
+    assert store.size(digest) == 10
+
+
+async def test_a_store_over_its_size_limit_evicts_in_the_background(
+    make_proxyd, start_fake, cache_dir: Path
+):
+    upstream = FakeRegistry()
+    first = upstream.add(make_image("team/one", layer=b"1" * 50_000))
+    second = upstream.add(make_image("team/two", layer=b"2" * 50_000))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        "\n".join(
+            [
+                f'default_namespace = "{host(server)}"',
+                "[cache]",
+                "max_size = 60000",
+                f'[namespaces."{host(server)}"]',
+                f'server = "{origin(server)}"',
+            ]
+        )
+    )
+    store = BlobStore(cache_dir)
+    assert await (await proxyd.get(f"/v2/team/one/blobs/{first.layer}")).read()
+    old = NOW - 10_000
+    os.utime(store.path(Digest.parse(first.layer)), (old, old))
+    assert await (await proxyd.get(f"/v2/team/two/blobs/{second.layer}")).read()
+    for _ in range(100):
+        if store.size(Digest.parse(first.layer)) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert store.size(Digest.parse(first.layer)) is None
+    assert store.size(Digest.parse(second.layer)) == 50_000
