@@ -9,7 +9,6 @@ the exact host they belong to; nothing here ever attaches them elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -23,6 +22,7 @@ import structlog
 
 from proxyd.config import Credential
 from proxyd.errors import TokenError, Unauthorized
+from proxyd.flight import SingleFlight
 from proxyd.hosts import RegistryHost
 
 log = structlog.get_logger("proxyd.auth")
@@ -95,6 +95,7 @@ class Authorizer:
         *,
         user_agent: str = "proxyd",
         clock: Callable[[], float] = time.monotonic,
+        on_fetch: Callable[[str], None] = lambda host: None,
     ) -> None:
         self._session = session
         self._credentials = credentials
@@ -102,8 +103,8 @@ class Authorizer:
         self._clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, ...], _Token] = {}
-        self._pending: dict[tuple[str, ...], asyncio.Future[_Token]] = {}
-        self.token_fetches = 0
+        self._flights: SingleFlight[_Token] = SingleFlight()
+        self._on_fetch = on_fetch
 
     def learn(self, host: RegistryHost, www_authenticate: list[str]) -> bool:
         """Remember a host's challenge from a 401; True when a retry could succeed."""
@@ -119,7 +120,7 @@ class Authorizer:
 
     def forget(self, host: RegistryHost, scope: str) -> None:
         """Drop cached tokens for a scope the host has just refused."""
-        for key in [k for k in self._tokens if k[0] == host.host and k[-1] == scope]:
+        for key in [k for k in self._tokens if k[0] == host.host and scope in k[-1].split()]:
             del self._tokens[key]
 
     async def authorization(self, host: RegistryHost, scope: str, ssl: Any = True) -> str | None:
@@ -157,22 +158,13 @@ class Authorizer:
         cached = self._tokens.get(key)
         if cached is not None and cached.expires_at > self._clock():
             return cached
-        pending = self._pending.get(key)
-        if pending is not None:  # another request is fetching this very token
-            return await asyncio.shield(pending)
-        future: asyncio.Future[_Token] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
+
+        async def fetch() -> _Token:
             token = await self._fetch(challenge.params, scope, credential, ssl, host)
             self._tokens[key] = token
-            future.set_result(token)
             return token
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: joiners re-raise it, nobody else must
-            raise
-        finally:
-            del self._pending[key]
+
+        return await self._flights.run(key, fetch)  # one token request, however many wait
 
     async def _fetch(
         self,
@@ -182,7 +174,7 @@ class Authorizer:
         ssl: Any,
         host: RegistryHost,
     ) -> _Token:
-        self.token_fetches += 1
+        self._on_fetch(host.host)
         realm = params["realm"]
         service = params.get("service", "")
         secret = credential and (credential.identity_token or credential.password)

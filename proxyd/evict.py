@@ -125,6 +125,7 @@ class Evictor:
         self.max_age = max_age.total_seconds() if max_age is not None else None
         self.interval = interval
         self.stored_bytes: int | None = None  # known after the first scan
+        self.stored_entries: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -143,8 +144,9 @@ class Evictor:
 
     def committed(self, size: int) -> None:
         """A blob was stored: wake the evictor if the store may have passed its limit."""
-        if self.stored_bytes is not None:
+        if self.stored_bytes is not None and self.stored_entries is not None:
             self.stored_bytes += size
+            self.stored_entries += 1
         if self.max_size is not None and (self.stored_bytes or 0) > self.max_size:
             self._wake.set()
 
@@ -159,6 +161,7 @@ class Evictor:
         if not dry_run:
             apply(self.store, chosen)
             self.stored_bytes = chosen.total - chosen.freed
+            self.stored_entries = chosen.entries - len(chosen.remove)
             if chosen.remove:
                 log.info("cache.evicted", blobs=len(chosen.remove), freed=chosen.freed)
         return chosen

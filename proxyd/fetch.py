@@ -39,6 +39,7 @@ from proxyd.errors import (
 )
 from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability
+from proxyd.metrics import Metrics
 from proxyd.reference import Digest, is_digest
 from proxyd.routing import Target
 from proxyd.smallcache import Entry, SmallCache
@@ -154,6 +155,7 @@ class Puller:
         max_manifest_size: int,
         offline: bool = False,
         on_commit: Callable[[int], None] = lambda size: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.upstream = upstream
@@ -161,7 +163,8 @@ class Puller:
         self.max_manifest_size = max_manifest_size
         self.offline = offline
         self.on_commit = on_commit  # a blob of this size was stored (eviction watches)
-        self.flights: SingleFlight[Any] = SingleFlight()
+        self.metrics = metrics or Metrics()
+        self.flights: SingleFlight[Any] = SingleFlight(on_join=self.metrics.coalesced.inc)
         self._downloads: dict[Digest, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -182,7 +185,9 @@ class Puller:
         if body is not None:
             self.store.use(digest)
         if media_type is not None and body is not None:
+            self.metrics.cache.labels("manifest", "hit").inc()
             return Manifest(digest, media_type, len(body), body, "hit")
+        self.metrics.cache.labels("manifest", "miss").inc()
         key = ("manifest", ns, repo, digest)
         manifest: Manifest = await self.flights.run(
             key, lambda: self._fetch_manifest(target, digest, accept)
@@ -196,7 +201,11 @@ class Puller:
             await _raise_for_status(up, ManifestUnknown, f"manifest {digest}")
             body = await self._read_manifest(up)
             media_type = _media_type(up.response, body)
-        self._commit_manifest(target, digest, body, media_type)
+        try:
+            self._commit_manifest(target, digest, body, media_type)
+        except DigestMismatch:
+            self.metrics.digest_mismatches.labels(up.host.host).inc()
+            raise
         return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
 
     async def _resolve_tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
@@ -204,6 +213,7 @@ class Puller:
         return await self._through_cache(
             target,
             key,
+            "tag",
             f"tag {tag}",
             refresh=lambda entry: self._refresh_tag(target, tag, accept, key, entry),
             from_entry=lambda entry, cache: self._from_entry(target, entry, cache),
@@ -213,6 +223,7 @@ class Puller:
         self,
         target: Target,
         key: str,
+        kind: str,
         what: str,
         refresh: Callable[[Entry | None], Awaitable[T]],
         from_entry: Callable[[Entry, str], T],
@@ -224,15 +235,18 @@ class Puller:
         if entry is not None:
             fresh = entry.age(self.small.now()) < target.namespace.tag_ttl
             if fresh or self.offline:
+                self.metrics.cache.labels(kind, "hit" if fresh else "stale").inc()
                 return from_entry(entry, "hit" if fresh else "stale")
         if self.offline:
             raise Offline(f"offline, and {what} of {target.repository} is not cached")
         try:
             result: T = await self.flights.run(key, lambda: refresh(entry))
+            self.metrics.cache.labels(kind, "revalidated" if entry else "miss").inc()
             return result
         except (UpstreamError, TooManyRequests) as exc:
             if entry is None:
                 raise
+            self.metrics.cache.labels(kind, "stale").inc()
             log.warning(
                 "cache.stale",
                 namespace=target.namespace.name,
@@ -265,6 +279,7 @@ class Puller:
         algorithm = _announced(announced, up).algorithm if announced else "sha256"
         digest = Digest(algorithm, hashlib.new(algorithm, body).hexdigest())
         if announced and str(digest) != announced:
+            self.metrics.digest_mismatches.labels(up.host.host).inc()
             raise DigestMismatch(announced, str(digest), host=up.host.host)
         self._commit_manifest(target, digest, body, media_type)
         await self.small.put(
@@ -332,14 +347,18 @@ class Puller:
         size = self.store.use(digest)
         if size is not None:
             await self._confirm(target, digest)
+            self.metrics.cache.labels("blob", "hit").inc()
             return StoredBlob(digest, self.store.path(digest), size)
+        self.metrics.cache.labels("blob", "miss").inc()
         if head:
             return await self._head_blob(target, digest)
         download = self._downloads.get(digest)
         if download is None:
             download = self._start_download(target, digest)
-        elif download.target != target:
-            await self._confirm(target, digest)
+        else:
+            self.metrics.coalesced.inc()
+            if download.target != target:
+                await self._confirm(target, digest)
         await asyncio.shield(download.ready)
         return download
 
@@ -388,6 +407,8 @@ class Puller:
         except BaseException as exc:
             download.error = exc
             download.writer.close()
+            if isinstance(exc, DigestMismatch):
+                self.metrics.digest_mismatches.labels(download.host).inc()
             if not download.ready.done():
                 download.ready.set_exception(exc)
                 download.ready.exception()  # retrieved: waiters re-raise it themselves
@@ -396,6 +417,8 @@ class Puller:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            if download.host:
+                self.metrics.bytes_fetched.labels(download.host).inc(download.writer.written)
             self._downloads.pop(digest, None)
             download.notify()
             download.release()
@@ -407,6 +430,7 @@ class Puller:
         return await self._through_cache(
             target,
             key,
+            "tags",
             "the tag list",
             refresh=lambda _: self._fetch_tags(target, params, key),
             from_entry=lambda entry, cache: TagList(

@@ -15,9 +15,9 @@ V = TypeVar("V")
 
 
 class SingleFlight(Generic[V]):
-    def __init__(self) -> None:
+    def __init__(self, on_join: Callable[[], None] = lambda: None) -> None:
         self._calls: dict[Hashable, asyncio.Future[V]] = {}
-        self.joined = 0  # callers that shared another's call
+        self._on_join = on_join  # a caller shared another's call (a metric counts them)
 
     async def run(self, key: Hashable, call: Callable[[], Awaitable[V]]) -> V:
         future = self._calls.get(key)
@@ -26,7 +26,7 @@ class SingleFlight(Generic[V]):
             self._calls[key] = future
             future.add_done_callback(lambda done: self._finished(key, done))
         else:
-            self.joined += 1
+            self._on_join()
         # shield: one caller giving up must not cancel the call the others wait for
         return await asyncio.shield(future)
 

@@ -10,6 +10,7 @@ registry's Authorization (and client certificate) never reach another origin.
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ from proxyd.errors import (
     UpstreamError,
 )
 from proxyd.hosts import Capability, Namespace, RegistryHost
+from proxyd.metrics import Metrics
 
 log = structlog.get_logger("proxyd.upstream")
 
 MAX_REDIRECTS = 5
+RATELIMIT_WARN_FRACTION = 0.1  # warn when a host's announced pulls left fall below this
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -67,11 +70,13 @@ class UpstreamClient:
         user_agent: str,
         offline: bool = False,
         breakers: Breakers | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.user_agent = user_agent
         self.offline = offline
         self.breakers = breakers or Breakers()
+        self.metrics = metrics or Metrics()
         self._session: aiohttp.ClientSession | None = None
         self._authorizer: Authorizer | None = None
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
@@ -85,7 +90,10 @@ class UpstreamClient:
             trust_env=False,
         )
         self._authorizer = Authorizer(
-            self._session, self.registry.credential_for, user_agent=self.user_agent
+            self._session,
+            self.registry.credential_for,
+            user_agent=self.user_agent,
+            on_fetch=lambda host: self.metrics.token_fetches.labels(host).inc(),
         )
         return self
 
@@ -131,38 +139,70 @@ class UpstreamClient:
             if not self.breakers.allow(host.host):
                 failures.append(HostFailure(host, "skipped: circuit open after failures"))
                 continue
+            started = time.perf_counter()
             try:
                 response = await self._send(
                     host, method, f"{repository}/{suffix}", headers, params, scope
                 )
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
-                failures.append(HostFailure(host, _describe(exc)))
-                self.breakers.failed(host.host)
-                log.info("upstream.failed", host=host.host, reason=failures[-1].reason)
+                self._failed(failures, HostFailure(host, _describe(exc)), trip=True)
                 continue
             except Unauthorized as exc:
                 if not host.is_mirror:
                     raise
-                failures.append(HostFailure(host, exc.message, 401))
+                self._failed(failures, HostFailure(host, exc.message, 401), trip=False)
                 continue
+            self._observe(host, response, time.perf_counter() - started)
             if _moves_on(host, response.status):
-                retry_after = response.headers.get("Retry-After")
-                failures.append(
-                    HostFailure(host, f"answered {response.status}", response.status, retry_after)
+                failure = HostFailure(
+                    host,
+                    f"answered {response.status}",
+                    response.status,
+                    response.headers.get("Retry-After"),
                 )
-                if response.status >= 500 or response.status == 429:
-                    wait = parse_retry_after(retry_after) if response.status == 429 else None
-                    self.breakers.failed(host.host, wait)
-                log.info("upstream.failed", host=host.host, status=response.status)
                 response.release()
+                self._failed(
+                    failures, failure, trip=response.status >= 500 or response.status == 429
+                )
                 continue
             self.breakers.succeeded(host.host)
+            self.metrics.circuit_open.labels(host.host).set(0)
             try:
                 yield Upstream(host, response, failures)
             finally:
                 response.release()
             return
         raise _chain_error(namespace, failures)
+
+    def _failed(self, failures: list[HostFailure], failure: HostFailure, *, trip: bool) -> None:
+        """Record a host's failure; `trip` counts it towards the host's circuit breaker."""
+        failures.append(failure)
+        host = failure.host.host
+        if trip:
+            wait = parse_retry_after(failure.retry_after) if failure.status == 429 else None
+            self.breakers.failed(host, wait)
+            self.metrics.circuit_open.labels(host).set(int(self.breakers.is_open(host)))
+        reason = str(failure.status) if failure.status else _reason_class(failure.reason)
+        self.metrics.upstream_errors.labels(host, reason).inc()
+        log.info("upstream.failed", host=host, reason=failure.reason)
+
+    def _observe(
+        self, host: RegistryHost, response: aiohttp.ClientResponse, seconds: float
+    ) -> None:
+        """Latency, and Docker Hub's rate-limit headers (`100;w=21600`)."""
+        self.metrics.upstream_seconds.labels(host.host, f"{response.status // 100}xx").observe(
+            seconds
+        )
+        limit = _leading_number(response.headers.get("RateLimit-Limit"))
+        remaining = _leading_number(response.headers.get("RateLimit-Remaining"))
+        if limit is not None:
+            self.metrics.ratelimit_limit.labels(host.host).set(limit)
+        if remaining is not None:
+            self.metrics.ratelimit_remaining.labels(host.host).set(remaining)
+            if limit and remaining < limit * RATELIMIT_WARN_FRACTION:
+                log.warning(
+                    "upstream.ratelimit_low", host=host.host, remaining=remaining, limit=limit
+                )
 
     async def _send(
         self,
@@ -251,6 +291,26 @@ def _redirect_target(url: str, location: str) -> str:
     if scheme not in ("http", "https"):
         raise aiohttp.InvalidURL(location)
     return target
+
+
+def _leading_number(value: str | None) -> float | None:
+    if not value:
+        return None
+    head = value.split(";", 1)[0].strip()
+    try:
+        return float(head)
+    except ValueError:
+        return None
+
+
+def _reason_class(reason: str) -> str:
+    if reason == "timed out":
+        return "timeout"
+    if "circuit open" in reason:
+        return "circuit_open"
+    if "token" in reason:
+        return "token"
+    return "connection"
 
 
 def _origin(url: str) -> str:

@@ -10,8 +10,9 @@ from proxyd.breaker import Breakers
 from proxyd.config import Registry
 from proxyd.evict import Evictor
 from proxyd.fetch import Puller
+from proxyd.metrics import CONTENT_TYPE, Metrics
 from proxyd.server import handlers, health
-from proxyd.server.keys import PULLER, REGISTRY
+from proxyd.server.keys import METRICS, PULLER, REGISTRY
 from proxyd.server.middleware import request_context
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
@@ -21,13 +22,19 @@ from proxyd.upstream import UpstreamClient
 def create_app(registry: Registry) -> web.Application:
     app = web.Application(middlewares=[request_context], client_max_size=1 << 20)
     app[REGISTRY] = registry
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_core)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
     app.router.add_get("/readyz", health.readyz)
     app.router.add_route("GET", "/v2/", handlers.base)
     app.router.add_route("GET", "/v2", handlers.base)
     app.router.add_route("*", "/v2/{tail:.+}", handlers.api)
     return app
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _core(app: web.Application) -> AsyncIterator[None]:
@@ -40,9 +47,16 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         else SmallCache.sqlite(store.root / "small.sqlite")
     )
     evictor = Evictor(store, max_size=settings.cache.max_size, max_age=settings.cache.max_age)
+    metrics = app[METRICS]
+    metrics.watch(metrics.cache_bytes, lambda: evictor.stored_bytes)
+    metrics.watch(metrics.cache_entries, lambda: evictor.stored_entries)
     breakers = Breakers(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown)
     async with UpstreamClient(
-        app[REGISTRY], user_agent=settings.user_agent, offline=settings.offline, breakers=breakers
+        app[REGISTRY],
+        user_agent=settings.user_agent,
+        offline=settings.offline,
+        breakers=breakers,
+        metrics=metrics,
     ) as upstream:
         puller = Puller(
             store,
@@ -51,10 +65,10 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
             max_manifest_size=settings.max_manifest_size,
             offline=settings.offline,
             on_commit=evictor.committed,
+            metrics=metrics,
         )
         app[PULLER] = puller
-        if evictor.enabled:
-            evictor.start()
+        evictor.start()  # without limits it only measures the store, for the metrics
         try:
             yield
         finally:

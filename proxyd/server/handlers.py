@@ -28,6 +28,7 @@ _BLOB_CHUNK = 256 * 1024
 
 async def base(request: web.Request) -> web.Response:
     """`GET /v2/`: the API version check every client starts with."""
+    request[ACCESS].route = "base"
     return web.json_response({}, headers=API_VERSION_HEADER)
 
 
@@ -37,6 +38,7 @@ async def api(request: web.Request) -> web.StreamResponse:
         raise Unsupported(f"proxyd does not accept {request.method} on {path.endpoint.value}")
     target = route(request.app[REGISTRY], path.name, request.query.get("ns"))
     access = request[ACCESS]
+    access.route = path.endpoint.value
     access.namespace = target.namespace.name
     access.repository = target.repository
     if path.endpoint is Endpoint.MANIFEST:

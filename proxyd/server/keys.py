@@ -8,15 +8,18 @@ from aiohttp import web
 
 from proxyd.config import Registry
 from proxyd.fetch import Puller
+from proxyd.metrics import Metrics
 
 REGISTRY = web.AppKey("registry", Registry)
 PULLER = web.AppKey("puller", Puller)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 @dataclass
 class Access:
     """What the access log says of a request, filled in by the handler."""
 
+    route: str = "other"  # the API area, a metrics label: base, manifests, blobs, tags
     namespace: str | None = None
     repository: str | None = None
     host: str | None = None

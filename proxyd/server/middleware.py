@@ -12,7 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
-from proxyd.server.keys import ACCESS, Access
+from proxyd.server.keys import ACCESS, METRICS, Access
 
 log = structlog.get_logger("proxyd.access")
 errlog = structlog.get_logger("proxyd.server")
@@ -46,6 +46,14 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         access = request.get(ACCESS) or Access()
+        sent = access.sent if access.sent is not None else response.content_length or 0
+        app = getattr(request, "app", None)
+        if app is not None and METRICS in app:
+            metrics = app[METRICS]
+            metrics.requests.labels(access.route, request.method, str(response.status)).inc()
+            metrics.request_seconds.labels(access.route).observe(time)
+            source = "store" if access.cache in ("hit", "stale", "revalidated") else "upstream"
+            metrics.bytes_served.labels(source).inc(sent)
         log.info(
             "request",
             method=request.method,
@@ -54,7 +62,7 @@ class AccessLogger(AbstractAccessLogger):
             repository=access.repository,
             host=access.host,
             status=response.status,
-            bytes=access.sent if access.sent is not None else response.content_length or 0,
+            bytes=sent,
             duration_ms=round(time * 1000, 1),
             cache=access.cache,
             **({"aborted": True} if access.aborted else {}),

@@ -1,0 +1,124 @@
+"""Prometheus metrics. One `Metrics` per app with its own registry, so tests can run
+several apps in one process; `/metrics` renders it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # `*_created` adds nothing
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "proxyd_requests",
+            "Requests served, by API route and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "proxyd_request_duration_seconds",
+            "Time to answer a request, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.cache = Counter(
+            "proxyd_cache_lookups",
+            "Answers by kind (manifest, blob, tag, tags) and result (hit, miss, "
+            "revalidated, stale).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.bytes_served = Counter(
+            "proxyd_served_bytes",
+            "Body bytes sent to clients, by source (store, upstream).",
+            ["source"],
+            registry=r,
+        )
+        self.bytes_fetched = Counter(
+            "proxyd_upstream_fetched_bytes",
+            "Blob bytes fetched from upstream hosts.",
+            ["host"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "proxyd_coalesced_requests",
+            "Requests that joined an upstream call already in flight.",
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "proxyd_digest_mismatches",
+            "Upstream content that did not match its digest.",
+            ["host"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "proxyd_upstream_request_duration_seconds",
+            "Time to an upstream host's response headers, by host and status class.",
+            ["host", "status"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "proxyd_upstream_errors",
+            "Upstream attempts that moved on to the next host, by host and reason.",
+            ["host", "reason"],
+            registry=r,
+        )
+        self.token_fetches = Counter(
+            "proxyd_token_fetches",
+            "Tokens fetched from token servers, by registry host.",
+            ["host"],
+            registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "proxyd_upstream_ratelimit_limit",
+            "The RateLimit-Limit a host last announced.",
+            ["host"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "proxyd_upstream_ratelimit_remaining",
+            "The RateLimit-Remaining a host last announced.",
+            ["host"],
+            registry=r,
+        )
+        self.circuit_open = Gauge(
+            "proxyd_circuit_open",
+            "1 while a host is skipped by its circuit breaker.",
+            ["host"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "proxyd_cache_size_bytes",
+            "Bytes in the blob store (known after a scan).",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "proxyd_cache_entries",
+            "Blobs in the blob store (known after a scan).",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def watch(self, gauge: Gauge, read: Callable[[], float | None]) -> None:
+        """Read a value when scraped (cache size, known only once scanned)."""
+
+        def value() -> float:
+            current = read()
+            return float(current) if current is not None else float("nan")
+
+        gauge.set_function(value)
