@@ -1,18 +1,24 @@
-"""`proxyd serve | check-config`: every command reads the same settings the same way
-(flags, then PROXYD_* variables, then the --config file, then the defaults)."""
+"""`proxyd serve | check-config | init ENGINE`: every command reads the same settings the
+same way (flags, then PROXYD_* variables, then the --config file, then the defaults)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from proxyd import __version__
+from proxyd import __version__, engines
 from proxyd.config import ConfigError, Registry, build_registry, load_settings, split_listen
+
+if TYPE_CHECKING:
+    from structlog.stdlib import BoundLogger
 
 EXAMPLES = """\
 examples:
@@ -21,6 +27,15 @@ examples:
   proxyd serve --hosts-dir /etc/containerd/certs.d --docker-config ~/.docker/config.json
   PROXYD_LISTEN=0.0.0.0:5000 proxyd serve
   proxyd check-config --config proxyd.toml
+  proxyd init containerd --print                 # show the hosts.toml files it would write
+  proxyd init docker --config /etc/proxyd/proxyd.toml
+"""
+
+INIT_HELP = """\
+Write the engine's own configuration so it pulls through proxyd, for the namespaces
+and the listen address of proxyd's settings (the same flags, PROXYD_* variables and
+--config as `proxyd serve`). A file that would change is copied to FILE.bak-<time>
+first; a file that already holds the content is left alone.
 """
 
 
@@ -56,6 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the configuration and print every host chain"
     )
     _settings_flags(check)
+    init = commands.add_parser(
+        "init",
+        help="point containerd, docker or podman at proxyd",
+        description=INIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    engines_parsers = init.add_subparsers(dest="engine", required=True, metavar="ENGINE")
+    for engine, option, default, what in (
+        ("containerd", "--dir", engines.DEFAULT_CONTAINERD_DIR, "DIR/<registry>/hosts.toml"),
+        ("docker", "--file", engines.DEFAULT_DOCKER_FILE, "docker's daemon.json"),
+        ("podman", "--file", engines.DEFAULT_PODMAN_FILE, "a registries.conf drop-in"),
+    ):
+        sub = engines_parsers.add_parser(
+            engine, help=f"write {what}", description=INIT_HELP + f"\nThis writes {what}."
+        )
+        sub.add_argument(
+            option,
+            dest="target",
+            type=Path,
+            default=default,
+            metavar=option.strip("-").upper(),
+            help=f"{what} (default {default})",
+        )
+        sub.add_argument(
+            "--print",
+            dest="print_only",
+            action="store_true",
+            help="write nothing; print each file's path (stderr) and content (stdout)",
+        )
+        _settings_flags(sub)
     return parser
 
 
@@ -95,18 +140,58 @@ def check_config(registry: Registry) -> int:
     return 0
 
 
-def serve(registry: Registry) -> int:
-    from aiohttp import web
+def init(registry: Registry, engine: str, target: Path, print_only: bool) -> int:
+    """Render the engine's files, then print them or write them (with backups)."""
+    try:
+        if engine == "containerd":
+            plan = engines.plan_containerd(registry, target)
+        elif engine == "docker":
+            plan = engines.plan_docker(registry, target, engines.read_existing(target))
+        else:
+            plan = engines.plan_podman(registry, target)
+        changed = False  # the next steps are news only once a file changed
+        if print_only:
+            _print_plan(plan)
+        else:
+            changed = _write_plan(plan)
+    except engines.InitError as exc:
+        print(f"proxyd: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    for note in (*plan.notes, *(plan.next_steps if changed else ())):
+        print(f"note: {note}", file=sys.stderr)
+    return 0
 
+
+def _print_plan(plan: engines.Plan) -> None:
+    """Each file's path (and whether it would change) on stderr, its text on stdout,
+    so `--print > FILE` keeps the content alone."""
+    for rendered in plan.files:
+        same = engines.read_existing(rendered.path) == rendered.text
+        sys.stdout.flush()
+        state = "unchanged" if same else "would write"
+        print(f"==> {rendered.path} ({state}) <==", file=sys.stderr, flush=True)
+        sys.stdout.write(rendered.text)
+
+
+def _write_plan(plan: engines.Plan) -> bool:
+    changed = False
+    for rendered in plan.files:
+        written = engines.write_file(rendered.path, rendered.text)
+        backup = f" (previous content in {written.backup})" if written.backup else ""
+        print(f"{written.outcome.value:9} {written.path}{backup}")
+        changed |= written.outcome is not engines.Outcome.UNCHANGED
+    return changed
+
+
+def serve(registry: Registry) -> int:
     from proxyd.log import configure
-    from proxyd.server import AccessLogger, create_app
 
     settings = registry.settings
     configure(settings.log_level, settings.log_format)
     import structlog
 
-    log = structlog.get_logger("proxyd")
-    host, port = split_listen(settings.listen)
+    log: BoundLogger = structlog.get_logger("proxyd")
     log.info(
         "starting",
         listen=settings.listen,
@@ -114,20 +199,75 @@ def serve(registry: Registry) -> int:
         namespaces=sorted(registry.namespaces),
     )
     try:
-        web.run_app(
-            create_app(registry),
-            host=host,
-            port=port,
-            print=None,
-            access_log=logging.getLogger("proxyd.access"),
-            access_log_class=AccessLogger,
-            shutdown_timeout=10,
-            handle_signals=True,
-        )
+        return asyncio.run(_serve(registry, log))
+    except KeyboardInterrupt:  # before the signal handlers were set: nothing to clean up
+        return 130
+
+
+async def _serve(registry: Registry, log: BoundLogger) -> int:
+    """Set up the app, listen (on the sockets systemd passed, else on `listen`), tell
+    systemd READY=1, serve until SIGTERM or SIGINT, then STOPPING=1 and a graceful
+    shutdown: the listener closes at once, requests in flight get 10 seconds."""
+    from aiohttp import web
+
+    from proxyd import systemd
+    from proxyd.server import AccessLogger, create_app
+
+    settings = registry.settings
+    try:
+        inherited = systemd.listen_fds()
+    except ValueError as exc:
+        log.error("cannot listen", error=str(exc))
+        return 1
+    runner = web.AppRunner(
+        create_app(registry),
+        access_log=logging.getLogger("proxyd.access"),
+        access_log_class=AccessLogger,
+        shutdown_timeout=10,
+    )
+    try:
+        await runner.setup()
+    except OSError as exc:
+        log.error("cannot start", error=exc.strerror or str(exc), path=exc.filename)
+        await runner.cleanup()
+        return 1
+    try:
+        if inherited:
+            sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in inherited]
+        else:
+            host, port = split_listen(settings.listen)
+            sites = [web.TCPSite(runner, host, port)]
+        for site in sites:
+            await site.start()
     except OSError as exc:
         log.error("cannot listen", listen=settings.listen, error=exc.strerror or str(exc))
+        await runner.cleanup()
         return 1
+    addresses = [_address(sock) for sock in inherited] or [settings.listen]
+    log.info("listening", addresses=addresses, socket_activation=bool(inherited))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(addresses)}")
+    try:
+        await stop.wait()
+    finally:
+        systemd.notify("STOPPING=1\nSTATUS=stopping")
+        log.info("stopping")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
     return 0
+
+
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        host = f"[{name[0]}]" if ":" in name[0] else name[0]
+        return f"{host}:{name[1]}"
+    return str(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,4 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "check-config":
         return check_config(registry)
+    if args.command == "init":
+        return init(registry, args.engine, args.target, args.print_only)
     return serve(registry)

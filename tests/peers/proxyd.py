@@ -32,10 +32,12 @@ import pytest
 
 from tests.peers import (
     LOOPBACK,
+    Completed,
     HttpResult,
     PeerError,
     free_port,
     http_request,
+    run,
     stop_process,
     wait_for_http,
 )
@@ -230,6 +232,15 @@ class ProxydProcess:
         ]
         return "\n".join(rows) or "(no request events)\n" + self.stderr_text()[-3000:]
 
+    # -- its other commands, on the same settings --------------------------------
+
+    def cli(self, *args: str, check: bool = True) -> Completed:
+        """``python -m proxyd ARGS --config FILE --listen 127.0.0.1:PORT`` in proxyd's
+        environment: a command such as ``init containerd`` sees the daemon's settings."""
+        argv = [sys.executable, "-m", "proxyd", *args, "--config", str(self.config_path)]
+        argv += ["--listen", self.host]
+        return run(argv, timeout=30, env=self._env(), check=check, cwd=self.workdir)
+
     # -- talking to it directly ------------------------------------------------
 
     def request(
@@ -257,9 +268,13 @@ class Namespace:
     name: str
     server: str | None
     hosts: tuple[Host, ...] = ()
+    tag_ttl: float | None = None  # seconds a resolved tag is fresh (proxyd's default: 60)
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, Mapping):  # an inline table: ``cache = {backend = "redis"}``
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{{items}}}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -281,7 +296,8 @@ def proxyd_config(
     settings: Mapping[str, Any] | None = None,
     offline_docker_io: bool = True,
 ) -> str:
-    """proxyd's TOML configuration; ``settings`` adds top-level keys (log_level, …).
+    """proxyd's TOML configuration; ``settings`` adds top-level keys (log_level, …;
+    a mapping value is an inline table, e.g. ``cache={"backend": "redis"}``).
 
     proxyd's embedded defaults configure ``docker.io`` (Docker Hub).  Unless a test
     configures that namespace itself, it is pointed at a closed port on 127.0.0.1,
@@ -302,6 +318,8 @@ def proxyd_config(
         lines.append(f"\n[namespaces.{_toml_key(ns.name)}]")
         if ns.server is not None:
             lines.append(f"server = {_toml_value(ns.server)}")
+        if ns.tag_ttl is not None:
+            lines.append(f"tag_ttl = {_toml_value(ns.tag_ttl)}")
         for host in ns.hosts:
             lines.append(f"\n[namespaces.{_toml_key(ns.name)}.host.{_toml_key(host.url)}]")
             lines.append(f"capabilities = {_toml_value(host.capabilities)}")
