@@ -1,5 +1,6 @@
-"""`proxyd serve | check-config | init ENGINE`: every command reads the same settings the
-same way (flags, then PROXYD_* variables, then the --config file, then the defaults)."""
+"""`proxyd serve | check-config | cache gc|stats | init ENGINE`: every command reads the
+same settings the same way (flags, then PROXYD_* variables, then the --config file,
+then the defaults)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ examples:
   proxyd serve --hosts-dir /etc/containerd/certs.d --docker-config ~/.docker/config.json
   PROXYD_LISTEN=0.0.0.0:5000 proxyd serve
   proxyd check-config --config proxyd.toml
+  proxyd cache stats
+  proxyd cache gc --dry-run
   proxyd init containerd --print                 # show the hosts.toml files it would write
   proxyd init docker --config /etc/proxyd/proxyd.toml
 """
@@ -49,6 +52,12 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--default-namespace", metavar="NS", help="default docker.io")
     group.add_argument("--log-format", choices=["auto", "json", "console"])
     group.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    group.add_argument(
+        "--offline",
+        action="store_const",
+        const=True,
+        help="serve from the cache alone, never ask upstream",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the configuration and print every host chain"
     )
     _settings_flags(check)
+    cache = commands.add_parser("cache", help="look at or clean the cache directory")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    gc = cache_commands.add_parser(
+        "gc",
+        help="evict by [cache] max_size and max_age now",
+        description="Evict least recently used blobs (and their links) until the store "
+        "fits [cache] max_size, and those unused longer than max_age; blobs used in the "
+        "last five minutes stay. Safe while proxyd serves.",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
+    _settings_flags(gc)
+    stats = cache_commands.add_parser("stats", help="size, entries and top repositories")
+    _settings_flags(stats)
     init = commands.add_parser(
         "init",
         help="point containerd, docker or podman at proxyd",
@@ -118,6 +140,7 @@ def load(args: argparse.Namespace) -> Registry:
             "default_namespace",
             "log_format",
             "log_level",
+            "offline",
         )
     }
     return build_registry(load_settings(config, **flags))
@@ -281,4 +304,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(registry)
     if args.command == "init":
         return init(registry, args.engine, args.target, args.print_only)
+    if args.command == "cache":
+        return cache_command(registry, args.cache_command, dry_run=getattr(args, "dry_run", False))
     return serve(registry)
+
+
+def cache_command(registry: Registry, action: str, *, dry_run: bool) -> int:
+    from proxyd.evict import Evictor
+    from proxyd.inventory import describe, human_bytes, take_inventory
+    from proxyd.store import BlobStore
+
+    settings = registry.settings
+    store = BlobStore(settings.cache_dir)
+    if not store.blobs.is_dir():
+        print(f"proxyd: {settings.cache_dir} holds no cache yet", file=sys.stderr)
+        return 0 if action == "stats" else 1
+    if action == "stats":
+        print(f"cache directory: {settings.cache_dir}")
+        for line in describe(take_inventory(store)):
+            print(line)
+        return 0
+    evictor = Evictor(store, max_size=settings.cache.max_size, max_age=settings.cache.max_age)
+    if not evictor.enabled:
+        print("proxyd: no [cache] max_size or max_age is set: nothing to evict", file=sys.stderr)
+        return 0
+    chosen = evictor.collect(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for stored in chosen.remove:
+        print(f"{verb} {stored.digest} ({human_bytes(stored.size)})")
+    print(
+        f"{verb} {len(chosen.remove)} of {chosen.entries} blobs, "
+        f"{human_bytes(chosen.freed)} of {human_bytes(chosen.total)}"
+    )
+    return 0

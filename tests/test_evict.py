@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from proxyd.evict import GRACE, Evictor, StoredFile, apply, plan, scan
@@ -116,3 +117,44 @@ async def test_a_store_over_its_size_limit_evicts_in_the_background(
         await asyncio.sleep(0.05)
     assert store.size(Digest.parse(first.layer)) is None
     assert store.size(Digest.parse(second.layer)) == 50_000
+
+
+def seeded_store(cache_dir: Path) -> tuple[BlobStore, Digest, Digest]:
+    store = BlobStore(cache_dir)
+    store.open()
+    old = put(store, b"o" * 3000, idle=NOW - time.time() + 40 * 86400)  # 40 days unused
+    new = put(store, b"n" * 1000, idle=NOW - time.time())  # used just now
+    store.link("registry.example", "team/app", old)
+    store.link("registry.example", "team/app", new)
+    return store, old, new
+
+
+def test_cache_gc_dry_run_lists_without_removing(tmp_path: Path, capsys):
+    from proxyd.cli import main
+
+    store, old, new = seeded_store(tmp_path / "cache")
+    config = tmp_path / "proxyd.toml"
+    config.write_text('[cache]\nmax_age = "P30D"\n')
+    assert (
+        main(["cache", "gc", "--dry-run", "--config", str(config), "--cache-dir", str(store.root)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"would remove {old}" in out
+    assert str(new) not in out
+    assert store.size(old) == 3000
+
+    assert main(["cache", "gc", "--config", str(config), "--cache-dir", str(store.root)]) == 0
+    assert store.size(old) is None and store.size(new) == 1000
+    assert store.linked("registry.example", "team/app", old) is None
+
+
+def test_cache_stats_shows_size_entries_and_top_repositories(tmp_path: Path, capsys):
+    from proxyd.cli import main
+
+    store, _, _ = seeded_store(tmp_path / "cache")
+    assert main(["cache", "stats", "--cache-dir", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert "blobs:           2" in out
+    assert "3.9 KiB" in out
+    assert "registry.example/team/app" in out
