@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
+from proxyd.convert import convert_legacy_config
 from proxyd.errors import (
     BlobUnknown,
     Denied,
@@ -38,7 +39,7 @@ from proxyd.errors import (
     UpstreamError,
 )
 from proxyd.flight import SingleFlight
-from proxyd.hosts import Capability
+from proxyd.hosts import Capability, Namespace
 from proxyd.metrics import Metrics
 from proxyd.reference import Digest, is_digest
 from proxyd.routing import Target
@@ -50,6 +51,7 @@ log = structlog.get_logger("proxyd.fetch")
 T = TypeVar("T")
 
 READ_CHUNK = 1 << 20
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.oci.image.manifest.v1+json",
@@ -266,7 +268,7 @@ class Puller:
             ) as up:
                 await _raise_for_status(up, ManifestUnknown, f"manifest {tag}")
                 announced = up.response.headers.get("Docker-Content-Digest")
-            if announced == entry.value.get("digest"):
+            if announced == entry.value.get("upstream_digest", entry.value.get("digest")):
                 await self.small.put(key, entry.value)  # unchanged: no body transferred
                 return self._from_entry(target, entry, "revalidated", up.host.host)
         async with self._request(
@@ -282,10 +284,22 @@ class Puller:
             self.metrics.digest_mismatches.labels(up.host.host).inc()
             raise DigestMismatch(announced, str(digest), host=up.host.host)
         self._commit_manifest(target, digest, body, media_type)
+        upstream_digest = digest
+        converted = (
+            convert_legacy_config(body, media_type)
+            if target.namespace.convert_legacy_config
+            else None
+        )
+        if converted is not None:  # the original stays stored under its own digest
+            body = converted
+            digest = Digest("sha256", hashlib.sha256(body).hexdigest())
+            self._commit_manifest(target, digest, body, media_type)
+            log.info("manifest.converted", original=str(upstream_digest), converted=str(digest))
         await self.small.put(
             key,
             {
                 "digest": str(digest),
+                "upstream_digest": str(upstream_digest),
                 "media_type": media_type,
                 "body": base64.b64encode(body).decode(),
             },
@@ -443,15 +457,75 @@ class Puller:
             target, Capability.RESOLVE, "GET", "tags/list", params=params
         ) as up:
             await _raise_for_status(up, NameUnknown, f"repository {target.repository}")
-            try:
-                body = json.loads(await up.response.content.read(self.max_manifest_size))
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                raise UpstreamError(f"{up.host.host} sent a tag list that is not a JSON object")
+            body = await self._read_json(up)
             link = up.response.headers.get("Link")
         await self.small.put(key, {"body": body, "link": link})
         return TagList(body, link, "miss", up.host.host)
+
+    async def referrers(self, target: Target, digest: Digest, artifact_type: str | None) -> TagList:
+        """OCI 1.1 referrers, cached like tags; a registry without the API (404) is
+        asked for the referrers tag schema (`sha256-<hex>`), as the spec describes."""
+        key = f"referrers {target.namespace.name} {target.repository} {digest} {artifact_type}"
+        return await self._through_cache(
+            target,
+            key,
+            "referrers",
+            f"the referrers of {digest}",
+            refresh=lambda _: self._fetch_referrers(target, digest, artifact_type, key),
+            from_entry=lambda entry, cache: TagList(entry.value["body"], None, cache),
+        )
+
+    async def _fetch_referrers(
+        self, target: Target, digest: Digest, artifact_type: str | None, key: str
+    ) -> TagList:
+        params = {"artifactType": artifact_type} if artifact_type else None
+        async with self._request(
+            target, Capability.RESOLVE, "GET", f"referrers/{digest}", [OCI_INDEX], params
+        ) as up:
+            host = up.host.host
+            if up.response.status != 404:
+                await _raise_for_status(up, ManifestUnknown, f"referrers of {digest}")
+                body = await self._read_json(up)
+                filtered = "artifactType" in up.response.headers.get("OCI-Filters-Applied", "")
+        if up.response.status == 404:  # no referrers API: the tag schema
+            body, filtered = await self._referrers_tag(target, digest), False
+        if artifact_type and not filtered:
+            body["manifests"] = [
+                m
+                for m in body.get("manifests", [])
+                if isinstance(m, dict) and m.get("artifactType") == artifact_type
+            ]
+        await self.small.put(key, {"body": body})
+        return TagList(body, None, "miss", host)
+
+    async def _referrers_tag(self, target: Target, digest: Digest) -> dict[str, Any]:
+        tag = f"{digest.algorithm}-{digest.hex}"
+        async with self._request(
+            target, Capability.RESOLVE, "GET", f"manifests/{tag}", [OCI_INDEX]
+        ) as up:
+            if up.response.status == 404:
+                return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+            await _raise_for_status(up, ManifestUnknown, f"referrers tag {tag}")
+            return await self._read_json(up)
+
+    async def catalog(self, namespace: Namespace, params: dict[str, str]) -> TagList:
+        """`/v2/_catalog`, passed to the upstream where it allows it; not cached."""
+        target = Target(namespace, "")
+        async with self._request(
+            target, Capability.RESOLVE, "GET", "_catalog", params=params
+        ) as up:
+            await _raise_for_status(up, NameUnknown, "the catalog")
+            body = await self._read_json(up)
+            return TagList(body, up.response.headers.get("Link"), "miss", up.host.host)
+
+    async def _read_json(self, up: Upstream) -> dict[str, Any]:
+        try:
+            body = json.loads(await up.response.content.read(self.max_manifest_size))
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise UpstreamError(f"{up.host.host} sent an answer that is not a JSON object")
+        return body
 
     def _request(
         self,

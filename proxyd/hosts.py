@@ -104,6 +104,9 @@ class NamespaceSettings(HostSettings):
     tag_ttl: float = Field(
         DEFAULT_TAG_TTL, ge=0, description="seconds a tag, tag list or referrers answer is fresh"
     )
+    convert_legacy_config: bool = Field(
+        False, description="serve octet-stream image configs as Docker schema2 configs"
+    )
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class Namespace:
     hosts: tuple[RegistryHost, ...]
     source: str = "built-in"
     tag_ttl: float = DEFAULT_TAG_TTL
+    convert_legacy_config: bool = False
     options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def hosts_for(self, capability: Capability) -> list[RegistryHost]:
@@ -219,7 +223,13 @@ def build_namespace(
     server = make_host(
         settings.server or default_server(name), settings, is_mirror=False, base_dir=base_dir
     )
-    return Namespace(name=name, hosts=(*mirrors, server), source=source, tag_ttl=settings.tag_ttl)
+    return Namespace(
+        name=name,
+        hosts=(*mirrors, server),
+        source=source,
+        tag_ttl=settings.tag_ttl,
+        convert_legacy_config=settings.convert_legacy_config,
+    )
 
 
 def parse_hosts_toml(text: str) -> NamespaceSettings:

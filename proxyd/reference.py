@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from proxyd.errors import DigestInvalid, EndpointUnknown, NameInvalid, TagInvalid, Unsupported
+from proxyd.errors import DigestInvalid, EndpointUnknown, NameInvalid, TagInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -116,8 +116,6 @@ def parse_api_path(path: str) -> ApiPath:
     if not path.startswith("/v2/"):
         raise EndpointUnknown(f"unknown API path {path!r}")
     rest = path[len("/v2/") :]
-    if rest == "_catalog":
-        raise Unsupported("the catalog is not served by proxyd")
     for pattern, endpoint in _API_PATHS:
         match = pattern.fullmatch(rest)
         if match:

@@ -48,3 +48,12 @@ def route(registry: Registry, name: str, ns: str | None) -> Target:
 def _target(namespace: Namespace, name: str) -> Target:
     repository = normalize_repository(namespace.name, validate_name(name))
     return Target(namespace, repository)
+
+
+def namespace_for(registry: Registry, ns: str | None) -> Namespace:
+    """The namespace of a registry-wide call (the catalog): `ns`, else the default."""
+    name = ns or registry.settings.default_namespace
+    namespace = registry.namespace(name)
+    if namespace is None:
+        raise NameUnknown(f"namespace {name!r} is not configured in proxyd")
+    return namespace

@@ -133,7 +133,9 @@ class UpstreamClient:
                 f"namespace {namespace.name!r} has no host with the "
                 f"{capability.name and capability.name.lower()} capability"
             )
-        scope = f"repository:{repository}:{actions}"
+        # No repository: a registry-wide call (the catalog).
+        scope = f"repository:{repository}:{actions}" if repository else "registry:catalog:*"
+        path = f"{repository}/{suffix}" if repository else suffix
         failures: list[HostFailure] = []
         for host in hosts:
             if not self.breakers.allow(host.host):
@@ -141,9 +143,7 @@ class UpstreamClient:
                 continue
             started = time.perf_counter()
             try:
-                response = await self._send(
-                    host, method, f"{repository}/{suffix}", headers, params, scope
-                )
+                response = await self._send(host, method, path, headers, params, scope)
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
                 self._failed(failures, HostFailure(host, _describe(exc)), trip=True)
                 continue

@@ -18,7 +18,6 @@ from proxyd.errors import (
     NameInvalid,
     ProxydError,
     TagInvalid,
-    Unsupported,
 )
 from proxyd.reference import (
     MAX_NAME_LENGTH,
@@ -351,8 +350,8 @@ def test_a_blob_reference_that_merely_starts_with_uploads_is_a_blob_reference():
     )
 
 
-def test_the_catalog_is_unsupported():
-    with pytest.raises(Unsupported):
+def test_the_catalog_is_no_repository_path():
+    with pytest.raises(EndpointUnknown):  # the app routes /v2/_catalog itself
         parse_api_path("/v2/_catalog")
 
 

@@ -27,6 +27,7 @@ def create_app(registry: Registry) -> web.Application:
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
     app.router.add_get("/readyz", health.readyz)
+    app.router.add_route("GET", "/v2/_catalog", handlers.catalog)
     app.router.add_route("GET", "/v2/", handlers.base)
     app.router.add_route("GET", "/v2", handlers.base)
     app.router.add_route("*", "/v2/{tail:.+}", handlers.api)

@@ -13,10 +13,10 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.errors import PreconditionFailed, Unsupported
-from proxyd.fetch import BlobHead, Download, Manifest, StoredBlob
+from proxyd.fetch import OCI_INDEX, BlobHead, Download, Manifest, StoredBlob
 from proxyd.ranges import content_range, parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
-from proxyd.routing import Target, route
+from proxyd.routing import Target, namespace_for, route
 from proxyd.server.keys import ACCESS, PULLER, REGISTRY
 from proxyd.server.middleware import API_VERSION_HEADER
 
@@ -47,7 +47,38 @@ async def api(request: web.Request) -> web.StreamResponse:
         return await blob(request, target, path.digest)
     if path.endpoint is Endpoint.TAGS:
         return await tags(request, target, path)
+    if path.endpoint is Endpoint.REFERRERS:
+        return await referrers(request, target, path.digest)
     raise Unsupported(f"proxyd does not serve {path.endpoint.value} yet")
+
+
+async def referrers(request: web.Request, target: Target, digest: Digest) -> web.Response:
+    artifact_type = request.query.get("artifactType")
+    result = await request.app[PULLER].referrers(target, digest, artifact_type)
+    _note(request, result.host, result.cache)
+    headers = {
+        **API_VERSION_HEADER,
+        hdrs.CONTENT_TYPE: OCI_INDEX,
+        CACHE_HEADER: result.cache,
+        **({"OCI-Filters-Applied": "artifactType"} if artifact_type else {}),
+    }
+    return web.Response(body=json.dumps(result.body).encode(), headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """`/v2/_catalog`, forwarded to the namespace's upstream where it allows it."""
+    namespace = namespace_for(request.app[REGISTRY], request.query.get("ns"))
+    access = request[ACCESS]
+    access.route, access.namespace = "catalog", namespace.name
+    params = {k: request.query[k] for k in ("n", "last") if k in request.query}
+    result = await request.app[PULLER].catalog(namespace, params)
+    _note(request, result.host, result.cache)
+    headers = dict(API_VERSION_HEADER)
+    if result.link:
+        url = result.link.split(";", 1)[0].strip().strip("<>")
+        query = urlsplit(url).query
+        headers["Link"] = f'</v2/_catalog{"?" + query if query else ""}>; rel="next"'
+    return web.json_response(result.body, headers=headers)
 
 
 async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.Response:
