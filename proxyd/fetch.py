@@ -339,12 +339,7 @@ class Puller:
         length = up.response.content_length
         if length is not None and length > limit:
             raise ManifestTooLarge(f"manifest from {up.host.host} is {length} bytes; limit {limit}")
-        body = await up.response.content.read(limit + 1)
-        while len(body) <= limit and not up.response.content.at_eof():
-            more = await up.response.content.read(limit + 1 - len(body))
-            if not more:
-                break
-            body += more
+        body = await _read_body(up, limit + 1)
         if len(body) > limit:
             raise ManifestTooLarge(
                 f"manifest from {up.host.host} exceeds the limit of {limit} bytes"
@@ -520,7 +515,7 @@ class Puller:
 
     async def _read_json(self, up: Upstream) -> dict[str, Any]:
         try:
-            body = json.loads(await up.response.content.read(self.max_manifest_size))
+            body = json.loads(await _read_body(up, self.max_manifest_size))
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -548,6 +543,19 @@ class Puller:
             headers=headers,
             params=params,
         )
+
+
+async def _read_body(up: Upstream, limit: int) -> bytes:
+    """Up to `limit` bytes of a small body. A body that breaks or stalls is the host's
+    failure: the upstream client turns it into UpstreamError (502, or a stale answer)."""
+    content = up.response.content
+    body = await content.read(limit)
+    while len(body) < limit and not content.at_eof():
+        more = await content.read(limit - len(body))
+        if not more:
+            break
+        body += more
+    return body
 
 
 def _tag_key(target: Target, tag: str, accept: list[str]) -> str:

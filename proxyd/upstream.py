@@ -169,6 +169,12 @@ class UpstreamClient:
             self.metrics.circuit_open.labels(host.host).set(0)
             try:
                 yield Upstream(host, response, failures)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The body broke or stalled after the headers: still this host's failure.
+                self._failed(failures, HostFailure(host, _describe(exc)), trip=True)
+                raise UpstreamError(
+                    f"{host.origin}: the answer to {method} {path} broke off: {_describe(exc)}"
+                ) from exc
             finally:
                 response.release()
             return
@@ -328,6 +334,8 @@ def _moves_on(host: RegistryHost, status: int) -> bool:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return f"more than {MAX_REDIRECTS} redirects"
     if isinstance(exc, ProxydError):
         return exc.message
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -91,6 +91,10 @@ class FakeRegistry:
     retry_after: str | None = None
     drop_after: int | None = None  # cut a blob body after this many bytes
     gate: asyncio.Event | None = None  # blob bodies wait for this before the last byte
+    drip: tuple[int, float] | None = None  # bodies go out (chunk size, delay) at a time
+    redirect_loop: bool = False  # API requests are 307'd back to themselves, forever
+    corrupt_manifests: bool = False  # flip a byte of manifest bodies (digest header kept)
+    drop_manifests_after: int | None = None  # cut manifest bodies after this many bytes
 
     def add(self, image: FakeImage) -> FakeImage:
         self.images.append(image)
@@ -130,6 +134,8 @@ class FakeRegistry:
         self.seen.append(Seen(request.method, request.path, dict(request.query), request.headers))
         if self.hang:
             await asyncio.sleep(3600)
+        if self.redirect_loop and request.path != "/v2/":
+            raise web.HTTPTemporaryRedirect(request.path_qs)
         if self.status is not None:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             return web.json_response(
@@ -149,6 +155,8 @@ class FakeRegistry:
                 return web.json_response({"name": image.repository, "tags": tags})
             for reference in (image.tag, image.digest):
                 if rest == f"{image.repository}/manifests/{reference}":
+                    if self._odd_manifests:
+                        return await self._manifest(request, image)
                     return web.Response(
                         body=image.manifest,
                         headers={
@@ -181,12 +189,48 @@ class FakeRegistry:
             assert request.transport is not None
             request.transport.abort()
             return response
-        await response.write(blob[:-1])
+        await self._write(response, blob[:-1])
         if self.gate is not None:
             await self.gate.wait()
         await response.write(blob[-1:])
         await response.write_eof()
         return response
+
+    @property
+    def _odd_manifests(self) -> bool:
+        return bool(self.drip or self.corrupt_manifests or self.drop_manifests_after is not None)
+
+    async def _manifest(self, request: web.Request, image: FakeImage) -> web.StreamResponse:
+        """A manifest sent by the misbehaviour knobs: dripped, corrupted or cut short."""
+        body = image.manifest
+        if self.corrupt_manifests:
+            body = body[:-2] + bytes([body[-2] ^ 0x01]) + body[-1:]
+        response = web.StreamResponse(
+            headers={"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": image.digest}
+        )
+        response.content_length = len(body)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        if self.drop_manifests_after is not None:
+            await response.write(body[: self.drop_manifests_after])
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await self._write(response, body)
+        await response.write_eof()
+        return response
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        """All of `data`, or (with `drip`) one chunk at a time with a pause between."""
+        if self.drip is None:
+            await response.write(data)
+            return
+        size, delay = self.drip
+        for start in range(0, len(data), size):
+            if start:
+                await asyncio.sleep(delay)
+            await response.write(data[start : start + size])
 
 
 @dataclass

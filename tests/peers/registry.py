@@ -16,9 +16,11 @@ registry itself served.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from tests.peers import (
     LOOPBACK,
     PeerError,
     free_port,
+    http_request,
     require_binary,
     stop_process,
     wait_for_http,
@@ -291,3 +294,43 @@ class Registry:
             for r in self.requests()
             if r.method == "GET" and r.is_blob and (status is None or r.status == status)
         ]
+
+    def log_barrier(self, timeout: float = 5.0) -> None:
+        """Return once every request completed so far is in ``requests()``.
+
+        distribution writes a request's log line just after answering it; a marked
+        ``GET /v2/`` sent now is logged after all of them, so once it shows up the
+        log is complete up to this moment.
+        """
+        marker = f"/v2/?log-barrier={secrets.token_hex(6)}"
+        http_request("GET", f"{self.url}{marker}")
+        deadline = time.monotonic() + timeout
+        while not any(r.uri == marker for r in self.requests()):
+            if time.monotonic() > deadline:
+                raise PeerError(f"docker-registry did not log {marker} within {timeout}s")
+            time.sleep(0.02)
+
+    # -- content without an image ----------------------------------------------------
+
+    def push_blob(self, repository: str, data: bytes, *, timeout: float = 60.0) -> str:
+        """Upload ``data`` as a blob of ``repository`` (POST, then one PUT with the
+        digest: a monolithic upload); return its digest.  Needs no authentication,
+        so use it on a ``plain`` registry."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        started = http_request("POST", f"{self.url}/v2/{repository}/blobs/uploads/")
+        location = started.header("Location")
+        if started.status != 202 or not location:
+            raise PeerError(f"upload to {repository} not started: {started.status}")
+        if location.startswith("/"):
+            location = f"{self.url}{location}"
+        separator = "&" if "?" in location else "?"
+        done = http_request(
+            "PUT",
+            f"{location}{separator}digest={digest}",
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=timeout,
+        )
+        if done.status != 201:
+            raise PeerError(f"upload of {digest} to {repository} failed: {done.status}")
+        return digest

@@ -1,0 +1,92 @@
+"""A throwaway ``redis-server`` on 127.0.0.1, for proxyd's shared small-response cache.
+
+``RedisServer(dir).start()`` runs ``redis-server`` on a free port with persistence
+off (``--save "" --appendonly no``) and its working directory and log in ``dir``,
+then waits until it answers ``PING``.  ``stop()`` (or leaving the ``with`` block)
+terminates it.  ``command("HLEN", key)`` sends one command and returns the reply's
+first line, enough for tests to look at what proxyd stored.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Self
+
+from tests.peers import LOOPBACK, PeerError, free_port, require_binary, stop_process
+
+START_TIMEOUT = 10.0
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "redis.log"
+        self._port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise PeerError("redis-server was never started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``, as proxyd's ``[cache] redis_url`` takes it."""
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self, timeout: float = START_TIMEOUT) -> Self:
+        binary = require_binary("redis-server")
+        for _attempt in range(3):
+            self._port = free_port()
+            argv = [binary, "--bind", LOOPBACK, "--port", str(self._port)]
+            argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+            argv += ["--protected-mode", "yes", "--daemonize", "no"]
+            with self.log_path.open("ab") as log:
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir
+                )
+            deadline = time.monotonic() + timeout
+            while self._proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if self.command("PING") == "+PONG":
+                        return self
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            self.stop()
+            log_text = self.log_path.read_text(errors="replace")
+            if "address already in use" not in log_text.lower():
+                raise PeerError(f"redis-server did not answer PING within {timeout}s:\n{log_text}")
+        raise PeerError("redis-server: no free port after 3 attempts")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process(self._proc)
+            self._proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def command(self, *args: str, timeout: float = 2.0) -> str:
+        """Send one command (RESP); return the first line of the reply (``+PONG``, ``:3``)."""
+        request = f"*{len(args)}\r\n".encode()
+        for arg in args:
+            data = arg.encode()
+            request += b"$%d\r\n%s\r\n" % (len(data), data)
+        with socket.create_connection((LOOPBACK, self.port), timeout=timeout) as sock:
+            sock.sendall(request)
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.split(b"\r\n", 1)[0].decode(errors="replace")
