@@ -372,3 +372,38 @@ def test_load_hosts_dir_names_the_broken_file(tmp_path):
 def test_load_hosts_dir_refuses_a_missing_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_hosts_dir(tmp_path / "missing")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.lists(
+            st.sampled_from(
+                [
+                    'server = "https://r.example"',
+                    'server = "ftp://x"',
+                    '[host."https://m.example"]',
+                    '[host.""]',
+                    'capabilities = ["pull"]',
+                    'capabilities = ["fly"]',
+                    "capabilities = 3",
+                    'ca = ["a.crt", "b.crt"]',
+                    'client = [["c", "k", "x"]]',
+                    "skip_verify = true",
+                    'header = {X = "y"}',
+                    "override_path = true",
+                    "read_timeout = -1",
+                    "=",
+                ]
+            ),
+            max_size=8,
+        ).map("\n".join),
+    )
+)
+def test_any_hosts_toml_text_is_read_or_refused_with_a_value_error(text):
+    try:
+        settings = parse_hosts_toml(text)
+        build_namespace("registry.example", settings, source="test")
+    except ValueError as exc:
+        assert str(exc)
