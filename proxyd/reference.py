@@ -121,3 +121,35 @@ def parse_api_path(path: str) -> ApiPath:
         if match:
             return ApiPath(match["name"], endpoint, match["ref"] or "")
     raise EndpointUnknown(f"unknown API path {path!r}")
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """An image as people write it: `alpine`, `ghcr.io/org/app:v1`, `app@sha256:…`."""
+
+    namespace: str
+    repository: str
+    reference: str  # a tag or a digest
+
+    def __str__(self) -> str:
+        separator = "@" if is_digest(self.reference) else ":"
+        return f"{self.namespace}/{self.repository}{separator}{self.reference}"
+
+
+def parse_image_reference(text: str, default_namespace: str) -> ImageReference:
+    """Docker's rules: a first component with `.` or `:` (or `localhost`) is the
+    registry; the tag defaults to `latest`; a digest wins over a tag."""
+    rest, _, digest = text.partition("@")
+    first, slash, remainder = rest.partition("/")
+    if slash and looks_like_host(first):
+        namespace, path = first, remainder
+    else:
+        namespace, path = default_namespace, rest
+    name, colon, tag = path.rpartition(":")
+    if not colon:
+        name, tag = path, "latest"
+    validate_name(name)
+    if digest:
+        Digest.parse(digest)
+        return ImageReference(namespace, normalize_repository(namespace, name), digest)
+    return ImageReference(namespace, normalize_repository(namespace, name), validate_tag(tag))

@@ -1,0 +1,69 @@
+"""The core objects of a running proxyd, built once from the configuration and closed
+in order: the store, the small-response cache, eviction, the upstream client and the
+pull core. The HTTP app and `proxyd prefetch` both run on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from proxyd.breaker import Breakers
+from proxyd.config import Registry
+from proxyd.evict import Evictor
+from proxyd.fetch import Puller
+from proxyd.metrics import Metrics
+from proxyd.smallcache import SmallCache
+from proxyd.store import BlobStore
+from proxyd.upstream import UpstreamClient
+
+
+@dataclass
+class Core:
+    registry: Registry
+    store: BlobStore
+    small: SmallCache
+    evictor: Evictor
+    upstream: UpstreamClient
+    puller: Puller
+    metrics: Metrics
+
+
+@asynccontextmanager
+async def open_core(registry: Registry, metrics: Metrics | None = None) -> AsyncIterator[Core]:
+    settings = registry.settings
+    metrics = metrics or Metrics()
+    store = BlobStore(settings.cache_dir)
+    store.open()
+    small = (
+        SmallCache.redis(settings.cache.redis_url)
+        if settings.cache.backend == "redis"
+        else SmallCache.sqlite(store.root / "small.sqlite")
+    )
+    evictor = Evictor(store, max_size=settings.cache.max_size, max_age=settings.cache.max_age)
+    metrics.watch(metrics.cache_bytes, lambda: evictor.stored_bytes)
+    metrics.watch(metrics.cache_entries, lambda: evictor.stored_entries)
+    breakers = Breakers(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown)
+    async with UpstreamClient(
+        registry,
+        user_agent=settings.user_agent,
+        offline=settings.offline,
+        breakers=breakers,
+        metrics=metrics,
+    ) as upstream:
+        puller = Puller(
+            store,
+            upstream,
+            small,
+            max_manifest_size=settings.max_manifest_size,
+            offline=settings.offline,
+            on_commit=evictor.committed,
+            metrics=metrics,
+        )
+        evictor.start()  # without limits it only measures the store, for the metrics
+        try:
+            yield Core(registry, store, small, evictor, upstream, puller, metrics)
+        finally:
+            await evictor.stop()
+            await puller.close()
+            await small.close()
