@@ -26,6 +26,7 @@ from proxyd.reference import (
     looks_like_host,
     normalize_repository,
     parse_api_path,
+    parse_image_reference,
     validate_name,
     validate_tag,
 )
@@ -415,3 +416,25 @@ def test_arbitrary_paths_parse_or_raise_a_proxyd_error(path):
         return
     assert parsed.name
     assert parsed.name in path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("alpine", ("docker.io", "library/alpine", "latest")),
+        ("alpine:3.20", ("docker.io", "library/alpine", "3.20")),
+        ("ghcr.io/org/app:v1", ("ghcr.io", "org/app", "v1")),
+        ("127.0.0.1:5001/team/app", ("127.0.0.1:5001", "team/app", "latest")),
+        ("localhost/app:1", ("localhost", "app", "1")),
+        ("team/app:v1@sha256:" + "a" * 64, ("docker.io", "team/app", "sha256:" + "a" * 64)),
+    ],
+)
+def test_image_references_are_read_as_docker_reads_them(text, expected):
+    image = parse_image_reference(text, "docker.io")
+    assert (image.namespace, image.repository, image.reference) == expected
+
+
+@pytest.mark.parametrize("text", ["Alpine", "app:-x", "app@sha256:short", ""])
+def test_malformed_image_references_are_refused(text):
+    with pytest.raises((NameInvalid, TagInvalid, DigestInvalid)):
+        parse_image_reference(text, "docker.io")
