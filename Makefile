@@ -5,8 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test lint typecheck check bench clean
+.PHONY: run test lint typecheck check bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +30,22 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+# The benchmark (docs/performance.md): `make bench` runs the full one (~8 min),
+# `make bench-smoke` the same code path with tiny sizes (CI, < 2 min).
+# BENCH_ARGS passes flags on, e.g. BENCH_ARGS="--update-docs" or "--only cold_pull".
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt bench/requirements-optional.txt
+	$(BIN)/pip install -q -r bench/requirements.txt
+	grep -v '^#' bench/requirements-optional.txt | while read -r pkg; do \
+	  [ -z "$$pkg" ] || $(BIN)/pip install -q "$$pkg" || echo "bench: $$pkg did not install; its rows are skipped"; \
+	done
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-smoke: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --smoke $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""Workloads 3 and 4: one cold blob from an upstream that sends slowly.
+
+3. Time to first byte of a cold blob from the ``slow`` upstream (a relay pacing the
+   body at ``slow_rate``): a proxy that streams answers about as fast as the
+   upstream does; one that buffers the blob first answers after size / rate seconds.
+4. ``crowd_clients`` concurrent cold GETs of one blob through a proxy in front of
+   the ``crowd`` upstream (paced at ``crowd_rate`` per connection). The relay counts
+   the GETs it received: a proxy that shares one download sends exactly one. The
+   wall time is compared with a single GET straight from that upstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from bench.clients import Fetched, fetch_many, fetch_one, ttfb
+from bench.context import Context
+from bench.results import DIRECT, Row, Workload, record
+
+MS = 1000.0
+
+
+def time_to_first_byte(ctx: Context) -> Workload:
+    upstream = ctx.upstreams.slow
+    rate = ctx.profile.slow_rate / (1024 * 1024)
+    wl = Workload(
+        "cold_ttfb",
+        f"cold TTFB, {ctx.blob.size >> 20} MiB blob, upstream at {rate:g} MiB/s",
+        "ms",
+        "lower",
+    )
+    proxies = ctx.ready_rows(wl)
+    path = ctx.blob_path(ctx.blob.digest)
+    timeout = ctx.profile.slow_timeout()
+    direct = wl.row(DIRECT)
+    for rep in range(ctx.profile.reps):
+        if direct.status == "ok":
+            value = record(direct, ttfb, upstream.url + path, {}, timeout=timeout)
+            if value is not None:
+                direct.samples.append(value * MS)
+        for proxy in proxies:
+            row = wl.row(proxy.name)
+            if row.status != "ok":
+                continue
+            with contextlib.ExitStack() as stack:
+                running = record(row, stack.enter_context, ctx.fresh(proxy, upstream))
+                if running is None:
+                    continue
+                with ctx.watch(running, f"{wl.id}-{rep}"):
+                    value = record(row, ttfb, running.url + path, {}, timeout=timeout)
+                if value is not None:
+                    row.samples.append(value * MS)
+    return wl
+
+
+def concurrent_cold(ctx: Context) -> Workload:
+    upstream = ctx.upstreams.crowd
+    relay = upstream.relay
+    assert relay is not None
+    n, size = ctx.profile.crowd_clients, ctx.blob.size
+    rate = ctx.profile.crowd_rate / (1024 * 1024)
+    wl = Workload(
+        "concurrent_cold",
+        f"{n} concurrent cold GETs, {size >> 20} MiB blob, upstream at {rate:g} MiB/s",
+        "s",
+        "lower",
+    )
+    wl.notes.append(
+        f"direct is one GET from the upstream; a proxy row is the wall time of {n} clients"
+    )
+    proxies = ctx.ready_rows(wl)
+    path = ctx.blob_path(ctx.blob.digest)
+    timeout = ctx.profile.crowd_timeout()
+    direct = wl.row(DIRECT)
+    for rep in range(ctx.profile.reps):
+        if direct.status == "ok":
+            fetched = record(direct, fetch_one, upstream.url + path, {}, timeout=timeout)
+            if fetched is not None and _complete(direct, fetched, 1, size):
+                direct.samples.append(fetched.seconds)
+        for proxy in proxies:
+            row = wl.row(proxy.name)
+            if row.status != "ok":
+                continue
+            with contextlib.ExitStack() as stack:
+                running = record(row, stack.enter_context, ctx.fresh(proxy, upstream))
+                if running is None:
+                    continue
+                before = relay.gets(ctx.blob.digest)
+                with ctx.watch(running, f"{wl.id}-{rep}"):
+                    fetched = record(row, fetch_many, running.url + path, n, {}, timeout=timeout)
+                after = relay.gets(ctx.blob.digest)
+                if fetched is not None and _complete(row, fetched, n, size):
+                    row.samples.append(fetched.seconds)
+                    row.extra.setdefault("upstream_gets", []).append(after - before)
+    return wl
+
+
+def _complete(row: Row, fetched: Fetched, n: int, size: int) -> bool:
+    """Every client got a 200 and the whole blob; otherwise the row is an error."""
+    pairs = zip(fetched.statuses, fetched.sizes, strict=True)
+    bad = [(status, got) for status, got in pairs if status != 200 or got != size]
+    if len(fetched.statuses) == n and not bad:
+        return True
+    row.status = "error"
+    row.reason = f"{len(bad)} of {n} GETs incomplete, e.g. {bad[:3]} (want 200, {size} B)"
+    return False

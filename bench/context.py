@@ -1,0 +1,76 @@
+"""Everything a workload needs, built once by ``run``: the profile, the upstreams,
+the proxies, the fixtures pushed upstream, and a work directory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.fixtures import Blob
+from bench.profiler import Profiler
+from bench.profiles import Profile
+from bench.proxies import REPOSITORY, Proxy, RunningProxy, running
+from bench.results import Row, Workload
+from bench.upstreams import Upstream, Upstreams
+from tests.peers import http_request
+from tests.peers.clients import Skopeo
+from tests.peers.image import BuiltImage
+
+OCI_ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+WARM_UP_TAG = "no-such-tag"
+
+
+@dataclass
+class Context:
+    profile: Profile
+    workdir: Path
+    upstreams: Upstreams
+    proxies: list[Proxy]
+    skopeo: Skopeo
+    image: BuiltImage
+    blob: Blob
+    rss_blobs: tuple[Blob, Blob]
+    profiler: Profiler = field(default_factory=Profiler)
+    repository: str = REPOSITORY
+    _fresh: int = 0
+
+    def cache_dir(self, proxy: Proxy) -> Path:
+        """A new, empty work directory for one start of ``proxy``."""
+        self._fresh += 1
+        return self.workdir / "proxies" / f"{proxy.name}-{self._fresh}"
+
+    @contextlib.contextmanager
+    def fresh(self, proxy: Proxy, upstream: Upstream) -> Iterator[RunningProxy]:
+        """``proxy`` on an empty cache, after one request that caches nothing.
+
+        "Cold" means an empty cache, not a process that never served: the warm-up
+        (HEAD of a tag upstream does not have) takes first-request costs (imports,
+        the first upstream connection, the token) out of the measurement for every
+        proxy alike, as a long-running proxy would have paid them already.
+        """
+        with running(proxy, upstream, self.cache_dir(proxy)) as started:
+            url = f"{started.url}/v2/{self.repository}/manifests/{WARM_UP_TAG}"
+            http_request("HEAD", url, headers=OCI_ACCEPT, timeout=30)
+            yield started
+
+    def watch(self, running: RunningProxy, label: str) -> contextlib.AbstractContextManager[None]:
+        """Profile proxyd (only proxyd) for the span of one measurement, when asked to."""
+        if running.name != "proxyd":
+            return contextlib.nullcontext()
+        return self.profiler.attach(running.pid, label)
+
+    def blob_path(self, digest: str) -> str:
+        return f"/v2/{self.repository}/blobs/{digest}"
+
+    def ready_rows(self, workload: Workload) -> list[Proxy]:
+        """The proxies that can run; a row marked skipped for each one that cannot."""
+        ready = []
+        for proxy in self.proxies:
+            reason = proxy.unavailable()
+            if reason is None:
+                ready.append(proxy)
+            else:
+                workload.rows[proxy.name] = Row(proxy.name, status="skipped", reason=reason)
+        return ready

@@ -1,0 +1,73 @@
+"""Child processes the benchmark starts itself, and reading a process's memory.
+
+A relay or drayage started here asks the kernel to kill it when the benchmark dies
+(``PR_SET_PDEATHSIG``), so even a SIGKILLed run leaves nothing listening. Memory is
+read from ``/proc/PID/status``: ``VmHWM`` is the peak resident set since the process
+started, which is why memory is measured on a freshly started proxy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+PR_SET_PDEATHSIG = 1
+MIB = 1024 * 1024
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(
+    argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with stdout and stderr into ``log``; it dies with this process."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def listening_pid(port: int, timeout: float = 5.0) -> int:
+    """The process listening on 127.0.0.1:``port`` (the proxy itself, not a wrapper)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for conn in psutil.net_connections(kind="tcp"):
+            listening = conn.status == psutil.CONN_LISTEN and conn.laddr
+            if listening and conn.laddr.port == port and conn.pid is not None:
+                return int(conn.pid)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no process is listening on port {port}")
+        time.sleep(0.05)
+
+
+def memory(pid: int) -> dict[str, float]:
+    """``VmRSS`` and ``VmHWM`` (peak) of ``pid`` in MiB."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024 / MIB
+    return values
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,74 @@
+"""The two sizes of a run: the full benchmark and the CI smoke.
+
+The smoke takes the same code path with tiny sizes and one repetition; it proves
+every workload still runs, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    layer_sizes: tuple[int, ...]  # bytes, one image layer each
+    blob_size: int  # the cold blob of the TTFB and crowd workloads
+    rss_sizes: tuple[int, int]  # the small and the large blob of the memory workload
+    reps: int
+    rss_reps: int
+    slow_rate: float  # bytes/s of the slow upstream (TTFB)
+    crowd_rate: float  # bytes/s per connection of the crowd upstream
+    crowd_clients: int
+    concurrency: int  # manifest hits
+    load_seconds: float
+    deadline: float  # seconds the whole run may take before it stops itself
+
+    @property
+    def image_size(self) -> int:
+        return sum(self.layer_sizes)
+
+    def pull_timeout(self) -> float:
+        return 60 + self.image_size / (20 * MIB)
+
+    def slow_timeout(self) -> float:
+        """Long enough for a proxy that buffers the whole blob before the first byte."""
+        return 2 * self.blob_size / self.slow_rate + 20
+
+    def crowd_timeout(self) -> float:
+        return 4 * self.blob_size / self.crowd_rate + 60
+
+
+FULL = Profile(
+    name="full",
+    layer_sizes=(1 * MIB, 16 * MIB, 64 * MIB),
+    blob_size=64 * MIB,
+    rss_sizes=(256 * MIB, 1024 * MIB),
+    reps=5,
+    rss_reps=3,
+    slow_rate=4 * MIB,
+    crowd_rate=16 * MIB,
+    crowd_clients=50,
+    concurrency=32,
+    load_seconds=5.0,
+    deadline=3600.0,
+)
+
+SMOKE = Profile(
+    name="smoke",
+    layer_sizes=(1 * MIB, 2 * MIB, 4 * MIB),
+    blob_size=8 * MIB,
+    rss_sizes=(8 * MIB, 32 * MIB),
+    reps=1,
+    rss_reps=1,
+    slow_rate=4 * MIB,
+    crowd_rate=16 * MIB,
+    crowd_clients=50,
+    concurrency=32,
+    load_seconds=2.0,
+    deadline=170.0,
+)
+
+PROFILES = {p.name: p for p in (FULL, SMOKE)}

@@ -1,0 +1,174 @@
+"""The proxies under test, each started on an empty cache in front of one upstream.
+
+- ``proxyd``: ``python -m proxyd serve --config … --listen … --cache-dir …
+  --log-format json`` (the harness's ``ProxydProcess``), the upstream configured as
+  a namespace that is also the default, so ``HOST/bench/app:v1`` pulls through it.
+- ``distribution``: ``docker-registry`` with ``proxy.remoteurl`` (the harness's
+  ``Registry.pull_through``).
+- ``drayage``: the upstream configured as its ``docker_io`` upstream, which drayage
+  uses for names without a registry prefix. Two-component names (``bench/app``)
+  keep it from rewriting them to ``library/NAME``.
+
+``Proxy.start`` returns a ``RunningProxy``: where it listens, the PID that serves
+(for memory and profiles), and how to stop it. A proxy that is not installed says
+so in ``unavailable()``, and its rows are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bench.procs import listening_pid, spawn
+from bench.upstreams import Upstream
+from tests.peers import LOOPBACK, PeerError, free_port, stop_process, wait_for_http
+from tests.peers.proxyd import Namespace, ProxydProcess, proxyd_config
+from tests.peers.registry import Registry
+
+REPOSITORY = "bench/app"
+
+
+@dataclass
+class RunningProxy:
+    name: str
+    host: str  # 127.0.0.1:PORT
+    pid: int
+    _stop: Callable[[], None]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def stop(self) -> None:
+        self._stop()
+
+
+class Proxy:
+    name = "?"
+
+    def unavailable(self) -> str | None:
+        """Why this proxy cannot run here, or None."""
+        return None
+
+    def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
+        raise NotImplementedError
+
+
+class Proxyd(Proxy):
+    name = "proxyd"
+
+    def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
+        config = proxyd_config(
+            default_namespace=upstream.host,
+            namespaces=[Namespace(upstream.host, upstream.url)],
+            credentials={upstream.host: upstream.creds} if upstream.creds else None,
+        )
+        proc = ProxydProcess(config, workdir)
+        try:
+            proc.start()
+        except pytest.fail.Exception as exc:  # the harness reports start failures this way
+            raise PeerError(str(exc)) from None
+        except BaseException:  # Ctrl-C while it starts: the harness would leave it running
+            proc.stop()
+            raise
+
+        def stop() -> None:
+            proc.stop()
+
+        return RunningProxy(self.name, proc.host, listening_pid(proc.port), stop)
+
+
+class DistributionProxy(Proxy):
+    name = "distribution"
+
+    def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
+        user, password = upstream.creds or (None, None)
+        registry = Registry.pull_through(workdir, upstream.url, username=user, password=password)
+        try:
+            registry.start()
+        except BaseException:  # the harness stops it only on its own errors
+            registry.stop()
+            raise
+        return RunningProxy(self.name, registry.host, listening_pid(registry.port), registry.stop)
+
+
+class Drayage(Proxy):
+    name = "drayage"
+
+    def binary(self) -> str | None:
+        beside = Path(sys.executable).parent / "drayage"
+        return str(beside) if beside.exists() else shutil.which("drayage")
+
+    def unavailable(self) -> str | None:
+        if self.binary() is None:
+            return "drayage is not installed (pip install drayage did not succeed)"
+        return None
+
+    def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
+        binary = self.binary()
+        if binary is None:
+            raise PeerError(self.unavailable() or "drayage missing")
+        workdir.mkdir(parents=True, exist_ok=True)
+        cache = workdir / "cache"
+        cache.mkdir(exist_ok=True)  # drayage does not create it
+        port = free_port()
+        lines = [
+            f'listen = "{LOOPBACK}:{port}"',
+            f'cache_dir = "{cache}"',
+            "[upstreams.docker_io]",
+            f'registry = "{upstream.url}"',
+        ]
+        if upstream.creds:
+            lines += [f'username = "{upstream.creds[0]}"', f'password = "{upstream.creds[1]}"']
+        config = workdir / "drayage.toml"
+        config.write_text("\n".join(lines) + "\n")
+        proc = spawn([binary, "serve", "--config", str(config)], log=workdir / "drayage.log")
+
+        def died() -> str | None:
+            if proc.poll() is None:
+                return None
+            return (workdir / "drayage.log").read_text(errors="replace")[-3000:]
+
+        try:
+            wait_for_http(
+                f"http://{LOOPBACK}:{port}/v2/",
+                accept=lambda s: s == 200,
+                timeout=15,
+                alive=died,
+                what="drayage",
+            )
+        except BaseException:
+            stop_process(proc, grace=3)
+            raise
+        return RunningProxy(
+            self.name, f"{LOOPBACK}:{port}", proc.pid, lambda: stop_process(proc, grace=5)
+        )
+
+
+ALL: tuple[Proxy, ...] = (Proxyd(), DistributionProxy(), Drayage())
+
+
+def by_name(names: list[str]) -> list[Proxy]:
+    known = {p.name: p for p in ALL}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown proxies {unknown}; choose from {sorted(known)}")
+    return [known[n] for n in names]
+
+
+@contextlib.contextmanager
+def running(proxy: Proxy, upstream: Upstream, workdir: Path) -> Iterator[RunningProxy]:
+    """``proxy`` on an empty cache in ``workdir``; stopped and its cache removed after."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    started = proxy.start(upstream, workdir)
+    try:
+        yield started
+    finally:
+        started.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Workloads 1 and 2: a whole image pulled with ``skopeo copy docker://… dir:…``.
+
+Warm: every proxy is primed with one pull, then each repetition pulls again
+(proxies keep running). Cold: every repetition starts each proxy on an empty cache.
+The direct pull from the same upstream is measured in every repetition too, and the
+repetitions interleave the targets so a drift of the machine hits all of them alike.
+The first pull of each target is checked blob by blob against the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+
+from bench.context import Context
+from bench.proxies import RunningProxy
+from bench.results import DIRECT, Row, Workload, record
+from bench.upstreams import Upstream
+from tests.peers import PeerError
+from tests.peers.clients import read_dir_image
+
+
+def _pull(ctx: Context, host: str, creds: str | None, *, check: bool) -> float:
+    dest = ctx.workdir / "pulls" / f"{host.replace(':', '_')}-{time.monotonic_ns()}"
+    dest.mkdir(parents=True)
+    try:
+        started = time.perf_counter()
+        ctx.skopeo.copy(
+            f"docker://{host}/{ctx.repository}:{ctx.image.tag}",
+            f"dir:{dest}",
+            src_creds=creds,
+            timeout=ctx.profile.pull_timeout(),
+        )
+        elapsed = time.perf_counter() - started
+        if check:
+            pulled = read_dir_image(dest)
+            if pulled.blob_digests != frozenset(ctx.image.blob_digests):
+                raise PeerError(f"{host} served other blobs than the image's")
+            if pulled.manifest_digest != ctx.image.manifest_digest:
+                raise PeerError(f"{host} served another manifest")
+        return elapsed
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def _measure(ctx: Context, row: Row, host: str, creds: str | None) -> None:
+    if row.status != "ok":
+        return
+    value = record(row, _pull, ctx, host, creds, check=not row.samples)
+    if value is not None:
+        row.samples.append(value)
+
+
+def warm_pull(ctx: Context, upstream: Upstream) -> Workload:
+    wl = Workload(
+        f"warm_pull_{upstream.name}", f"warm pull, {upstream.name} upstream", "s", "lower"
+    )
+    proxies = ctx.ready_rows(wl)
+    direct = wl.row(DIRECT)
+    with contextlib.ExitStack() as stack:
+        started: dict[str, RunningProxy] = {}
+        for proxy in proxies:
+            row = wl.row(proxy.name)
+            running = record(row, stack.enter_context, ctx.fresh(proxy, upstream))
+            if running is not None:
+                started[proxy.name] = running
+                record(row, _pull, ctx, running.host, None, check=True)  # primes the cache
+        for rep in range(ctx.profile.reps):
+            _measure(ctx, direct, upstream.host, upstream.creds_text)
+            for name, running in started.items():
+                with ctx.watch(running, f"{wl.id}-{rep}"):
+                    _measure(ctx, wl.row(name), running.host, None)
+    return wl
+
+
+def cold_pull(ctx: Context, upstream: Upstream) -> Workload:
+    wl = Workload(
+        f"cold_pull_{upstream.name}", f"cold pull, {upstream.name} upstream", "s", "lower"
+    )
+    proxies = ctx.ready_rows(wl)
+    direct = wl.row(DIRECT)
+    for rep in range(ctx.profile.reps):
+        _measure(ctx, direct, upstream.host, upstream.creds_text)
+        for proxy in proxies:
+            row = wl.row(proxy.name)
+            if row.status != "ok":
+                continue
+            with contextlib.ExitStack() as stack:
+                running = record(row, stack.enter_context, ctx.fresh(proxy, upstream))
+                if running is None:
+                    continue
+                with ctx.watch(running, f"{wl.id}-{rep}"):
+                    _measure(ctx, row, running.host, None)
+    return wl

@@ -1,0 +1,272 @@
+"""The targets of issue 6, and the table, JSON and Markdown every run writes.
+
+Targets are judged on the medians of this run, for each proxy (the issue states
+them for proxyd; the others are shown for comparison). A verdict is None ("n/a")
+when a row needed for it did not run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.results import DIRECT, Row, Workload
+
+X, DASH = "\u00d7", "\u2013"  # the multiplication sign and the en dash of the tables
+RSS_LIMIT_MIB = 80.0
+RSS_FLAT_MIB = 8.0  # "flat": the large blob's peak at most this much above the small one's
+NOTE_WIDTH = 70
+
+
+@dataclass
+class Verdict:
+    met: bool | None
+    detail: str
+
+
+@dataclass
+class Target:
+    id: str
+    text: str
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+
+
+def _ok(row: Row | None) -> bool:
+    return row is not None and row.status == "ok" and bool(row.samples)
+
+
+def _prefixed(workloads: Iterable[Workload], prefix: str) -> list[Workload]:
+    return [w for w in workloads if w.id.startswith(prefix)]
+
+
+def _ratio_target(workloads: list[Workload], proxy: str, limit: float) -> Verdict:
+    parts, met = [], True
+    for wl in workloads:
+        ratio = wl.ratio(proxy)
+        if ratio is None:
+            return Verdict(None, f"{wl.id}: no data")
+        label = wl.id.rsplit("_", 1)[-1] + " " if len(workloads) > 1 else ""
+        parts.append(f"{label}{ratio:.2f}{X}")
+        met = met and ratio <= limit
+    return Verdict(met if parts else None, ", ".join(parts) or "no data")
+
+
+def _crowd(workloads: list[Workload], proxy: str) -> Verdict:
+    wl = next(iter(workloads), None)
+    row = wl.rows.get(proxy) if wl else None
+    ratio = wl.ratio(proxy) if wl else None
+    if wl is None or not _ok(row) or ratio is None:
+        return Verdict(None, "no data")
+    assert row is not None
+    gets = row.extra.get("upstream_gets", [])
+    met = bool(gets) and all(g == 1 for g in gets) and ratio <= 1.5
+    return Verdict(met, f"upstream GETs {','.join(map(str, gets))}; wall {ratio:.2f}{X} one pull")
+
+
+def _hits(workloads: list[Workload], proxy: str) -> Verdict:
+    wl = next(iter(workloads), None)
+    if wl is None or not _ok(wl.rows.get(proxy)):
+        return Verdict(None, "no data")
+    mine = wl.rows[proxy].median or 0.0
+    others = {n: r.median or 0.0 for n, r in wl.rows.items() if n not in (proxy, DIRECT) and _ok(r)}
+    if not others:
+        return Verdict(None, f"{mine:,.0f}/s; no other proxy ran")
+    detail = f"{mine:,.0f}/s vs " + ", ".join(f"{n} {v:,.0f}/s" for n, v in others.items())
+    missing = [n for n in wl.rows if n not in (proxy, DIRECT, *others)]
+    if missing:
+        detail += f" ({', '.join(missing)} did not run)"
+    return Verdict(all(mine >= v for v in others.values()), detail)
+
+
+def _rss(workloads: list[Workload], proxy: str) -> Verdict:
+    peaks = []
+    for wl in workloads:
+        row = wl.rows.get(proxy)
+        if not _ok(row):
+            return Verdict(None, f"{wl.id}: no data")
+        assert row is not None
+        peaks.append(row.high or 0.0)
+    if len(peaks) < 2:
+        return Verdict(None, "no data")
+    small, large = peaks[0], peaks[-1]
+    met = large <= RSS_LIMIT_MIB and large - small <= RSS_FLAT_MIB
+    return Verdict(met, f"peak {small:.0f} → {large:.0f} MiB")
+
+
+TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], ...] = (
+    ("warm_pull", f"warm pull ≤ 1.0{X} direct", "warm_pull", lambda w, p: _ratio_target(w, p, 1.0)),
+    (
+        "cold_pull",
+        f"cold pull ≤ 1.15{X} direct",
+        "cold_pull",
+        lambda w, p: _ratio_target(w, p, 1.15),
+    ),
+    (
+        "cold_ttfb",
+        f"cold TTFB ≤ 1.2{X} upstream's",
+        "cold_ttfb",
+        lambda w, p: _ratio_target(w, p, 1.2),
+    ),
+    (
+        "concurrent_cold",
+        f"50 concurrent cold: exactly 1 upstream GET, wall ≤ 1.5{X} a single pull",
+        "concurrent_cold",
+        _crowd,
+    ),
+    ("manifest_hits", "manifest hits/s ≥ distribution's and drayage's", "manifest_hits", _hits),
+    (
+        "peak_rss",
+        f"peak RSS ≤ {RSS_LIMIT_MIB:.0f} MiB and flat in blob size (+≤{RSS_FLAT_MIB:.0f} MiB)",
+        "peak_rss",
+        _rss,
+    ),
+)
+
+
+def evaluate(workloads: list[Workload], proxies: list[str]) -> list[Target]:
+    out = []
+    for target_id, text, prefix, judge in TARGETS:
+        target = Target(target_id, text)
+        chosen = _prefixed(workloads, prefix)
+        if chosen:
+            for proxy in proxies:
+                target.verdicts[proxy] = judge(chosen, proxy)
+            out.append(target)
+    return out
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def _num(value: float | None, unit: str) -> str:
+    if value is None:
+        return DASH
+    if unit == "req/s":
+        return f"{value:,.0f}"
+    if unit == "s":
+        return f"{value:.3f}" if value < 10 else f"{value:.2f}"
+    return f"{value:.1f}"
+
+
+def _note(row: Row) -> str:
+    if row.status != "ok":
+        return f"{row.status}: {row.reason}"
+    notes = []
+    if "upstream_gets" in row.extra:
+        notes.append("upstream GETs " + ",".join(map(str, row.extra["upstream_gets"])))
+    if "idle_rss" in row.extra:
+        notes.append("idle " + ",".join(f"{v:.0f}" for v in row.extra["idle_rss"]) + " MiB")
+    if any(row.extra.get("errors", [])):
+        notes.append("errors " + ",".join(map(str, row.extra["errors"])))
+    return "; ".join(notes)
+
+
+HEADER = ("workload", "target", "median", f"min{DASH}max", "vs direct", "notes")
+
+
+def rows(workloads: list[Workload]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for wl in workloads:
+        first = True
+        for name, row in wl.rows.items():
+            ratio = wl.ratio(name)
+            out.append(
+                (
+                    f"{wl.title} ({wl.unit})" if first else "",
+                    name,
+                    _num(row.median, wl.unit),
+                    f"{_num(row.low, wl.unit)}{DASH}{_num(row.high, wl.unit)}"
+                    if row.samples
+                    else DASH,
+                    f"{ratio:.2f}{X}" if ratio is not None else DASH,
+                    _note(row),
+                )
+            )
+            first = False
+    return out
+
+
+def _verdict_text(verdict: Verdict | None) -> str:
+    if verdict is None or verdict.met is None:
+        return "n/a" + (f" ({verdict.detail})" if verdict else "")
+    return ("MET" if verdict.met else "MISSED") + f" ({verdict.detail})"
+
+
+def text_table(workloads: list[Workload], targets: list[Target]) -> str:
+    table = [HEADER, *rows(workloads)]
+    clipped = [
+        tuple(c if len(c) <= NOTE_WIDTH else c[: NOTE_WIDTH - 1] + "…" for c in r) for r in table
+    ]
+    widths = [max(len(r[i]) for r in clipped) for i in range(len(HEADER))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in clipped
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("targets:")
+    for target in targets:
+        lines.append(f"  {target.text}")
+        for proxy, verdict in target.verdicts.items():
+            lines.append(f"    {proxy:<13} {_verdict_text(verdict)}")
+    return "\n".join(lines)
+
+
+def _md(cell: str) -> str:
+    cell = cell if len(cell) <= 160 else cell[:159] + "…"
+    return cell.replace("|", "\\|")
+
+
+def markdown(workloads: list[Workload], targets: list[Target], proxies: list[str]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows(workloads)]
+    lines += ["", "| target | " + " | ".join(proxies) + " |", "|---|" + "---|" * len(proxies)]
+    for target in targets:
+        cells = [_md(_verdict_text(target.verdicts.get(p))) for p in proxies]
+        lines.append(f"| {target.text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(
+    path: Path, meta: dict[str, Any], workloads: list[Workload], targets: list[Target]
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "meta": meta,
+        "workloads": [w.to_json() for w in workloads],
+        "targets": [
+            {
+                "id": t.id,
+                "text": t.text,
+                "verdicts": {p: {"met": v.met, "detail": v.detail} for p, v in t.verdicts.items()},
+            }
+            for t in targets
+        ],
+    }
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+START, END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
+
+
+def update_docs(doc: Path, table: str, meta: dict[str, Any]) -> bool:
+    """Replace the text between the table markers of ``doc``; False when it has none."""
+    text = doc.read_text() if doc.exists() else ""
+    if START not in text or END not in text:
+        return False
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    stamp = (
+        f"`{meta.get('command')}`, {meta.get('finished')}, {meta.get('seconds')} s; "
+        f"{meta.get('reps')} repetitions; load average {meta.get('loadavg_1m_at_start')} at "
+        f"start, {meta.get('loadavg_1m_at_end')} at the end.\n\n"
+        f"Machine: {meta.get('nproc')} CPUs ({meta.get('cpu')}), {meta.get('memory_gib')} GiB, "
+        f"{meta.get('os')}, kernel {meta.get('kernel')}. Versions: proxyd {meta.get('proxyd')}, "
+        f"Python {meta.get('python')}, aiohttp {meta.get('aiohttp')}; "
+        f"{meta.get('docker-registry')}; {meta.get('skopeo')}; {meta.get('drayage')}; "
+        f"{meta.get('wrk')}.\n\n"
+    )
+    doc.write_text(f"{head}{START}\n{stamp}{table}{END}{tail}")
+    return True

@@ -1,0 +1,159 @@
+"""The upstreams every workload measures against, all real, all on 127.0.0.1.
+
+- ``plain``: distribution with no authentication.
+- ``token``: distribution with token authentication (ES256 JWTs from the harness's
+  token server), reached through a relay that answers ``/token`` too, so the registry
+  and its realm share one address (drayage requires that). Everyone, the direct
+  client included, pulls through that same relay, so the ratios stay fair.
+- ``slow``: the plain registry behind a relay that sends each body at a fixed rate.
+- ``crowd``: the plain registry behind a paced relay that counts the GETs it relays.
+
+``Upstream`` is what a proxy needs to know about one of them: the origin, the
+credentials (if any), and the relay to ask for request counts (if any).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import spawn
+from tests.peers import LOOPBACK, PeerError, free_port, stop_process, wait_for_http
+from tests.peers.registry import TOKEN_SERVICE, Registry
+from tests.peers.tokenserver import TokenServer
+
+USER, PASSWORD = "alice", "wonderland"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    url: str  # http://127.0.0.1:PORT
+    creds: tuple[str, str] | None = None
+    relay: RelayProcess | None = None
+
+    @property
+    def host(self) -> str:
+        return self.url.removeprefix("http://")
+
+    @property
+    def creds_text(self) -> str | None:
+        return f"{self.creds[0]}:{self.creds[1]}" if self.creds else None
+
+
+class RelayProcess:
+    """``python -m bench.relay`` as a child process; see bench/relay.py."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        target: str,
+        *,
+        rate: float = 0.0,
+        token_target: str | None = None,
+        port: int = 0,
+        max_seconds: float = 3600.0,
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "relay.log"
+        argv = [sys.executable, "-m", "bench.relay", "--target", target, "--rate", str(rate)]
+        argv += ["--port", str(port), "--max-seconds", str(max_seconds)]
+        if token_target:
+            argv += ["--token-target", token_target]
+        self._proc = spawn(argv, log=self.log)
+        try:
+            self.port = self._wait_for_port()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"http://{LOOPBACK}:{self.port}"
+
+    def _wait_for_port(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace") if self.log.exists() else ""
+            for line in text.splitlines():
+                if line.startswith("LISTENING "):
+                    return int(line.split()[1])
+            if self._proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise PeerError(f"relay did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def counts(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.url}/_relay/stats", timeout=5) as resp:  # noqa: S310
+            return {str(k): int(v) for k, v in json.loads(resp.read()).items()}
+
+    def gets(self, suffix: str) -> int:
+        """How many GETs of a path ending in ``suffix`` it relayed so far."""
+        return sum(
+            n for key, n in self.counts().items() if key.startswith("GET ") and key.endswith(suffix)
+        )
+
+    def stop(self) -> None:
+        stop_process(self._proc, grace=3)
+
+
+class Upstreams(contextlib.ExitStack):
+    """Starts every upstream on enter; stops all of them on exit, whatever happened."""
+
+    def __init__(self, workdir: Path, *, slow_rate: float, crowd_rate: float) -> None:
+        super().__init__()
+        self.workdir = workdir
+        self.slow_rate = slow_rate
+        self.crowd_rate = crowd_rate
+
+    def start(self) -> Upstreams:
+        self.plain_registry = Registry.plain(self.workdir / "plain")
+        self.callback(self.plain_registry.stop)  # first: it may be interrupted while starting
+        self.plain_registry.start()
+        self.plain = Upstream("plain", self.plain_registry.url)
+
+        tokens = TokenServer().start()
+        self.callback(tokens.stop)
+        front_port = free_port()
+        front_url = f"http://{LOOPBACK}:{front_port}"
+        self.token_registry = _token_registry(self.workdir / "token", tokens, f"{front_url}/token")
+        self.callback(self.token_registry.stop)
+        self.token_registry.start()
+        front = RelayProcess(
+            self.workdir / "front",
+            self.token_registry.url,
+            token_target=tokens.url,
+            port=front_port,
+        )
+        self.callback(front.stop)
+        wait_for_http(f"{front_url}/v2/", accept=lambda s: s == 401, timeout=10, what="token front")
+        self.token = Upstream("token", front_url, (USER, PASSWORD), front)
+
+        slow = RelayProcess(self.workdir / "slow", self.plain.url, rate=self.slow_rate)
+        self.callback(slow.stop)
+        self.slow = Upstream("slow", slow.url, relay=slow)
+        crowd = RelayProcess(self.workdir / "crowd", self.plain.url, rate=self.crowd_rate)
+        self.callback(crowd.stop)
+        self.crowd = Upstream("crowd", crowd.url, relay=crowd)
+        return self
+
+
+def _token_registry(workdir: Path, tokens: TokenServer, realm: str) -> Registry:
+    """distribution with token auth whose realm is ``realm`` (the front relay)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle = tokens.write_rootcertbundle(workdir / "token-signer.pem")
+    auth = {
+        "token": {
+            "realm": realm,
+            "service": TOKEN_SERVICE,
+            "issuer": tokens.issuer,
+            "rootcertbundle": str(bundle),
+        }
+    }
+    registry = Registry(workdir, kind="token", auth=auth)
+    registry.users = dict(tokens.policy.users)
+    registry.token_service = TOKEN_SERVICE
+    return registry
