@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxyd import __version__, engines
-from proxyd.config import ConfigError, Registry, build_registry, load_settings, split_listen
+from proxyd.config import (
+    ConfigError,
+    Registry,
+    build_registry,
+    check_upstream_tls,
+    load_settings,
+    split_listen,
+)
 
 if TYPE_CHECKING:
     from structlog.stdlib import BoundLogger
@@ -26,6 +33,7 @@ examples:
   proxyd serve                                   # embedded defaults: Docker Hub on 127.0.0.1:5000
   proxyd serve --config /etc/proxyd/proxyd.toml
   proxyd serve --hosts-dir /etc/containerd/certs.d --docker-config ~/.docker/config.json
+  proxyd serve --allow-push ghcr.io --htpasswd /etc/proxyd/htpasswd
   PROXYD_LISTEN=0.0.0.0:5000 proxyd serve
   proxyd check-config --config proxyd.toml
   proxyd cache stats
@@ -46,6 +54,11 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each also PROXYD_<NAME> and a key of --config)")
     group.add_argument("--config", type=Path, help="TOML file (default: $PROXYD_CONFIG, if set)")
     group.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:5000")
+    group.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve HTTPS: PEM cert")
+    group.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca", type=Path, metavar="FILE", help="require client certs from this CA"
+    )
     group.add_argument("--cache-dir", type=Path, metavar="DIR")
     group.add_argument("--hosts-dir", type=Path, metavar="DIR", help="containerd hosts.toml dir")
     group.add_argument("--docker-config", type=Path, metavar="FILE", help="docker config.json")
@@ -57,6 +70,15 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const=True,
         help="serve from the cache alone, never ask upstream",
+    )
+    group.add_argument(
+        "--allow-push",
+        action="append",
+        metavar="NAMESPACE",
+        help="forward pushes to NAMESPACE's upstream (repeatable)",
+    )
+    group.add_argument(
+        "--htpasswd", type=Path, metavar="FILE", help="inbound users (bcrypt htpasswd file)"
     )
 
 
@@ -134,6 +156,9 @@ def load(args: argparse.Namespace) -> Registry:
         name: getattr(args, name)
         for name in (
             "listen",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
             "cache_dir",
             "hosts_dir",
             "docker_config",
@@ -141,21 +166,46 @@ def load(args: argparse.Namespace) -> Registry:
             "log_format",
             "log_level",
             "offline",
+            "allow_push",
+            "htpasswd",
         )
     }
-    return build_registry(load_settings(config, **flags))
+    registry = build_registry(load_settings(config, **flags))
+    if args.command in ("serve", "check-config"):
+        check_upstream_tls(registry)  # the commands that connect, or say whether they could
+    return registry
 
 
 def check_config(registry: Registry) -> int:
     settings = registry.settings
     print(f"listen:            {settings.listen}")
+    if settings.tls_cert is not None:
+        clients = f", client certificates from {settings.tls_client_ca}"
+        print(f"tls:               {settings.tls_cert}{clients if settings.tls_client_ca else ''}")
     print(f"cache directory:   {settings.cache_dir}")
     print(f"default namespace: {settings.default_namespace}")
+    if registry.inbound_users is not None:
+        print(
+            f"inbound users:     {len(registry.inbound_users)} from {settings.htpasswd}, "
+            f"required for {registry.auth_required}"
+        )
     for name, namespace in sorted(registry.namespaces.items()):
         print(f"\nnamespace {name}  (from {namespace.source})")
         for position, host in enumerate(namespace.hosts, 1):
             auth = "credentials" if registry.credential_for(host.host) else "anonymous"
             print(f"  {position}. {host.describe()}, {auth}")
+        writes = [
+            name
+            for name, allowed in (
+                ("pushes", registry.push_allowed(namespace)),
+                ("deletes", namespace.allow_delete),
+            )
+            if allowed
+        ]
+        if writes:
+            push_host = namespace.push_host
+            where = f"to {push_host.origin}" if push_host else "but no host has the push capability"
+            print(f"  {' and '.join(writes)} allowed {where}")
     if registry.fallback is not None:
         print("\nany other namespace: hosts_dir/_default/hosts.toml")
     elif settings.allow_unconfigured_namespaces:
@@ -233,7 +283,7 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
     shutdown: the listener closes at once, requests in flight get 10 seconds."""
     from aiohttp import web
 
-    from proxyd import systemd
+    from proxyd import systemd, tls
     from proxyd.server import AccessLogger, create_app
 
     settings = registry.settings
@@ -242,6 +292,15 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
     except ValueError as exc:
         log.error("cannot listen", error=str(exc))
         return 1
+    tls_context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            tls_context = tls.server_context(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+        except tls.TLSFileError as exc:
+            log.error("cannot serve HTTPS", error=str(exc))
+            return 1
     runner = web.AppRunner(
         create_app(registry),
         access_log=logging.getLogger("proxyd.access"),
@@ -256,10 +315,12 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
         return 1
     try:
         if inherited:
-            sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in inherited]
+            sites: list[web.BaseSite] = [
+                web.SockSite(runner, sock, ssl_context=tls_context) for sock in inherited
+            ]
         else:
             host, port = split_listen(settings.listen)
-            sites = [web.TCPSite(runner, host, port)]
+            sites = [web.TCPSite(runner, host, port, ssl_context=tls_context)]
         for site in sites:
             await site.start()
     except OSError as exc:
@@ -267,7 +328,12 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
         await runner.cleanup()
         return 1
     addresses = [_address(sock) for sock in inherited] or [settings.listen]
-    log.info("listening", addresses=addresses, socket_activation=bool(inherited))
+    log.info(
+        "listening",
+        addresses=addresses,
+        socket_activation=bool(inherited),
+        tls=tls_context is not None,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

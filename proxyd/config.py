@@ -14,17 +14,27 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
+from proxyd import credhelpers, tls
 from proxyd.hosts import (
     HostsFile,
     Namespace,
@@ -32,6 +42,7 @@ from proxyd.hosts import (
     build_namespace,
     load_hosts_dir,
 )
+from proxyd.inbound import AuthRequired, load_htpasswd
 from proxyd.reference import DOCKER_HUB, HOST_RE
 
 MAX_MANIFEST_SIZE = 4 * 1048 * 1048  # containerd's MaxManifestSize
@@ -53,6 +64,22 @@ class Credential(BaseModel):
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         return f"Credential(username={self.username!r})"
+
+
+def _namespace_list(value: Any) -> Any:
+    """A list, or (from PROXYD_ALLOW_PUSH) a JSON list or comma-separated names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValueError(f"not a JSON list: {text!r}") from None
+        return [name.strip() for name in text.split(",") if name.strip()]
+    return value
+
+
+NamespaceList = Annotated[list[str], NoDecode, BeforeValidator(_namespace_list)]
 
 
 def default_cache_dir() -> Path:
@@ -84,6 +111,11 @@ class Settings(BaseSettings):
     )
 
     listen: str = Field("127.0.0.1:5000", description="address and port to serve on")
+    tls_cert: Path | None = Field(None, description="serve HTTPS with this PEM certificate")
+    tls_key: Path | None = Field(None, description="the PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="with tls_cert: clients must present a certificate from this CA"
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where blobs live")
     hosts_dir: Path | None = Field(None, description="containerd-style hosts directory")
     docker_config: Path | None = Field(None, description="docker config.json with `auths`")
@@ -109,6 +141,21 @@ class Settings(BaseSettings):
     breaker_cooldown: float = Field(
         30.0, gt=0, description="seconds a failing host is skipped before a probe"
     )
+    allow_push: NamespaceList = Field(
+        default_factory=list,
+        description="namespaces whose pushes are forwarded upstream (or allow_push = true "
+        "in a namespace's table)",
+    )
+    upload_ttl: float = Field(
+        3600.0, gt=0, description="seconds an idle upload session is kept before it expires"
+    )
+    htpasswd: Path | None = Field(
+        None, description="inbound users (bcrypt htpasswd); clients then authenticate"
+    )
+    auth_required: AuthRequired | None = Field(
+        None,
+        description='with htpasswd: "push" (default) or "all" (pulls too) need credentials',
+    )
 
     @field_validator("listen")
     @classmethod
@@ -121,9 +168,9 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("namespaces", "credentials")
+    @field_validator("namespaces", "credentials", "allow_push")
     @classmethod
-    def _check_hosts(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _check_hosts(cls, value: dict[str, Any] | list[str]) -> dict[str, Any] | list[str]:
         for name in value:
             if not HOST_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not a registry host name")
@@ -206,7 +253,44 @@ def read_docker_config(path: Path) -> dict[str, Credential]:
             )
         except ValidationError as exc:
             raise ConfigError(_explain(exc, path)) from None
+    for host, (helper, source) in _docker_helpers(data, auths, path).items():
+        found.pop(host, None)  # as docker: a helper's answer replaces the file's entry
+        credential = _from_helper(helper, host, source, path)
+        if credential is not None:
+            found[host] = credential
     return found
+
+
+def _docker_helpers(
+    data: dict[str, Any], auths: dict[str, Any], path: Path
+) -> dict[str, tuple[str, str]]:
+    """Registry host -> (credential helper, the setting naming it): `credsStore` for
+    every registry in `auths`, `credHelpers` per registry (winning, as in docker)."""
+    store = data.get("credsStore") or None
+    per_host = data.get("credHelpers") or {}
+    if store is not None and not isinstance(store, str):
+        raise ConfigError(f"docker config {path}: credsStore must be a credential helper name")
+    if not isinstance(per_host, dict) or not all(isinstance(v, str) for v in per_host.values()):
+        raise ConfigError(f"docker config {path}: credHelpers must map registries to helper names")
+    chosen = {_docker_config_host(key): (store, "credsStore") for key in auths if store}
+    for key, helper in per_host.items():
+        if helper:  # "" means no helper, as in docker
+            chosen[_docker_config_host(key)] = (helper, f"credHelpers.{key}")
+    return chosen
+
+
+def _from_helper(helper: str, host: str, source: str, path: Path) -> Credential | None:
+    """Ask `docker-credential-<helper> get` with the server URL docker would send."""
+    server_url = credhelpers.DOCKER_HUB_SERVER_URL if host == "registry-1.docker.io" else host
+    try:
+        found = credhelpers.get(helper, server_url)
+    except credhelpers.HelperError as exc:
+        raise ConfigError(f"docker config {path}: {source} (for {host}): {exc}") from None
+    if found is None:
+        return None
+    return Credential(
+        username=found.username, password=found.password, identity_token=found.identity_token
+    )
 
 
 def _decode_auth(value: object, where: str) -> tuple[str, str]:
@@ -235,6 +319,7 @@ class Registry:
     namespaces: dict[str, Namespace]
     credentials: dict[str, Credential]
     fallback: HostsFile | None = None  # hosts_dir/_default
+    inbound_users: dict[str, bytes] | None = None  # from `htpasswd`: user -> bcrypt hash
     _synthesised: dict[str, Namespace] = field(default_factory=dict)
 
     def namespace(self, name: str) -> Namespace | None:
@@ -261,6 +346,17 @@ class Registry:
 
     def credential_for(self, host: str) -> Credential | None:
         return self.credentials.get(host)
+
+    def push_allowed(self, namespace: Namespace) -> bool:
+        """`allow_push = true` in the namespace's table, or its name in `allow_push`."""
+        return namespace.allow_push or namespace.name in self.settings.allow_push
+
+    @property
+    def auth_required(self) -> AuthRequired | None:
+        """What clients must authenticate for; None without inbound users."""
+        if self.inbound_users is None:
+            return None
+        return self.settings.auth_required or "push"
 
 
 def build_registry(settings: Settings) -> Registry:
@@ -298,4 +394,57 @@ def build_registry(settings: Settings) -> Registry:
     if settings.docker_config is not None:
         credentials.update(read_docker_config(settings.docker_config))
     credentials.update(settings.credentials)
-    return Registry(settings, namespaces, credentials, fallback)
+    inbound_users = None
+    if settings.htpasswd is not None:
+        try:
+            inbound_users = load_htpasswd(settings.htpasswd)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    elif settings.auth_required is not None:
+        raise ConfigError("auth_required needs htpasswd: the file of users clients log in as")
+    _check_serving_tls(settings)
+    return Registry(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
+
+
+def _check_serving_tls(settings: Settings) -> None:
+    """tls_cert and tls_key together, readable, a certificate and its key."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError(
+            "tls_cert and tls_key go together: give both (--tls-cert, --tls-key) to serve "
+            "HTTPS, or neither to serve plain HTTP"
+        )
+    if settings.tls_cert is None or settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ConfigError(
+                "tls_client_ca needs tls_cert and tls_key: client certificates are asked "
+                "for only over HTTPS"
+            )
+        return
+    try:
+        tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except tls.TLSFileError as exc:
+        raise ConfigError(f"cannot serve HTTPS: {exc}") from None
+
+
+def check_upstream_tls(registry: Registry) -> None:
+    """Every https host's `ca` and `client` files can be read and used, so a wrong
+    path is a message at start rather than a failed pull later. (Separate from
+    `build_registry`, which reads a configuration without touching those files.)"""
+    checks = [(ns.source, h) for ns in registry.namespaces.values() for h in ns.hosts]
+    if registry.fallback is not None:
+        source = str(registry.fallback.directory / "hosts.toml")
+        probe = build_namespace(
+            "fallback.invalid",
+            registry.fallback.settings,
+            source=source,
+            base_dir=registry.fallback.directory,
+        )
+        checks += [(source, h) for h in probe.hosts]
+    for source, host in checks:
+        if host.scheme != "https":
+            continue
+        try:
+            tls.upstream_context(host, same_origin=True)
+        except tls.TLSFileError as exc:
+            where = source if host.host == "fallback.invalid" else f"{source}, {host.origin}"
+            raise ConfigError(f"{where}: {exc}") from None

@@ -82,9 +82,26 @@ def client_address(listen: str) -> str:
     return f"{host}:{port}"
 
 
-def mirror_url(listen: str) -> str:
-    """proxyd's URL as a mirror (plain HTTP: proxyd does not serve TLS yet)."""
-    return f"http://{client_address(listen)}"
+def mirror_url(listen: str, *, tls: bool = False) -> str:
+    """proxyd's URL as a mirror: https when proxyd serves TLS (`tls_cert`)."""
+    return f"{'https' if tls else 'http'}://{client_address(listen)}"
+
+
+def serves_tls(registry: Registry) -> bool:
+    return registry.settings.tls_cert is not None
+
+
+def _trust_note(registry: Registry, engine: str, where: str) -> str:
+    clients = (
+        f"; proxyd also requires a client certificate from {registry.settings.tls_client_ca}, "
+        f"which {engine} must present"
+        if registry.settings.tls_client_ca is not None
+        else ""
+    )
+    return (
+        f"proxyd serves HTTPS: {engine} must trust the CA that issued proxyd's tls_cert "
+        f"({where}, or the system's CA store){clients}."
+    )
 
 
 def _toml_string(value: str) -> str:
@@ -133,11 +150,11 @@ def containerd_directory(root: Path, namespace: str) -> Path:
     return root / names[0]
 
 
-def render_hosts_toml(namespace: Namespace | None, listen: str) -> str:
+def render_hosts_toml(namespace: Namespace | None, listen: str, *, tls: bool = False) -> str:
     """One containerd hosts.toml: proxyd as a pull-and-resolve mirror in front of the
     namespace's upstream; `namespace=None` renders `_default` (no `server`: containerd
     then uses the registry named in the image reference)."""
-    mirror = mirror_url(listen)
+    mirror = mirror_url(listen, tls=tls)
     what = namespace.name if namespace else "any registry without a directory of its own"
     lines = [
         f"# Written by `proxyd init containerd`: {what} through proxyd at {mirror}.",
@@ -168,10 +185,11 @@ def plan_containerd(registry: Registry, root: Path) -> Plan:
             "config_path, or proxyd another hosts_dir."
         )
     listen = registry.settings.listen
+    tls = serves_tls(registry)
     files = [
         Rendered(
             containerd_directory(root, name) / "hosts.toml",
-            render_hosts_toml(registry.namespaces[name], listen),
+            render_hosts_toml(registry.namespaces[name], listen, tls=tls),
         )
         for name in sorted(registry.namespaces)
     ]
@@ -179,7 +197,7 @@ def plan_containerd(registry: Registry, root: Path) -> Plan:
         files.append(
             Rendered(
                 root / CONTAINERD_DEFAULT_DIR / "hosts.toml",
-                render_hosts_toml(None, listen),
+                render_hosts_toml(None, listen, tls=tls),
             )
         )
     next_steps = (
@@ -188,7 +206,11 @@ def plan_containerd(registry: Registry, root: Path) -> Plan:
         "directory need no restart.",
         f"ctr reads them with: ctr images pull --hosts-dir {root.absolute()} IMAGE",
     )
-    return Plan(tuple(files), next_steps=next_steps)
+    notes = []
+    if tls:
+        where = f'ca = "CA.pem" in each [host."{mirror_url(listen, tls=tls)}"] table'
+        notes.append(_trust_note(registry, "containerd", where))
+    return Plan(tuple(files), notes=tuple(notes), next_steps=next_steps)
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -229,7 +251,7 @@ def plan_docker(registry: Registry, path: Path, existing: str | None) -> Plan:
             f"would route them to its default namespace {settings.default_namespace!r}; "
             f'set default_namespace = "{DOCKER_HUB}" to use proxyd as docker\'s mirror'
         )
-    mirror = mirror_url(settings.listen)
+    mirror = mirror_url(settings.listen, tls=serves_tls(registry))
     notes = []
     others = sorted(n for n in registry.namespaces if n != DOCKER_HUB)
     if others:
@@ -238,7 +260,10 @@ def plan_docker(registry: Registry, path: Path, existing: str | None) -> Plan:
             f"{', '.join(others)} go to those registries directly, not through proxyd."
         )
     host, _ = split_listen(client_address(settings.listen))
-    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+    if serves_tls(registry):
+        where = f"/etc/docker/certs.d/{client_address(settings.listen)}/ca.crt"
+        notes.append(_trust_note(registry, "docker", where))
+    elif host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
         notes.append(
             "No insecure-registries entry is needed: docker allows plain HTTP to "
             "127.0.0.0/8 and ::1."
@@ -272,13 +297,18 @@ def podman_mirror_location(registry: Registry, namespace: str) -> str | None:
 def render_registries_conf(registry: Registry) -> tuple[str, tuple[str, ...]]:
     """A registries.conf drop-in with proxyd as the mirror of each namespace, and
     notes for the namespaces it cannot cover."""
-    mirror = mirror_url(registry.settings.listen)
+    tls = serves_tls(registry)
+    mirror = mirror_url(registry.settings.listen, tls=tls)
     lines = [
         f"# Written by `proxyd init podman`: pull through proxyd at {mirror}.",
         "# podman, skopeo, buildah and CRI-O ask the mirror first and the registry itself",
-        "# only when proxyd fails. proxyd serves plain HTTP, hence insecure = true.",
+        "# only when proxyd fails. "
+        + ("proxyd serves HTTPS." if tls else "proxyd serves plain HTTP, hence insecure = true."),
     ]
     notes = []
+    if tls:
+        where = f"/etc/containers/certs.d/{client_address(registry.settings.listen)}/ca.crt"
+        notes.append(_trust_note(registry, "podman", where))
     default = registry.settings.default_namespace
     ordered = sorted(registry.namespaces, key=lambda n: (n != default, n))
     for name in ordered:
@@ -297,7 +327,7 @@ def render_registries_conf(registry: Registry) -> tuple[str, tuple[str, ...]]:
             "",
             "[[registry.mirror]]",
             f"location = {_toml_string(location)}",
-            "insecure = true",
+            *(() if tls else ("insecure = true",)),
         ]
     if registry.fallback is not None or registry.settings.allow_unconfigured_namespaces:
         notes.append(

@@ -6,15 +6,25 @@ ProxydError                      (500 UNKNOWN)
 │   ├── TagInvalid               400 TAG_INVALID
 │   ├── DigestInvalid            400 DIGEST_INVALID
 │   ├── RangeNotSatisfiable      416 RANGE_INVALID
-│   └── Unsupported              405 UNSUPPORTED (method or API proxyd does not serve)
+│   ├── PreconditionFailed       412 PRECONDITION_FAILED
+│   ├── BlobUploadInvalid        400 BLOB_UPLOAD_INVALID (a chunk or upload proxyd cannot take)
+│   ├── ManifestInvalid          400 MANIFEST_INVALID
+│   ├── ManifestBlobUnknown      400 MANIFEST_BLOB_UNKNOWN (a pushed manifest names a missing blob)
+│   ├── SizeInvalid              400 SIZE_INVALID
+│   └── Unsupported              405 UNSUPPORTED (method or API proxyd does not serve, a
+│                                    push proxyd does not allow)
 ├── NotFound
+│   ├── EndpointUnknown          404 UNSUPPORTED (no such API endpoint)
 │   ├── NameUnknown              404 NAME_UNKNOWN (namespace or repository)
 │   ├── ManifestUnknown          404 MANIFEST_UNKNOWN
-│   └── BlobUnknown              404 BLOB_UNKNOWN
-├── Unauthorized                 401 UNAUTHORIZED (upstream refused proxyd's credentials)
+│   ├── BlobUnknown              404 BLOB_UNKNOWN
+│   └── BlobUploadUnknown        404 BLOB_UPLOAD_UNKNOWN (no such upload, or it expired)
+├── Unauthorized                 401 UNAUTHORIZED (upstream refused proxyd's credentials;
+│                                    or a client's to proxyd, with a Basic challenge)
 ├── Denied                       403 DENIED
 ├── TooManyRequests              429 TOOMANYREQUESTS (carries Retry-After)
 ├── ManifestTooLarge             413 SIZE_INVALID
+├── Offline                      503 UNAVAILABLE (offline, and nothing cached)
 └── UpstreamError                502 UNAVAILABLE: no host of the chain could answer
     ├── NoCapableHost            502 UNAVAILABLE: the chain has no host for the request
     ├── TokenError               502 UNAVAILABLE: a token server failed or sent no token
@@ -69,6 +79,22 @@ class PreconditionFailed(RequestError):
     status = 412
 
 
+class BlobUploadInvalid(RequestError):
+    code = "BLOB_UPLOAD_INVALID"
+
+
+class ManifestInvalid(RequestError):
+    code = "MANIFEST_INVALID"
+
+
+class ManifestBlobUnknown(RequestError):
+    code = "MANIFEST_BLOB_UNKNOWN"
+
+
+class SizeInvalid(RequestError):
+    code = "SIZE_INVALID"
+
+
 class Unsupported(RequestError):
     code = "UNSUPPORTED"
     status = 405
@@ -92,6 +118,10 @@ class ManifestUnknown(NotFound):
 
 class BlobUnknown(NotFound):
     code = "BLOB_UNKNOWN"
+
+
+class BlobUploadUnknown(NotFound):
+    code = "BLOB_UPLOAD_UNKNOWN"
 
 
 class Unauthorized(ProxydError):

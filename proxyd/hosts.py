@@ -104,6 +104,10 @@ class NamespaceSettings(HostSettings):
     tag_ttl: float = Field(
         DEFAULT_TAG_TTL, ge=0, description="seconds a tag, tag list or referrers answer is fresh"
     )
+    allow_push: bool = Field(
+        False, description="forward pushes (uploads, manifest PUT) to the upstream server"
+    )
+    allow_delete: bool = Field(False, description="forward manifest and blob DELETE upstream")
     convert_legacy_config: bool = Field(
         False, description="serve octet-stream image configs as Docker schema2 configs"
     )
@@ -146,9 +150,17 @@ class Namespace:
     tag_ttl: float = DEFAULT_TAG_TTL
     convert_legacy_config: bool = False
     options: dict[str, Any] = field(default_factory=dict, compare=False)
+    allow_push: bool = False
+    allow_delete: bool = False
 
     def hosts_for(self, capability: Capability) -> list[RegistryHost]:
         return [h for h in self.hosts if capability in h.capabilities]
+
+    @property
+    def push_host(self) -> RegistryHost | None:
+        """Where pushes go: the upstream server, when it has the push capability. A
+        mirror never receives a push, whatever capabilities it lists."""
+        return next((h for h in self.hosts_for(Capability.PUSH) if not h.is_mirror), None)
 
 
 def is_local(host: str) -> bool:
@@ -229,6 +241,8 @@ def build_namespace(
         source=source,
         tag_ttl=settings.tag_ttl,
         convert_legacy_config=settings.convert_legacy_config,
+        allow_push=settings.allow_push,
+        allow_delete=settings.allow_delete,
     )
 
 

@@ -5,13 +5,18 @@ timeouts, 5xx, 429, and a mirror's 404/401/403 move on to the next host; the
 upstream server's answer is final. A 401 goes to the authorizer and the request is
 sent once more with fresh credentials. Redirects are followed by hand so the
 registry's Authorization (and client certificate) never reach another origin.
+
+A request body (`data`, for pushes) given as bytes is replayable and travels like any
+request. A streamed body (an async iterable) can be sent once only: it goes to one
+host, after the host's challenge is known (a `GET /v2/` first, as clients ping), is
+never resent after a 401 or a redirect, and a failure while sending it does not
+count against the host's circuit breaker (the client may have gone away).
 """
 
 from __future__ import annotations
 
-import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +26,7 @@ import aiohttp
 import structlog
 from multidict import CIMultiDict
 
+from proxyd import tls
 from proxyd.auth import Authorizer
 from proxyd.breaker import Breakers, parse_retry_after
 from proxyd.config import Registry
@@ -41,6 +47,8 @@ log = structlog.get_logger("proxyd.upstream")
 MAX_REDIRECTS = 5
 RATELIMIT_WARN_FRACTION = 0.1  # warn when a host's announced pulls left fall below this
 _REDIRECTS = (301, 302, 303, 307, 308)
+
+Body = bytes | AsyncIterable[bytes] | None
 
 
 @dataclass
@@ -80,6 +88,7 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
         self._authorizer: Authorizer | None = None
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
+        self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
 
     async def __aenter__(self) -> UpstreamClient:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
@@ -123,8 +132,13 @@ class UpstreamClient:
         headers: Iterable[tuple[str, str]] = (),
         params: dict[str, str] | None = None,
         actions: str = "pull",
+        scopes: Iterable[str] = (),
+        data: Body = None,
     ) -> AsyncIterator[Upstream]:
-        """Yield the first acceptable response of the chain; raise when none is."""
+        """Yield the first acceptable response of the chain; raise when none is.
+
+        `scopes` are token scopes needed besides the repository's (a cross-repository
+        mount reads another repository); `data` is the request body."""
         if self.offline:
             raise Offline(f"offline: {method} {repository}/{suffix} needs {namespace.name}")
         hosts = namespace.hosts_for(capability)
@@ -135,7 +149,11 @@ class UpstreamClient:
             )
         # No repository: a registry-wide call (the catalog).
         scope = f"repository:{repository}:{actions}" if repository else "registry:catalog:*"
+        scope = " ".join([scope, *scopes])
         path = f"{repository}/{suffix}" if repository else suffix
+        replayable = _replayable(data)
+        if not replayable:
+            hosts = hosts[:1]  # a stream is sent once: to one host
         failures: list[HostFailure] = []
         for host in hosts:
             if not self.breakers.allow(host.host):
@@ -143,9 +161,9 @@ class UpstreamClient:
                 continue
             started = time.perf_counter()
             try:
-                response = await self._send(host, method, path, headers, params, scope)
+                response = await self._send(host, method, path, headers, params, scope, data)
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
-                self._failed(failures, HostFailure(host, _describe(exc)), trip=True)
+                self._failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
                 continue
             except Unauthorized as exc:
                 if not host.is_mirror:
@@ -218,6 +236,7 @@ class UpstreamClient:
         extra: Iterable[tuple[str, str]],
         params: dict[str, str] | None,
         scope: str,
+        data: Body = None,
     ) -> aiohttp.ClientResponse:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=host.connect_timeout, sock_read=host.read_timeout
@@ -225,10 +244,12 @@ class UpstreamClient:
         base: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent)])
         for name, value in (*host.headers, *extra):
             base.add(name, value)
+        replayable = _replayable(data)
+        own_tls = self._ssl_for(host, same_origin=True)
+        if not replayable and await self.authorizer.authorization(host, scope, own_tls) is None:
+            await self._ping(host, timeout)
         for attempt in (1, 2):
-            authorization = await self.authorizer.authorization(
-                host, scope, self._ssl_for(host, same_origin=True)
-            )
+            authorization = await self.authorizer.authorization(host, scope, own_tls)
             url = host.url(path)
             for _hop in range(MAX_REDIRECTS + 1):
                 same_origin = _origin(url) == host.origin
@@ -240,11 +261,12 @@ class UpstreamClient:
                     url,
                     headers=headers,
                     params=params if url == host.url(path) else None,
+                    data=data,
                     allow_redirects=False,
                     timeout=timeout,
                     ssl=self._ssl_for(host, same_origin),
                 )
-                if response.status in _REDIRECTS and "Location" in response.headers:
+                if response.status in _REDIRECTS and "Location" in response.headers and replayable:
                     response.release()
                     url = _redirect_target(url, response.headers["Location"])
                     continue
@@ -256,14 +278,36 @@ class UpstreamClient:
                 return response
             challenge = response.headers.getall("WWW-Authenticate", [])
             response.release()
-            if attempt == 2 or not self.authorizer.learn(host, challenge):
+            learned = attempt == 1 and self.authorizer.learn(host, challenge)
+            if not learned or not replayable:
                 self.authorizer.forget(host, scope)
+                if learned:
+                    raise Unauthorized(
+                        f"{host.host} asked for credentials for {scope} once the body was "
+                        "sent; proxyd has learnt its challenge: send the request again"
+                    )
                 raise Unauthorized(
                     f"{host.host} refused proxyd's credentials for {scope}"
                     if authorization
                     else f"{host.host} requires credentials for {scope} and proxyd has none"
                 )
         raise AssertionError("unreachable")
+
+    async def _ping(self, host: RegistryHost, limits: aiohttp.ClientTimeout) -> None:
+        """Before a body that cannot be sent twice, with no credentials for it yet:
+        learn the host's challenge from `GET /v2/` (once per host)."""
+        if host in self._pinged:
+            return
+        async with self.session.get(
+            host.url(""),
+            headers=[("User-Agent", self.user_agent), *host.headers],
+            allow_redirects=False,
+            timeout=limits,
+            ssl=self._ssl_for(host, same_origin=True),
+        ) as ping:
+            if ping.status == 401:
+                self.authorizer.learn(host, ping.headers.getall("WWW-Authenticate", []))
+        self._pinged.add(host)
 
     def _ssl_for(self, host: RegistryHost, same_origin: bool) -> Any:
         """TLS settings of the host: its CAs apply to redirects too, its client
@@ -272,19 +316,15 @@ class UpstreamClient:
             return True
         key = (host, same_origin)
         if key not in self._ssl:
-            if host.skip_verify:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            else:
-                context = ssl.create_default_context()
-                for ca in host.ca:
-                    context.load_verify_locations(cafile=ca)
-            if same_origin:
-                for cert, key_file in host.client:
-                    context.load_cert_chain(cert, key_file)
-            self._ssl[key] = context
+            try:
+                self._ssl[key] = tls.upstream_context(host, same_origin=same_origin)
+            except tls.TLSFileError as exc:  # a host failure, said plainly: not a crash
+                raise TLSSetupError(f"TLS settings of {host.origin}: {exc}") from None
         return self._ssl[key]
+
+
+class TLSSetupError(aiohttp.ClientError):
+    """A host's `ca` or `client` files cannot be used (read when first needed)."""
 
 
 def _redirect_target(url: str, location: str) -> str:
@@ -297,6 +337,10 @@ def _redirect_target(url: str, location: str) -> str:
     if scheme not in ("http", "https"):
         raise aiohttp.InvalidURL(location)
     return target
+
+
+def _replayable(data: Body) -> bool:
+    return data is None or isinstance(data, bytes)
 
 
 def _leading_number(value: str | None) -> float | None:
@@ -338,6 +382,14 @@ def _describe(exc: BaseException) -> str:
         return f"more than {MAX_REDIRECTS} redirects"
     if isinstance(exc, ProxydError):
         return exc.message
+    if isinstance(exc, TLSSetupError):
+        return str(exc)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (
+            f"the TLS certificate of {exc.host}:{exc.port} is not trusted "
+            f"({exc.certificate_error}): give the host `ca` (its CA's PEM file), "
+            "or skip_verify = true"
+        )
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

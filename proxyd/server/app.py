@@ -10,8 +10,10 @@ from proxyd.breaker import Breakers
 from proxyd.config import Registry
 from proxyd.evict import Evictor
 from proxyd.fetch import Puller
+from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
-from proxyd.server import handlers, health
+from proxyd.push import Pusher
+from proxyd.server import handlers, health, push
 from proxyd.server.keys import METRICS, PULLER, REGISTRY
 from proxyd.server.middleware import request_context
 from proxyd.smallcache import SmallCache
@@ -20,8 +22,10 @@ from proxyd.upstream import UpstreamClient
 
 
 def create_app(registry: Registry) -> web.Application:
-    app = web.Application(middlewares=[request_context], client_max_size=1 << 20)
+    app = web.Application(middlewares=[request_context, push.inbound_auth], client_max_size=1 << 20)
     app[REGISTRY] = registry
+    if registry.inbound_users is not None and registry.auth_required is not None:
+        app[push.INBOUND] = InboundAuth(registry.inbound_users, registry.auth_required)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_core)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -69,10 +73,21 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
         )
         app[PULLER] = puller
+        pusher = Pusher(
+            app[REGISTRY],
+            store,
+            upstream,
+            max_manifest_size=settings.max_manifest_size,
+            upload_ttl=settings.upload_ttl,
+            on_commit=evictor.committed,
+        )
+        app[push.PUSHER] = pusher
         evictor.start()  # without limits it only measures the store, for the metrics
+        pusher.start()
         try:
             yield
         finally:
             await evictor.stop()
+            await pusher.close()
             await puller.close()
             await small.close()

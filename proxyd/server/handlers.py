@@ -17,6 +17,7 @@ from proxyd.fetch import OCI_INDEX, BlobHead, Download, Manifest, StoredBlob
 from proxyd.ranges import content_range, parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
 from proxyd.routing import Target, namespace_for, route
+from proxyd.server import push
 from proxyd.server.keys import ACCESS, PULLER, REGISTRY
 from proxyd.server.middleware import API_VERSION_HEADER
 
@@ -34,13 +35,13 @@ async def base(request: web.Request) -> web.Response:
 
 async def api(request: web.Request) -> web.StreamResponse:
     path = parse_api_path(request.path)
-    if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
-        raise Unsupported(f"proxyd does not accept {request.method} on {path.endpoint.value}")
     target = route(request.app[REGISTRY], path.name, request.query.get("ns"))
     access = request[ACCESS]
     access.route = path.endpoint.value
     access.namespace = target.namespace.name
     access.repository = target.repository
+    if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD) or path.endpoint is Endpoint.UPLOADS:
+        return await push.handle(request, target, path)
     if path.endpoint is Endpoint.MANIFEST:
         return await manifest(request, target, path)
     if path.endpoint is Endpoint.BLOB:

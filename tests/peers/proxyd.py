@@ -19,10 +19,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +63,10 @@ class ProxydProcess:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         cache_dir: Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: proxyd serves HTTPS (its ``extra_args`` give ``--tls-cert`` …);
+        ``url`` is then ``https://…`` and readiness is awaited with this client context."""
         self.workdir = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp_path / "proxyd.toml"
@@ -70,6 +76,7 @@ class ProxydProcess:
         self.stdout_path = tmp_path / "proxyd.stdout"
         self.extra_args = tuple(extra_args)
         self._extra_env = dict(env or {})
+        self.tls = tls
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -88,7 +95,7 @@ class ProxydProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}"
 
     @property
     def returncode(self) -> int | None:
@@ -142,13 +149,7 @@ class ProxydProcess:
                     cwd=self.workdir,
                 )
             try:
-                wait_for_http(
-                    f"{self.url}/v2/",
-                    accept=lambda status: status == 200,
-                    timeout=timeout,
-                    alive=self._death,
-                    what="proxyd",
-                )
+                self._wait_ready(timeout)
                 return self
             except PeerError as err:
                 stderr = self.stderr_text()
@@ -163,6 +164,31 @@ class ProxydProcess:
                     pytrace=False,
                 )
         pytest.fail("proxyd: no free port after 3 attempts", pytrace=False)
+
+    def _wait_ready(self, timeout: float) -> None:
+        """``GET /v2/`` answers 200: over plain HTTP, or over HTTPS with ``self.tls``."""
+        if self.tls is None:
+            wait_for_http(
+                f"{self.url}/v2/",
+                accept=lambda status: status == 200,
+                timeout=timeout,
+                alive=self._death,
+                what="proxyd",
+            )
+            return
+        url = f"{self.url}/v2/"
+        deadline = time.monotonic() + timeout
+        last: int | None = None
+        while True:
+            died = self._death()
+            if died is not None:
+                raise PeerError(f"proxyd exited before answering {url}:\n{died}")
+            last = https_status(url, self.tls)
+            if last == 200:
+                return
+            if time.monotonic() > deadline:
+                raise PeerError(f"proxyd did not answer {url} within {timeout}s (last {last})")
+            time.sleep(0.05)
 
     def _death(self) -> str | None:
         if self._proc is None or self._proc.poll() is None:
@@ -247,6 +273,20 @@ class ProxydProcess:
         self, method: str, path: str, *, headers: Mapping[str, str] | None = None
     ) -> HttpResult:
         return http_request(method, f"{self.url}{path}", headers=headers)
+
+
+def https_status(url: str, context: ssl.SSLContext, timeout: float = 1.0) -> int | None:
+    """The status of ``GET url`` over HTTPS on 127.0.0.1, or None when nothing answers
+    (a refused handshake included)."""
+    if not url.startswith(f"https://{LOOPBACK}:"):
+        raise PeerError(f"refusing a request to {url!r}: tests only talk to {LOOPBACK}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+    except (OSError, urllib.error.URLError):
+        return None
 
 
 # -- configuration ---------------------------------------------------------------------

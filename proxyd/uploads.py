@@ -1,0 +1,169 @@
+"""Upload sessions: proxyd's side of the blob uploads in flight (containerd's
+`StatusTracker`: the registry keeps no upload state a client could cheaply ask for,
+so the tracker remembers it).
+
+A client knows an upload by proxyd's UUID, at `/v2/<name>/blobs/uploads/<uuid>`.
+Behind it proxyd keeps the upstream host the upload started on (every later request
+goes there), the location the registry last answered (absolute or relative, with
+its query: distribution signs the offset into `_state`, so only the latest is
+valid), the offset upstream confirmed, and a local copy of the bytes so far, kept
+only while it is exactly what upstream holds. An upload idle for `upload_ttl`
+seconds is abandoned: the tracker hands it back for cleaning up.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+from proxyd.errors import BlobUploadInvalid, BlobUploadUnknown, UpstreamError
+from proxyd.hosts import RegistryHost
+from proxyd.reference import Digest
+from proxyd.routing import Target
+from proxyd.store import BlobWriter
+
+# A chunked upload's digest arrives with its last request; until then its local copy
+# is hashed as sha256 and checked against the real digest at the end.
+PENDING = Digest("sha256", "0" * 64)
+UUID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_RANGE_RE = re.compile(r"^\s*(?:bytes[ =])?(\d+)-(\d+)")
+
+
+@dataclass(eq=False)
+class UploadSession:
+    uuid: str
+    target: Target
+    host: RegistryHost  # where the upload lives; never another host of the chain
+    location: str  # as the registry last sent it
+    user: str | None  # the inbound user who started it (None: anonymous)
+    last_used: float
+    offset: int | None = 0  # bytes upstream holds; None: unknown until asked
+    writer: BlobWriter | None = None  # the local copy, while it matches upstream
+    busy: bool = False  # a request is working on it
+    suffix: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.move(self.location)
+
+    def move(self, location: str) -> None:
+        """Take the registry's latest location for this upload."""
+        self.suffix = upstream_suffix(self.host, self.target.repository, location)
+        self.location = location
+
+    def drop_copy(self) -> None:
+        """The local copy may differ from what upstream holds: keep nothing of it."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    @property
+    def range_header(self) -> str:
+        """`0-<last byte>` as registries send it (`0-0` for an empty upload)."""
+        return f"0-{max((self.offset or 0) - 1, 0)}"
+
+
+def upstream_suffix(host: RegistryHost, repository: str, location: str) -> str:
+    """The upload location below the repository on `host` (`blobs/uploads/<id>?…`),
+    as `UpstreamClient.request` takes it; the query is kept byte for byte. A location
+    on another origin or outside the repository is refused: proxyd sends the host's
+    credentials only to the host itself."""
+    base = host.url(f"{repository}/blobs/uploads/")
+    try:
+        parts = urlsplit(urljoin(base, location))
+    except ValueError:
+        raise UpstreamError(f"{host.host} sent a malformed upload location") from None
+    if f"{parts.scheme}://{parts.netloc}" != host.origin:
+        raise UpstreamError(
+            f"{host.host} moved the upload to another origin ({parts.scheme}://{parts.netloc}); "
+            "proxyd follows uploads on the registry host only"
+        )
+    root = urlsplit(host.url(f"{repository}/")).path
+    if not parts.path.startswith(root) or len(parts.path) == len(root):
+        raise UpstreamError(f"{host.host} sent an upload location outside {repository}")
+    return parts.path[len(root) :] + (f"?{parts.query}" if parts.query else "")
+
+
+def confirmed_offset(range_header: str | None, expected: int | None) -> int | None:
+    """The offset a registry's `Range: 0-<last>` confirms. `0-0` means no byte or
+    one byte (distribution's convention), so there `expected` decides when it can."""
+    match = _RANGE_RE.match(range_header or "")
+    if match is None:
+        return expected
+    end = int(match[2])
+    if end > 0:
+        return end + 1
+    return expected if expected in (0, 1) else None
+
+
+def parse_content_range(value: str) -> tuple[int, int]:
+    """A chunk's `Content-Range: <first>-<last>` (inclusive)."""
+    match = _RANGE_RE.match(value)
+    if match is None or int(match[1]) > int(match[2]):
+        raise BlobUploadInvalid(f"invalid Content-Range {value!r}: expected <first>-<last>")
+    return int(match[1]), int(match[2])
+
+
+class UploadTracker:
+    """The sessions by UUID; each is used by one request at a time."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._sessions: dict[str, UploadSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(
+        self, target: Target, host: RegistryHost, location: str, user: str | None
+    ) -> UploadSession:
+        session = UploadSession(
+            secrets.token_urlsafe(24), target, host, location, user, self.clock()
+        )
+        self._sessions[session.uuid] = session
+        return session
+
+    def find(self, uuid: str, target: Target, user: str | None) -> UploadSession:
+        """The session of `uuid`, if it belongs to this repository and user."""
+        session = self._sessions.get(uuid) if UUID_RE.fullmatch(uuid) else None
+        if (
+            session is None
+            or session.target != target
+            or (session.user is not None and session.user != user)
+        ):
+            raise BlobUploadUnknown(f"upload {uuid} is unknown to proxyd (or it expired)")
+        session.last_used = self.clock()
+        return session
+
+    def claim(self, uuid: str, target: Target, user: str | None) -> UploadSession:
+        """`find`, and mark it busy until `release`."""
+        session = self.find(uuid, target, user)
+        if session.busy:
+            raise BlobUploadInvalid(f"upload {uuid} is busy with another request")
+        session.busy = True
+        return session
+
+    def release(self, session: UploadSession) -> None:
+        session.busy = False
+        session.last_used = self.clock()
+
+    def close(self, session: UploadSession) -> None:
+        """Forget the session and discard its local copy (unless committed)."""
+        self._sessions.pop(session.uuid, None)
+        session.drop_copy()
+
+    def expired(self) -> list[UploadSession]:
+        """Remove and return the sessions idle longer than the TTL."""
+        deadline = self.clock() - self.ttl
+        idle = [s for s in self._sessions.values() if not s.busy and s.last_used < deadline]
+        for session in idle:
+            self.close(session)
+        return idle
+
+    def close_all(self) -> None:
+        for session in list(self._sessions.values()):
+            self.close(session)
