@@ -38,6 +38,7 @@ examples:
   proxyd check-config --config proxyd.toml
   proxyd cache stats
   proxyd cache gc --dry-run
+  proxyd prefetch --platform linux/amd64 alpine:3.20 ghcr.io/org/app:v1
   proxyd init containerd --print                 # show the hosts.toml files it would write
   proxyd init docker --config /etc/proxyd/proxyd.toml
 """
@@ -102,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the configuration and print every host chain"
     )
     _settings_flags(check)
+    prefetch = commands.add_parser(
+        "prefetch",
+        help="pull images into the cache (before an outage or an air gap)",
+        description="Resolve each image through its namespace's chain and pull the "
+        "manifests of every platform (or those given with --platform) and all their "
+        "blobs into the cache. Exit status 1 if any image failed.",
+        epilog="examples:\n  proxyd prefetch alpine:3.20 ghcr.io/org/app:v1\n"
+        "  proxyd prefetch --platform linux/amd64 --platform linux/arm64 nginx",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prefetch.add_argument("images", nargs="+", metavar="IMAGE")
+    prefetch.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="OS/ARCH[/VARIANT]",
+        help="only these platforms of a multi-platform image (repeatable)",
+    )
+    _settings_flags(prefetch)
     cache = commands.add_parser("cache", help="look at or clean the cache directory")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     gc = cache_commands.add_parser(
@@ -370,9 +390,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(registry)
     if args.command == "init":
         return init(registry, args.engine, args.target, args.print_only)
+    if args.command == "prefetch":
+        return prefetch_command(registry, args.images, args.platform)
     if args.command == "cache":
         return cache_command(registry, args.cache_command, dry_run=getattr(args, "dry_run", False))
     return serve(registry)
+
+
+def prefetch_command(registry: Registry, images: list[str], platforms: list[str]) -> int:
+    from proxyd.core import open_core
+    from proxyd.inventory import human_bytes
+    from proxyd.log import configure
+    from proxyd.prefetch import BarProgress, LogProgress, Progress, prefetch
+
+    settings = registry.settings
+    configure(settings.log_level, settings.log_format)
+    bars = sys.stderr.isatty()
+
+    async def run() -> int:
+        async with open_core(registry) as core:
+            progress: Progress
+            if bars:
+                with BarProgress() as progress:
+                    summary = await prefetch(
+                        core.puller, registry, images, platforms=platforms, progress=progress
+                    )
+            else:
+                progress = LogProgress()
+                summary = await prefetch(
+                    core.puller, registry, images, platforms=platforms, progress=progress
+                )
+        for failure in summary.failures:
+            print(f"proxyd: {failure}", file=sys.stderr)
+        print(
+            f"{summary.images} of {len(images)} images, {summary.manifests} manifests; "
+            f"{summary.blobs_fetched} blobs fetched ({human_bytes(summary.bytes_fetched)}), "
+            f"{summary.blobs_cached} already cached; {summary.seconds:.1f} s"
+        )
+        return 1 if summary.failures else 0
+
+    return asyncio.run(run())
 
 
 def cache_command(registry: Registry, action: str, *, dry_run: bool) -> int:

@@ -125,8 +125,12 @@ class Settings(BaseSettings):
         description="route any registry host named in a request (ns= or a path prefix) "
         "to that host, as containerd's defaults would; off so proxyd is no open relay",
     )
-    log_format: Literal["auto", "json", "console"] = Field("auto", description="log output")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json, console, or auto: console on a terminal, JSON elsewhere"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="least level logged"
+    )
     max_manifest_size: int = Field(MAX_MANIFEST_SIZE, gt=0, description="bytes")
     user_agent: str = Field("proxyd/0.1", description="User-Agent sent upstream")
     namespaces: dict[str, NamespaceSettings] = Field(

@@ -86,21 +86,35 @@ class HostSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    capabilities: list[str] | None = None
-    ca: StrList = Field(default_factory=list)
-    client: ClientPairs = Field(default_factory=list)
-    skip_verify: bool = False
-    header: Headers = Field(default_factory=dict)
-    override_path: bool = False
-    connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
-    read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0)
+    capabilities: list[str] | None = Field(
+        None,
+        description="pull, resolve, push; unset: all for the server, pull+resolve for a mirror",
+    )
+    ca: StrList = Field(
+        default_factory=list, description="CA file(s) trusted besides the system's (path or list)"
+    )
+    client: ClientPairs = Field(
+        default_factory=list, description="client certificate: a path or [cert, key] pairs"
+    )
+    skip_verify: bool = Field(False, description="do not verify the host's TLS certificate")
+    header: Headers = Field(default_factory=dict, description="extra headers sent to this host")
+    override_path: bool = Field(False, description="the URL's path is the API root (no /v2)")
+    connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0, description="seconds")
+    read_timeout: float = Field(
+        DEFAULT_READ_TIMEOUT, gt=0, description="seconds without a byte before giving up"
+    )
 
 
 class NamespaceSettings(HostSettings):
     """A namespace: containerd's hosts.toml, plus proxyd's per-namespace options."""
 
-    server: str | None = None
-    host: dict[str, HostSettings] = Field(default_factory=dict)
+    server: str | None = Field(
+        None,
+        description="the upstream's URL; unset: the namespace's own host (docker.io: registry-1)",
+    )
+    host: dict[str, HostSettings] = Field(
+        default_factory=dict, description='mirrors, tried first in order: [host."URL"] tables'
+    )
     tag_ttl: float = Field(
         DEFAULT_TAG_TTL, ge=0, description="seconds a tag, tag list or referrers answer is fresh"
     )

@@ -495,3 +495,10 @@ def test_the_written_out_default_config_is_the_embedded_default():
         for settings in (written, embedded)
     ]
     assert chains[0] == chains[1]
+
+
+def test_the_readme_settings_reference_is_the_generated_one():
+    from proxyd.configdoc import render
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert render() in readme, "README.md is stale: paste `python -m proxyd.configdoc`"

@@ -181,7 +181,7 @@ async def test_unconfigured_ns_is_refused(make_proxyd):
     assert (await response.json())["errors"][0]["code"] == "NAME_UNKNOWN"
 
 
-async def test_pushes_are_refused_for_now(make_proxyd, start_fake):
+async def test_pushes_are_refused_unless_the_namespace_allows_them(make_proxyd, start_fake):
     upstream = FakeRegistry()
     server = await start_fake(upstream)
     proxyd = await make_proxyd(upstream_config(server))
