@@ -210,6 +210,11 @@ class Puller:
             raise
         return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
 
+    async def tag_changed(self, target: Target, tag: str) -> None:
+        """A push or delete through proxyd moved the tag: answers cached before now
+        (for any Accept set, on any replica sharing the cache) are out of date."""
+        await self.small.put(_tag_changed_key(target, tag), {})
+
     async def _resolve_tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
         key = _tag_key(target, tag, accept)
         return await self._through_cache(
@@ -217,6 +222,7 @@ class Puller:
             key,
             "tag",
             f"tag {tag}",
+            changed_key=_tag_changed_key(target, tag),
             refresh=lambda entry: self._refresh_tag(target, tag, accept, key, entry),
             from_entry=lambda entry, cache: self._from_entry(target, entry, cache),
         )
@@ -229,6 +235,7 @@ class Puller:
         what: str,
         refresh: Callable[[Entry | None], Awaitable[T]],
         from_entry: Callable[[Entry, str], T],
+        changed_key: str | None = None,
     ) -> T:
         """The small-response policy: a fresh entry is served; an old one is
         revalidated or refetched (once, however many ask); when every host fails, an
@@ -236,6 +243,9 @@ class Puller:
         entry = await self.small.get(key)
         if entry is not None:
             fresh = entry.age(self.small.now()) < target.namespace.tag_ttl
+            if fresh and changed_key is not None:
+                changed = await self.small.get(changed_key)
+                fresh = changed is None or changed.stored_at < entry.stored_at
             if fresh or self.offline:
                 self.metrics.cache.labels(kind, "hit" if fresh else "stale").inc()
                 return from_entry(entry, "hit" if fresh else "stale")
@@ -556,6 +566,10 @@ async def _read_body(up: Upstream, limit: int) -> bytes:
             break
         body += more
     return body
+
+
+def _tag_changed_key(target: Target, tag: str) -> str:
+    return f"tag-changed {target.namespace.name} {target.repository} {tag}"
 
 
 def _tag_key(target: Target, tag: str, accept: list[str]) -> str:

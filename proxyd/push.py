@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -102,6 +102,7 @@ class Pusher:
         max_manifest_size: int,
         upload_ttl: float,
         on_commit: Callable[[int], None] = lambda size: None,
+        on_tag_changed: Callable[[Target, str], Awaitable[None]] | None = None,
         tracker: UploadTracker | None = None,
     ) -> None:
         self.registry = registry
@@ -109,6 +110,7 @@ class Pusher:
         self.upstream = upstream
         self.max_manifest_size = max_manifest_size
         self.on_commit = on_commit  # a blob of this size was stored (eviction watches)
+        self.on_tag_changed = on_tag_changed  # cached resolutions of the tag are now wrong
         self.uploads = tracker or UploadTracker(upload_ttl)
         self._expiry: asyncio.Task[None] | None = None
 
@@ -462,6 +464,8 @@ class Pusher:
             )
         else:  # kept by its digest, but not served to this repository without asking
             log.warning("manifest.digest_differs", digest=str(digest), announced=announced)
+        if not is_digest(reference) and self.on_tag_changed is not None:
+            await self.on_tag_changed(target, reference)
         log.info(
             "manifest.pushed",
             digest=str(digest),
@@ -504,6 +508,8 @@ class Pusher:
                 raise await _refusal(up, Unsupported, not_found, kind[:-1])
         if is_digest(reference):
             self._forget_link(target, kind, Digest.parse(reference))
+        elif self.on_tag_changed is not None:
+            await self.on_tag_changed(target, reference)
         log.info("deleted", kind=kind[:-1], reference=reference, host=host.host)
         return host.host
 

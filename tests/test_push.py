@@ -892,3 +892,22 @@ def test_check_config_says_where_pushes_go(tmp_path, capsys):
     assert "  pushes and deletes allowed to https://ghcr.io" in out
     assert "  pushes allowed but no host has the push capability" in out
     assert out.count("allowed") == 2  # docker.io: nothing said, pushes refused
+
+
+async def test_a_tag_pushed_through_proxyd_is_not_answered_from_the_old_cache(
+    make_proxyd, start_fake
+):
+    upstream = UploadRegistry()
+    server = await serve(start_fake, upstream)
+    proxyd = await make_proxyd(push_config(server))  # tag_ttl: the default 60 s
+    first, second = make_image(layer=b"first" * 100), make_image(layer=b"second" * 100)
+    assert (await push_image(proxyd, first)).status == 201
+    before = await proxyd.get("/v2/team/app/manifests/v1")
+    assert before.headers["Docker-Content-Digest"] == first.digest
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).headers["X-Proxyd-Cache"] == "hit"
+
+    assert (await push_image(proxyd, second)).status == 201
+    after = await proxyd.get("/v2/team/app/manifests/v1")
+    assert after.status == 200
+    assert after.headers["Docker-Content-Digest"] == second.digest
+    assert await after.read() == second.manifest

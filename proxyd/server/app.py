@@ -80,6 +80,7 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
             max_manifest_size=settings.max_manifest_size,
             upload_ttl=settings.upload_ttl,
             on_commit=evictor.committed,
+            on_tag_changed=puller.tag_changed,
         )
         app[push.PUSHER] = pusher
         evictor.start()  # without limits it only measures the store, for the metrics
