@@ -53,3 +53,16 @@ async def test_health_endpoints_answer_get_and_head_only(make_proxyd: MakeProxyd
     proxyd = await make_proxyd("")
     assert (await proxyd.post("/healthz")).status == 405
     assert (await proxyd.delete("/readyz")).status == 405
+
+
+async def test_successful_probes_and_scrapes_write_no_access_log(make_proxyd):
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    proxyd = await make_proxyd("")
+    with capture_logs() as logs:
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/"):
+            assert (await proxyd.get(path)).status == 200
+        await asyncio.sleep(0.05)
+    assert [e["path"] for e in logs if e["event"] == "request"] == ["/v2/"]

@@ -17,6 +17,7 @@ from proxyd.server.keys import ACCESS, METRICS, Access
 log = structlog.get_logger("proxyd.access")
 errlog = structlog.get_logger("proxyd.server")
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,6 +55,8 @@ class AccessLogger(AbstractAccessLogger):
             metrics.request_seconds.labels(access.route).observe(time)
             source = "store" if access.cache in ("hit", "stale", "revalidated") else "upstream"
             metrics.bytes_served.labels(source).inc(sent)
+        if request.path in QUIET_PATHS and response.status == 200:
+            return  # probes every few seconds would drown the log
         log.info(
             "request",
             method=request.method,
