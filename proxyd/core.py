@@ -1,6 +1,6 @@
 """The core objects of a running proxyd, built once from the configuration and closed
-in order: the store, the small-response cache, eviction, the upstream client and the
-pull core. The HTTP app and `proxyd prefetch` both run on it."""
+in order: the store, the small-response cache, eviction, the upstream client, and the
+pull and push cores. The HTTP app and `proxyd prefetch` both run on it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from proxyd.config import Registry
 from proxyd.evict import Evictor
 from proxyd.fetch import Puller
 from proxyd.metrics import Metrics
+from proxyd.push import Pusher
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from proxyd.upstream import UpstreamClient
@@ -26,6 +27,7 @@ class Core:
     evictor: Evictor
     upstream: UpstreamClient
     puller: Puller
+    pusher: Pusher
     metrics: Metrics
 
 
@@ -60,10 +62,21 @@ async def open_core(registry: Registry, metrics: Metrics | None = None) -> Async
             on_commit=evictor.committed,
             metrics=metrics,
         )
+        pusher = Pusher(
+            registry,
+            store,
+            upstream,
+            max_manifest_size=settings.max_manifest_size,
+            upload_ttl=settings.upload_ttl,
+            on_commit=evictor.committed,
+            on_tag_changed=puller.tag_changed,
+        )
         evictor.start()  # without limits it only measures the store, for the metrics
+        pusher.start()
         try:
-            yield Core(registry, store, small, evictor, upstream, puller, metrics)
+            yield Core(registry, store, small, evictor, upstream, puller, pusher, metrics)
         finally:
             await evictor.stop()
+            await pusher.close()
             await puller.close()
             await small.close()

@@ -6,19 +6,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxyd.breaker import Breakers
 from proxyd.config import Registry
-from proxyd.evict import Evictor
-from proxyd.fetch import Puller
+from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
-from proxyd.push import Pusher
 from proxyd.server import handlers, health, push
 from proxyd.server.keys import METRICS, PULLER, REGISTRY
 from proxyd.server.middleware import request_context
-from proxyd.smallcache import SmallCache
-from proxyd.store import BlobStore
-from proxyd.upstream import UpstreamClient
 
 
 def create_app(registry: Registry) -> web.Application:
@@ -43,52 +37,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def _core(app: web.Application) -> AsyncIterator[None]:
-    settings = app[REGISTRY].settings
-    store = BlobStore(settings.cache_dir)
-    store.open()
-    small = (
-        SmallCache.redis(settings.cache.redis_url)
-        if settings.cache.backend == "redis"
-        else SmallCache.sqlite(store.root / "small.sqlite")
-    )
-    evictor = Evictor(store, max_size=settings.cache.max_size, max_age=settings.cache.max_age)
-    metrics = app[METRICS]
-    metrics.watch(metrics.cache_bytes, lambda: evictor.stored_bytes)
-    metrics.watch(metrics.cache_entries, lambda: evictor.stored_entries)
-    breakers = Breakers(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown)
-    async with UpstreamClient(
-        app[REGISTRY],
-        user_agent=settings.user_agent,
-        offline=settings.offline,
-        breakers=breakers,
-        metrics=metrics,
-    ) as upstream:
-        puller = Puller(
-            store,
-            upstream,
-            small,
-            max_manifest_size=settings.max_manifest_size,
-            offline=settings.offline,
-            on_commit=evictor.committed,
-            metrics=metrics,
-        )
-        app[PULLER] = puller
-        pusher = Pusher(
-            app[REGISTRY],
-            store,
-            upstream,
-            max_manifest_size=settings.max_manifest_size,
-            upload_ttl=settings.upload_ttl,
-            on_commit=evictor.committed,
-            on_tag_changed=puller.tag_changed,
-        )
-        app[push.PUSHER] = pusher
-        evictor.start()  # without limits it only measures the store, for the metrics
-        pusher.start()
-        try:
-            yield
-        finally:
-            await evictor.stop()
-            await pusher.close()
-            await puller.close()
-            await small.close()
+    async with open_core(app[REGISTRY], app[METRICS]) as core:
+        app[PULLER] = core.puller
+        app[push.PUSHER] = core.pusher
+        yield
