@@ -184,9 +184,8 @@ class Puller:
         ns, repo = target.namespace.name, target.repository
         media_type = self.store.linked(ns, repo, digest, "_manifests")
         body = self.store.read(digest) if media_type is not None else None
-        if body is not None:
-            self.store.use(digest)
         if media_type is not None and body is not None:
+            self.store.use(digest)
             self.metrics.cache.labels("manifest", "hit").inc()
             return Manifest(digest, media_type, len(body), body, "hit")
         self.metrics.cache.labels("manifest", "miss").inc()
