@@ -24,6 +24,7 @@ from proxyd.config import (
     load_settings,
     split_listen,
 )
+from proxyd.hosts import Namespace
 
 if TYPE_CHECKING:
     from structlog.stdlib import BoundLogger
@@ -226,11 +227,28 @@ def check_config(registry: Registry) -> int:
             push_host = namespace.push_host
             where = f"to {push_host.origin}" if push_host else "but no host has the push capability"
             print(f"  {' and '.join(writes)} allowed {where}")
+        for sentence in explain_chain(namespace):
+            print(f"  {sentence}")
     if registry.fallback is not None:
         print("\nany other namespace: hosts_dir/_default/hosts.toml")
     elif settings.allow_unconfigured_namespaces:
         print("\nany other namespace: its registry host itself (allow_unconfigured_namespaces)")
     return 0
+
+
+def explain_chain(namespace: Namespace) -> list[str]:
+    """The chain in words: who is asked for what, in which order."""
+    from proxyd.hosts import Capability
+
+    def order(capability: Capability) -> str:
+        hosts = [h.host for h in namespace.hosts_for(capability)]
+        return ", then ".join(hosts) if hosts else "no host (such requests fail)"
+
+    return [
+        f"Blobs and manifests by digest are asked of {order(Capability.PULL)};",
+        f"tags are resolved by {order(Capability.RESOLVE)}, and stay fresh for "
+        f"{namespace.tag_ttl:g} s.",
+    ]
 
 
 def init(registry: Registry, engine: str, target: Path, print_only: bool) -> int:
@@ -434,7 +452,7 @@ def prefetch_command(registry: Registry, images: list[str], platforms: list[str]
 
 def cache_command(registry: Registry, action: str, *, dry_run: bool) -> int:
     from proxyd.evict import Evictor
-    from proxyd.inventory import describe, human_bytes, take_inventory
+    from proxyd.inventory import describe, hit_ratio, human_bytes, scrape_metrics, take_inventory
     from proxyd.store import BlobStore
 
     settings = registry.settings
@@ -446,6 +464,12 @@ def cache_command(registry: Registry, action: str, *, dry_run: bool) -> int:
         print(f"cache directory: {settings.cache_dir}")
         for line in describe(take_inventory(store)):
             print(line)
+        metrics = None if settings.tls_cert else scrape_metrics(settings.listen)
+        ratio = hit_ratio(metrics) if metrics else None
+        if ratio is not None:
+            print(f"hit ratio:       {ratio[0]:.1%} of {ratio[1]} lookups since proxyd started")
+        else:
+            print(f"hit ratio:       n/a (no proxyd with lookups answers on {settings.listen})")
         return 0
     evictor = Evictor(store, max_size=settings.cache.max_size, max_age=settings.cache.max_age)
     if not evictor.enabled:

@@ -76,3 +76,37 @@ def human_age(seconds: float) -> str:
         if seconds >= length:
             return f"{seconds / length:.0f} {unit}"
     return f"{seconds:.0f} s"
+
+
+def hit_ratio(metrics_text: str) -> tuple[float, int] | None:
+    """From a running proxyd's /metrics: the share of cache lookups answered from the
+    store (hit, revalidated or stale) and their number; None before any lookup."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    served = total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "proxyd_cache_lookups":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                total += sample.value
+                if sample.labels.get("result") != "miss":
+                    served += sample.value
+    return (served / total, int(total)) if total else None
+
+
+def scrape_metrics(listen: str, timeout: float = 2.0) -> str | None:
+    """The /metrics text of the proxyd serving on `listen` (plain HTTP), if one answers."""
+    import urllib.error
+    import urllib.request
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return str(response.read().decode())
+    except (OSError, urllib.error.URLError, ValueError):
+        return None

@@ -502,3 +502,15 @@ def test_the_readme_settings_reference_is_the_generated_one():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert render() in readme, "README.md is stale: paste `python -m proxyd.configdoc`"
+
+
+def test_check_config_explains_each_chain_in_words(tmp_path, capsys):
+    path = tmp_path / "proxyd.toml"
+    path.write_text(
+        '[namespaces."docker.io"]\nserver = "https://registry-1.docker.io"\n'
+        '[namespaces."docker.io".host."https://mirror.example"]\ncapabilities = ["pull"]\n'
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "by digest are asked of mirror.example, then registry-1.docker.io;" in out
+    assert "tags are resolved by registry-1.docker.io, and stay fresh for 60 s." in out

@@ -158,3 +158,16 @@ def test_cache_stats_shows_size_entries_and_top_repositories(tmp_path: Path, cap
     assert "blobs:           2" in out
     assert "3.9 KiB" in out
     assert "registry.example/team/app" in out
+
+
+def test_the_hit_ratio_counts_what_the_store_answered():
+    from proxyd.inventory import hit_ratio
+    from proxyd.metrics import Metrics
+
+    metrics = Metrics()
+    assert hit_ratio(metrics.render().decode()) is None
+    metrics.cache.labels("blob", "hit").inc(6)
+    metrics.cache.labels("tag", "stale").inc(1)
+    metrics.cache.labels("tag", "revalidated").inc(1)
+    metrics.cache.labels("blob", "miss").inc(2)
+    assert hit_ratio(metrics.render().decode()) == (0.8, 10)

@@ -88,3 +88,35 @@ def test_prefetch_of_an_unknown_image_fails_with_a_message(
     assert done.returncode == 1
     assert "team/nothing:v9" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cache_stats_reads_the_hit_ratio_of_the_running_proxyd(
+    tmp_path: Path,
+    start_proxyd: StartProxyd,
+    token_registry: Registry,
+    token_image: PushedImage,
+) -> None:
+    proxyd = start_proxyd(upstream_config(token_registry))
+    layer = token_image.image.layer_digests[0]
+    for _ in range(4):  # one miss, three hits
+        assert proxyd.request("GET", f"/v2/{token_image.repository}/blobs/{layer}").status == 200
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxyd",
+            "cache",
+            "stats",
+            "--cache-dir",
+            str(proxyd.cache_dir),
+            "--listen",
+            f"127.0.0.1:{proxyd.port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "hit ratio:       75.0% of 4 lookups" in done.stdout
+    assert f"{token_registry.host}/{token_image.repository}" in done.stdout
