@@ -187,6 +187,29 @@ def test_sigkill_mid_download_leaves_no_unverified_blob_and_the_restart_fetches_
     assert [s.method for s in fake.requests(f"/blobs/{image.layer}")] == ["GET", "GET"]
 
 
+def test_sigterm_mid_download_exits_cleanly_and_leaves_no_partial_file(
+    start_proxyd: StartProxyd,
+    slow_registry: tuple[FakeRegistry, FakeImage, ThreadedServer],
+    tmp_path: Path,
+) -> None:
+    _fake, image, server = slow_registry
+    cache = tmp_path / "cache"
+    proxyd = start_proxyd(config_for(f"{LOOPBACK}:{server.port}", server.url), cache_dir=cache)
+    connection = http.client.HTTPConnection(LOOPBACK, proxyd.port, timeout=10)
+    try:
+        connection.request("GET", f"/v2/{image.repository}/blobs/{image.layer}")
+        response = connection.getresponse()
+        assert response.status == 200
+        response.read(256 * 1024)
+        assert list((cache / "tmp").iterdir()), "no download was in progress"
+        assert proxyd.stop(grace=30) == 0, proxyd.stderr_text()[-3000:]
+    finally:
+        connection.close()
+
+    assert list((cache / "tmp").iterdir()) == [], "a partial download was left behind"
+    assert_store_verified(cache)
+
+
 # -- 4. two replicas, one redis: a tag resolved by one is known to the other -------------
 
 
