@@ -44,6 +44,8 @@ examples:
   proxyd init docker --config /etc/proxyd/proxyd.toml
 """
 
+SHUTDOWN_GRACE = 5.0  # seconds; twice this stays under the unit's TimeoutStopSec=20s
+
 INIT_HELP = """\
 Write the engine's own configuration so it pulls through proxyd, for the namespaces
 and the listen address of proxyd's settings (the same flags, PROXYD_* variables and
@@ -318,7 +320,9 @@ def serve(registry: Registry) -> int:
 async def _serve(registry: Registry, log: BoundLogger) -> int:
     """Set up the app, listen (on the sockets systemd passed, else on `listen`), tell
     systemd READY=1, serve until SIGTERM or SIGINT, then STOPPING=1 and a graceful
-    shutdown: the listener closes at once, requests in flight get 10 seconds."""
+    shutdown: the listener closes at once, requests in flight get SHUTDOWN_GRACE seconds
+    to finish (aiohttp waits that long twice: for handlers, then for connections), then
+    are cut; downloads they started are cancelled and their temporary files removed."""
     from aiohttp import web
 
     from proxyd import systemd, tls
@@ -343,7 +347,7 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
         create_app(registry),
         access_log=logging.getLogger("proxyd.access"),
         access_log_class=AccessLogger,
-        shutdown_timeout=10,
+        shutdown_timeout=SHUTDOWN_GRACE,
     )
     try:
         await runner.setup()

@@ -202,7 +202,7 @@ def test_sigterm_mid_download_exits_cleanly_and_leaves_no_partial_file(
         assert response.status == 200
         response.read(256 * 1024)
         assert list((cache / "tmp").iterdir()), "no download was in progress"
-        assert proxyd.stop(grace=30) == 0, proxyd.stderr_text()[-3000:]
+        assert proxyd.stop(grace=15) == 0, proxyd.stderr_text()[-3000:]
     finally:
         connection.close()
 
