@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
@@ -56,7 +55,7 @@ from proxyd.errors import (
 from proxyd.hosts import Capability, RegistryHost
 from proxyd.reference import Digest, is_digest, validate_tag
 from proxyd.routing import Target
-from proxyd.store import BlobStore
+from proxyd.store import BlobStore, LinkKind
 from proxyd.uploads import (
     PENDING,
     UploadSession,
@@ -507,25 +506,14 @@ class Pusher:
                 not_found = ManifestUnknown if kind == "manifests" else BlobUnknown
                 raise await _refusal(up, Unsupported, not_found, kind[:-1])
         if is_digest(reference):
-            self._forget_link(target, kind, Digest.parse(reference))
+            link_kind: LinkKind = "_manifests" if kind == "manifests" else "_blobs"
+            self.store.unlink(
+                target.namespace.name, target.repository, Digest.parse(reference), link_kind
+            )
         elif self.on_tag_changed is not None:
             await self.on_tag_changed(target, reference)
         log.info("deleted", kind=kind[:-1], reference=reference, host=host.host)
         return host.host
-
-    def _forget_link(self, target: Target, kind: str, digest: Digest) -> None:
-        """Upstream no longer holds it: no more serving it to this repository. (The
-        layout is BlobStore's: links/<ns>/<repo>/_blobs|_manifests/<alg>/<hex>.)"""
-        link = (
-            self.store.links
-            / target.namespace.name
-            / target.repository
-            / f"_{kind}"
-            / digest.algorithm
-            / digest.hex
-        )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(link)
 
     # -- upstream -----------------------------------------------------------------------
 

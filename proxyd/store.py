@@ -108,6 +108,13 @@ class BlobStore:
         tmp.write_text(media_type)
         os.replace(tmp, path)
 
+    def unlink(
+        self, namespace: str, repository: str, digest: Digest, kind: LinkKind = "_blobs"
+    ) -> None:
+        """Upstream no longer holds it (a delete went through): stop serving it here."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            self._link_path(namespace, repository, kind, digest).unlink()
+
     def linked(
         self, namespace: str, repository: str, digest: Digest, kind: LinkKind = "_blobs"
     ) -> str | None:
