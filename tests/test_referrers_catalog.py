@@ -118,3 +118,16 @@ async def test_the_catalog_is_forwarded_with_its_pagination(make_proxyd, aiohttp
     assert (await response.json())["repositories"] == ["team/app", "team/web"]
     assert response.headers["Link"] == '</v2/_catalog?last=team%2Fweb&n=2>; rel="next"'
     assert seen == ["/v2/_catalog?n=2"]
+
+
+async def test_pagination_links_point_back_at_proxyd_and_keep_the_clients_ns(
+    make_proxyd, aiohttp_server
+):
+    seen: list[str] = []
+    server = await aiohttp_server(registry(seen, referrers_api=True), host="127.0.0.1")
+    proxyd = await make_proxyd(config(server))
+    response = await proxyd.get("/v2/_catalog", params={"n": "2", "ns": host(server)})
+    assert response.headers["Link"] == (
+        f'</v2/_catalog?last=team%2Fweb&n=2&ns={host(server).replace(":", "%3A")}>; rel="next"'
+    )
+    assert "ns=" not in seen[-1]

@@ -76,9 +76,7 @@ async def catalog(request: web.Request) -> web.Response:
     _note(request, result.host, result.cache)
     headers = dict(API_VERSION_HEADER)
     if result.link:
-        url = result.link.split(";", 1)[0].strip().strip("<>")
-        query = urlsplit(url).query
-        headers["Link"] = f'</v2/_catalog{"?" + query if query else ""}>; rel="next"'
+        headers["Link"] = _client_link(result.link, "/v2/_catalog", request.query.get("ns"))
     return web.json_response(result.body, headers=headers)
 
 
@@ -223,19 +221,22 @@ async def tags(request: web.Request, target: Target, path: ApiPath) -> web.Respo
     body = {**result.body, "name": path.name}
     headers = {**API_VERSION_HEADER, CACHE_HEADER: result.cache}
     if result.link:
-        headers["Link"] = _client_link(result.link, path.name, request.query.get("ns"))
+        headers["Link"] = _client_link(
+            result.link, f"/v2/{path.name}/tags/list", request.query.get("ns")
+        )
     if request.method == hdrs.METH_HEAD:
         return web.Response(headers={**headers, hdrs.CONTENT_TYPE: "application/json"})
     return web.json_response(body, headers=headers, dumps=json.dumps)
 
 
-def _client_link(link: str, name: str, ns: str | None) -> str:
-    """Point an upstream pagination Link back at proxyd, under the client's name."""
+def _client_link(link: str, path: str, ns: str | None) -> str:
+    """Point an upstream pagination Link back at proxyd's `path` (the client's name),
+    keeping the upstream's query and the client's `ns`."""
     url = link.split(";", 1)[0].strip().strip("<>")
     query = urlsplit(url).query
     if ns:
         query = f"{query}&{urlencode({'ns': ns})}" if query else urlencode({"ns": ns})
-    return f'</v2/{name}/tags/list{"?" + query if query else ""}>; rel="next"'
+    return f'<{path}{"?" + query if query else ""}>; rel="next"'
 
 
 def _note(request: web.Request, host: str | None, cache: str) -> None:
