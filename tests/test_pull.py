@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import host, origin
-from tests.fakes import FakeRegistry, FakeTokenServer, make_image
+from tests.fakes import FakeImage, FakeRegistry, FakeTokenServer, make_image
 
 
 def upstream_config(server: object, *extra: str) -> str:
@@ -23,6 +24,22 @@ def upstream_config(server: object, *extra: str) -> str:
             *extra,
         ]
     )
+
+
+async def behind_token_server(
+    start_fake: Any, mode: str = "ok"
+) -> tuple[FakeRegistry, FakeTokenServer, Any, FakeImage]:
+    """A registry that wants tokens from a FakeTokenServer, serving one image."""
+    upstream = FakeRegistry()
+    tokens = FakeTokenServer(upstream, mode=mode)
+    upstream.bearer_realm = f"{origin(await start_fake(tokens))}/token"
+    image = upstream.add(make_image())
+    return upstream, tokens, await start_fake(upstream), image
+
+
+def alice(server: object, password: str = "wonderland") -> list[str]:
+    """proxyd's credentials for the server, as TOML lines."""
+    return [f'[credentials."{host(server)}"]', 'username = "alice"', f'password = "{password}"']
 
 
 async def test_base_endpoint_announces_the_registry_api(make_proxyd):
@@ -273,20 +290,8 @@ async def test_blob_cached_for_one_repository_is_confirmed_before_another_gets_i
 
 
 async def test_token_auth_is_answered_by_proxyd_and_tokens_are_reused(make_proxyd, start_fake):
-    upstream = FakeRegistry()
-    tokens = FakeTokenServer(upstream)
-    token_server = await start_fake(tokens)
-    upstream.bearer_realm = f"{origin(token_server)}/token"
-    image = upstream.add(make_image())
-    server = await start_fake(upstream)
-    proxyd = await make_proxyd(
-        upstream_config(
-            server,
-            f'[credentials."{host(server)}"]',
-            'username = "alice"',
-            'password = "wonderland"',
-        )
-    )
+    _upstream, tokens, server, image = await behind_token_server(start_fake)
+    proxyd = await make_proxyd(upstream_config(server, *alice(server)))
     assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
     for digest in image.blobs:
         assert (await proxyd.get(f"/v2/team/app/blobs/{digest}")).status == 200
@@ -299,32 +304,17 @@ async def test_token_auth_is_answered_by_proxyd_and_tokens_are_reused(make_proxy
 
 
 async def test_token_post_unsupported_falls_back_to_get_with_basic(make_proxyd, start_fake):
-    upstream = FakeRegistry()
-    tokens = FakeTokenServer(upstream, mode="post-unsupported")
-    token_server = await start_fake(tokens)
-    upstream.bearer_realm = f"{origin(token_server)}/token"
-    upstream.add(make_image())
-    server = await start_fake(upstream)
-    proxyd = await make_proxyd(
-        upstream_config(
-            server,
-            f'[credentials."{host(server)}"]',
-            'username = "alice"',
-            'password = "wonderland"',
-        )
+    _upstream, tokens, server, _image = await behind_token_server(
+        start_fake, mode="post-unsupported"
     )
+    proxyd = await make_proxyd(upstream_config(server, *alice(server)))
     assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
     assert [s.method for s in tokens.seen] == ["POST", "GET"]
     assert tokens.seen[1].headers["Authorization"].startswith("Basic ")
 
 
 async def test_anonymous_token_is_fetched_with_get(make_proxyd, start_fake):
-    upstream = FakeRegistry()
-    tokens = FakeTokenServer(upstream)
-    token_server = await start_fake(tokens)
-    upstream.bearer_realm = f"{origin(token_server)}/token"
-    upstream.add(make_image())
-    server = await start_fake(upstream)
+    _upstream, tokens, server, _image = await behind_token_server(start_fake)
     proxyd = await make_proxyd(upstream_config(server))
     assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
     assert tokens.seen[0].method == "GET"
@@ -332,17 +322,8 @@ async def test_anonymous_token_is_fetched_with_get(make_proxyd, start_fake):
 
 
 async def test_rejected_credentials_are_a_401_not_a_loop(make_proxyd, start_fake):
-    upstream = FakeRegistry()
-    tokens = FakeTokenServer(upstream, mode="refuse")
-    token_server = await start_fake(tokens)
-    upstream.bearer_realm = f"{origin(token_server)}/token"
-    upstream.add(make_image())
-    server = await start_fake(upstream)
-    proxyd = await make_proxyd(
-        upstream_config(
-            server, f'[credentials."{host(server)}"]', 'username = "alice"', 'password = "wrong"'
-        )
-    )
+    upstream, _tokens, server, _image = await behind_token_server(start_fake, mode="refuse")
+    proxyd = await make_proxyd(upstream_config(server, *alice(server, password="wrong")))
     response = await proxyd.get("/v2/team/app/manifests/v1")
     assert response.status == 401
     error = (await response.json())["errors"][0]
@@ -352,12 +333,7 @@ async def test_rejected_credentials_are_a_401_not_a_loop(make_proxyd, start_fake
 
 
 async def test_token_server_without_a_token_is_a_clear_error(make_proxyd, start_fake):
-    upstream = FakeRegistry()
-    tokens = FakeTokenServer(upstream, mode="no-token")
-    token_server = await start_fake(tokens)
-    upstream.bearer_realm = f"{origin(token_server)}/token"
-    upstream.add(make_image())
-    server = await start_fake(upstream)
+    _upstream, _tokens, server, _image = await behind_token_server(start_fake, mode="no-token")
     proxyd = await make_proxyd(upstream_config(server))
     response = await proxyd.get("/v2/team/app/manifests/v1")
     assert response.status == 502
@@ -368,14 +344,7 @@ async def test_basic_auth_upstream(make_proxyd, start_fake):
     upstream = FakeRegistry(basic=("alice", "wonderland"))
     image = upstream.add(make_image())
     server = await start_fake(upstream)
-    proxyd = await make_proxyd(
-        upstream_config(
-            server,
-            f'[credentials."{host(server)}"]',
-            'username = "alice"',
-            'password = "wonderland"',
-        )
-    )
+    proxyd = await make_proxyd(upstream_config(server, *alice(server)))
     response = await proxyd.get("/v2/team/app/manifests/v1")
     assert response.status == 200
     assert await response.read() == image.manifest
@@ -389,14 +358,7 @@ async def test_redirect_to_another_host_carries_no_credentials(make_proxyd, star
     storage_server = await start_fake(storage)
     upstream.redirect_blobs_to = origin(storage_server)
     server = await start_fake(upstream)
-    proxyd = await make_proxyd(
-        upstream_config(
-            server,
-            f'[credentials."{host(server)}"]',
-            'username = "alice"',
-            'password = "wonderland"',
-        )
-    )
+    proxyd = await make_proxyd(upstream_config(server, *alice(server)))
     response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert await response.read() == image.blobs[image.layer]
     assert storage.seen, "the redirect was not followed"
@@ -509,19 +471,9 @@ async def test_each_request_is_one_access_log_event(make_proxyd, start_fake):
 
 
 async def test_secrets_never_reach_the_log(make_proxyd, start_fake):
-    upstream = FakeRegistry()
-    tokens = FakeTokenServer(upstream)
-    token_server = await start_fake(tokens)
-    upstream.bearer_realm = f"{origin(token_server)}/token"
-    image = upstream.add(make_image())
-    server = await start_fake(upstream)
+    _upstream, _tokens, server, image = await behind_token_server(start_fake)
     proxyd = await make_proxyd(
-        upstream_config(
-            server,
-            f'[credentials."{host(server)}"]',
-            'username = "alice"',
-            'password = "wonderland"',
-        ),
+        upstream_config(server, *alice(server)),
         log_level="debug",
     )
     with capture_logs() as logs:
