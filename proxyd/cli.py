@@ -27,7 +27,7 @@ from proxyd.config import (
 from proxyd.hosts import Namespace
 
 if TYPE_CHECKING:
-    from structlog.stdlib import BoundLogger
+    from structlog.typing import FilteringBoundLogger as BoundLogger
 
 EXAMPLES = """\
 examples:
