@@ -101,6 +101,10 @@ class CacheSettings(BaseModel):
     max_age: timedelta | None = Field(
         None, description='evict blobs unused this long (seconds or "P30D"); none: no limit'
     )
+    manifest_memory: ByteSize = Field(
+        ByteSize(32 << 20),
+        description="memory for the manifests served last, so a hit reads no file; 0: off",
+    )
 
 
 class Settings(BaseSettings):

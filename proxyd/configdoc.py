@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ByteSize
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -33,6 +33,8 @@ def _default(field: FieldInfo) -> str:
         return "none"
     if isinstance(value, BaseModel):
         return "see below"
+    if isinstance(value, ByteSize):
+        return f"`{value.human_readable(separator='')}`"
     if hasattr(value, "as_posix"):
         return "`~/.cache/proxyd`" if "cache" in str(value) else f"`{value}`"
     return f"`{json.dumps(value) if isinstance(value, bool | dict | list) else value}`"

@@ -61,6 +61,7 @@ async def open_core(registry: Registry, metrics: Metrics | None = None) -> Async
             offline=settings.offline,
             on_commit=evictor.committed,
             metrics=metrics,
+            hot_manifest_bytes=settings.cache.manifest_memory,
         )
         pusher = Pusher(
             registry,

@@ -97,6 +97,7 @@ def apply(store: BlobStore, chosen: Plan) -> None:
             store.path(stored.digest).unlink()
     if doomed:
         _remove_links(store.links, doomed)
+        store.removals += 1  # after the files are gone, so no hit is remembered anew
 
 
 def _remove_links(links: Path, doomed: set[tuple[str, str]]) -> None:

@@ -40,6 +40,7 @@ from proxyd.errors import (
 )
 from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability, Namespace
+from proxyd.hot import HotManifests
 from proxyd.metrics import Metrics
 from proxyd.reference import Digest, is_digest
 from proxyd.routing import Target
@@ -71,6 +72,7 @@ class Manifest:
     body: bytes
     cache: str  # "hit", "miss", "revalidated" (upstream said unchanged) or "stale"
     host: str | None = None
+    fresh_until: float | None = None  # a hit from memory: servable as is until then
 
 
 @dataclass
@@ -158,8 +160,10 @@ class Puller:
         offline: bool = False,
         on_commit: Callable[[int], None] = lambda size: None,
         metrics: Metrics | None = None,
+        hot_manifest_bytes: int = 32 << 20,
     ) -> None:
         self.store = store
+        self.hot = HotManifests(store, hot_manifest_bytes)
         self.upstream = upstream
         self.small = small
         self.max_manifest_size = max_manifest_size
@@ -182,12 +186,18 @@ class Puller:
             return await self._resolve_tag(target, reference, accept)
         digest = Digest.parse(reference)
         ns, repo = target.namespace.name, target.repository
-        media_type = self.store.linked(ns, repo, digest, "_manifests")
-        body = self.store.read(digest) if media_type is not None else None
-        if media_type is not None and body is not None:
-            self.store.use(digest)
+        hot_key = (ns, repo, str(digest))
+        hot = self.hot.get(hot_key)
+        if hot is None:
+            media_type = self.store.linked(ns, repo, digest, "_manifests")
+            body = self.store.read(digest) if media_type is not None else None
+            if media_type is not None and body is not None:
+                self.store.use(digest)
+                hot = self.hot.put(hot_key, media_type, body)
+        if hot is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
-            return Manifest(digest, media_type, len(body), body, "hit")
+            body = hot.body
+            return Manifest(digest, hot.media_type, len(body), body, "hit", None, hot.fresh_until)
         self.metrics.cache.labels("manifest", "miss").inc()
         key = ("manifest", ns, repo, digest)
         manifest: Manifest = await self.flights.run(

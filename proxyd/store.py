@@ -37,6 +37,7 @@ class BlobStore:
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         self.links = self.root / "links"
+        self.removals = 0  # counts unlinks and evictions: memory of hits must be dropped
 
     def open(self) -> None:
         """Create the layout and drop what an interrupted run left in `tmp/`."""
@@ -114,6 +115,7 @@ class BlobStore:
         """Upstream no longer holds it (a delete went through): stop serving it here."""
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self._link_path(namespace, repository, kind, digest).unlink()
+        self.removals += 1
 
     def linked(
         self, namespace: str, repository: str, digest: Digest, kind: LinkKind = "_blobs"

@@ -1,0 +1,72 @@
+"""Manifests kept in memory after a hit (proxyd/hot.py): served without reading the
+store for `recheck` seconds, bounded in bytes, and dropped when the store removes
+anything."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from proxyd.evict import Plan, StoredFile, apply
+from proxyd.hot import HotManifests
+from proxyd.reference import Digest
+from proxyd.store import BlobStore
+
+KEY = ("docker.io", "library/app", "sha256:" + "a" * 64)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hot_manifests(tmp_path: Path, max_bytes: int = 1000) -> tuple[HotManifests, Clock]:
+    store = BlobStore(tmp_path)
+    store.open()
+    clock = Clock()
+    return HotManifests(store, max_bytes, recheck=1.0, clock=clock), clock
+
+
+def test_a_remembered_hit_is_served_until_its_recheck_is_due(tmp_path):
+    hot, clock = hot_manifests(tmp_path)
+    hot.put(KEY, "application/json", b"{}")
+    clock.now += 0.9
+    assert hot.get(KEY) is not None
+    clock.now += 0.2
+    assert hot.get(KEY) is None  # the store must be asked again
+
+
+def test_memory_is_bounded_and_the_least_recently_used_goes_first(tmp_path):
+    hot, _ = hot_manifests(tmp_path, max_bytes=250)
+    keys = [("ns", "repo", f"sha256:{i}") for i in range(3)]
+    hot.put(keys[0], "t", b"x" * 100)
+    hot.put(keys[1], "t", b"x" * 100)
+    hot.get(keys[0])
+    hot.put(keys[2], "t", b"x" * 100)
+    assert hot.get(keys[0]) is not None and hot.get(keys[2]) is not None
+    assert hot.get(keys[1]) is None
+    hot.put(("ns", "repo", "huge"), "t", b"x" * 251)
+    assert hot.get(("ns", "repo", "huge")) is None
+
+
+def test_an_unlink_in_the_store_drops_every_remembered_hit(tmp_path):
+    hot, _ = hot_manifests(tmp_path)
+    entry = hot.put(KEY, "application/json", b"{}")
+    generation = hot.generation
+    hot.store.unlink("docker.io", "library/app", Digest("sha256", "a" * 64), "_manifests")
+    assert not hot.is_current(generation, entry.fresh_until)
+    assert hot.get(KEY) is None
+
+
+def test_an_eviction_drops_every_remembered_hit(tmp_path):
+    hot, _ = hot_manifests(tmp_path)
+    entry = hot.put(KEY, "application/json", b"{}")
+    generation = hot.generation
+    digest = Digest("sha256", hashlib.sha256(b"layer").hexdigest())
+    hot.store.put(digest, b"layer")
+    apply(hot.store, Plan(remove=[StoredFile(digest, 5, 0.0)], total=5, entries=1))
+    assert not hot.is_current(generation, entry.fresh_until)
+    assert hot.get(KEY) is None
