@@ -236,7 +236,7 @@ def test_serve_takes_the_listening_socket_systemd_passes_as_fd_3(tmp_path: Path)
         )
         assert http_status(f"http://127.0.0.1:{port}/v2/") == 200
         assert http_status(f"http://127.0.0.1:{unused}/v2/") is None
-        assert '"socket_activation": true' in stderr.read_text()
+        assert '"socket_activation":true' in stderr.read_text()
         assert _stop(proc) == 0, stderr.read_text()
     finally:
         _stop(proc)
@@ -277,6 +277,6 @@ def test_serve_on_a_port_in_use_says_cannot_listen_and_exits_1(tmp_path: Path) -
             check=False,
         )
     assert done.returncode == 1, done.describe()
-    assert '"event": "cannot listen"' in done.stderr
+    assert '"event":"cannot listen"' in done.stderr
     assert "address already in use" in done.stderr
     assert "Traceback" not in done.stderr
