@@ -312,9 +312,17 @@ def serve(registry: Registry) -> int:
         namespaces=sorted(registry.namespaces),
     )
     try:
-        return asyncio.run(_serve(registry, log))
+        return asyncio.run(_serve_batched(registry, log))
     except KeyboardInterrupt:  # before the signal handlers were set: nothing to clean up
         return 130
+
+
+async def _serve_batched(registry: Registry, log: BoundLogger) -> int:
+    """Serve with log lines written in batches (see proxyd.log)."""
+    from proxyd.log import OUTPUT
+
+    async with OUTPUT.batched():
+        return await _serve(registry, log)
 
 
 async def _serve(registry: Registry, log: BoundLogger) -> int:
@@ -327,6 +335,7 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
 
     from proxyd import systemd, tls
     from proxyd.server import AccessLogger, create_app
+    from proxyd.server.fastpath import ProxydRunner
 
     settings = registry.settings
     try:
@@ -343,7 +352,7 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
         except tls.TLSFileError as exc:
             log.error("cannot serve HTTPS", error=str(exc))
             return 1
-    runner = web.AppRunner(
+    runner = ProxydRunner(
         create_app(registry),
         access_log=logging.getLogger("proxyd.access"),
         access_log_class=AccessLogger,

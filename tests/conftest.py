@@ -12,9 +12,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxyd.config import build_registry, load_settings
 from proxyd.server import AccessLogger, create_app
+from proxyd.server.fastpath import ProxydRunner
 from tests.fakes import FakeRegistry, FakeTokenServer
 
 MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class ProxydTestServer(TestServer):
+    """A test server with the runner `proxyd serve` uses (remembered answers included)."""
+
+    async def _make_runner(self, **kwargs: Any) -> ProxydRunner:
+        return ProxydRunner(self.app, **kwargs)
 
 
 @pytest.fixture
@@ -29,7 +37,7 @@ def make_proxyd(aiohttp_client: Any, tmp_path: Path, cache_dir: Path) -> MakePro
         path.write_text(config)
         flags.setdefault("cache_dir", cache_dir)
         settings = load_settings(path, **flags)
-        server = TestServer(create_app(build_registry(settings)), host="127.0.0.1")
+        server = ProxydTestServer(create_app(build_registry(settings)), host="127.0.0.1")
         await server.start_server(access_log_class=AccessLogger)  # as `proxyd serve` does
         client: TestClient[Any, Any] = await aiohttp_client(server)
         return client

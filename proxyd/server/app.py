@@ -11,6 +11,7 @@ from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
 from proxyd.server import handlers, health, push
+from proxyd.server.fastpath import FAST, FastAnswers
 from proxyd.server.keys import METRICS, PULLER, REGISTRY
 from proxyd.server.middleware import request_context
 
@@ -21,6 +22,9 @@ def create_app(registry: Registry) -> web.Application:
     if registry.inbound_users is not None and registry.auth_required is not None:
         app[push.INBOUND] = InboundAuth(registry.inbound_users, registry.auth_required)
     app[METRICS] = Metrics()
+    # Remembered answers skip the middlewares: not where every pull must authenticate.
+    every_pull_authenticates = push.INBOUND in app and registry.auth_required == "all"
+    app[FAST] = FastAnswers(app[METRICS], enabled=not every_pull_authenticates)
     app.cleanup_ctx.append(_core)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
@@ -39,5 +43,6 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def _core(app: web.Application) -> AsyncIterator[None]:
     async with open_core(app[REGISTRY], app[METRICS]) as core:
         app[PULLER] = core.puller
+        app[FAST].hot = core.puller.hot
         app[push.PUSHER] = core.pusher
         yield

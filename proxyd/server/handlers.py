@@ -18,6 +18,7 @@ from proxyd.ranges import content_range, parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
 from proxyd.routing import Target, namespace_for, route
 from proxyd.server import push
+from proxyd.server.fastpath import FAST
 from proxyd.server.keys import ACCESS, PULLER, REGISTRY
 from proxyd.server.middleware import API_VERSION_HEADER
 
@@ -94,6 +95,8 @@ async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.R
         hdrs.ETAG: f'"{result.digest}"',
         CACHE_HEADER: result.cache,
     }
+    if result.fresh_until is not None and is_digest(reference):
+        request.app[FAST].remember(request.raw_path, result, headers, request[ACCESS])
     if request.method == hdrs.METH_HEAD:
         headers[hdrs.CONTENT_LENGTH] = str(result.size)
         return web.Response(headers=headers)

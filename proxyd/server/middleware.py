@@ -12,9 +12,10 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
+from proxyd.log import ACCESS_LOGGER
 from proxyd.server.keys import ACCESS, METRICS, Access
 
-log = structlog.get_logger("proxyd.access")
+log = structlog.get_logger(ACCESS_LOGGER)
 errlog = structlog.get_logger("proxyd.server")
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -48,6 +49,8 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         access = request.get(ACCESS) or Access()
         sent = access.sent if access.sent is not None else response.content_length or 0
+        if request.method == "HEAD":
+            sent = 0
         app = getattr(request, "app", None)
         if app is not None and METRICS in app:
             metrics = app[METRICS]
@@ -57,23 +60,37 @@ class AccessLogger(AbstractAccessLogger):
             metrics.bytes_served.labels(source).inc(sent)
         if request.path in QUIET_PATHS and response.status == 200:
             return  # probes every few seconds would drown the log
-        log.info(
-            "request",
-            method=request.method,
-            path=request.path,
-            namespace=access.namespace,
-            repository=access.repository,
-            host=access.host,
-            status=response.status,
-            bytes=sent,
-            duration_ms=round(time * 1000, 1),
-            cache=access.cache,
-            **({"aborted": True} if access.aborted else {}),
-        )
+        log_request(request.method, request.path, access, response.status, sent, time)
 
     @property
     def enabled(self) -> bool:
         return True
+
+
+def log_request(
+    method: str,
+    path: str,
+    access: Access,
+    status: int,
+    sent: int,
+    seconds: float,
+    **extra: object,
+) -> None:
+    """The access-log event; the request id comes from the context unless given."""
+    log.info(
+        "request",
+        method=method,
+        path=path,
+        namespace=access.namespace,
+        repository=access.repository,
+        host=access.host,
+        status=status,
+        bytes=sent,
+        duration_ms=round(seconds * 1000, 1),
+        cache=access.cache,
+        **({"aborted": True} if access.aborted else {}),
+        **extra,
+    )
 
 
 async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -1,0 +1,257 @@
+"""Pre-rendered answers to the hottest request: a manifest by digest that the core
+has just served from memory.
+
+A node pulling an image, and a fleet of them starting the same pod, ask for the same
+manifests by digest again and again. Through aiohttp's full request cycle (request
+object, middlewares, router, response object) such a hit costs several times what
+answering it does. So after the handler has served a hit, its answer is remembered
+here, rendered to bytes under the request target it answered, and the connection's
+protocol (`FastRequestHandler`) writes it straight back when the same target comes
+again, for as long as the core says the hit stands (`HotManifests.is_current`).
+
+It only ever answers the simplest case and hands everything else to aiohttp
+untouched: one complete `GET` or `HEAD` in the data received, HTTP/1.1, keep-alive,
+no body, on a connection that is idle (nothing queued, nothing in progress, nothing
+half-parsed), with only headers known to change nothing about the answer. Access
+log, metrics and response headers are the same as the handler's.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler
+
+from proxyd.fetch import Manifest
+from proxyd.hot import HotManifests
+from proxyd.metrics import Metrics
+from proxyd.server.keys import Access
+from proxyd.server.middleware import log_request
+
+MAX_ANSWERS = 4096
+# Request headers that cannot change the answer to a manifest by digest. Anything
+# else (conditions, ranges, credentials, bodies, upgrades) goes through aiohttp.
+HARMLESS = frozenset(
+    {
+        b"host",
+        b"user-agent",
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"docker-distribution-api-version",
+        b"x-request-id",
+        b"connection",
+    }
+)
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    head_lines: bytes  # status line and the headers that never change
+    body: bytes
+    path: str
+    access: Access
+    generation: int
+    fresh_until: float
+
+
+class FastAnswers:
+    """The answers remembered by request target, and the code that matches a request
+    against them. One per app; `enabled` is off where every pull must authenticate."""
+
+    def __init__(self, metrics: Metrics, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.answered = 0  # requests answered here, for tests and curiosity
+        self.hot: HotManifests | None = None  # set once the core is open
+        self._answers: dict[bytes, _Answer] = {}
+        self._metrics = metrics
+        self._count: dict[tuple[str, bytes], Any] = {}
+        self._date = b""
+        self._date_second = -1
+
+    def remember(
+        self, raw_target: str, manifest: Manifest, headers: dict[str, str], access: Access
+    ) -> None:
+        """After the handler served `manifest` as a hit for `raw_target`."""
+        hot = self.hot
+        if not self.enabled or hot is None or manifest.fresh_until is None:
+            return
+        if len(self._answers) >= MAX_ANSWERS:
+            self._answers.clear()
+        lines = [b"HTTP/1.1 200 OK\r\n"]
+        for name, value in headers.items():
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        lines.append(f"Content-Length: {manifest.size}\r\n".encode())
+        lines.append(_SERVER)
+        self._answers[raw_target.encode("utf-8", "surrogateescape")] = _Answer(
+            b"".join(lines),
+            manifest.body,
+            raw_target.partition("?")[0],
+            access,
+            hot.generation,
+            manifest.fresh_until,
+        )
+
+    def answer(self, data: bytes) -> bytes | None:
+        """The whole response to `data`, or None to let aiohttp handle it."""
+        start = time.perf_counter()
+        end = data.find(b"\r\n\r\n")
+        if end != len(data) - 4 or end < 0:
+            return None  # not exactly one complete head (a body, a pipeline, a part)
+        line_end = data.find(b"\r\n")
+        request_line = data[:line_end].split(b" ")
+        if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
+            return None
+        method, target = request_line[0], request_line[1]
+        if method != b"GET" and method != b"HEAD":
+            return None
+        remembered = self._answers.get(target)
+        if remembered is None or self.hot is None:
+            return None
+        request_id = b""
+        if line_end != end:
+            for line in data[line_end + 2 : end].split(b"\r\n"):
+                name, colon, value = line.partition(b":")
+                name = name.lower()
+                if not colon or name not in HARMLESS:
+                    return None
+                if name == b"connection":
+                    if value.strip().lower() != b"keep-alive":
+                        return None
+                elif name == b"x-request-id":
+                    request_id = value.strip()[:64]
+        if not self.hot.is_current(remembered.generation, remembered.fresh_until):
+            del self._answers[target]
+            return None
+        if not request_id:
+            request_id = secrets.token_hex(8).encode()
+        head = method == b"HEAD"
+        self.answered += 1
+        response = b"".join(
+            (
+                remembered.head_lines,
+                b"X-Request-Id: ",
+                request_id,
+                b"\r\nDate: ",
+                self._http_date(),
+                b"\r\n\r\n",
+                b"" if head else remembered.body,
+            )
+        )
+        self._account(remembered, method, 0 if head else len(remembered.body), start)
+        log_request(
+            method.decode(),
+            remembered.path,
+            remembered.access,
+            200,
+            0 if head else len(remembered.body),
+            time.perf_counter() - start,
+            request_id=request_id.decode("latin-1"),
+        )
+        return response
+
+    def _account(self, answer: _Answer, method: bytes, sent: int, start: float) -> None:
+        route = answer.access.route
+        children = self._count.get((route, method))
+        if children is None:
+            m = self._metrics
+            children = self._count[(route, method)] = (
+                m.requests.labels(route, method.decode(), "200"),
+                m.request_seconds.labels(route),
+                m.bytes_served.labels("store"),
+                m.cache.labels("manifest", "hit"),
+            )
+        requests, duration, served, hits = children
+        requests.inc()
+        duration.observe(time.perf_counter() - start)
+        served.inc(sent)
+        hits.inc()
+
+    def _http_date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+        return self._date
+
+
+class FastRequestHandler(RequestHandler):
+    """aiohttp's connection protocol, answering remembered hits itself when the
+    connection is idle and the request is one it may answer."""
+
+    def __init__(self, manager: web.Server, fast: FastAnswers, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._fast = fast
+        self._at_boundary = True  # the parser holds no part of a request
+
+    def data_received(self, data: bytes) -> None:
+        if (
+            self._at_boundary
+            and self._fast.enabled
+            and not self._messages
+            and not self._request_in_progress
+            and self._payload_parser is None
+            and not self._upgraded
+            and not self._close
+            and not self._force_close
+            and not self._paused
+            and self.transport is not None
+        ):
+            response = self._fast.answer(data)
+            if response is not None:
+                self.transport.write(response)
+                if self._keepalive_timeout:
+                    self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                return
+        queued = len(self._messages)
+        super().data_received(data)
+        # Only a head ending the data, of a message without a body, leaves the parser
+        # empty; anything else keeps this connection on aiohttp's path until then.
+        self._at_boundary = (
+            data.endswith(b"\r\n\r\n")
+            and len(self._messages) > queued
+            and self._messages[-1][1] is EMPTY_PAYLOAD
+            and self._payload_parser is None
+            and not self._upgraded
+        )
+
+
+class FastServer(web.Server):
+    """aiohttp's Server, making connections that know the remembered answers."""
+
+    def __init__(self, handler: Any, *, fast: FastAnswers, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._fast = fast
+
+    @classmethod
+    def adopting(cls, server: web.Server, fast: FastAnswers) -> FastServer:
+        """The same server as the one aiohttp's runner built, with fast connections."""
+        return cls(
+            server.request_handler,
+            fast=fast,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
+
+    def __call__(self) -> RequestHandler:
+        return FastRequestHandler(self, self._fast, loop=self._loop, **self._kwargs)
+
+
+class ProxydRunner(web.AppRunner):
+    """aiohttp's AppRunner for proxyd's app: its connections answer remembered hits."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return FastServer.adopting(server, self.app[FAST])
+
+
+FAST = web.AppKey("fast", FastAnswers)

@@ -1,0 +1,236 @@
+"""Remembered answers to manifest hits (proxyd/server/fastpath.py), spoken to over raw
+TCP: they must be byte-for-byte what the handler would say, and every request they
+may not answer must reach aiohttp untouched."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from proxyd.reference import Digest
+from proxyd.server.fastpath import FAST, FastAnswers
+from proxyd.server.keys import PULLER, REGISTRY
+from tests.conftest import host, origin
+from tests.fakes import FakeImage, FakeRegistry, make_image
+from tests.test_inbound import basic, write_htpasswd
+
+
+def upstream_config(server: Any, *extra: str) -> str:
+    return "\n".join(
+        [
+            *extra,
+            f'default_namespace = "{host(server)}"',
+            f'[namespaces."{host(server)}"]',
+            f'server = "{origin(server)}"',
+        ]
+    )
+
+
+class Connection:
+    """One keep-alive TCP connection to proxyd, written and read by hand."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, proxyd: Any) -> Connection:
+        return cls(*await asyncio.open_connection("127.0.0.1", proxyd.server.port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, *, head: bool = False) -> tuple[int, dict[str, str], bytes]:
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
+        status_line, *lines = raw.decode("latin-1").split("\r\n")[:-2]
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        length = 0 if head else int(headers.get("content-length", "0"))
+        body = await asyncio.wait_for(self.reader.readexactly(length), 5)
+        return int(status_line.split(" ")[1]), headers, body
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 5) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def get(path: str, *headers: str, method: str = "GET") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: proxyd", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+@pytest.fixture
+async def served(make_proxyd, start_fake) -> tuple[Any, FakeImage, str]:
+    """proxyd with one manifest by digest fetched, then served from the store (which
+    is when an answer is remembered)."""
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    proxyd = await make_proxyd(upstream_config(await start_fake(upstream)))
+    path = f"/v2/team/app/manifests/{image.digest}"
+    for cache in ("miss", "hit"):
+        assert (await proxyd.get(path)).headers["X-Proxyd-Cache"] == cache
+    return proxyd, image, path
+
+
+def fast(proxyd: Any) -> FastAnswers:
+    answers: FastAnswers = proxyd.server.app[FAST]
+    return answers
+
+
+async def test_a_remembered_hit_is_answered_as_the_handler_answers_it(served):
+    proxyd, image, path = served
+    conn = await Connection.open(proxyd)
+    await conn.send(get(path, "Accept: application/vnd.oci.image.manifest.v1+json"))
+    second = await conn.response()
+    conn.close()
+    first = await proxyd.get(path, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+
+    assert fast(proxyd).answered == 2  # aiohttp's own client sends only harmless headers
+    assert second[0] == first.status == 200
+    assert second[2] == await first.read() == image.manifest
+    varying = {"date", "x-request-id"}
+    assert {k: v for k, v in second[1].items() if k not in varying} == {
+        k.lower(): v for k, v in first.headers.items() if k.lower() not in varying
+    }
+    assert second[1]["docker-content-digest"] == image.digest
+    assert second[1]["x-proxyd-cache"] == "hit"
+    assert len(second[1]["x-request-id"]) == 16
+
+
+async def test_head_gets_the_length_and_no_body_and_the_request_id_is_echoed(served):
+    proxyd, image, path = served
+    conn = await Connection.open(proxyd)
+    await conn.send(get(path, "X-Request-Id: trace-42", method="HEAD"))
+    status, headers, _ = await conn.response(head=True)
+    await conn.send(get(path))  # the connection goes on: nothing stray was sent
+    assert (await conn.response())[2] == image.manifest
+    conn.close()
+
+    assert fast(proxyd).answered == 2
+    assert status == 200
+    assert headers["content-length"] == str(len(image.manifest))
+    assert headers["x-request-id"] == "trace-42"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(lambda p: get(p, "If-None-Match: *"), id="a condition"),
+        pytest.param(lambda p: get(p, "Range: bytes=0-1"), id="a range"),
+        pytest.param(lambda p: get(p, "Authorization: Basic Zm9vOmJhcg=="), id="credentials"),
+        pytest.param(lambda p: get(p, "X-Unknown: 1"), id="an unknown header"),
+        pytest.param(lambda p: get(p).replace(b"HTTP/1.1", b"HTTP/1.0"), id="HTTP/1.0"),
+        pytest.param(lambda p: get(p + "?ns=elsewhere"), id="another target"),
+    ],
+)
+async def test_requests_it_may_not_answer_go_through_aiohttp(served, request_bytes):
+    proxyd, _, path = served
+    conn = await Connection.open(proxyd)
+    await conn.send(request_bytes(path))
+    status, _, _ = await conn.response()
+    conn.close()
+    assert fast(proxyd).answered == 0
+    assert status in (200, 206, 400, 404)
+
+
+async def test_connection_close_is_honoured_by_aiohttp(served):
+    proxyd, image, path = served
+    conn = await Connection.open(proxyd)
+    await conn.send(get(path, "Connection: close"))
+    assert (await conn.response())[2] == image.manifest
+    assert await conn.closed()
+    assert fast(proxyd).answered == 0
+
+
+async def test_pipelined_and_split_requests_are_answered_in_order(served):
+    proxyd, image, path = served
+    conn = await Connection.open(proxyd)
+    await conn.send(get(path) + get("/v2/team/app/manifests/v1") + get(path, method="HEAD"))
+    assert (await conn.response())[2] == image.manifest
+    assert (await conn.response())[2] == image.manifest
+    assert (await conn.response(head=True))[0] == 200
+    request = get(path)
+    await conn.send(request[:20])  # half a request: the parser holds it
+    await asyncio.sleep(0.05)
+    await conn.send(request[20:])
+    assert (await conn.response())[2] == image.manifest
+    await conn.send(get(path))  # back at a boundary: answered from memory again
+    assert (await conn.response())[2] == image.manifest
+    conn.close()
+    assert fast(proxyd).answered == 1
+
+
+async def test_a_body_that_looks_like_a_request_is_not_answered(served):
+    """Bytes inside a request body are never mistaken for a request of their own."""
+    proxyd, _, path = served
+    conn = await Connection.open(proxyd)
+    hidden = get(path)
+    head = (
+        f"PUT /v2/team/app/manifests/v2 HTTP/1.1\r\nHost: proxyd\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(hidden) + 10}\r\n\r\n"
+    ).encode()
+    await conn.send(head)
+    await asyncio.sleep(0.05)
+    await conn.send(hidden)  # the first part of the body: a complete-looking GET
+    await asyncio.sleep(0.05)
+    await conn.send(b"0123456789")
+    status, _, _ = await conn.response()
+    conn.close()
+    assert status >= 400  # pushes are not allowed here: refused
+    assert fast(proxyd).answered == 0
+
+
+async def test_a_delete_through_this_proxyd_ends_remembered_answers_at_once(served):
+    proxyd, image, path = served
+    namespace = proxyd.server.app[REGISTRY].settings.default_namespace
+    store = proxyd.server.app[PULLER].store
+    store.unlink(namespace, "team/app", Digest.parse(image.digest), "_manifests")
+    conn = await Connection.open(proxyd)
+    await conn.send(get(path))
+    status, headers, _ = await conn.response()
+    conn.close()
+    assert fast(proxyd).answered == 0
+    assert headers["x-proxyd-cache"] == "miss"  # asked upstream again
+    assert status == 200
+
+
+async def test_answers_are_logged_and_counted_like_the_handlers(served):
+    proxyd, image, path = served
+    conn = await Connection.open(proxyd)
+    with capture_logs() as logs:
+        await conn.send(get(path, "X-Request-Id: r1"))
+        await conn.response()
+    conn.close()
+    (event,) = [e for e in logs if e["event"] == "request"]
+    assert event["method"] == "GET" and event["path"] == path
+    assert event["status"] == 200 and event["cache"] == "hit"
+    assert event["bytes"] == len(image.manifest) and event["request_id"] == "r1"
+    assert event["repository"] == "team/app"
+    metrics = (await (await proxyd.get("/metrics")).text()).splitlines()
+    assert 'proxyd_requests_total{method="GET",route="manifests",status="200"} 3.0' in metrics
+
+
+async def test_where_every_pull_authenticates_nothing_is_answered_from_memory(
+    make_proxyd, start_fake, tmp_path: Path
+):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    htpasswd = write_htpasswd(tmp_path / "htpasswd")
+    proxyd = await make_proxyd(
+        upstream_config(
+            await start_fake(upstream), f'htpasswd = "{htpasswd}"', 'auth_required = "all"'
+        )
+    )
+    path = f"/v2/team/app/manifests/{image.digest}"
+    assert (await proxyd.get(path, headers=basic("alice", "wonderland"))).status == 200
+    conn = await Connection.open(proxyd)
+    await conn.send(get(path))
+    status, _, _ = await conn.response()
+    conn.close()
+    assert status == 401
+    assert not fast(proxyd).enabled and fast(proxyd).answered == 0
