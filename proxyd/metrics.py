@@ -21,6 +21,7 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # `*_created` adds nothing
         self.registry = CollectorRegistry(auto_describe=True)
+        self._before_render: list[Callable[[], None]] = []
         r = self.registry
         self.requests = Counter(
             "proxyd_requests",
@@ -112,7 +113,13 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        for settle in self._before_render:
+            settle()
         return generate_latest(self.registry)
+
+    def before_render(self, settle: Callable[[], None]) -> None:
+        """Run `settle` before each scrape: for counts kept aside on a hot path."""
+        self._before_render.append(settle)
 
     def watch(self, gauge: Gauge, read: Callable[[], float | None]) -> None:
         """Read a value when scraped (cache size, known only once scanned)."""

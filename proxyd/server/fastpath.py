@@ -18,7 +18,6 @@ log, metrics and response headers are the same as the handler's.
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from proxyd.fetch import Manifest
 from proxyd.hot import HotManifests
 from proxyd.metrics import Metrics
 from proxyd.server.keys import Access
-from proxyd.server.middleware import log_request
+from proxyd.server.middleware import log_request, new_request_id
 
 MAX_ANSWERS = 4096
 # Request headers that cannot change the answer to a manifest by digest. Anything
@@ -72,7 +71,9 @@ class FastAnswers:
         self.hot: HotManifests | None = None  # set once the core is open
         self._answers: dict[bytes, _Answer] = {}
         self._metrics = metrics
-        self._count: dict[tuple[str, bytes], Any] = {}
+        self._pending: dict[tuple[str, bytes], list[int]] = {}
+        self._durations: dict[tuple[str, bytes], Any] = {}
+        metrics.before_render(self.settle)
         self._date = b""
         self._date_second = -1
 
@@ -131,7 +132,7 @@ class FastAnswers:
             del self._answers[target]
             return None
         if not request_id:
-            request_id = secrets.token_hex(8).encode()
+            request_id = new_request_id().encode()
         head = method == b"HEAD"
         self.answered += 1
         response = b"".join(
@@ -158,21 +159,26 @@ class FastAnswers:
         return response
 
     def _account(self, answer: _Answer, method: bytes, sent: int, start: float) -> None:
-        route = answer.access.route
-        children = self._count.get((route, method))
-        if children is None:
-            m = self._metrics
-            children = self._count[(route, method)] = (
-                m.requests.labels(route, method.decode(), "200"),
-                m.request_seconds.labels(route),
-                m.bytes_served.labels("store"),
-                m.cache.labels("manifest", "hit"),
-            )
-        requests, duration, served, hits = children
-        requests.inc()
-        duration.observe(time.perf_counter() - start)
-        served.inc(sent)
-        hits.inc()
+        """Counted aside (prometheus-client takes a lock per increment) and settled
+        into the metrics before each scrape; the duration is observed at once."""
+        key = (answer.access.route, method)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = [0, 0]
+            self._durations[key] = self._metrics.request_seconds.labels(key[0])
+        pending[0] += 1
+        pending[1] += sent
+        self._durations[key].observe(time.perf_counter() - start)
+
+    def settle(self) -> None:
+        m = self._metrics
+        for (route, method), pending in self._pending.items():
+            count, sent = pending
+            if count:
+                m.requests.labels(route, method.decode(), "200").inc(count)
+                m.cache.labels("manifest", "hit").inc(count)
+                m.bytes_served.labels("store").inc(sent)
+                pending[0] = pending[1] = 0
 
     def _http_date(self) -> bytes:
         now = int(time.time())
