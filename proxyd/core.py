@@ -62,6 +62,7 @@ async def open_core(registry: Registry, metrics: Metrics | None = None) -> Async
             on_commit=evictor.committed,
             metrics=metrics,
             hot_manifest_bytes=settings.cache.manifest_memory,
+            tags_can_move=lambda ns: registry.push_allowed(ns) or ns.allow_delete,
         )
         pusher = Pusher(
             registry,

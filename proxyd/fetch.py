@@ -161,9 +161,13 @@ class Puller:
         on_commit: Callable[[int], None] = lambda size: None,
         metrics: Metrics | None = None,
         hot_manifest_bytes: int = 32 << 20,
+        tags_can_move: Callable[[Namespace], bool] = lambda namespace: True,
     ) -> None:
         self.store = store
         self.hot = HotManifests(store, hot_manifest_bytes)
+        # Whether a push or delete through proxyd may move a namespace's tags: only
+        # then is a cached tag checked against the tag-changed mark (one more read).
+        self.tags_can_move = tags_can_move
         self.upstream = upstream
         self.small = small
         self.max_manifest_size = max_manifest_size
@@ -231,7 +235,9 @@ class Puller:
             key,
             "tag",
             f"tag {tag}",
-            changed_key=_tag_changed_key(target, tag),
+            changed_key=(
+                _tag_changed_key(target, tag) if self.tags_can_move(target.namespace) else None
+            ),
             refresh=lambda entry: self._refresh_tag(target, tag, accept, key, entry),
             from_entry=lambda entry, cache: self._from_entry(target, entry, cache),
         )

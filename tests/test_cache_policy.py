@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from proxyd.server.keys import PULLER
 from tests.conftest import host, origin
 from tests.fakes import FakeRegistry, make_image
 
@@ -155,3 +156,25 @@ async def test_a_tag_cached_for_one_accept_set_does_not_answer_another(make_prox
     await proxyd.get("/v2/team/app/manifests/v1", headers=docker)
     await proxyd.get("/v2/team/app/manifests/v1", headers=oci)
     assert manifest_requests(upstream) == ["GET", "GET"]
+
+
+async def test_a_fresh_tag_costs_one_cache_read_where_no_push_can_move_it(make_proxyd, start_fake):
+    """The tag-changed mark (written by pushes and deletes through proxyd) is only
+    consulted where the namespace lets tags move through proxyd."""
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    for extra, reads in (([], 1), (["allow_push = true"], 2)):
+        proxyd = await make_proxyd(config(server, 300) + "\n" + "\n".join(extra))
+        await proxyd.get("/v2/team/app/manifests/v1")
+        small = proxyd.server.app[PULLER].small
+        keys: list[str] = []
+        read = small.get
+
+        async def counting(key: str, read=read, keys=keys):
+            keys.append(key)
+            return await read(key)
+
+        small.get = counting
+        assert (await proxyd.get("/v2/team/app/manifests/v1")).headers["X-Proxyd-Cache"] == "hit"
+        assert len(keys) == reads, (extra, keys)
