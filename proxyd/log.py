@@ -18,6 +18,7 @@ import logging
 import sys
 import threading
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -31,6 +32,8 @@ class Output:
     """stderr, line by line, or in batches while a server runs."""
 
     def __init__(self) -> None:
+        # JSON lines at info level: hot paths may render access events themselves.
+        self.json_access = False
         self._batch: TextIO | None = None
         self._lock = threading.Lock()  # executor threads log too
 
@@ -73,6 +76,19 @@ class Output:
 
 
 OUTPUT = Output()
+
+
+def access_direct(fields: dict[str, Any]) -> bool:
+    """Write an access event from a hot path without structlog's machinery, exactly
+    as its JSON pipeline would (which adds level, logger and timestamp to what has no
+    context to merge); False where the output is not JSON lines at info level."""
+    if not OUTPUT.json_access:
+        return False
+    fields["level"] = "info"
+    fields["logger"] = ACCESS_LOGGER
+    fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    OUTPUT.write(_dumps(fields) + "\n", urgent=False)
+    return True
 
 
 class Logger:
@@ -129,6 +145,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     ]
     exc_info = [structlog.processors.format_exc_info] if fmt == "json" else []
     numeric_level = logging.getLevelName(level.upper())
+    OUTPUT.json_access = fmt == "json" and numeric_level <= logging.INFO
     structlog.configure(
         processors=[*shared, *exc_info, renderer],
         logger_factory=_logger_factory,

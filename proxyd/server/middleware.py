@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -13,7 +14,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
-from proxyd.log import ACCESS_LOGGER
+from proxyd.log import ACCESS_LOGGER, access_direct
 from proxyd.server.keys import ACCESS, METRICS, Access
 
 log = structlog.get_logger(ACCESS_LOGGER)
@@ -84,23 +85,31 @@ def log_request(
     status: int,
     sent: int,
     seconds: float,
-    **extra: object,
+    request_id: str | None = None,
 ) -> None:
-    """The access-log event; the request id comes from the context unless given."""
-    log.info(
-        "request",
-        method=method,
-        path=path,
-        namespace=access.namespace,
-        repository=access.repository,
-        host=access.host,
-        status=status,
-        bytes=sent,
-        duration_ms=round(seconds * 1000, 1),
-        cache=access.cache,
-        **({"aborted": True} if access.aborted else {}),
-        **extra,
-    )
+    """The access-log event. The request id comes from the context, unless given by
+    a caller that has none (the remembered answers), whose line may skip structlog."""
+    fields: dict[str, Any] = {
+        "method": method,
+        "path": path,
+        "namespace": access.namespace,
+        "repository": access.repository,
+        "host": access.host,
+        "status": status,
+        "bytes": sent,
+        "duration_ms": round(seconds * 1000, 1),
+        "cache": access.cache,
+    }
+    if access.aborted:
+        fields["aborted"] = True
+    if request_id is None:
+        log.info("request", **fields)
+        return
+    fields["event"] = "request"
+    fields["request_id"] = request_id
+    if not access_direct(fields):
+        del fields["event"]
+        log.info("request", **fields)
 
 
 async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
