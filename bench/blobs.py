@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from bench.clients import Fetched, fetch_many, fetch_one, ttfb
 from bench.context import Context
 from bench.results import DIRECT, Row, Workload, record
@@ -38,18 +36,11 @@ def time_to_first_byte(ctx: Context) -> Workload:
             value = record(direct, ttfb, upstream.url + path, {}, timeout=timeout)
             if value is not None:
                 direct.samples.append(value * MS)
-        for proxy in proxies:
-            row = wl.row(proxy.name)
-            if row.status != "ok":
-                continue
-            with contextlib.ExitStack() as stack:
-                running = record(row, stack.enter_context, ctx.fresh(proxy, upstream))
-                if running is None:
-                    continue
-                with ctx.watch(running, f"{wl.id}-{rep}"):
-                    value = record(row, ttfb, running.url + path, {}, timeout=timeout)
-                if value is not None:
-                    row.samples.append(value * MS)
+        for row, running in ctx.each_fresh(wl, proxies, upstream):
+            with ctx.watch(running, f"{wl.id}-{rep}"):
+                value = record(row, ttfb, running.url + path, {}, timeout=timeout)
+            if value is not None:
+                row.samples.append(value * MS)
     return wl
 
 
@@ -77,21 +68,14 @@ def concurrent_cold(ctx: Context) -> Workload:
             fetched = record(direct, fetch_one, upstream.url + path, {}, timeout=timeout)
             if fetched is not None and _complete(direct, fetched, 1, size):
                 direct.samples.append(fetched.seconds)
-        for proxy in proxies:
-            row = wl.row(proxy.name)
-            if row.status != "ok":
-                continue
-            with contextlib.ExitStack() as stack:
-                running = record(row, stack.enter_context, ctx.fresh(proxy, upstream))
-                if running is None:
-                    continue
-                before = relay.gets(ctx.blob.digest)
-                with ctx.watch(running, f"{wl.id}-{rep}"):
-                    fetched = record(row, fetch_many, running.url + path, n, {}, timeout=timeout)
-                after = relay.gets(ctx.blob.digest)
-                if fetched is not None and _complete(row, fetched, n, size):
-                    row.samples.append(fetched.seconds)
-                    row.extra.setdefault("upstream_gets", []).append(after - before)
+        for row, running in ctx.each_fresh(wl, proxies, upstream):
+            before = relay.gets(ctx.blob.digest)
+            with ctx.watch(running, f"{wl.id}-{rep}"):
+                fetched = record(row, fetch_many, running.url + path, n, {}, timeout=timeout)
+            after = relay.gets(ctx.blob.digest)
+            if fetched is not None and _complete(row, fetched, n, size):
+                row.samples.append(fetched.seconds)
+                row.extra.setdefault("upstream_gets", []).append(after - before)
     return wl
 
 

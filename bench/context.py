@@ -12,7 +12,7 @@ from bench.fixtures import Blob
 from bench.profiler import Profiler
 from bench.profiles import Profile
 from bench.proxies import REPOSITORY, Proxy, RunningProxy, running
-from bench.results import Row, Workload
+from bench.results import Row, Workload, record
 from bench.upstreams import Upstream, Upstreams
 from tests.peers import http_request
 from tests.peers.clients import Skopeo
@@ -54,6 +54,21 @@ class Context:
             url = f"{started.url}/v2/{self.repository}/manifests/{WARM_UP_TAG}"
             http_request("HEAD", url, headers=OCI_ACCEPT, timeout=30)
             yield started
+
+    def each_fresh(
+        self, workload: Workload, proxies: list[Proxy], upstream: Upstream
+    ) -> Iterator[tuple[Row, RunningProxy]]:
+        """Each proxy whose row is still ok, started fresh in front of ``upstream``
+        for the caller's turn and stopped before the next one starts. A start that
+        fails is recorded in the proxy's row, and that proxy skipped."""
+        for proxy in proxies:
+            row = workload.row(proxy.name)
+            if row.status != "ok":
+                continue
+            with contextlib.ExitStack() as stack:
+                started = record(row, stack.enter_context, self.fresh(proxy, upstream))
+                if started is not None:
+                    yield row, started
 
     def watch(self, running: RunningProxy, label: str) -> contextlib.AbstractContextManager[None]:
         """Profile proxyd (only proxyd) for the span of one measurement, when asked to."""

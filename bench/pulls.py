@@ -82,14 +82,7 @@ def cold_pull(ctx: Context, upstream: Upstream) -> Workload:
     direct = wl.row(DIRECT)
     for rep in range(ctx.profile.reps):
         _measure(ctx, direct, upstream.host, upstream.creds_text)
-        for proxy in proxies:
-            row = wl.row(proxy.name)
-            if row.status != "ok":
-                continue
-            with contextlib.ExitStack() as stack:
-                running = record(row, stack.enter_context, ctx.fresh(proxy, upstream))
-                if running is None:
-                    continue
-                with ctx.watch(running, f"{wl.id}-{rep}"):
-                    _measure(ctx, row, running.host, None)
+        for row, running in ctx.each_fresh(wl, proxies, upstream):
+            with ctx.watch(running, f"{wl.id}-{rep}"):
+                _measure(ctx, row, running.host, None)
     return wl
