@@ -2,8 +2,9 @@
 upstream, and a worker thread hashes and writes them, one batch at a time.
 
 When no batch is in flight, everything queued goes to the worker as one job (one
-`writev`, one hash update per buffer). The first chunk is therefore written at once,
-and batches grow by themselves while the disk or the hash is the slower side. While
+`writev`, one hash update per buffer), so batches grow by themselves while the disk
+or the hash is the slower side. The very first chunk is written on the event loop:
+it decides the time to first byte, and a thread hop would only delay it. While
 more than `high_water` bytes wait, the reader of the upstream waits in `room()`, so
 memory stays bounded whatever the blob's size. `on_written` is told the new size of
 the file after every batch: only bytes on disk are ever announced.
@@ -22,7 +23,7 @@ from typing import TypeVar
 
 from proxyd.store import BlobWriter, Buffer
 
-HIGH_WATER = 4 << 20  # bytes queued behind the batch in flight before the reader waits
+HIGH_WATER = 1 << 20  # bytes queued behind the batch in flight before the reader waits
 T = TypeVar("T")
 
 
@@ -69,6 +70,11 @@ class WriteBehind:
             raise self._error
         if self._stopped:
             raise RuntimeError("write-behind fed after stop")
+        if self.written == 0 and self._batch is None:
+            # The first chunk is the time to first byte: written here, no thread hop.
+            self.written = self.writer.append([chunk])
+            self.on_written(self.written)
+            return
         self._queue.append(chunk)
         self.backlog += len(chunk)
         if self._batch is None:
