@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -120,19 +119,13 @@ class Download:
         self.stored: Path | None = None  # where the blob was renamed to
         self.error: BaseException | None = None
         self.writer: BlobWriter | None = None
-        self._opening: asyncio.Future[None] | None = None
         self._pipe: WriteBehind | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._fd = -1  # the temporary file, for readers
         self._users = 1  # the download itself; each reader adds one
 
-    def open(self, store: BlobStore) -> asyncio.Future[None]:
-        """Create the temporary file, in a worker thread: while the upstream request
-        is in flight, the event loop has better things to do."""
-        self._opening = asyncio.get_running_loop().run_in_executor(None, self._open, store)
-        return self._opening
-
-    def _open(self, store: BlobStore) -> None:
+    def open(self, store: BlobStore) -> None:
+        """Create the temporary file, and the descriptor readers pread."""
         writer = store.writer(self.digest)
         try:
             self._fd = os.open(writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -167,9 +160,6 @@ class Download:
         try:
             if self._pipe is not None:
                 await self._pipe.stop()
-            elif self._opening is not None:
-                with contextlib.suppress(Exception):  # its error is the download's already
-                    await settle(self._opening)
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -515,12 +505,11 @@ class Puller:
 
     async def _fetch(self, target: Target, download: Download) -> None:
         digest = download.digest
-        opening = download.open(self.store)  # in a thread, while the request is in flight
         async with self._request(target, Capability.PULL, "GET", f"blobs/{digest}") as up:
             await _raise_for_status(up, BlobUnknown, f"blob {digest}")
             download.size = up.response.content_length
             download.host = up.host.host
-            await asyncio.shield(opening)
+            download.open(self.store)
             download.ready.set_result(None)
             async for chunk in up.response.content.iter_any():
                 await download.write(chunk)
