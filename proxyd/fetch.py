@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -47,6 +48,7 @@ from proxyd.routing import Target
 from proxyd.smallcache import Entry, SmallCache
 from proxyd.store import BlobStore, BlobWriter
 from proxyd.upstream import Upstream, UpstreamClient
+from proxyd.writebehind import WriteBehind, settle
 
 log = structlog.get_logger("proxyd.fetch")
 T = TypeVar("T")
@@ -98,29 +100,87 @@ class BlobHead:
 
 
 class Download:
-    """One upstream fetch of a blob, streamed to any number of readers."""
+    """One upstream fetch of a blob, streamed to any number of readers.
 
-    def __init__(self, writer: BlobWriter, target: Target) -> None:
-        self.writer = writer
+    Chunks from upstream go through a write-behind (hashed and written in a worker
+    thread); readers pread the temporary file, so they only ever see bytes on disk,
+    and the blob's last byte only once the digest is verified. The fsync and rename
+    into the store follow the release of the last byte; until they are done the
+    download stays registered, and a request arriving meanwhile joins it.
+    """
+
+    def __init__(self, digest: Digest, target: Target) -> None:
+        self.digest = digest
         self.target = target  # the repository whose GET confirms the digest
-        self.digest = writer.digest
         self.size: int | None = None
         self.host = ""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.done = False
+        self.received = 0  # bytes read from upstream
+        self.written = 0  # bytes on disk: what readers may have (but the last byte)
+        self.verified = False  # the digest matched: readers may have every byte
+        self.stored: Path | None = None  # where the blob was renamed to
         self.error: BaseException | None = None
-        self._progress = asyncio.Event()
-        self._fd = os.open(writer.temp_path, os.O_RDONLY)
+        self.writer: BlobWriter | None = None
+        self._pipe: WriteBehind | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._fd = -1  # the temporary file, for readers
         self._users = 1  # the download itself; each reader adds one
 
+    def open(self, store: BlobStore) -> None:
+        """Create the temporary file, and the descriptor readers pread."""
+        writer = store.writer(self.digest)
+        try:
+            self._fd = os.open(writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            writer.close()
+            raise
+        self.writer = writer
+
+    async def write(self, chunk: bytes) -> None:
+        """Queue a chunk for the disk; wait while too much is queued already."""
+        if self._pipe is None:
+            assert self.writer is not None, "the download writes once it is open"
+            self._pipe = WriteBehind(self.writer, self._advance)
+        self.received += len(chunk)
+        self._pipe.feed(chunk)
+        if self._pipe.backlog > self._pipe.high_water:
+            await self._pipe.room()
+
+    async def verify(self) -> None:
+        """Once every byte is on disk: check the digest, then release the last byte."""
+        if self._pipe is not None:
+            await self._pipe.flush()
+        assert self.writer is not None, "the download verifies once it is open"
+        if self.size is not None and self.written != self.size:
+            raise UpstreamError(f"{self.host} sent {self.written} of {self.size} bytes")
+        self.writer.verify()  # raises DigestMismatch, keeping nothing
+        self.verified = True
+        self.notify()
+
+    async def discard(self) -> None:
+        """After a failure: let the worker thread finish with the file, then drop it."""
+        try:
+            if self._pipe is not None:
+                await self._pipe.stop()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+    def _advance(self, written: int) -> None:
+        self.written = written
+        self.notify()
+
     def notify(self) -> None:
-        event, self._progress = self._progress, asyncio.Event()
-        event.set()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def release(self) -> None:
         self._users -= 1
-        if self._users == 0:
+        if self._users == 0 and self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
 
     async def chunks(self, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, stop) of the blob as they arrive; raises if the download
@@ -128,11 +188,15 @@ class Download:
         self._users += 1
         offset = start
         try:
+            if self._fd < 0 and self.error is None:
+                # The download ended between handing this reader out and its first read.
+                if self.stored is None:
+                    raise UpstreamError(f"the download of {self.digest} was not kept")
+                self._fd = os.open(self.stored, os.O_RDONLY | os.O_CLOEXEC)
             while stop is None or offset < stop:
-                progress = self._progress
                 if self.error is not None:
                     raise UpstreamError(f"download of {self.digest} failed: {self.error}")
-                available = self.writer.written if self.done else self.writer.written - 1
+                available = self.written if self.verified else self.written - 1
                 if stop is not None:
                     available = min(available, stop)
                 if offset < available:
@@ -141,10 +205,12 @@ class Download:
                         raise UpstreamError(f"temporary file of {self.digest} was truncated")
                     offset += len(data)
                     yield data
-                elif self.done:
+                elif self.verified:
                     return
                 else:
-                    await progress.wait()
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiters.append(waiter)
+                    await waiter
         finally:
             self.release()
 
@@ -409,7 +475,7 @@ class Puller:
         return BlobHead(digest, length, up.host.host)
 
     def _start_download(self, target: Target, digest: Digest) -> Download:
-        download = Download(self.store.writer(digest), target)
+        download = Download(digest, target)
         self._downloads[digest] = download
         task = asyncio.create_task(self._download(target, download))
         self._tasks.add(task)
@@ -417,45 +483,78 @@ class Puller:
         return download
 
     async def _download(self, target: Target, download: Download) -> None:
+        """Fetch until the digest is verified (readers then have every byte), then
+        store; the download is registered until the blob is in the store or dropped."""
         digest = download.digest
         try:
-            async with self._request(target, Capability.PULL, "GET", f"blobs/{digest}") as up:
-                await _raise_for_status(up, BlobUnknown, f"blob {digest}")
-                download.size = up.response.content_length
-                download.host = up.host.host
-                self.store.link(target.namespace.name, target.repository, digest)
-                download.ready.set_result(None)
-                async for chunk in up.response.content.iter_any():
-                    download.writer.write(chunk)
-                    download.notify()
-            if download.size is not None and download.writer.written != download.size:
-                raise UpstreamError(
-                    f"{up.host.host} sent {download.writer.written} of {download.size} bytes"
-                )
-            await asyncio.get_running_loop().run_in_executor(None, download.writer.commit)
-            download.done = True
-            self.on_commit(download.writer.written)
-            log.info(
-                "blob.stored", digest=str(digest), size=download.writer.written, host=up.host.host
-            )
-        except BaseException as exc:
-            download.error = exc
-            download.writer.close()
-            if isinstance(exc, DigestMismatch):
-                self.metrics.digest_mismatches.labels(download.host).inc()
-            if not download.ready.done():
-                download.ready.set_exception(exc)
-                download.ready.exception()  # retrieved: waiters re-raise it themselves
-            if isinstance(exc, DigestMismatch | aiohttp.ClientError | TimeoutError | UpstreamError):
-                log.warning("blob.failed", digest=str(digest), error=str(exc))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            try:
+                await self._fetch(target, download)
+            except BaseException as exc:
+                download.error = exc  # its readers stop at their next read
+                self._forget(download)  # a request from now on starts afresh
+                if isinstance(exc, DigestMismatch):
+                    self.metrics.digest_mismatches.labels(download.host).inc()
+                if isinstance(
+                    exc, DigestMismatch | aiohttp.ClientError | TimeoutError | UpstreamError
+                ):
+                    log.warning("blob.failed", digest=str(digest), error=str(exc))
+                try:
+                    await download.discard()  # the temporary file goes before anyone hears
+                finally:
+                    if not download.ready.done():
+                        download.ready.set_exception(exc)
+                        download.ready.exception()  # retrieved: waiters re-raise it
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            await self._store(download)
         finally:
             if download.host:
-                self.metrics.bytes_fetched.labels(download.host).inc(download.writer.written)
-            self._downloads.pop(digest, None)
+                self.metrics.bytes_fetched.labels(download.host).inc(download.received)
+            self._forget(download)
             download.notify()
             download.release()
+
+    def _forget(self, download: Download) -> None:
+        if self._downloads.get(download.digest) is download:
+            del self._downloads[download.digest]
+
+    async def _fetch(self, target: Target, download: Download) -> None:
+        digest = download.digest
+        async with self._request(target, Capability.PULL, "GET", f"blobs/{digest}") as up:
+            await _raise_for_status(up, BlobUnknown, f"blob {digest}")
+            download.size = up.response.content_length
+            download.host = up.host.host
+            download.open(self.store)
+            download.ready.set_result(None)
+            async for chunk in up.response.content.iter_any():
+                await download.write(chunk)
+        # Upstream's 200 confirmed the repository holds it (written here, after the body,
+        # to keep it off the way to the first byte).
+        self.store.link(target.namespace.name, target.repository, digest)
+        await download.verify()
+
+    async def _store(self, download: Download) -> None:
+        """The clients have their verified bytes; now the fsync and the rename, in a
+        worker thread. A failure here costs the cache, not the clients: it is logged,
+        nothing is kept, and the next request fetches again."""
+        writer = download.writer
+        assert writer is not None, "a verified download has its writer"
+        digest = download.digest
+        failure: BaseException | None = None
+        try:
+            await settle(asyncio.get_running_loop().run_in_executor(None, writer.persist))
+        except BaseException as exc:
+            failure = exc
+        writer.close()  # after a rename this leaves the file in place
+        if writer.committed:
+            download.stored = self.store.path(digest)
+            self.on_commit(writer.written)
+            log.info("blob.stored", digest=str(digest), size=writer.written, host=download.host)
+        elif not isinstance(failure, asyncio.CancelledError):
+            log.warning("blob.not_stored", digest=str(digest), error=str(failure))
+        if isinstance(failure, asyncio.CancelledError):
+            raise failure
 
     # -- the rest ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import hashlib
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,9 @@ from proxyd.errors import DigestMismatch
 from proxyd.reference import Digest
 
 LinkKind = Literal["_blobs", "_manifests"]
+Buffer = bytes | bytearray | memoryview
 TOUCH_EVERY = 60.0  # seconds between updates of a blob's last-use time
+_IOV_MAX = 1024  # buffers one writev takes (Linux's IOV_MAX)
 
 
 class BlobStore:
@@ -38,6 +41,7 @@ class BlobStore:
         self.tmp = self.root / "tmp"
         self.links = self.root / "links"
         self.removals = 0  # counts unlinks and evictions: memory of hits must be dropped
+        self._blobs_dir = str(self.blobs)
 
     def open(self) -> None:
         """Create the layout and drop what an interrupted run left in `tmp/`."""
@@ -48,7 +52,14 @@ class BlobStore:
                 leftover.unlink()
 
     def path(self, digest: Digest) -> Path:
-        return self._inside(self.blobs / digest.algorithm / digest.hex)
+        return Path(self._blob_file(digest))
+
+    def _blob_file(self, digest: Digest) -> str:
+        """The blob's file name, built as a string: this is on the way of every blob
+        request, and pathlib's normalisation costs more than the stat itself."""
+        if not (digest.algorithm.isalnum() and digest.hex.isalnum()):
+            raise ValueError(f"digest {digest} would make an odd file name")
+        return f"{self._blobs_dir}/{digest.algorithm}/{digest.hex}"
 
     def size(self, digest: Digest) -> int | None:
         """The stored size, or None when the digest is not stored."""
@@ -60,9 +71,9 @@ class BlobStore:
     def use(self, digest: Digest) -> int | None:
         """The stored size, or None; marks the blob used (its mtime, at most once a
         minute) so eviction keeps what is in demand."""
-        path = self.path(digest)
+        path = self._blob_file(digest)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         now = time.time()
@@ -137,16 +148,23 @@ class BlobStore:
 
 class BlobWriter:
     """Writes a temporary file while hashing it; `commit` renames it into place only
-    when the digest matches. Leaving the `with` block without commit discards it."""
+    when the digest matches. Leaving the `with` block without commit discards it.
+
+    `commit` is `verify` then `persist`: a download releases its last byte to the
+    clients once `verify` passed, and persists (fsync, rename) after. `append` writes
+    and hashes a batch of buffers with one `writev`; the download runs it in a worker
+    thread, one batch at a time (hashlib and writev release the GIL), while nothing
+    else touches the writer."""
 
     def __init__(self, store: BlobStore, digest: Digest) -> None:
         self.store = store
         self.digest = digest
         self.temp_path = store.tmp / f"{digest.hex[:16]}-{secrets.token_hex(8)}"
         # Unbuffered: readers of a download in flight pread this file as it grows.
-        self._file = open(self.temp_path, "xb", buffering=0)  # noqa: SIM115 (see close())
+        self._fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
         self._hash = hashlib.new(digest.algorithm)
         self.written = 0
+        self.verified = False
         self.committed = False
 
     def __enter__(self) -> BlobWriter:
@@ -155,30 +173,57 @@ class BlobWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[self._file.write(view) or 0 :]
-        self._hash.update(data)
-        self.written += len(data)
+    def write(self, data: Buffer) -> None:
+        self.append([data])
 
-    def commit(self) -> None:
-        """Verify and rename into place; raise DigestMismatch (and keep nothing) else."""
+    def append(self, buffers: Sequence[Buffer]) -> int:
+        """Write and hash `buffers` in order, at the end of the file; the byte count."""
+        views = [memoryview(b) for b in buffers]
+        total = sum(v.nbytes for v in views)
+        left = total
+        while left:
+            done = os.writev(self._fd, views[:_IOV_MAX])
+            left -= done
+            while done and views and done >= views[0].nbytes:  # drop what went out whole
+                done -= views.pop(0).nbytes
+            if done:  # a short write stopped inside this buffer
+                views[0] = views[0][done:]
+        for buffer in buffers:
+            self._hash.update(buffer)
+        self.written += total
+        return total
+
+    def verify(self) -> None:
+        """Check what was written against the digest; on a mismatch keep nothing and
+        raise DigestMismatch."""
         actual = f"{self.digest.algorithm}:{self._hash.hexdigest()}"
         if actual != str(self.digest):
             self.close()
             raise DigestMismatch(str(self.digest), actual)
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self.verified = True
+
+    def persist(self) -> None:
+        """Put verified content in place: fsync, then the atomic rename."""
+        if not self.verified:
+            raise RuntimeError(f"{self.digest} is persisted before it was verified")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
         final = self.store.path(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.temp_path, final)
         self.committed = True
 
+    def commit(self) -> None:
+        """Verify and rename into place; raise DigestMismatch (and keep nothing) else."""
+        self.verify()
+        self.persist()
+
     def close(self) -> None:
         """Discard unless committed; safe to call twice."""
-        if not self._file.closed:
-            self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if not self.committed:
             with contextlib.suppress(FileNotFoundError):
                 self.temp_path.unlink()

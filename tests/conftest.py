@@ -3,6 +3,7 @@ proxyd app configured by a TOML text, exactly as a user would write it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,15 @@ def origin(server: TestServer) -> str:
 
 def host(server: TestServer) -> str:
     return f"127.0.0.1:{server.port}"
+
+
+async def until_stored(cache_dir: Path, digest: str, within: float = 10.0) -> Path:
+    """The blob's path once it is in the store. A download releases its last byte as
+    soon as the digest is verified and renames the file into place after its fsync,
+    so a client can have the whole blob a moment before the store does."""
+    algorithm, hex_ = digest.split(":")
+    path = cache_dir / "blobs" / algorithm / hex_
+    async with asyncio.timeout(within):
+        while not path.exists():
+            await asyncio.sleep(0.005)
+    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 from proxyd.evict import GRACE, Evictor, StoredFile, apply, plan, scan
 from proxyd.reference import Digest
 from proxyd.store import BlobStore
-from tests.conftest import host, origin
+from tests.conftest import host, origin, until_stored
 from tests.fakes import FakeRegistry, make_image
 
 NOW = 1_000_000.0
@@ -109,7 +109,7 @@ async def test_a_store_over_its_size_limit_evicts_in_the_background(
     store = BlobStore(cache_dir)
     assert await (await proxyd.get(f"/v2/team/one/blobs/{first.layer}")).read()
     old = NOW - 10_000
-    os.utime(store.path(Digest.parse(first.layer)), (old, old))
+    os.utime(await until_stored(cache_dir, first.layer), (old, old))
     assert await (await proxyd.get(f"/v2/team/two/blobs/{second.layer}")).read()
     for _ in range(100):
         if store.size(Digest.parse(first.layer)) is None:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import host, origin
+from tests.conftest import host, origin, until_stored
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 # Nothing listens on port 1 of the loopback: a connection there is refused at once.
@@ -216,7 +216,7 @@ async def test_a_slow_blob_drip_within_the_read_timeout_streams_to_the_client(
 
     assert first + rest == blob
     assert time.monotonic() - started > 3 * READ_TIMEOUT, "the drip was not slow"
-    assert (cache_dir / "blobs" / "sha256" / image.layer.split(":")[1]).exists()
+    await until_stored(cache_dir, image.layer)
     await assert_nothing_left(cache_dir)
 
 

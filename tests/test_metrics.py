@@ -8,7 +8,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import host, origin
+from tests.conftest import host, origin, until_stored
 from tests.fakes import FakeRegistry, FakeTokenServer, make_image
 
 
@@ -43,7 +43,9 @@ async def scrape(proxyd) -> str:
     return await response.text()
 
 
-async def test_pulls_are_counted_by_route_status_and_cache_result(make_proxyd, start_fake):
+async def test_pulls_are_counted_by_route_status_and_cache_result(
+    make_proxyd, start_fake, cache_dir
+):
     upstream = FakeRegistry()
     tokens = FakeTokenServer(upstream)
     upstream.bearer_realm = f"{origin(await start_fake(tokens))}/token"
@@ -53,6 +55,7 @@ async def test_pulls_are_counted_by_route_status_and_cache_result(make_proxyd, s
     await proxyd.get("/v2/team/app/manifests/v1")
     for _ in range(2):
         await (await proxyd.get(f"/v2/team/app/blobs/{image.layer}")).read()
+        await until_stored(cache_dir, image.layer)
     await proxyd.get("/v2/team/app/manifests/nope")
     text = await scrape(proxyd)
     size = len(image.blobs[image.layer])

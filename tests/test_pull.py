@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import host, origin
+from tests.conftest import host, origin, until_stored
 from tests.fakes import FakeImage, FakeRegistry, FakeTokenServer, make_image
 
 
@@ -49,7 +49,9 @@ async def test_base_endpoint_announces_the_registry_api(make_proxyd):
     assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
 
 
-async def test_pull_by_tag_then_blobs_are_served_from_the_store(make_proxyd, start_fake):
+async def test_pull_by_tag_then_blobs_are_served_from_the_store(
+    make_proxyd, start_fake, cache_dir: Path
+):
     upstream = FakeRegistry()
     image = upstream.add(make_image())
     server = await start_fake(upstream)
@@ -66,6 +68,7 @@ async def test_pull_by_tag_then_blobs_are_served_from_the_store(make_proxyd, sta
         assert blob.status == 200
         assert await blob.read() == image.blobs[image.layer]
         assert blob.headers["Docker-Content-Digest"] == image.layer
+        await until_stored(cache_dir, image.layer)
     assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
     assert blob.headers["X-Proxyd-Cache"] == "hit"
 

@@ -550,10 +550,13 @@ async def test_an_abandoned_upload_expires(make_proxyd, start_fake, cache_dir):
     upstream = UploadRegistry()
     server = await serve(start_fake, upstream)
     proxyd = await make_proxyd(f"upload_ttl = 0.05\n{push_config(server)}")
+    uploads = proxyd.server.app[PUSHER].uploads
+    now = [0.0]
+    uploads.clock = lambda: now[0]  # a pause of the test (a GC) must not expire it early
     location = (await start(proxyd)).headers["Location"]
     await proxyd.patch(location, data=b"abc")
     assert any((cache_dir / "tmp").iterdir())
-    uploads = proxyd.server.app[PUSHER].uploads
+    now[0] += 1.0  # idle for longer than the TTL
     for _ in range(100):  # the expiry task looks every ttl/4
         if len(uploads) == 0 and upstream.uploads == {}:
             break

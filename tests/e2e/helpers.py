@@ -3,7 +3,9 @@ in front of a registry, and checks on pulled images and proxyd's access log."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tests.peers.clients import PulledImage
@@ -61,3 +63,15 @@ def blob_gets(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def digest_of(path: str) -> str:
     return path.partition("?")[0].rpartition("/")[2]
+
+
+def wait_until_stored(cache_dir: Path, digest: str, within: float = 10.0) -> Path:
+    """The blob's path once proxyd has it in its store: a download releases the last
+    byte as soon as the digest is verified, and the fsync and rename follow."""
+    algorithm, hex_ = digest.split(":")
+    path = cache_dir / "blobs" / algorithm / hex_
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{digest} never reached the store"
+        time.sleep(0.01)
+    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import StartProxyd, blob_gets, upstream_config
+from tests.e2e.helpers import StartProxyd, blob_gets, upstream_config, wait_until_stored
 from tests.peers.clients import Skopeo
 from tests.peers.image import PushedImage
 from tests.peers.registry import Registry
@@ -100,6 +100,7 @@ def test_cache_stats_reads_the_hit_ratio_of_the_running_proxyd(
     layer = token_image.image.layer_digests[0]
     for _ in range(4):  # one miss, three hits
         assert proxyd.request("GET", f"/v2/{token_image.repository}/blobs/{layer}").status == 200
+        wait_until_stored(proxyd.cache_dir, layer)
     done = subprocess.run(
         [
             sys.executable,

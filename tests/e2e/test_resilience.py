@@ -15,7 +15,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.helpers import REPOSITORY, StartProxyd, assert_same_image, upstream_config
+from tests.e2e.helpers import (
+    REPOSITORY,
+    StartProxyd,
+    assert_same_image,
+    upstream_config,
+    wait_until_stored,
+)
 from tests.fakes import FakeImage, FakeRegistry, make_image
 from tests.peers import LOOPBACK
 from tests.peers.clients import Skopeo
@@ -182,7 +188,7 @@ def test_sigkill_mid_download_leaves_no_unverified_blob_and_the_restart_fetches_
 
     assert answer.status == 200
     assert sha256_of(answer.body) == image.layer
-    assert stored.exists()
+    assert wait_until_stored(cache, image.layer) == stored
     assert_store_verified(cache)
     assert [s.method for s in fake.requests(f"/blobs/{image.layer}")] == ["GET", "GET"]
 

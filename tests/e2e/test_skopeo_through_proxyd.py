@@ -15,6 +15,7 @@ from tests.e2e.helpers import (
     blob_gets,
     digest_of,
     upstream_config,
+    wait_until_stored,
 )
 from tests.peers.clients import Skopeo
 from tests.peers.image import OCI_MANIFEST, BuiltImage, PushedImage
@@ -55,6 +56,8 @@ def test_second_pull_is_served_from_proxyd_cache(
     skopeo.pull_to_dir(ref)
     first = proxyd.wait_for_log(lambda log: len(blob_gets(log)) >= len(token_image.blob_digests))
     assert {e.get("cache") for e in blob_gets(first)} == {"miss"}, proxyd.describe_log()
+    for digest in token_image.blob_digests:  # stored just after its last byte went out
+        wait_until_stored(proxyd.cache_dir, digest)
     upstream_blob_gets = len(token_registry.blob_gets(status=None))
 
     pulled = skopeo.pull_to_dir(ref)

@@ -1,0 +1,137 @@
+"""Write-behind for a download: the event loop queues the chunks it reads from the
+upstream, and a worker thread hashes and writes them, one batch at a time.
+
+When no batch is in flight, everything queued goes to the worker as one job (one
+`writev`, one hash update per buffer), so batches grow by themselves while the disk
+or the hash is the slower side. The very first chunk is written on the event loop:
+it decides the time to first byte, and a thread hop would only delay it. While
+more than `high_water` bytes wait, the reader of the upstream waits in `room()`, so
+memory stays bounded whatever the blob's size. `on_written` is told the new size of
+the file after every batch: only bytes on disk are ever announced.
+
+The writer belongs to the worker while a batch is in flight: `stop()` waits for it
+before anyone may close the file (a descriptor closed under a running `writev` could
+be reused by another file meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TypeVar
+
+from proxyd.store import BlobWriter, Buffer
+
+HIGH_WATER = 1 << 20  # bytes queued behind the batch in flight before the reader waits
+T = TypeVar("T")
+
+
+async def settle(job: asyncio.Future[T]) -> T:
+    """The result of a worker-thread job, waiting for its end even when cancelled
+    meanwhile (a thread cannot be stopped: what it holds must stay open until it ends).
+    A cancellation is re-raised once the job ended."""
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.wait([job])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not job.cancelled():
+            job.exception()  # retrieved: the cancellation is what the caller sees
+        raise asyncio.CancelledError
+    return job.result()
+
+
+class WriteBehind:
+    def __init__(
+        self,
+        writer: BlobWriter,
+        on_written: Callable[[int], None],
+        *,
+        high_water: int = HIGH_WATER,
+    ) -> None:
+        self.writer = writer
+        self.on_written = on_written  # the bytes now on disk, after each batch
+        self.high_water = high_water
+        self.written = 0
+        self.backlog = 0  # bytes queued, not yet handed to the worker
+        self._queue: list[Buffer] = []
+        self._batch: asyncio.Future[int] | None = None
+        self._error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # for the batch in flight to end
+        self._stopped = False
+        self._loop = asyncio.get_running_loop()
+
+    def feed(self, chunk: Buffer) -> None:
+        """Queue a chunk; it goes to the worker now if the worker is idle."""
+        if self._error is not None:
+            raise self._error
+        if self._stopped:
+            raise RuntimeError("write-behind fed after stop")
+        if self.written == 0 and self._batch is None:
+            # The first chunk is the time to first byte: written here, no thread hop.
+            self.written = self.writer.append([chunk])
+            self.on_written(self.written)
+            return
+        self._queue.append(chunk)
+        self.backlog += len(chunk)
+        if self._batch is None:
+            self._hand_over()
+
+    async def room(self) -> None:
+        """Wait while the queue is over the high-water mark (backpressure)."""
+        while self.backlog > self.high_water and self._batch is not None:
+            await self._next_batch()
+        if self._error is not None:
+            raise self._error
+
+    async def flush(self) -> None:
+        """Wait until every byte fed is written and hashed; raise the worker's error."""
+        while self._batch is not None:
+            await self._next_batch()
+        if self._error is not None:
+            raise self._error
+
+    async def _next_batch(self) -> None:
+        """Until the batch in flight is accounted for (by `_done`, not merely finished:
+        its future is done a moment before its callback has run)."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def stop(self) -> None:
+        """Drop what is queued and wait for the batch in flight to end, even through
+        cancellation (re-raised once it ended): after this the writer is the caller's
+        again, to close."""
+        self._stopped = True
+        self._queue.clear()
+        self.backlog = 0
+        if self._batch is not None:
+            with contextlib.suppress(Exception):  # its error: the download failed already
+                await settle(self._batch)
+
+    def _hand_over(self) -> None:
+        batch, self._queue = self._queue, []
+        self.backlog = 0
+        self._batch = self._loop.run_in_executor(None, self.writer.append, batch)
+        self._batch.add_done_callback(self._done)
+
+    def _done(self, batch: asyncio.Future[int]) -> None:
+        self._batch = None
+        error = asyncio.CancelledError() if batch.cancelled() else batch.exception()
+        if error is not None:
+            self._error = error
+            self._queue.clear()
+            self.backlog = 0
+        else:
+            self.written += batch.result()
+            if self._queue and not self._stopped:
+                self._hand_over()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if error is None:
+            self.on_written(self.written)

@@ -1,0 +1,176 @@
+"""A cold blob on its way through proxyd: hashed and written behind the event loop,
+released to the clients once verified, stored (fsync, rename) after that."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from proxyd import store as store_module
+from proxyd.reference import Digest
+from proxyd.store import BlobStore, BlobWriter, Buffer
+from proxyd.writebehind import WriteBehind
+from tests.conftest import host, origin, until_stored
+from tests.fakes import FakeRegistry, make_image
+
+LAYER = bytes(range(256)) * 4096  # 1 MiB
+
+
+def config(server: object) -> str:
+    return "\n".join(
+        [
+            f'default_namespace = "{host(server)}"',
+            f'[namespaces."{host(server)}"]',
+            f'server = "{origin(server)}"',
+        ]
+    )
+
+
+@pytest.fixture
+def held_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The store's fsync waits until the test sets the event (a slow disk)."""
+    release = threading.Event()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    yield release
+    release.set()
+
+
+async def test_the_last_byte_goes_out_before_the_fsync_ends(
+    make_proxyd, start_fake, cache_dir: Path, held_fsync: threading.Event
+):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image(layer=LAYER))
+    proxyd = await make_proxyd(config(await start_fake(upstream)))
+
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await asyncio.wait_for(response.read(), 10) == LAYER  # while fsync is held
+    assert not (cache_dir / "blobs" / "sha256" / image.layer.split(":")[1]).exists()
+
+    held_fsync.set()
+    await until_stored(cache_dir, image.layer)
+    assert list((cache_dir / "tmp").iterdir()) == []
+
+
+async def test_a_request_between_verification_and_rename_joins_the_download(
+    make_proxyd, start_fake, cache_dir: Path, held_fsync: threading.Event
+):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image(layer=LAYER))
+    proxyd = await make_proxyd(config(await start_fake(upstream)))
+    first = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await asyncio.wait_for(first.read(), 10) == LAYER
+
+    joined = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")  # not stored yet
+    assert joined.headers["X-Proxyd-Cache"] == "miss"
+    assert await asyncio.wait_for(joined.read(), 10) == LAYER
+    ranged = await proxyd.get(f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=100-"})
+    assert await asyncio.wait_for(ranged.read(), 10) == LAYER[100:]
+    assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
+
+    held_fsync.set()
+    await until_stored(cache_dir, image.layer)
+    again = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert again.headers["X-Proxyd-Cache"] == "hit"
+    assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
+
+
+async def test_a_failed_rename_after_the_release_keeps_nothing_and_is_logged(
+    make_proxyd, start_fake, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image(layer=LAYER))
+    proxyd = await make_proxyd(config(await start_fake(upstream)))
+    real_replace = os.replace
+    renamed = threading.Event()
+
+    def replace(source: Any, target: Any) -> None:
+        if "/blobs/" in str(target):  # links are renamed into place too: those may go
+            renamed.set()
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(store_module.os, "replace", replace)
+    with capture_logs() as events:
+        response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+        assert await asyncio.wait_for(response.read(), 10) == LAYER  # verified: complete
+        for _ in range(500):
+            if any(e["event"] == "blob.not_stored" for e in events):
+                break
+            await asyncio.sleep(0.01)
+
+    failed = [e for e in events if e["event"] == "blob.not_stored"]
+    assert len(failed) == 1 and "No space left" in failed[0]["error"]
+    assert not any(e["event"] == "blob.stored" for e in events)
+    assert list((cache_dir / "tmp").iterdir()) == []
+    assert list((cache_dir / "blobs").rglob("*/*")) == []
+
+    monkeypatch.setattr(store_module.os, "replace", real_replace)
+    retry = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await retry.read() == LAYER
+    assert len(upstream.requests(f"/blobs/{image.layer}")) == 2
+
+
+class StalledWriter(BlobWriter):
+    """A BlobWriter on a disk that stalls after the first write until the test lets
+    it go on."""
+
+    def __init__(self, store: BlobStore, digest: Digest) -> None:
+        super().__init__(store, digest)
+        self.go_on = threading.Event()
+        self.batches: list[int] = []
+
+    def append(self, buffers: Sequence[Buffer]) -> int:
+        if self.batches:
+            self.go_on.wait(30)
+        self.batches.append(len(buffers))
+        return super().append(buffers)
+
+
+async def test_a_stalled_disk_stops_the_reading_at_the_high_water_mark(tmp_path: Path):
+    store = BlobStore(tmp_path)
+    store.open()
+    chunk, chunks = 64 * 1024, 64  # 4 MiB through a 256 KiB high-water mark
+    data = os.urandom(chunk * chunks)
+    writer = StalledWriter(store, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()))
+    announced: list[int] = []
+    pipe = WriteBehind(writer, announced.append, high_water=256 * 1024)
+    fed = 0
+
+    async def read_upstream() -> None:
+        nonlocal fed
+        for start in range(0, len(data), chunk):
+            pipe.feed(data[start : start + chunk])
+            fed += chunk
+            await pipe.room()
+
+    reader = asyncio.create_task(read_upstream())
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not reader.done()
+    assert pipe.backlog <= pipe.high_water + chunk
+    assert fed <= 2 * chunk + pipe.high_water + chunk  # written, stalled, queued
+    assert announced == [chunk]  # the first chunk, written at once; nothing after it
+
+    writer.go_on.set()
+    await asyncio.wait_for(reader, 10)
+    await asyncio.wait_for(pipe.flush(), 10)
+    assert announced[-1] == pipe.written == len(data)
+    assert announced == sorted(announced)
+    assert writer.batches[:2] == [1, 1]  # the first chunk alone, then the next alone
+    assert max(writer.batches) > 1  # later ones were batched while the disk stalled
+    writer.verify()  # every byte hashed, in order
+    writer.close()
