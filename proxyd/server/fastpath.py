@@ -19,7 +19,7 @@ log, metrics and response headers are the same as the handler's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -78,9 +78,15 @@ class FastAnswers:
         self._date_second = -1
 
     def remember(
-        self, raw_target: str, manifest: Manifest, headers: dict[str, str], access: Access
+        self,
+        raw_target: str,
+        path: str,
+        manifest: Manifest,
+        headers: dict[str, str],
+        access: Access,
     ) -> None:
-        """After the handler served `manifest` as a hit for `raw_target`."""
+        """After the handler served `manifest` as a hit for `raw_target` (the request
+        line's target as sent; `path` is its decoded path, as the access log has it)."""
         hot = self.hot
         if not self.enabled or hot is None or manifest.fresh_until is None:
             return
@@ -94,8 +100,8 @@ class FastAnswers:
         self._answers[raw_target.encode("utf-8", "surrogateescape")] = _Answer(
             b"".join(lines),
             manifest.body,
-            raw_target.partition("?")[0],
-            access,
+            path,
+            replace(access),
             hot.generation,
             manifest.fresh_until,
         )

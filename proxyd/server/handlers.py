@@ -96,7 +96,7 @@ async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.R
         CACHE_HEADER: result.cache,
     }
     if result.fresh_until is not None and is_digest(reference):
-        request.app[FAST].remember(request.raw_path, result, headers, request[ACCESS])
+        request.app[FAST].remember(request.raw_path, request.path, result, headers, request[ACCESS])
     if request.method == hdrs.METH_HEAD:
         headers[hdrs.CONTENT_LENGTH] = str(result.size)
         return web.Response(headers=headers)
