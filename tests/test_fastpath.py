@@ -234,3 +234,15 @@ async def test_where_every_pull_authenticates_nothing_is_answered_from_memory(
     conn.close()
     assert status == 401
     assert not fast(proxyd).enabled and fast(proxyd).answered == 0
+
+
+async def test_without_manifest_memory_nothing_is_answered_from_it(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    proxyd = await make_proxyd(
+        upstream_config(await start_fake(upstream)) + "\n[cache]\nmanifest_memory = 0\n"
+    )
+    path = f"/v2/team/app/manifests/{image.digest}"
+    caches = [(await proxyd.get(path)).headers["X-Proxyd-Cache"] for _ in range(3)]
+    assert caches == ["miss", "hit", "hit"]  # from the store, read each time
+    assert fast(proxyd).answered == 0

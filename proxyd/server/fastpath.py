@@ -70,6 +70,7 @@ class FastAnswers:
         self.answered = 0  # requests answered here, for tests and curiosity
         self.hot: HotManifests | None = None  # set once the core is open
         self._answers: dict[bytes, _Answer] = {}
+        self._bytes = 0  # of bodies remembered, within the core's manifest_memory
         self._metrics = metrics
         self._pending: dict[tuple[str, bytes], list[int]] = {}
         self._durations: dict[tuple[str, bytes], Any] = {}
@@ -90,14 +91,23 @@ class FastAnswers:
         hot = self.hot
         if not self.enabled or hot is None or manifest.fresh_until is None:
             return
-        if len(self._answers) >= MAX_ANSWERS:
-            self._answers.clear()
+        key = raw_target.encode("utf-8", "surrogateescape")
+        replaced = self._answers.pop(key, None)
+        if replaced is not None:
+            self._bytes -= len(replaced.body)
+        size = len(manifest.body)
+        if size > hot.max_bytes:
+            return  # not kept in memory by the core either (manifest_memory = 0: none)
+        if len(self._answers) >= MAX_ANSWERS or self._bytes + size > hot.max_bytes:
+            self._answers.clear()  # they are rendered again from the next hits
+            self._bytes = 0
         lines = [b"HTTP/1.1 200 OK\r\n"]
         for name, value in headers.items():
             lines.append(f"{name}: {value}\r\n".encode("latin-1"))
         lines.append(f"Content-Length: {manifest.size}\r\n".encode())
         lines.append(_SERVER)
-        self._answers[raw_target.encode("utf-8", "surrogateescape")] = _Answer(
+        self._bytes += size
+        self._answers[key] = _Answer(
             b"".join(lines),
             manifest.body,
             path,
@@ -136,6 +146,7 @@ class FastAnswers:
                     request_id = value.strip()[:64]
         if not self.hot.is_current(remembered.generation, remembered.fresh_until):
             del self._answers[target]
+            self._bytes -= len(remembered.body)
             return None
         if not request_id:
             request_id = new_request_id().encode()
