@@ -531,3 +531,21 @@ async def test_a_range_to_the_end_of_a_corrupt_blob_is_cut_short(make_proxyd, st
     assert part.status == 206
     with pytest.raises(aiohttp.ClientPayloadError):
         await part.read()
+
+
+async def test_every_answer_names_its_request_streamed_blobs_included(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    proxyd = await make_proxyd(upstream_config(await start_fake(upstream)))
+    for path in (
+        f"/v2/team/app/blobs/{image.layer}",  # a miss: streamed from the download
+        f"/v2/team/app/blobs/{image.layer}",  # a hit: a file response
+        "/v2/team/app/manifests/v1",
+        "/v2/team/app/manifests/nope",  # an error
+    ):
+        response = await proxyd.get(path, headers={"X-Request-Id": "trace-7"})
+        await response.read()
+        assert response.headers.get("X-Request-Id") == "trace-7", path
+        generated = await proxyd.get(path)
+        await generated.read()
+        assert len(generated.headers.get("X-Request-Id", "")) == 16, path

@@ -13,7 +13,7 @@ from proxyd.metrics import CONTENT_TYPE, Metrics
 from proxyd.server import handlers, health, push
 from proxyd.server.fastpath import FAST, FastAnswers
 from proxyd.server.keys import METRICS, PULLER, REGISTRY
-from proxyd.server.middleware import request_context
+from proxyd.server.middleware import add_request_id, request_context
 
 
 def create_app(registry: Registry) -> web.Application:
@@ -25,6 +25,7 @@ def create_app(registry: Registry) -> web.Application:
     # Remembered answers skip the middlewares: not where every pull must authenticate.
     every_pull_authenticates = push.INBOUND in app and registry.auth_required == "all"
     app[FAST] = FastAnswers(app[METRICS], enabled=not every_pull_authenticates)
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_core)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD

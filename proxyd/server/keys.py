@@ -26,6 +26,7 @@ class Access:
     cache: str | None = None
     aborted: bool = False  # a stream cut short after its headers were sent
     sent: int | None = None  # body bytes of a stream; else the response's Content-Length
+    request_id: str = ""
 
 
 ACCESS = web.RequestKey("access", Access)

@@ -46,11 +46,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    request[ACCESS] = Access()
-    response = await oci_errors(request, handler)
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
-    return response
+    request[ACCESS] = Access(request_id=request_id)
+    return await oci_errors(request, handler)
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response names its request, streamed ones included (their headers leave
+    from inside the handler): `on_response_prepare`."""
+    access = request.get(ACCESS)
+    if access is not None and access.request_id:
+        response.headers.setdefault("X-Request-Id", access.request_id)
 
 
 class AccessLogger(AbstractAccessLogger):
