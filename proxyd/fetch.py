@@ -103,8 +103,9 @@ class Download:
     """One upstream fetch of a blob, streamed to any number of readers.
 
     Chunks from upstream go through a write-behind (hashed and written in a worker
-    thread); readers pread the temporary file, so they only ever see bytes on disk,
-    and the blob's last byte only once the digest is verified. The fsync and rename
+    thread). Readers pread the temporary file, and take what has not reached it yet
+    from the chunks still queued for it; the blob's last byte only once the digest is
+    verified. The fsync and rename
     into the store follow the release of the last byte; until they are done the
     download stays registered, and a request arriving meanwhile joins it.
     """
@@ -122,6 +123,7 @@ class Download:
         self.error: BaseException | None = None
         self.writer: BlobWriter | None = None
         self._pipe: WriteBehind | None = None
+        self._unwritten: list[tuple[int, bytes]] = []  # (offset, chunk) not on disk yet
         self._waiters: list[asyncio.Future[None]] = []
         self._fd = -1  # the temporary file, for readers
         self._users = 1  # the download itself; each reader adds one
@@ -141,8 +143,10 @@ class Download:
         if self._pipe is None:
             assert self.writer is not None, "the download writes once it is open"
             self._pipe = WriteBehind(self.writer, self._advance)
+        self._unwritten.append((self.received, chunk))
         self.received += len(chunk)
         self._pipe.feed(chunk)
+        self.notify()  # readers caught up take it from memory
         if self._pipe.backlog > self._pipe.high_water:
             await self._pipe.room()
 
@@ -168,7 +172,20 @@ class Download:
 
     def _advance(self, written: int) -> None:
         self.written = written
+        unwritten = self._unwritten
+        while unwritten and unwritten[0][0] + len(unwritten[0][1]) <= written:
+            unwritten.pop(0)
         self.notify()
+
+    def _unwritten_bytes(self, offset: int, limit: int) -> bytes:
+        """Bytes from `offset` (at or past what is on disk), up to `limit`, from the
+        chunk queued for the disk that holds them."""
+        for start, chunk in self._unwritten:
+            if start <= offset < start + len(chunk):
+                if offset == start and start + len(chunk) <= limit:
+                    return chunk
+                return chunk[offset - start : limit - start]
+        raise UpstreamError(f"bytes at {offset} of {self.digest} are neither on disk nor held")
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -196,13 +213,17 @@ class Download:
             while stop is None or offset < stop:
                 if self.error is not None:
                     raise UpstreamError(f"download of {self.digest} failed: {self.error}")
-                available = self.written if self.verified else self.written - 1
+                available = self.received if self.verified else self.received - 1
                 if stop is not None:
                     available = min(available, stop)
                 if offset < available:
-                    data = os.pread(self._fd, min(READ_CHUNK, available - offset), offset)
-                    if not data:  # the file is shorter than written: never spin on it
-                        raise UpstreamError(f"temporary file of {self.digest} was truncated")
+                    if offset < self.written:
+                        on_disk = min(available, self.written)
+                        data = os.pread(self._fd, min(READ_CHUNK, on_disk - offset), offset)
+                        if not data:  # the file is shorter than written: never spin on it
+                            raise UpstreamError(f"temporary file of {self.digest} was truncated")
+                    else:
+                        data = self._unwritten_bytes(offset, available)
                     offset += len(data)
                     yield data
                 elif self.verified:

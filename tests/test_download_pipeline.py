@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxyd import store as store_module
+from proxyd.fetch import Download
 from proxyd.reference import Digest
 from proxyd.store import BlobStore, BlobWriter, Buffer
 from proxyd.writebehind import WriteBehind
@@ -174,3 +175,44 @@ async def test_a_stalled_disk_stops_the_reading_at_the_high_water_mark(tmp_path:
     assert max(writer.batches) > 1  # later ones were batched while the disk stalled
     writer.verify()  # every byte hashed, in order
     writer.close()
+
+
+async def test_a_caught_up_reader_gets_what_the_disk_has_not_taken_yet_but_the_last_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Readers do not wait for a slow disk: bytes still queued for it are served from
+    memory. The last byte still waits for the digest."""
+    store = BlobStore(tmp_path)
+    store.open()
+    chunk = 64 * 1024
+    data = os.urandom(8 * chunk)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    writers: list[StalledWriter] = []
+
+    def stalled_writer(wanted: Digest) -> StalledWriter:
+        writers.append(StalledWriter(store, wanted))
+        return writers[-1]
+
+    monkeypatch.setattr(store, "writer", stalled_writer)
+    download = Download(digest, target=None)
+    download.open(store)
+    got = bytearray()
+
+    async def read() -> None:
+        async for part in download.chunks():
+            got.extend(part)
+
+    reader = asyncio.create_task(read())
+    for start in range(0, len(data), chunk):
+        await download.write(data[start : start + chunk])
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert download.written == chunk  # the disk took the first chunk and stalled
+    assert bytes(got) == data[:-1]
+
+    writers[0].go_on.set()
+    await asyncio.wait_for(download.verify(), 10)
+    await asyncio.wait_for(reader, 10)
+    assert bytes(got) == data
+    writers[0].close()
+    download.release()
