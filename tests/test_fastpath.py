@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxyd.reference import Digest
+from proxyd.server import fastpath
 from proxyd.server.fastpath import FAST, FastAnswers
 from proxyd.server.keys import PULLER, REGISTRY
 from tests.conftest import host, origin
@@ -246,3 +247,20 @@ async def test_without_manifest_memory_nothing_is_answered_from_it(make_proxyd, 
     caches = [(await proxyd.get(path)).headers["X-Proxyd-Cache"] for _ in range(3)]
     assert caches == ["miss", "hit", "hit"]  # from the store, read each time
     assert fast(proxyd).answered == 0
+
+
+async def test_an_aiohttp_whose_protocol_differs_runs_without_remembered_answers(
+    make_proxyd, start_fake, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(
+        fastpath, "NEEDED_PROTOCOL_STATE", (*fastpath.NEEDED_PROTOCOL_STATE, "_gone_in_4_0")
+    )
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    with capture_logs() as logs:
+        proxyd = await make_proxyd(upstream_config(await start_fake(upstream)))
+    path = f"/v2/team/app/manifests/{image.digest}"
+    for _ in range(3):
+        assert await (await proxyd.get(path)).read() == image.manifest
+    assert not fast(proxyd).enabled and fast(proxyd).answered == 0
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["fastpath.off"]

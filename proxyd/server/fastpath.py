@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import structlog
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -33,6 +34,7 @@ from proxyd.metrics import Metrics
 from proxyd.server.keys import Access
 from proxyd.server.middleware import log_request, new_request_id
 
+log = structlog.get_logger("proxyd.server")
 MAX_ANSWERS = 4096
 # Request headers that cannot change the answer to a manifest by digest. Anything
 # else (conditions, ranges, credentials, bodies, upgrades) goes through aiohttp.
@@ -269,12 +271,42 @@ class FastServer(web.Server):
         return FastRequestHandler(self, self._fast, loop=self._loop, **self._kwargs)
 
 
+# aiohttp internals the connection protocol relies on: checked before it is used, so
+# an aiohttp that differs runs without remembered answers instead of failing.
+NEEDED_PROTOCOL_STATE = (
+    "_messages",
+    "_request_in_progress",
+    "_payload_parser",
+    "_upgraded",
+    "_close",
+    "_force_close",
+    "_paused",
+    "_keepalive_timeout",
+    "_next_keepalive_close_time",
+    "_loop",
+)
+
+
+def aiohttp_fits() -> bool:
+    slots: set[str] = set()
+    for cls in RequestHandler.__mro__:
+        slots.update(getattr(cls, "__slots__", ()))
+    return all(name in slots for name in NEEDED_PROTOCOL_STATE)
+
+
 class ProxydRunner(web.AppRunner):
     """aiohttp's AppRunner for proxyd's app: its connections answer remembered hits."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return FastServer.adopting(server, self.app[FAST])
+        fast = self.app[FAST]
+        if not fast.enabled:
+            return server
+        if not (aiohttp_fits() and hasattr(server, "_kwargs") and hasattr(server, "_loop")):
+            fast.enabled = False
+            log.warning("fastpath.off", reason="this aiohttp's connection protocol differs")
+            return server
+        return FastServer.adopting(server, fast)
 
 
 FAST = web.AppKey("fast", FastAnswers)
