@@ -61,6 +61,23 @@ def blob_gets(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in entries if e.get("method") == "GET" and "/blobs/" in str(e.get("path"))]
 
 
+def assert_blobs_came_through_proxyd(
+    proxyd: ProxydProcess, image: PushedImage, namespace: str | None = None
+) -> None:
+    """Every blob of ``image`` was served by ``proxyd`` with a 200 (routed to
+    ``namespace``, when given), as its access log says."""
+    wanted = set(image.blob_digests)
+    log = proxyd.wait_for_log(
+        lambda entries: wanted <= {digest_of(e["path"]) for e in blob_gets(entries)}
+    )
+    served = {
+        digest_of(e["path"])
+        for e in blob_gets(log)
+        if e.get("status") == 200 and namespace in (None, e.get("namespace"))
+    }
+    assert wanted <= served, proxyd.describe_log()
+
+
 def digest_of(path: str) -> str:
     return path.partition("?")[0].rpartition("/")[2]
 

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import StartProxyd, blob_gets, digest_of, upstream_config
+from tests.e2e.helpers import (
+    StartProxyd,
+    assert_blobs_came_through_proxyd,
+    upstream_config,
+)
 from tests.peers.clients import Containerd, write_hosts_toml
 from tests.peers.image import PushedImage
 from tests.peers.proxyd import ProxydProcess
@@ -34,21 +38,6 @@ def _hosts_dir_with_proxyd_mirror(
     return hosts_dir
 
 
-def _assert_blobs_came_through_proxyd(
-    proxyd: ProxydProcess, registry: Registry, image: PushedImage
-) -> None:
-    wanted = set(image.blob_digests)
-    log = proxyd.wait_for_log(
-        lambda entries: wanted <= {digest_of(e["path"]) for e in blob_gets(entries)}
-    )
-    served = {
-        digest_of(e["path"])
-        for e in blob_gets(log)
-        if e.get("status") == 200 and e.get("namespace") == registry.host
-    }
-    assert wanted <= served, proxyd.describe_log()
-
-
 def test_ctr_content_fetch_uses_proxyd_as_mirror(
     containerd: Containerd,
     start_proxyd: StartProxyd,
@@ -64,7 +53,7 @@ def test_ctr_content_fetch_uses_proxyd_as_mirror(
 
     stored = containerd.content_digests(namespace=ctr_namespace)
     assert {token_image.manifest_digest, *token_image.blob_digests} <= stored
-    _assert_blobs_came_through_proxyd(proxyd, token_registry, token_image)
+    assert_blobs_came_through_proxyd(proxyd, token_image, token_registry.host)
 
 
 def test_ctr_images_pull_with_native_snapshotter_through_proxyd(
@@ -83,7 +72,7 @@ def test_ctr_images_pull_with_native_snapshotter_through_proxyd(
     assert containerd.image_target(token_image.ref, namespace=ctr_namespace) == (
         token_image.manifest_digest
     )
-    _assert_blobs_came_through_proxyd(proxyd, token_registry, token_image)
+    assert_blobs_came_through_proxyd(proxyd, token_image, token_registry.host)
 
 
 def test_ctr_resolves_tag_through_proxyd_with_head(

@@ -16,8 +16,7 @@ from tests.e2e.helpers import (
     PATH_PREFIX_NAMESPACE,
     REPOSITORY,
     StartProxyd,
-    blob_gets,
-    digest_of,
+    assert_blobs_came_through_proxyd,
     upstream_config,
 )
 from tests.peers.clients import Containerd, Podman
@@ -52,16 +51,7 @@ def test_ctr_pulls_through_proxyd_with_the_hosts_toml_proxyd_init_wrote(
     assert containerd.image_target(token_image.ref, namespace=ctr_namespace) == (
         token_image.manifest_digest
     )
-    wanted = set(token_image.blob_digests)
-    log = proxyd.wait_for_log(
-        lambda entries: wanted <= {digest_of(e["path"]) for e in blob_gets(entries)}
-    )
-    served = {
-        digest_of(e["path"])
-        for e in blob_gets(log)
-        if e.get("status") == 200 and e.get("namespace") == token_registry.host
-    }
-    assert wanted <= served, proxyd.describe_log()
+    assert_blobs_came_through_proxyd(proxyd, token_image, token_registry.host)
 
 
 def test_podman_pulls_through_proxyd_with_the_registries_conf_proxyd_init_wrote(
@@ -86,12 +76,7 @@ def test_podman_pulls_through_proxyd_with_the_registries_conf_proxyd_init_wrote(
 
     podman.pull(token_image.ref)
     assert podman.image_digest(token_image.ref) == token_image.manifest_digest
-    wanted = set(token_image.blob_digests)
-    log = proxyd.wait_for_log(
-        lambda entries: wanted <= {digest_of(e["path"]) for e in blob_gets(entries)}
-    )
-    served = {digest_of(e["path"]) for e in blob_gets(log) if e.get("status") == 200}
-    assert wanted <= served, proxyd.describe_log()
+    assert_blobs_came_through_proxyd(proxyd, token_image)
 
     prefixed = f"{PATH_PREFIX_NAMESPACE}/{REPOSITORY}:v1"
     podman.pull(prefixed)

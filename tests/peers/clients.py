@@ -328,27 +328,17 @@ class Containerd:
         argv = [self.ctr_binary, "--address", self.address, "--namespace", namespace, *args]
         return run(argv, timeout=timeout, env=self.env, check=check)
 
-    def content_fetch(
-        self,
-        ref: str,
-        *,
-        hosts_dir: Path | None = None,
-        user: str | None = None,
-        plain_http: bool = False,
-        namespace: str = "proxyd-test",
-        timeout: float = COMMAND_TIMEOUT,
-    ) -> Completed:
-        return self.ctr(
-            "content",
-            "fetch",
-            *_resolver_flags(hosts_dir, user, plain_http),
-            ref,
-            namespace=namespace,
-            timeout=timeout,
-        )
+    def content_fetch(self, ref: str, **options: Any) -> Completed:
+        """`ctr content fetch`; options as `_resolve`."""
+        return self._resolve(["content", "fetch"], ref, **options)
 
-    def images_pull(
+    def images_pull(self, ref: str, **options: Any) -> Completed:
+        """`ctr images pull` into the native snapshotter; options as `_resolve`."""
+        return self._resolve(["images", "pull", "--snapshotter", "native"], ref, **options)
+
+    def _resolve(
         self,
+        command: Sequence[str],
         ref: str,
         *,
         hosts_dir: Path | None = None,
@@ -358,10 +348,7 @@ class Containerd:
         timeout: float = COMMAND_TIMEOUT,
     ) -> Completed:
         return self.ctr(
-            "images",
-            "pull",
-            "--snapshotter",
-            "native",
+            *command,
             *_resolver_flags(hosts_dir, user, plain_http),
             ref,
             namespace=namespace,

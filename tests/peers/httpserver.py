@@ -182,3 +182,27 @@ class ThreadedServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class ThreadedService:
+    """A test peer built on a ThreadedServer (``self._server``): its lifetime and
+    address, so each peer only says what it serves."""
+
+    _server: ThreadedServer
+
+    def start(self) -> Self:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return self._server.url

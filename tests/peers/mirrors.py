@@ -15,16 +15,22 @@ a background thread, so synchronous tests can drive real clients against it.
 from __future__ import annotations
 
 import asyncio
-from typing import Literal, Self
+from typing import Literal
 
 from aiohttp import web
 
-from tests.peers.httpserver import RecordedRequest, RequestLog, ThreadedServer, record
+from tests.peers.httpserver import (
+    RecordedRequest,
+    RequestLog,
+    ThreadedServer,
+    ThreadedService,
+    record,
+)
 
 Mode = Literal["404", "500", "401", "hang"]
 
 
-class FaultyMirror:
+class FaultyMirror(ThreadedService):
     def __init__(self, mode: Mode, *, hang_seconds: float = 60.0) -> None:
         self.mode = mode
         self.hang_seconds = hang_seconds
@@ -32,23 +38,6 @@ class FaultyMirror:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._server = ThreadedServer(app, name=f"faulty-mirror-{mode}")
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return self._server.url
 
     @property
     def host(self) -> str:

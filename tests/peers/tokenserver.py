@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from aiohttp import BasicAuth, web
@@ -39,7 +39,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.peers.httpserver import RecordedRequest, RequestLog, ThreadedServer, record
+from tests.peers.httpserver import (
+    RecordedRequest,
+    RequestLog,
+    ThreadedServer,
+    ThreadedService,
+    record,
+)
 
 DEFAULT_USERS: Mapping[str, str] = {"alice": "wonderland"}
 USER_ACTIONS = frozenset({"pull", "push", "delete", "*"})
@@ -148,7 +154,7 @@ class TokenPolicy:
         return access
 
 
-class TokenServer:
+class TokenServer(ThreadedService):
     """The token server, running in a background thread.
 
     ``realm`` is the URL to put in distribution's ``auth.token.realm``;
@@ -178,25 +184,6 @@ class TokenServer:
         app.router.add_get("/token", self._handle_get)
         app.router.add_post("/token", self._handle_post)
         self._server = ThreadedServer(app, name="token-server")
-
-    # -- lifecycle -------------------------------------------------------------
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return self._server.url
 
     @property
     def realm(self) -> str:
