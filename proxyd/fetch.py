@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,7 @@ class Download:
         self.error: BaseException | None = None
         self.writer: BlobWriter | None = None
         self._pipe: WriteBehind | None = None
-        self._unwritten: list[tuple[int, bytes]] = []  # (offset, chunk) not on disk yet
+        self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not on disk yet
         self._waiters: list[asyncio.Future[None]] = []
         self._fd = -1  # the temporary file, for readers
         self._users = 1  # the download itself; each reader adds one
@@ -174,7 +175,7 @@ class Download:
         self.written = written
         unwritten = self._unwritten
         while unwritten and unwritten[0][0] + len(unwritten[0][1]) <= written:
-            unwritten.pop(0)
+            unwritten.popleft()
         self.notify()
 
     def _unwritten_bytes(self, offset: int, limit: int) -> bytes:

@@ -165,19 +165,21 @@ class FastAnswers:
                 b"" if head else remembered.body,
             )
         )
-        self._account(remembered, method, 0 if head else len(remembered.body), start)
+        sent = 0 if head else len(remembered.body)
+        seconds = time.perf_counter() - start
+        self._account(remembered, method, sent, seconds)
         log_request(
             method.decode(),
             remembered.path,
             remembered.access,
             200,
-            0 if head else len(remembered.body),
-            time.perf_counter() - start,
+            sent,
+            seconds,
             request_id=request_id.decode("latin-1"),
         )
         return response
 
-    def _account(self, answer: _Answer, method: bytes, sent: int, start: float) -> None:
+    def _account(self, answer: _Answer, method: bytes, sent: int, seconds: float) -> None:
         """Counted aside (prometheus-client takes a lock per increment) and settled
         into the metrics before each scrape; the duration is observed at once."""
         key = (answer.access.route, method)
@@ -187,7 +189,7 @@ class FastAnswers:
             self._durations[key] = self._metrics.request_seconds.labels(key[0])
         pending[0] += 1
         pending[1] += sent
-        self._durations[key].observe(time.perf_counter() - start)
+        self._durations[key].observe(seconds)
 
     def settle(self) -> None:
         m = self._metrics
