@@ -188,6 +188,17 @@ class Download:
                 return chunk[offset - start : limit - start]
         raise UpstreamError(f"bytes at {offset} of {self.digest} are neither on disk nor held")
 
+    def _releasable(self) -> int:
+        """How many bytes readers may have now: all once verified; before that all but
+        the blob's last byte. With the size known, only the final byte itself waits;
+        without it any byte may be the last, so the newest one waits (and every chunk
+        then goes out in two pieces)."""
+        if self.verified:
+            return self.received
+        if self.size is not None and self.received < self.size:
+            return self.received
+        return self.received - 1
+
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -214,7 +225,7 @@ class Download:
             while stop is None or offset < stop:
                 if self.error is not None:
                     raise UpstreamError(f"download of {self.digest} failed: {self.error}")
-                available = self.received if self.verified else self.received - 1
+                available = self._releasable()
                 if stop is not None:
                     available = min(available, stop)
                 if offset < available:

@@ -216,3 +216,37 @@ async def test_a_caught_up_reader_gets_what_the_disk_has_not_taken_yet_but_the_l
     assert bytes(got) == data
     writers[0].close()
     download.release()
+
+
+async def test_with_the_size_known_only_the_blobs_final_byte_waits_for_the_digest(
+    tmp_path: Path,
+):
+    """A reader that keeps up gets each chunk whole, as it came from upstream: only
+    the blob's final byte is held back, not the newest byte of every chunk."""
+    store = BlobStore(tmp_path)
+    store.open()
+    chunk = 64 * 1024
+    data = os.urandom(4 * chunk)
+    download = Download(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()), target=None)
+    download.size = len(data)
+    download.open(store)
+    parts: list[bytes] = []
+
+    async def read() -> None:
+        async for part in download.chunks():
+            parts.append(part)
+
+    reader = asyncio.create_task(read())
+    chunks = [data[start : start + chunk] for start in range(0, len(data), chunk)]
+    for piece in chunks:
+        await download.write(piece)
+        for _ in range(5):
+            await asyncio.sleep(0)
+    assert parts == [*chunks[:-1], chunks[-1][:-1]]
+
+    await asyncio.wait_for(download.verify(), 10)
+    await asyncio.wait_for(reader, 10)
+    assert parts[-1] == data[-1:]
+    assert download.writer is not None
+    download.writer.close()
+    download.release()
