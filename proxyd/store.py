@@ -22,6 +22,8 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +34,20 @@ LinkKind = Literal["_blobs", "_manifests"]
 Buffer = bytes | bytearray | memoryview
 TOUCH_EVERY = 60.0  # seconds between updates of a blob's last-use time
 _IOV_MAX = 1024  # buffers one writev takes (Linux's IOV_MAX)
+# From this many bytes a batch is hashed in a second thread while it is written: the
+# hash and the copy into the page cache are the two slow halves of a cold download,
+# and both release the GIL. Below it, the hand-over costs more than it saves.
+HASH_ASIDE_FROM = 256 << 10
+_hashers: ThreadPoolExecutor | None = None
+
+
+def _hasher_pool() -> ThreadPoolExecutor:
+    """Threads that only hash: a job there never waits for another, so writers
+    waiting for them cannot deadlock, however many downloads run."""
+    global _hashers
+    if _hashers is None:
+        _hashers = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="proxyd-hash")
+    return _hashers
 
 
 class BlobStore:
@@ -177,10 +193,26 @@ class BlobWriter:
         self.append([data])
 
     def append(self, buffers: Sequence[Buffer]) -> int:
-        """Write and hash `buffers` in order, at the end of the file; the byte count."""
+        """Write and hash `buffers` in order, at the end of the file; the byte count.
+        A large batch is hashed in another thread while this one writes it; either way
+        both are done when this returns, so the next batch hashes after this one."""
         views = [memoryview(b) for b in buffers]
         total = sum(v.nbytes for v in views)
-        left = total
+        if total < HASH_ASIDE_FROM:
+            self._write_all(views)
+            self._update_hash(buffers)
+        else:
+            hashed = _hasher_pool().submit(self._update_hash, buffers)
+            try:
+                self._write_all(views)
+            finally:
+                wait_for([hashed])  # never leave the hash running behind a failed write
+            hashed.result()
+        self.written += total
+        return total
+
+    def _write_all(self, views: list[memoryview]) -> None:
+        left = sum(v.nbytes for v in views)
         while left:
             done = os.writev(self._fd, views[:_IOV_MAX])
             left -= done
@@ -188,10 +220,10 @@ class BlobWriter:
                 done -= views.pop(0).nbytes
             if done:  # a short write stopped inside this buffer
                 views[0] = views[0][done:]
+
+    def _update_hash(self, buffers: Sequence[Buffer]) -> None:
         for buffer in buffers:
             self._hash.update(buffer)
-        self.written += total
-        return total
 
     def verify(self) -> None:
         """Check what was written against the digest; on a mismatch keep nothing and

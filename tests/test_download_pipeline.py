@@ -250,3 +250,44 @@ async def test_with_the_size_known_only_the_blobs_final_byte_waits_for_the_diges
     assert download.writer is not None
     download.writer.close()
     download.release()
+
+
+def test_a_large_batch_is_hashed_beside_its_write_and_both_are_done_on_return(
+    tmp_path: Path,
+):
+    store = BlobStore(tmp_path)
+    store.open()
+    buffers = [os.urandom(store_module.HASH_ASIDE_FROM) for _ in range(3)]
+    data = b"".join(buffers)
+    with store.writer(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())) as writer:
+        writer.append(buffers[:1])
+        assert writer.append(buffers[1:]) == 2 * store_module.HASH_ASIDE_FROM
+        assert writer.temp_path.read_bytes() == data
+        writer.commit()  # the digest of every byte, in order
+    assert store.path(writer.digest).read_bytes() == data
+
+
+def test_a_failed_write_of_a_large_batch_raises_once_its_hash_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    store = BlobStore(tmp_path)
+    store.open()
+    hashed = threading.Event()
+    real_hash = BlobWriter._update_hash
+
+    def slow_hash(self: BlobWriter, buffers: Sequence[Buffer]) -> None:
+        threading.Event().wait(0.05)  # still hashing when the write fails
+        real_hash(self, buffers)
+        hashed.set()
+
+    def full_disk(fd: int, buffers: Sequence[Buffer]) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BlobWriter, "_update_hash", slow_hash)
+    monkeypatch.setattr(store_module.os, "writev", full_disk)
+    data = os.urandom(store_module.HASH_ASIDE_FROM)
+    with store.writer(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())) as writer:
+        with pytest.raises(OSError, match="No space left"):
+            writer.append([data])
+        assert hashed.is_set()  # nothing of this writer runs on behind the caller
+    assert list((tmp_path / "tmp").iterdir()) == []
