@@ -10,6 +10,11 @@ It stands for the network between a proxy and its upstream, in three roles:
 - one address for a registry and its token server (``--token-target``): drayage
   refuses a token realm on another host or port than its upstream.
 
+Unpaced, it forwards whatever it has read, up to a megabyte at a time: it stands for
+the network, which costs a real proxy's machine no CPU, so it takes as little of the
+CPU the proxies and clients share as it can (in 64 KiB chunks it took 0.20 s of CPU
+per pull of the 81 MiB image, 0.11-0.14 s this way).
+
 It runs in its own process so that its event loop never competes with the measuring
 client for the benchmark's GIL. It listens on 127.0.0.1 only, prints ``LISTENING
 <port>`` once bound, and exits when its parent dies or ``--max-seconds`` pass.
@@ -30,7 +35,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-CHUNK = 64 * 1024
+CHUNK = 64 * 1024  # the pace of a paced relay
+READ_BUFFER = 1 << 20  # an unpaced relay forwards whatever it has read, up to this
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
@@ -66,7 +72,10 @@ class Relay:
     async def _session(self, app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            read_bufsize=READ_BUFFER if self.rate <= 0 else CHUNK,
         ) as session:
             app[SESSION] = session
             yield
@@ -102,7 +111,12 @@ class Relay:
             if request.method == "HEAD":
                 return response
             started, sent = time.monotonic(), 0
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            body = (
+                upstream.content.iter_chunked(CHUNK)
+                if self.rate > 0
+                else upstream.content.iter_any()
+            )
+            async for chunk in body:
                 await response.write(chunk)
                 sent += len(chunk)
                 if self.rate > 0:
