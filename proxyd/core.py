@@ -76,6 +76,7 @@ async def open_core(registry: Registry, metrics: Metrics | None = None) -> Async
         evictor.start()  # without limits it only measures the store, for the metrics
         pusher.start()
         try:
+            await small.open()
             yield Core(registry, store, small, evictor, upstream, puller, pusher, metrics)
         finally:
             await evictor.stop()

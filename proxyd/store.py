@@ -6,7 +6,7 @@ Layout under the cache directory:
     tmp/<random>                                            downloads in progress
     links/<namespace>/<repository>/_blobs/<algorithm>/<hex>      empty file
     links/<namespace>/<repository>/_manifests/<algorithm>/<hex>  the media type
-    small.sqlite                                            tag records (proxyd.smallcache)
+    small.sqlite (+ -wal, -shm)                             tag records (proxyd.smallcache)
 
 A file appears under `blobs/` only by an atomic rename after its digest was checked,
 so a crash at any moment leaves at most a stray file in `tmp/`, removed at start.

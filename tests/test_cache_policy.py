@@ -4,8 +4,13 @@ fresh, revalidated with a HEAD when old, and served stale when every host fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+
+from structlog.testing import capture_logs
 
 from proxyd.server.keys import PULLER
+from proxyd.smallcache import SmallCache
 from tests.conftest import host, origin
 from tests.fakes import FakeRegistry, make_image
 
@@ -178,3 +183,25 @@ async def test_a_fresh_tag_costs_one_cache_read_where_no_push_can_move_it(make_p
         small.get = counting
         assert (await proxyd.get("/v2/team/app/manifests/v1")).headers["X-Proxyd-Cache"] == "hit"
         assert len(keys) == reads, (extra, keys)
+
+
+async def test_the_sqlite_cache_keeps_a_write_ahead_log(make_proxyd, start_fake, cache_dir):
+    """Storing a tag answer costs no fsync (one per commit in SQLite's default mode);
+    a power cut may lose the newest records, never leave a corrupt file."""
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=300))
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
+    with contextlib.closing(sqlite3.connect(cache_dir / "small.sqlite")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_cache_that_cannot_set_its_pragmas_still_serves(tmp_path):
+    small = SmallCache.sqlite(tmp_path / "small.sqlite", pragmas=("PRAGMA no_such_thing = (",))
+    with capture_logs() as events:
+        await small.open()
+    assert [e["event"] for e in events] == ["smallcache.pragma_failed"]
+    await small.put("k", {"v": 1})
+    entry = await small.get("k")
+    assert entry is not None and entry.value == {"v": 1}
+    await small.close()
