@@ -42,7 +42,8 @@ from proxyd.errors import (
 )
 from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability, Namespace
-from proxyd.hot import HotManifests
+from proxyd.hot import HotManifest, HotManifests
+from proxyd.hot import Key as HotKey
 from proxyd.metrics import Metrics
 from proxyd.reference import Digest, is_digest
 from proxyd.routing import Target
@@ -98,6 +99,13 @@ class BlobHead:
     digest: Digest
     size: int | None
     host: str
+
+
+@dataclass(frozen=True)
+class _Storing:
+    media_type: str
+    body: bytes
+    removals: int  # the store's removal count when it was fetched
 
 
 class Download:
@@ -275,9 +283,13 @@ class Puller:
         self.metrics = metrics or Metrics()
         self.flights: SingleFlight[Any] = SingleFlight(on_join=self.metrics.coalesced.inc)
         self._downloads: dict[Digest, Download] = {}
+        self._storing: dict[HotKey, _Storing] = {}  # manifests on their way to the disk
+        self._stores: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        # Manifests on their way to the disk are small: they are let finish.
+        await asyncio.gather(*self._stores, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -290,13 +302,7 @@ class Puller:
         digest = Digest.parse(reference)
         ns, repo = target.namespace.name, target.repository
         hot_key = (ns, repo, str(digest))
-        hot = self.hot.get(hot_key)
-        if hot is None:
-            media_type = self.store.linked(ns, repo, digest, "_manifests")
-            body = self.store.read(digest) if media_type is not None else None
-            if media_type is not None and body is not None:
-                self.store.use(digest)
-                hot = self.hot.put(hot_key, media_type, body)
+        hot = self.hot.get(hot_key) or self._stored_manifest(hot_key, digest)
         if hot is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
             body = hot.body
@@ -307,6 +313,19 @@ class Puller:
             key, lambda: self._fetch_manifest(target, digest, accept)
         )
         return manifest
+
+    def _stored_manifest(self, key: HotKey, digest: Digest) -> HotManifest | None:
+        """The manifest from the store, or on its way there; remembered when found."""
+        storing = self._storing.get(key)
+        if storing is not None and storing.removals == self.store.removals:
+            return self.hot.put(key, storing.media_type, storing.body)
+        ns, repo, _ = key
+        media_type = self.store.linked(ns, repo, digest, "_manifests")
+        body = self.store.read(digest) if media_type is not None else None
+        if media_type is None or body is None:
+            return None
+        self.store.use(digest)
+        return self.hot.put(key, media_type, body)
 
     async def _fetch_manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
         async with self._request(
@@ -444,7 +463,7 @@ class Puller:
         if hashlib.new(digest.algorithm, body).hexdigest() != digest.hex:
             raise DigestMismatch(str(digest), "a cached tag record with other bytes")
         ns, repo = target.namespace.name, target.repository
-        if (
+        if (ns, repo, str(digest)) not in self._storing and (
             self.store.size(digest) is None
             or self.store.linked(ns, repo, digest, "_manifests") is None
         ):
@@ -454,8 +473,36 @@ class Puller:
     def _commit_manifest(
         self, target: Target, digest: Digest, body: bytes, media_type: str
     ) -> None:
-        self.store.put(digest, body)  # raises DigestMismatch, keeping nothing
-        self.store.link(target.namespace.name, target.repository, digest, "_manifests", media_type)
+        """Check the bytes now (raises DigestMismatch); store them after the answer.
+
+        A worker thread writes, fsyncs and renames the file, off the event loop and off
+        the client's way; until then this process answers the manifest from memory.
+        The link follows the file, so the disk never links a manifest it lacks, and a
+        delete through proxyd meanwhile wins: neither memory nor link outlive it."""
+        actual = hashlib.new(digest.algorithm, body).hexdigest()
+        if actual != digest.hex:
+            raise DigestMismatch(str(digest), f"{digest.algorithm}:{actual}")
+        key = (target.namespace.name, target.repository, str(digest))
+        storing = _Storing(media_type, body, self.store.removals)
+        self._storing[key] = storing
+        task = asyncio.create_task(self._store_manifest(key, digest, storing))
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+    async def _store_manifest(self, key: HotKey, digest: Digest, storing: _Storing) -> None:
+        try:
+            put = asyncio.get_running_loop().run_in_executor(
+                None, self.store.put, digest, storing.body
+            )
+            await settle(put)
+            if self.store.removals == storing.removals:
+                ns, repo, _ = key
+                self.store.link(ns, repo, digest, "_manifests", storing.media_type)
+        except OSError as exc:  # the cache's loss, not the client's: fetched again later
+            log.warning("manifest.not_stored", digest=str(digest), error=str(exc))
+        finally:
+            if self._storing.get(key) is storing:
+                del self._storing[key]
 
     async def _read_manifest(self, up: Upstream) -> bytes:
         """Read at most max_manifest_size bytes (containerd's MaxManifestSize)."""

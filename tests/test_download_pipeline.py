@@ -1,5 +1,6 @@
-"""A cold blob on its way through proxyd: hashed and written behind the event loop,
-released to the clients once verified, stored (fsync, rename) after that."""
+"""Cold content on its way through proxyd: a blob hashed and written behind the event
+loop, released to the clients once verified, stored (fsync, rename) after that; a
+manifest answered once checked, and stored after the answer."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from structlog.testing import capture_logs
 from proxyd import store as store_module
 from proxyd.fetch import Download
 from proxyd.reference import Digest
+from proxyd.server.keys import PULLER
 from proxyd.store import BlobStore, BlobWriter, Buffer
 from proxyd.writebehind import WriteBehind
 from tests.conftest import host, origin, until_stored
@@ -123,6 +125,55 @@ async def test_a_failed_rename_after_the_release_keeps_nothing_and_is_logged(
     retry = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert await retry.read() == LAYER
     assert len(upstream.requests(f"/blobs/{image.layer}")) == 2
+
+
+async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_then(
+    make_proxyd, start_fake, held_fsync: threading.Event
+):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(config(server))
+    store = proxyd.server.app[PULLER].store
+    digest, path = Digest.parse(image.digest), f"/v2/team/app/manifests/{image.digest}"
+
+    first = await asyncio.wait_for(proxyd.get(path), 10)  # while its fsync is held
+    assert first.headers["X-Proxyd-Cache"] == "miss"
+    assert await first.read() == image.manifest
+    again = await asyncio.wait_for(proxyd.get(path), 10)
+    assert again.headers["X-Proxyd-Cache"] == "hit"
+    assert await again.read() == image.manifest
+    assert len(upstream.requests(f"/manifests/{image.digest}")) == 1
+    assert store.linked(host(server), "team/app", digest, "_manifests") is None  # not yet
+
+    held_fsync.set()
+    for _ in range(500):
+        if store.linked(host(server), "team/app", digest, "_manifests") is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert store.read(digest) == image.manifest
+    assert store.linked(host(server), "team/app", digest, "_manifests") == first.content_type
+
+
+async def test_a_delete_while_a_manifest_is_stored_leaves_neither_link_nor_memory(
+    make_proxyd, start_fake, held_fsync: threading.Event
+):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(config(server))
+    puller = proxyd.server.app[PULLER]
+    digest, path = Digest.parse(image.digest), f"/v2/team/app/manifests/{image.digest}"
+    assert (await asyncio.wait_for(proxyd.get(path), 10)).status == 200
+
+    puller.store.unlink(host(server), "team/app", digest, "_manifests")  # as a DELETE does
+    held_fsync.set()
+    await asyncio.wait_for(puller.close(), 10)  # every store has ended
+    assert puller.store.read(digest) == image.manifest  # content, but no link to it
+    assert puller.store.linked(host(server), "team/app", digest, "_manifests") is None
+    again = await asyncio.wait_for(proxyd.get(path), 10)
+    assert again.headers["X-Proxyd-Cache"] == "miss"  # not from memory: asked upstream
+    assert len(upstream.requests(f"/manifests/{image.digest}")) == 2
 
 
 class StalledWriter(BlobWriter):
