@@ -18,6 +18,7 @@ class Profile:
     blob_size: int  # the cold blob of the TTFB and crowd workloads
     rss_sizes: tuple[int, int]  # the small and the large blob of the memory workload
     reps: int
+    pull_reps: int  # the pulls: a pull's spread here is as wide as the differences sought
     rss_reps: int
     slow_rate: float  # bytes/s of the slow upstream (TTFB)
     crowd_rate: float  # bytes/s per connection of the crowd upstream
@@ -47,6 +48,7 @@ FULL = Profile(
     blob_size=64 * MIB,
     rss_sizes=(256 * MIB, 1024 * MIB),
     reps=5,
+    pull_reps=11,
     rss_reps=3,
     slow_rate=4 * MIB,
     crowd_rate=16 * MIB,
@@ -62,6 +64,7 @@ SMOKE = Profile(
     blob_size=8 * MIB,
     rss_sizes=(8 * MIB, 32 * MIB),
     reps=1,
+    pull_reps=1,
     rss_reps=1,
     slow_rate=4 * MIB,
     crowd_rate=16 * MIB,

@@ -66,7 +66,7 @@ def warm_pull(ctx: Context, upstream: Upstream) -> Workload:
             if running is not None:
                 started[proxy.name] = running
                 record(row, _pull, ctx, running.host, None, check=True)  # primes the cache
-        for rep in range(ctx.profile.reps):
+        for rep in range(ctx.profile.pull_reps):
             _measure(ctx, direct, upstream.host, upstream.creds_text)
             for name, running in started.items():
                 with ctx.watch(running, f"{wl.id}-{rep}"):
@@ -80,7 +80,7 @@ def cold_pull(ctx: Context, upstream: Upstream) -> Workload:
     )
     proxies = ctx.ready_rows(wl)
     direct = wl.row(DIRECT)
-    for rep in range(ctx.profile.reps):
+    for rep in range(ctx.profile.pull_reps):
         _measure(ctx, direct, upstream.host, upstream.creds_text)
         for row, running in ctx.each_fresh(wl, proxies, upstream):
             with ctx.watch(running, f"{wl.id}-{rep}"):

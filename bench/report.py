@@ -260,7 +260,8 @@ def update_docs(doc: Path, table: str, meta: dict[str, Any]) -> bool:
     _, _, tail = rest.partition(END)
     stamp = (
         f"`{meta.get('command')}`, {meta.get('finished')}, {meta.get('seconds')} s; "
-        f"{meta.get('reps')} repetitions; load average {meta.get('loadavg_1m_at_start')} at "
+        f"{meta.get('reps')} repetitions ({meta.get('pull_reps', meta.get('reps'))} of the pulls); "
+        f"load average {meta.get('loadavg_1m_at_start')} at "
         f"start, {meta.get('loadavg_1m_at_end')} at the end.\n\n"
         f"Machine: {meta.get('nproc')} CPUs ({meta.get('cpu')}), {meta.get('memory_gib')} GiB, "
         f"{meta.get('os')}, kernel {meta.get('kernel')}. Versions: proxyd {meta.get('proxyd')}, "

@@ -135,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     profile = PROFILES["smoke" if args.smoke else "full"]
     if args.reps:
-        profile = replace(profile, reps=args.reps, rss_reps=min(profile.rss_reps, args.reps))
+        profile = replace(
+            profile,
+            reps=args.reps,
+            pull_reps=args.reps,
+            rss_reps=min(profile.rss_reps, args.reps),
+        )
     names = args.only or list(WORKLOADS)
     out = args.out or RESULTS / ("smoke.json" if args.smoke else "latest.json")
     for signum in STOP_SIGNALS:
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = describe(ROOT, Drayage().binary()) | {
         "profile": profile.name,
         "reps": profile.reps,
+        "pull_reps": profile.pull_reps,
         "command": command,
         "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": seconds,
