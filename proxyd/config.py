@@ -103,7 +103,7 @@ class CacheSettings(BaseModel):
     )
     manifest_memory: ByteSize = Field(
         ByteSize(32 << 20),
-        description="memory for the manifests served last, so a hit reads no file; 0: off",
+        description="memory for the manifests and tags served last: a hit reads no file; 0: off",
     )
 
 

@@ -42,7 +42,7 @@ from proxyd.errors import (
 )
 from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability, Namespace
-from proxyd.hot import HotManifest, HotManifests
+from proxyd.hot import HotManifest, HotManifests, HotTags
 from proxyd.hot import Key as HotKey
 from proxyd.metrics import Metrics
 from proxyd.reference import Digest, is_digest
@@ -56,6 +56,7 @@ log = structlog.get_logger("proxyd.fetch")
 T = TypeVar("T")
 
 READ_CHUNK = 1 << 20
+MAX_HOT_TAGS = 4096  # fresh tag answers remembered (their manifests count in manifest_memory)
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -272,6 +273,7 @@ class Puller:
     ) -> None:
         self.store = store
         self.hot = HotManifests(store, hot_manifest_bytes)
+        self.hot_tags = HotTags(max_entries=MAX_HOT_TAGS if hot_manifest_bytes > 0 else 0)
         # Whether a push or delete through proxyd may move a namespace's tags: only
         # then is a cached tag checked against the tag-changed mark (one more read).
         self.tags_can_move = tags_can_move
@@ -348,17 +350,52 @@ class Puller:
 
     async def _resolve_tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
         key = _tag_key(target, tag, accept)
+        # Where no push or delete through proxyd can move a tag, only its TTL ends an
+        # answer, so this process may remember it; elsewhere every answer is checked
+        # against the tag-changed mark another replica may have left.
+        remember = not self.tags_can_move(target.namespace)
+        if remember and (remembered := self._remembered_tag(target, key)) is not None:
+            return remembered
+        ttl = target.namespace.tag_ttl
+
+        async def refresh(entry: Entry | None) -> Manifest:
+            manifest = await self._refresh_tag(target, tag, accept, key, entry)
+            if remember:
+                self._remember_tag(target, key, manifest, ttl)
+            return manifest
+
+        def from_entry(entry: Entry, cache: str) -> Manifest:
+            manifest = self._from_entry(target, entry, cache)
+            if remember and cache == "hit":
+                self._remember_tag(target, key, manifest, ttl - entry.age(self.small.now()))
+            return manifest
+
         return await self._through_cache(
             target,
             key,
             "tag",
             f"tag {tag}",
-            changed_key=(
-                _tag_changed_key(target, tag) if self.tags_can_move(target.namespace) else None
-            ),
-            refresh=lambda entry: self._refresh_tag(target, tag, accept, key, entry),
-            from_entry=lambda entry, cache: self._from_entry(target, entry, cache),
+            changed_key=None if remember else _tag_changed_key(target, tag),
+            refresh=refresh,
+            from_entry=from_entry,
         )
+
+    def _remembered_tag(self, target: Target, key: str) -> Manifest | None:
+        digest = self.hot_tags.get(key)
+        if digest is None:
+            return None
+        hot = self.hot.get((target.namespace.name, target.repository, digest))
+        if hot is None:
+            return None
+        self.metrics.cache.labels("tag", "hit").inc()
+        body = hot.body
+        return Manifest(Digest.parse(digest), hot.media_type, len(body), body, "hit", None)
+
+    def _remember_tag(self, target: Target, key: str, manifest: Manifest, fresh_for: float) -> None:
+        """A fresh answer (its bytes verified, the repository's link made or on its way)."""
+        hot_key = (target.namespace.name, target.repository, str(manifest.digest))
+        self.hot.put(hot_key, manifest.media_type, manifest.body)
+        self.hot_tags.put(key, str(manifest.digest), fresh_for)
 
     async def _through_cache(
         self,
@@ -463,7 +500,8 @@ class Puller:
         if hashlib.new(digest.algorithm, body).hexdigest() != digest.hex:
             raise DigestMismatch(str(digest), "a cached tag record with other bytes")
         ns, repo = target.namespace.name, target.repository
-        if (ns, repo, str(digest)) not in self._storing and (
+        storing = self._storing.get((ns, repo, str(digest)))
+        if (storing is None or storing.removals != self.store.removals) and (
             self.store.size(digest) is None
             or self.store.linked(ns, repo, digest, "_manifests") is None
         ):

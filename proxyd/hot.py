@@ -1,10 +1,16 @@
-"""Manifests by digest that were just served from the store, kept in memory.
+"""Manifests by digest that were just served from the store, kept in memory, and
+the fresh tag resolutions that point at them.
 
 A manifest hit otherwise reads the repository's link and the manifest file on every
 request. Here the pair is remembered for `recheck` seconds, then read again from
 disk, so the link (upstream's confirmation) stays the authority: a link removed by
 eviction or a delete in another process is honoured within `recheck`, and one removed
 by this process at once (the store counts its removals; any removal empties this).
+
+A fresh tag answer otherwise costs a read of the small-response cache (a thread hop
+to SQLite, or a round trip to Redis). `HotTags` remembers which digest it resolved to,
+for `recheck` seconds and never past the answer's own freshness; the bytes are taken
+from `HotManifests`, so a tag is answered from memory only while its manifest is.
 """
 
 from __future__ import annotations
@@ -87,3 +93,39 @@ class HotManifests:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self._bytes -= len(entry.body)
+
+
+class HotTags:
+    """An entry-bounded LRU: a tag answer's key (tag, Accept set) to its digest."""
+
+    def __init__(
+        self,
+        max_entries: int = 4096,
+        *,
+        recheck: float = RECHECK,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_entries = max_entries
+        self.recheck = recheck
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        digest, until = entry
+        if self.clock() >= until:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return digest
+
+    def put(self, key: str, digest: str, fresh_for: float) -> None:
+        """Remember for `recheck` seconds at most, and no longer than `fresh_for`."""
+        if fresh_for <= 0 or self.max_entries <= 0:
+            return
+        self._entries[key] = (digest, self.clock() + min(fresh_for, self.recheck))
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)

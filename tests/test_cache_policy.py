@@ -9,6 +9,7 @@ import sqlite3
 
 from structlog.testing import capture_logs
 
+from proxyd.reference import Digest
 from proxyd.server.keys import PULLER
 from proxyd.smallcache import SmallCache
 from tests.conftest import host, origin
@@ -163,26 +164,86 @@ async def test_a_tag_cached_for_one_accept_set_does_not_answer_another(make_prox
     assert manifest_requests(upstream) == ["GET", "GET"]
 
 
-async def test_a_fresh_tag_costs_one_cache_read_where_no_push_can_move_it(make_proxyd, start_fake):
-    """The tag-changed mark (written by pushes and deletes through proxyd) is only
-    consulted where the namespace lets tags move through proxyd."""
+def count_reads(proxyd) -> list[str]:
+    """The keys of the small-cache reads from now on."""
+    small = proxyd.server.app[PULLER].small
+    keys: list[str] = []
+    read = small.get
+
+    async def counting(key: str) -> object:
+        keys.append(key)
+        return await read(key)
+
+    small.get = counting
+    return keys
+
+
+async def test_a_fresh_tag_is_answered_from_memory_where_no_push_can_move_it(
+    make_proxyd, start_fake
+):
+    """Where tags can move through proxyd, every answer is checked against the
+    tag-changed mark another replica may have left (two reads); elsewhere only the
+    TTL ends an answer, and this process remembers it (no read at all)."""
     upstream = FakeRegistry()
-    upstream.add(make_image())
+    image = upstream.add(make_image())
     server = await start_fake(upstream)
-    for extra, reads in (([], 1), (["allow_push = true"], 2)):
+    for extra, reads in (([], 0), (["allow_push = true"], 2)):
         proxyd = await make_proxyd(config(server, 300) + "\n" + "\n".join(extra))
         await proxyd.get("/v2/team/app/manifests/v1")
-        small = proxyd.server.app[PULLER].small
-        keys: list[str] = []
-        read = small.get
-
-        async def counting(key: str, read=read, keys=keys):
-            keys.append(key)
-            return await read(key)
-
-        small.get = counting
-        assert (await proxyd.get("/v2/team/app/manifests/v1")).headers["X-Proxyd-Cache"] == "hit"
+        keys = count_reads(proxyd)
+        again = await proxyd.get("/v2/team/app/manifests/v1")
+        assert again.headers["X-Proxyd-Cache"] == "hit"
+        assert again.headers["Docker-Content-Digest"] == image.digest
+        assert await again.read() == image.manifest
         assert len(keys) == reads, (extra, keys)
+
+
+async def test_a_remembered_tag_is_asked_for_again_after_a_second(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), 300))
+    puller = proxyd.server.app[PULLER]
+    now = [1000.0]
+    puller.hot_tags.clock = puller.hot.clock = lambda: now[0]
+    await proxyd.get("/v2/team/app/manifests/v1")
+    keys = count_reads(proxyd)
+    now[0] += 0.9
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).headers["X-Proxyd-Cache"] == "hit"
+    assert keys == []
+    now[0] += 0.2
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).headers["X-Proxyd-Cache"] == "hit"
+    assert len(keys) == 1  # the small cache again, still fresh there
+    assert manifest_requests(upstream) == ["GET"]
+
+
+async def test_a_remembered_tag_never_outlives_its_ttl(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    proxyd = await make_proxyd(config(await start_fake(upstream), tag_ttl=0.2))
+    await proxyd.get("/v2/team/app/manifests/v1")
+    await asyncio.sleep(0.3)
+    again = await proxyd.get("/v2/team/app/manifests/v1")
+    assert again.headers["X-Proxyd-Cache"] == "revalidated"
+    assert manifest_requests(upstream) == ["GET", "HEAD"]
+
+
+async def test_a_removal_from_the_store_drops_remembered_tags(make_proxyd, start_fake):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(config(server, 300))
+    await proxyd.get("/v2/team/app/manifests/v1")
+    keys = count_reads(proxyd)
+    store = proxyd.server.app[PULLER].store
+    store.unlink(host(server), "team/app", Digest.parse(image.digest), "_manifests")
+    again = await proxyd.get("/v2/team/app/manifests/v1")
+    assert again.headers["X-Proxyd-Cache"] == "hit"  # from the small cache, linked again
+    assert len(keys) == 1
+    for _ in range(500):  # the link follows the manifest's file, after the answer
+        if store.linked(host(server), "team/app", Digest.parse(image.digest), "_manifests"):
+            break
+        await asyncio.sleep(0.01)
+    assert store.linked(host(server), "team/app", Digest.parse(image.digest), "_manifests")
 
 
 async def test_the_sqlite_cache_keeps_a_write_ahead_log(make_proxyd, start_fake, cache_dir):

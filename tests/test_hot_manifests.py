@@ -1,6 +1,6 @@
 """Manifests kept in memory after a hit (proxyd/hot.py): served without reading the
 store for `recheck` seconds, bounded in bytes, and dropped when the store removes
-anything."""
+anything; and fresh tag answers, remembered by digest for as long."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 from proxyd.evict import Plan, StoredFile, apply
-from proxyd.hot import HotManifests
+from proxyd.hot import HotManifests, HotTags
 from proxyd.reference import Digest
 from proxyd.store import BlobStore
 
@@ -70,3 +70,31 @@ def test_an_eviction_drops_every_remembered_hit(tmp_path):
     apply(hot.store, Plan(remove=[StoredFile(digest, 5, 0.0)], total=5, entries=1))
     assert not hot.is_current(generation, entry.fresh_until)
     assert hot.get(KEY) is None
+
+
+def test_a_tag_is_remembered_for_a_second_and_never_past_its_freshness():
+    clock = Clock()
+    tags = HotTags(recheck=1.0, clock=clock)
+    tags.put("tag a", KEY[2], fresh_for=60)
+    tags.put("tag b", KEY[2], fresh_for=0.3)
+    tags.put("tag c", KEY[2], fresh_for=0)  # already old: not remembered
+    clock.now += 0.5
+    assert (tags.get("tag a"), tags.get("tag b"), tags.get("tag c")) == (KEY[2], None, None)
+    clock.now += 0.6
+    assert tags.get("tag a") is None
+
+
+def test_remembered_tags_are_bounded_and_the_least_recently_used_goes_first():
+    tags = HotTags(max_entries=2, clock=Clock())
+    tags.put("tag a", "sha256:a", fresh_for=60)
+    tags.put("tag b", "sha256:b", fresh_for=60)
+    assert tags.get("tag a") == "sha256:a"
+    tags.put("tag c", "sha256:c", fresh_for=60)
+    assert (tags.get("tag a"), tags.get("tag b"), tags.get("tag c")) == (
+        "sha256:a",
+        None,
+        "sha256:c",
+    )
+    off = HotTags(max_entries=0, clock=Clock())
+    off.put("tag a", "sha256:a", fresh_for=60)
+    assert off.get("tag a") is None
