@@ -367,8 +367,7 @@ class Pusher:
             whole = session.offset is not None and writer.written == session.offset + last_chunk
             if not whole or writer.digest.algorithm != digest.algorithm:
                 return
-            writer.digest = digest  # the digest a chunked upload announces at its end
-            await asyncio.get_running_loop().run_in_executor(None, writer.commit)
+            await asyncio.get_running_loop().run_in_executor(None, writer.commit, digest)
             self.on_commit(writer.written)
         except DigestMismatch as exc:
             log.warning("blob.push_copy_mismatch", digest=str(digest), actual=exc.actual)

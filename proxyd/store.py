@@ -246,8 +246,12 @@ class BlobWriter:
         os.replace(self.temp_path, final)
         self.committed = True
 
-    def commit(self) -> None:
-        """Verify and rename into place; raise DigestMismatch (and keep nothing) else."""
+    def commit(self, digest: Digest | None = None) -> None:
+        """Verify and rename into place; raise DigestMismatch (and keep nothing) else.
+        `digest` names the content when it was learnt only at the end (a chunked
+        upload announces it with its last request)."""
+        if digest is not None:
+            self.digest = digest
         self.verify()
         self.persist()
 
