@@ -49,7 +49,7 @@ from proxyd.reference import Digest, is_digest
 from proxyd.routing import Target
 from proxyd.smallcache import Entry, SmallCache
 from proxyd.store import BlobStore, BlobWriter
-from proxyd.upstream import Upstream, UpstreamClient
+from proxyd.upstream import Upstream, UpstreamClient, registry_errors
 from proxyd.writebehind import WriteBehind, settle
 
 log = structlog.get_logger("proxyd.fetch")
@@ -842,9 +842,7 @@ async def _raise_for_status(up: Upstream, not_found: type[ProxydError], what: st
     status = up.response.status
     if status in (200, 206):
         return
-    errors = await _upstream_errors(up.response)
-    said = "; ".join(str(e.get("message") or e.get("code")) for e in errors) or str(status)
-    message = f"{up.host.host}: {what}: {said}"
+    errors, message = await registry_errors(up, what)
     if status == 404:
         code = str(errors[0].get("code")) if errors else ""
         raise _NOT_FOUND.get(code, not_found)(message)
@@ -860,15 +858,3 @@ async def _raise_for_status(up: Upstream, not_found: type[ProxydError], what: st
             message, headers={"Retry-After": retry_after} if retry_after else None
         )
     raise UpstreamError(f"{message} (status {status})")
-
-
-async def _upstream_errors(response: aiohttp.ClientResponse) -> list[dict[str, Any]]:
-    """The `errors` of a registry's OCI error body, if it sent one."""
-    if response.method == "HEAD":
-        return []
-    try:
-        data = json.loads(await response.content.read(64 * 1024))
-    except (ValueError, aiohttp.ClientError):
-        return []
-    errors = data.get("errors") if isinstance(data, dict) else None
-    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []

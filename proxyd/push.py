@@ -24,7 +24,7 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 import aiohttp
 import structlog
@@ -63,7 +63,7 @@ from proxyd.uploads import (
     confirmed_offset,
     parse_content_range,
 )
-from proxyd.upstream import Body, Upstream, UpstreamClient
+from proxyd.upstream import Body, Upstream, UpstreamClient, registry_errors
 
 log = structlog.get_logger("proxyd.push")
 
@@ -610,14 +610,7 @@ async def _refusal(
     """The registry's final answer other than success, as proxyd's error: the client
     sees the registry's own code and message (MANIFEST_BLOB_UNKNOWN, DIGEST_INVALID…)."""
     status = up.response.status
-    errors: list[dict[str, Any]] = []
-    if up.response.method != "HEAD":
-        with contextlib.suppress(ValueError, aiohttp.ClientError):
-            data = json.loads(await up.response.content.read(64 * 1024))
-            found = data.get("errors") if isinstance(data, dict) else None
-            errors = [e for e in found or [] if isinstance(e, dict)]
-    said = "; ".join(str(e.get("message") or e.get("code")) for e in errors) or str(status)
-    message = f"{up.host.host}: {what}: {said}"
+    errors, message = await registry_errors(up, what)
     code = str(errors[0].get("code")) if errors else ""
     if status == 429:
         retry_after = up.response.headers.get("Retry-After")

@@ -15,6 +15,7 @@ count against the host's circuit breaker (the client may have gone away).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -66,6 +67,22 @@ class Upstream:
     host: RegistryHost
     response: aiohttp.ClientResponse
     failures: list[HostFailure]
+
+
+async def registry_errors(up: Upstream, what: str) -> tuple[list[dict[str, Any]], str]:
+    """The `errors` of a registry's OCI error body (if it sent one) and the message a
+    client is told: the host, what was asked, and what the registry said of it."""
+    errors: list[dict[str, Any]] = []
+    if up.response.method != "HEAD":
+        try:
+            data = json.loads(await up.response.content.read(64 * 1024))
+        except (ValueError, aiohttp.ClientError):
+            data = None
+        found = data.get("errors") if isinstance(data, dict) else None
+        if isinstance(found, list):
+            errors = [e for e in found if isinstance(e, dict)]
+    said = "; ".join(str(e.get("message") or e.get("code")) for e in errors)
+    return errors, f"{up.host.host}: {what}: {said or up.response.status}"
 
 
 class UpstreamClient:
