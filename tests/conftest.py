@@ -63,6 +63,13 @@ def host(server: TestServer) -> str:
     return f"127.0.0.1:{server.port}"
 
 
+async def oci_code(response: Any) -> str:
+    """The code of the first error in an OCI error answer, which must be JSON."""
+    assert response.headers["Content-Type"].startswith("application/json")
+    code: str = (await response.json())["errors"][0]["code"]
+    return code
+
+
 async def until_stored(cache_dir: Path, digest: str, within: float = 10.0) -> Path:
     """The blob's path once it is in the store. A download releases its last byte as
     soon as the digest is verified and renames the file into place after its fsync,

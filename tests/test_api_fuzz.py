@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.conftest import host, origin, until_stored
+from tests.conftest import host, oci_code, origin, until_stored
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 IMAGE = make_image()
@@ -369,7 +369,7 @@ async def test_a_stored_blob_answers_if_none_match_with_its_own_etag_with_304(ru
     assert body == b""
 
 
-async def test_an_unsatisfiable_range_on_a_stored_blob_is_an_oci_error(running):
+async def test_an_unsatisfiable_range_on_a_stored_blob_is_an_oci_code(running):
     status, headers, body = await send(running, blob_request(Range="bytes=99999999-"))
     assert status == 416
     assert headers["Content-Range"] == f"bytes */{len(IMAGE.blobs[IMAGE.layer])}"
@@ -409,12 +409,6 @@ async def odd_upstream(
     )
 
 
-async def oci_error(response: Any) -> str:
-    assert response.headers["Content-Type"].startswith("application/json")
-    code: str = (await response.json())["errors"][0]["code"]
-    return code
-
-
 @pytest.mark.parametrize(
     "body",
     [
@@ -437,7 +431,7 @@ async def test_a_tag_list_upstream_mangled_is_unavailable_not_an_internal_error(
     )
     response = await proxyd.get("/v2/team/app/tags/list")
     assert response.status == 502
-    assert await oci_error(response) == "UNAVAILABLE"
+    assert await oci_code(response) == "UNAVAILABLE"
 
 
 @pytest.mark.parametrize("announced", ["sha256:zz", "md5:" + "0" * 32, "garbage"])
@@ -468,7 +462,7 @@ async def test_a_manifest_that_does_not_match_its_announced_digest_is_refused(
     )
     response = await proxyd.get("/v2/team/app/manifests/v1")
     assert response.status == 502
-    assert await oci_error(response) == "DIGEST_INVALID"
+    assert await oci_code(response) == "DIGEST_INVALID"
 
 
 async def test_a_manifest_without_announced_digest_is_named_by_its_sha256(
@@ -513,4 +507,4 @@ async def test_whatever_upstream_answers_the_client_gets_an_oci_answer(
     response = await proxyd.get("/v2/team/app/manifests/v1")
     assert response.status == expected
     if code is not None:
-        assert await oci_error(response) == code
+        assert await oci_code(response) == code
