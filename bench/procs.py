@@ -47,8 +47,10 @@ def listening_pid(port: int, timeout: float = 5.0) -> int:
     deadline = time.monotonic() + timeout
     while True:
         for conn in psutil.net_connections(kind="tcp"):
-            listening = conn.status == psutil.CONN_LISTEN and conn.laddr
-            if listening and conn.laddr.port == port and conn.pid is not None:
+            address = conn.laddr  # an empty tuple for a socket not bound yet
+            if conn.status != psutil.CONN_LISTEN or not isinstance(address, tuple) or not address:
+                continue
+            if address[1] == port and conn.pid is not None:
                 return int(conn.pid)
         if time.monotonic() > deadline:
             raise RuntimeError(f"no process is listening on port {port}")
