@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxyd tests
-	$(BIN)/ruff format --check proxyd tests
+	$(BIN)/ruff check proxyd tests bench
+	$(BIN)/ruff format --check proxyd tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
