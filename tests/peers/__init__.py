@@ -72,6 +72,24 @@ class PeerError(AssertionError):
     """A peer did not start, answer or finish as the harness expected."""
 
 
+class Listening:
+    """A peer on 127.0.0.1, on the port it bound when it started (``_port``)."""
+
+    peer: str = "the peer"  # its name in errors
+    _port: int | None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise PeerError(f"{self.peer} is not running")
+        return self._port
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, as clients write it in image references."""
+        return f"{LOOPBACK}:{self.port}"
+
+
 def loopback_url(url: str) -> str:
     """``url`` itself, after checking that it points at 127.0.0.1 over plain HTTP.
 

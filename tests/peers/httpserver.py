@@ -15,7 +15,7 @@ from typing import Self
 
 from aiohttp import web
 
-from tests.peers import LOOPBACK, PeerError
+from tests.peers import LOOPBACK, Listening, PeerError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -83,7 +83,7 @@ async def record(request: web.Request, log: RequestLog) -> RecordedRequest:
     return item
 
 
-class ThreadedServer:
+class ThreadedServer(Listening):
     """An aiohttp application served from its own thread and event loop.
 
     Use as a context manager, or call ``start()``/``stop()``.  ``port`` is chosen by
@@ -92,7 +92,7 @@ class ThreadedServer:
 
     def __init__(self, app: web.Application, *, name: str = "aiohttp-peer") -> None:
         self._app = app
-        self._name = name
+        self._name = self.peer = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -101,14 +101,8 @@ class ThreadedServer:
         self._error: BaseException | None = None
 
     @property
-    def port(self) -> int:
-        if self._port is None:
-            raise PeerError(f"{self._name} is not running")
-        return self._port
-
-    @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"http://{self.host}"
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -37,6 +37,7 @@ from tests.peers import (
     LOOPBACK,
     Completed,
     HttpResult,
+    Listening,
     PeerError,
     free_port,
     http_request,
@@ -52,8 +53,10 @@ CLOSED_PORT_URL = f"http://{LOOPBACK}:1"
 LogEvent = dict[str, Any]
 
 
-class ProxydProcess:
+class ProxydProcess(Listening):
     """One proxyd daemon; see the module docstring."""
+
+    peer = "proxyd"
 
     def __init__(
         self,
@@ -81,17 +84,6 @@ class ProxydProcess:
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses -------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise PeerError("proxyd was never started")
-        return self._port
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``, as clients write it in image references."""
-        return f"{LOOPBACK}:{self.port}"
 
     @property
     def url(self) -> str:

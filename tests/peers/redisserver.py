@@ -15,24 +15,29 @@ import time
 from pathlib import Path
 from typing import Self
 
-from tests.peers import LOOPBACK, PeerError, free_port, require_binary, stop_process
+from tests.peers import (
+    LOOPBACK,
+    Listening,
+    PeerError,
+    free_port,
+    require_binary,
+    stop_process,
+)
 
 START_TIMEOUT = 10.0
 
 
-class RedisServer:
+class RedisServer(Listening):
+    """redis-server on a free port of the loopback, its data in ``workdir``."""
+
+    peer = "redis-server"
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "redis.log"
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise PeerError("redis-server was never started")
-        return self._port
 
     @property
     def url(self) -> str:

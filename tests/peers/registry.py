@@ -30,6 +30,7 @@ import bcrypt
 
 from tests.peers import (
     LOOPBACK,
+    Listening,
     PeerError,
     free_port,
     http_request,
@@ -73,8 +74,10 @@ def write_htpasswd(path: Path, users: Mapping[str, str]) -> Path:
     return path
 
 
-class Registry:
+class Registry(Listening):
     """One distribution process; see the module docstring for the modes."""
+
+    peer = "the registry"
 
     def __init__(
         self,
@@ -154,17 +157,6 @@ class Registry:
         return cls(workdir, kind="pull-through", proxy=proxy)
 
     # -- addresses -------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise PeerError("registry was never started")
-        return self._port
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``: the registry's name in image references."""
-        return f"{LOOPBACK}:{self.port}"
 
     @property
     def url(self) -> str:
