@@ -22,7 +22,7 @@ from proxyd.server.keys import PULLER
 from proxyd.store import BlobStore, BlobWriter, Buffer
 from proxyd.writebehind import WriteBehind
 from tests.conftest import host, origin, until_stored
-from tests.fakes import FakeRegistry, make_image
+from tests.fakes import FakeImage, FakeRegistry, make_image
 
 LAYER = bytes(range(256)) * 4096  # 1 MiB
 
@@ -127,13 +127,21 @@ async def test_a_failed_rename_after_the_release_keeps_nothing_and_is_logged(
     assert len(upstream.requests(f"/blobs/{image.layer}")) == 2
 
 
-async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_then(
-    make_proxyd, start_fake, held_fsync: threading.Event
-):
+async def one_manifest(
+    make_proxyd: Any, start_fake: Any
+) -> tuple[Any, FakeRegistry, FakeImage, str]:
+    """proxyd in front of an upstream with one image: (proxyd, upstream, the image, the
+    upstream's namespace)."""
     upstream = FakeRegistry()
     image = upstream.add(make_image())
     server = await start_fake(upstream)
-    proxyd = await make_proxyd(config(server))
+    return await make_proxyd(config(server)), upstream, image, host(server)
+
+
+async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_then(
+    make_proxyd, start_fake, held_fsync: threading.Event
+):
+    proxyd, upstream, image, ns = await one_manifest(make_proxyd, start_fake)
     store = proxyd.server.app[PULLER].store
     digest, path = Digest.parse(image.digest), f"/v2/team/app/manifests/{image.digest}"
 
@@ -144,33 +152,30 @@ async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_
     assert again.headers["X-Proxyd-Cache"] == "hit"
     assert await again.read() == image.manifest
     assert len(upstream.requests(f"/manifests/{image.digest}")) == 1
-    assert store.linked(host(server), "team/app", digest, "_manifests") is None  # not yet
+    assert store.linked(ns, "team/app", digest, "_manifests") is None  # not yet
 
     held_fsync.set()
     for _ in range(500):
-        if store.linked(host(server), "team/app", digest, "_manifests") is not None:
+        if store.linked(ns, "team/app", digest, "_manifests") is not None:
             break
         await asyncio.sleep(0.01)
     assert store.read(digest) == image.manifest
-    assert store.linked(host(server), "team/app", digest, "_manifests") == first.content_type
+    assert store.linked(ns, "team/app", digest, "_manifests") == first.content_type
 
 
 async def test_a_delete_while_a_manifest_is_stored_leaves_neither_link_nor_memory(
     make_proxyd, start_fake, held_fsync: threading.Event
 ):
-    upstream = FakeRegistry()
-    image = upstream.add(make_image())
-    server = await start_fake(upstream)
-    proxyd = await make_proxyd(config(server))
+    proxyd, upstream, image, ns = await one_manifest(make_proxyd, start_fake)
     puller = proxyd.server.app[PULLER]
     digest, path = Digest.parse(image.digest), f"/v2/team/app/manifests/{image.digest}"
     assert (await asyncio.wait_for(proxyd.get(path), 10)).status == 200
 
-    puller.store.unlink(host(server), "team/app", digest, "_manifests")  # as a DELETE does
+    puller.store.unlink(ns, "team/app", digest, "_manifests")  # as a DELETE does
     held_fsync.set()
     await asyncio.wait_for(puller.close(), 10)  # every store has ended
     assert puller.store.read(digest) == image.manifest  # content, but no link to it
-    assert puller.store.linked(host(server), "team/app", digest, "_manifests") is None
+    assert puller.store.linked(ns, "team/app", digest, "_manifests") is None
     again = await asyncio.wait_for(proxyd.get(path), 10)
     assert again.headers["X-Proxyd-Cache"] == "miss"  # not from memory: asked upstream
     assert len(upstream.requests(f"/manifests/{image.digest}")) == 2
