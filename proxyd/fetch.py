@@ -103,6 +103,14 @@ class BlobHead:
 
 
 @dataclass(frozen=True)
+class Joined:
+    """A download whose digest is verified, its file on the way into the store: the
+    bytes are proxyd's already, so a request joining it is a hit."""
+
+    download: Download
+
+
+@dataclass(frozen=True)
 class _Storing:
     media_type: str
     body: bytes
@@ -559,18 +567,25 @@ class Puller:
 
     async def blob(
         self, target: Target, digest: Digest, *, head: bool
-    ) -> StoredBlob | Download | BlobHead:
-        """A stored blob, a download to stream from, or (HEAD of a missing blob) the
-        upstream's answer. Never serves content this repository was not confirmed for."""
+    ) -> StoredBlob | Download | Joined | BlobHead:
+        """A stored blob, a download to stream from (verified already: `Joined`), or
+        (HEAD of a missing blob) the upstream's answer. Never serves content this
+        repository was not confirmed for."""
         size = self.store.use(digest)
         if size is not None:
             await self._confirm(target, digest)
             self.metrics.cache.labels("blob", "hit").inc()
             return StoredBlob(digest, self.store.path(digest), size)
+        download = self._downloads.get(digest)
+        if not head and download is not None and download.verified:
+            if download.target != target:
+                await self._confirm(target, digest)
+            self.metrics.cache.labels("blob", "hit").inc()
+            self.metrics.coalesced.inc()
+            return Joined(download)
         self.metrics.cache.labels("blob", "miss").inc()
         if head:
             return await self._head_blob(target, digest)
-        download = self._downloads.get(digest)
         if download is None:
             download = self._start_download(target, digest)
         else:

@@ -17,7 +17,7 @@ from typing import Any
 
 from proxyd.config import Registry
 from proxyd.errors import NameUnknown, ProxydError
-from proxyd.fetch import MANIFEST_TYPES, Download, Puller, StoredBlob
+from proxyd.fetch import MANIFEST_TYPES, Download, Joined, Puller, StoredBlob
 from proxyd.reference import Digest, ImageReference, parse_image_reference
 from proxyd.routing import Target
 
@@ -115,7 +115,7 @@ async def _fetch_blob(
     puller: Puller, target: Target, digest: Digest, progress: Progress, summary: Summary
 ) -> None:
     result = await puller.blob(target, digest, head=False)
-    if isinstance(result, StoredBlob):
+    if isinstance(result, StoredBlob | Joined):
         summary.blobs_cached += 1
         progress.blob_done(digest, cached=True)
         return

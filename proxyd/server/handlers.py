@@ -13,7 +13,7 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.errors import PreconditionFailed, Unsupported
-from proxyd.fetch import OCI_INDEX, BlobHead, Download, Manifest, StoredBlob
+from proxyd.fetch import OCI_INDEX, BlobHead, Download, Joined, Manifest, StoredBlob
 from proxyd.ranges import content_range, parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
 from proxyd.routing import Target, namespace_for, route
@@ -119,15 +119,17 @@ async def blob(request: web.Request, target: Target, digest: Digest) -> web.Stre
         if result.size is not None:
             headers[hdrs.CONTENT_LENGTH] = str(result.size)
         return web.Response(headers={**headers, hdrs.ETAG: f'"{digest}"', CACHE_HEADER: "miss"})
+    if isinstance(result, Joined):
+        return await stream_download(request, result.download, headers, cache="hit")
     return await stream_download(request, result, headers)
 
 
 async def stream_download(
-    request: web.Request, download: Download, headers: dict[str, str]
+    request: web.Request, download: Download, headers: dict[str, str], cache: str = "miss"
 ) -> web.StreamResponse:
-    _note(request, download.host, "miss")
+    _note(request, None if cache == "hit" else download.host, cache)
     response = web.StreamResponse(
-        headers={**headers, hdrs.ETAG: f'"{download.digest}"', CACHE_HEADER: "miss"}
+        headers={**headers, hdrs.ETAG: f'"{download.digest}"', CACHE_HEADER: cache}
     )
     start, stop = 0, download.size
     if download.size is not None:
