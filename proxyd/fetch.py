@@ -544,7 +544,7 @@ class Puller:
             if self.store.removals == storing.removals:
                 ns, repo, _ = key
                 self.store.link(ns, repo, digest, "_manifests", storing.media_type)
-        except OSError as exc:  # the cache's loss, not the client's: fetched again later
+        except Exception as exc:  # the cache's loss, not the client's: fetched again later
             log.warning("manifest.not_stored", digest=str(digest), error=str(exc))
         finally:
             if self._storing.get(key) is storing:

@@ -181,6 +181,31 @@ async def test_a_delete_while_a_manifest_is_stored_leaves_neither_link_nor_memor
     assert len(upstream.requests(f"/manifests/{image.digest}")) == 2
 
 
+async def test_a_manifest_that_cannot_be_stored_is_answered_and_fetched_again_later(
+    make_proxyd, start_fake, monkeypatch: pytest.MonkeyPatch
+):
+    proxyd, upstream, image, ns = await one_manifest(make_proxyd, start_fake)
+    puller = proxyd.server.app[PULLER]
+    path = f"/v2/team/app/manifests/{image.digest}"
+
+    def full_disk(digest: Digest, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(puller.store, "put", full_disk)
+    with capture_logs() as events:
+        first = await asyncio.wait_for(proxyd.get(path), 10)
+        assert await first.read() == image.manifest  # the client's answer is whole
+        await asyncio.wait_for(puller.close(), 10)  # every store has ended
+    failed = [e for e in events if e["event"] == "manifest.not_stored"]
+    assert len(failed) == 1 and "No space left" in failed[0]["error"]
+    assert puller.store.linked(ns, "team/app", Digest.parse(image.digest), "_manifests") is None
+
+    again = await asyncio.wait_for(proxyd.get(path), 10)
+    assert again.headers["X-Proxyd-Cache"] == "miss"
+    assert await again.read() == image.manifest
+    assert len(upstream.requests(f"/manifests/{image.digest}")) == 2
+
+
 class StalledWriter(BlobWriter):
     """A BlobWriter on a disk that stalls after the first write until the test lets
     it go on."""
