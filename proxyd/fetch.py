@@ -389,15 +389,19 @@ class Puller:
         )
 
     def _remembered_tag(self, target: Target, key: str) -> Manifest | None:
-        digest = self.hot_tags.get(key)
-        if digest is None:
+        remembered = self.hot_tags.get(key)
+        if remembered is None:
             return None
+        digest, until = remembered
         hot = self.hot.get((target.namespace.name, target.repository, digest))
         if hot is None:
             return None
         self.metrics.cache.labels("tag", "hit").inc()
         body = hot.body
-        return Manifest(Digest.parse(digest), hot.media_type, len(body), body, "hit", None)
+        fresh_until = min(until, hot.fresh_until)  # the tag and its manifest both stand
+        return Manifest(
+            Digest.parse(digest), hot.media_type, len(body), body, "hit", None, fresh_until
+        )
 
     def _remember_tag(self, target: Target, key: str, manifest: Manifest, fresh_for: float) -> None:
         """A fresh answer (its bytes verified, the repository's link made or on its way)."""

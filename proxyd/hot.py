@@ -110,16 +110,16 @@ class HotTags:
         self.clock = clock
         self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> tuple[str, float] | None:
+        """The digest and the (monotonic) time until which it may be served."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        digest, until = entry
-        if self.clock() >= until:
+        if self.clock() >= entry[1]:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return digest
+        return entry
 
     def put(self, key: str, digest: str, fresh_for: float) -> None:
         """Remember for `recheck` seconds at most, and no longer than `fresh_for`."""

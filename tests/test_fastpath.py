@@ -1,6 +1,6 @@
-"""Remembered answers to manifest hits (proxyd/server/fastpath.py), spoken to over raw
-TCP: they must be byte-for-byte what the handler would say, and every request they
-may not answer must reach aiohttp untouched."""
+"""Remembered answers to manifest and tag hits (proxyd/server/fastpath.py), spoken to
+over raw TCP: they must be byte-for-byte what the handler would say, and every request
+they may not answer must reach aiohttp untouched."""
 
 from __future__ import annotations
 
@@ -264,3 +264,74 @@ async def test_an_aiohttp_whose_protocol_differs_runs_without_remembered_answers
         assert await (await proxyd.get(path)).read() == image.manifest
     assert not fast(proxyd).enabled and fast(proxyd).answered == 0
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["fastpath.off"]
+
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
+TAG = "/v2/team/app/manifests/v1"
+
+
+async def tag_twice(make_proxyd: Any, start_fake: Any, *namespace_keys: str) -> Any:
+    """proxyd after a tag was asked for twice (fetched, then answered from memory),
+    with the Accept lines of containerd's and docker's resolvers."""
+    upstream = FakeRegistry()
+    upstream.add(make_image())
+    proxyd = await make_proxyd(
+        upstream_config(await start_fake(upstream)) + "\n".join(["", *namespace_keys])
+    )
+    conn = await Connection.open(proxyd)
+    for cache in ("miss", "hit"):
+        await conn.send(get(TAG, f"Accept: {OCI}", f"Accept: {DOCKER}"))
+        assert (await conn.response())[1]["x-proxyd-cache"] == cache
+    conn.close()
+    return proxyd
+
+
+async def test_a_fresh_tag_is_answered_from_the_connection_for_the_same_accept_lines(
+    make_proxyd, start_fake
+):
+    proxyd = await tag_twice(make_proxyd, start_fake)
+    conn = await Connection.open(proxyd)
+    await conn.send(get(TAG, f"Accept: {OCI}", f"Accept: {DOCKER}"))
+    fast_answer = await conn.response()
+    assert fast(proxyd).answered == 1
+    await conn.send(get(TAG, f"Accept: {DOCKER}"))  # another Accept: another answer
+    other = await conn.response()
+    assert fast(proxyd).answered == 1
+    conn.close()
+    handler = await proxyd.get(TAG, headers={"Accept": f"{OCI}, {DOCKER}"})
+
+    status, headers, body = fast_answer
+    assert status == other[0] == handler.status == 200
+    assert body == await handler.read()
+    varying = {"date", "x-request-id"}
+    assert {k: v for k, v in headers.items() if k not in varying} == {
+        k.lower(): v for k, v in handler.headers.items() if k.lower() not in varying
+    }
+    metrics = (await (await proxyd.get("/metrics")).text()).splitlines()
+    assert 'proxyd_cache_lookups_total{kind="tag",result="hit"} 3.0' in metrics
+
+
+async def test_where_tags_can_move_through_proxyd_they_are_never_answered_from_memory(
+    make_proxyd, start_fake
+):
+    proxyd = await tag_twice(make_proxyd, start_fake, "allow_push = true")
+    conn = await Connection.open(proxyd)
+    await conn.send(get(TAG, f"Accept: {OCI}", f"Accept: {DOCKER}"))
+    status, headers, _ = await conn.response()
+    conn.close()
+    assert status == 200 and headers["x-proxyd-cache"] == "hit"  # from the small cache
+    assert fast(proxyd).answered == 0
+
+
+async def test_a_tag_answer_is_remembered_for_a_second_at_most(make_proxyd, start_fake):
+    proxyd = await tag_twice(make_proxyd, start_fake)
+    puller = proxyd.server.app[PULLER]
+    later = puller.hot.clock() + 1.1
+    puller.hot.clock = puller.hot_tags.clock = lambda: later
+    conn = await Connection.open(proxyd)
+    await conn.send(get(TAG, f"Accept: {OCI}", f"Accept: {DOCKER}"))
+    status, headers, _ = await conn.response()
+    conn.close()
+    assert status == 200 and headers["x-proxyd-cache"] == "hit"  # asked the small cache
+    assert fast(proxyd).answered == 0

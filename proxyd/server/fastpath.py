@@ -1,13 +1,15 @@
-"""Pre-rendered answers to the hottest request: a manifest by digest that the core
-has just served from memory.
+"""Pre-rendered answers to the hottest requests: a manifest by digest, or a fresh
+tag, that the core has just served from memory.
 
 A node pulling an image, and a fleet of them starting the same pod, ask for the same
-manifests by digest again and again. Through aiohttp's full request cycle (request
+tags and manifests again and again. Through aiohttp's full request cycle (request
 object, middlewares, router, response object) such a hit costs several times what
 answering it does. So after the handler has served a hit, its answer is remembered
-here, rendered to bytes under the request target it answered, and the connection's
-protocol (`FastRequestHandler`) writes it straight back when the same target comes
-again, for as long as the core says the hit stands (`HotManifests.is_current`).
+here, rendered to bytes under the request target it answered (and, for a tag, the
+Accept lines it was asked with: they choose the answer), and the connection's
+protocol (`FastRequestHandler`) writes it straight back when the same request comes
+again, for as long as the core says the hit stands (`HotManifests.is_current`, until
+the earlier of the manifest's and the tag's deadlines).
 
 It only ever answers the simplest case and hands everything else to aiohttp
 untouched: one complete `GET` or `HEAD` in the data received, HTTP/1.1, keep-alive,
@@ -36,8 +38,9 @@ from proxyd.server.middleware import log_request, new_request_id
 
 log = structlog.get_logger("proxyd.server")
 MAX_ANSWERS = 4096
-# Request headers that cannot change the answer to a manifest by digest. Anything
-# else (conditions, ranges, credentials, bodies, upgrades) goes through aiohttp.
+# Request headers that cannot change the answer to a manifest by digest (Accept may
+# choose a tag's answer: tag answers are kept per Accept lines). Anything else
+# (conditions, ranges, credentials, bodies, upgrades) goes through aiohttp.
 HARMLESS = frozenset(
     {
         b"host",
@@ -61,6 +64,7 @@ class _Answer:
     access: Access
     generation: int
     fresh_until: float
+    kind: str  # what the metrics count it as: "manifest" (by digest) or "tag"
 
 
 class FastAnswers:
@@ -71,11 +75,13 @@ class FastAnswers:
         self.enabled = enabled
         self.answered = 0  # requests answered here, for tests and curiosity
         self.hot: HotManifests | None = None  # set once the core is open
-        self._answers: dict[bytes, _Answer] = {}
+        self._answers: dict[bytes, _Answer] = {}  # manifests by digest, by target
+        self._tag_answers: dict[bytes, dict[bytes, _Answer]] = {}  # by target, Accept
+        self._count = 0  # answers remembered
         self._bytes = 0  # of bodies remembered, within the core's manifest_memory
         self._metrics = metrics
-        self._pending: dict[tuple[str, bytes], list[int]] = {}
-        self._durations: dict[tuple[str, bytes], Any] = {}
+        self._pending: dict[tuple[str, bytes, str], list[int]] = {}
+        self._durations: dict[tuple[str, bytes, str], Any] = {}
         metrics.before_render(self.settle)
         self._date = b""
         self._date_second = -1
@@ -87,36 +93,59 @@ class FastAnswers:
         manifest: Manifest,
         headers: dict[str, str],
         access: Access,
+        accept: list[str] | None = None,
     ) -> None:
         """After the handler served `manifest` as a hit for `raw_target` (the request
-        line's target as sent; `path` is its decoded path, as the access log has it)."""
+        line's target as sent; `path` is its decoded path, as the access log has it).
+        `accept`: for a tag, the Accept lines it was asked with."""
         hot = self.hot
         if not self.enabled or hot is None or manifest.fresh_until is None:
             return
-        key = raw_target.encode("utf-8", "surrogateescape")
-        replaced = self._answers.pop(key, None)
-        if replaced is not None:
-            self._bytes -= len(replaced.body)
+        target = raw_target.encode("utf-8", "surrogateescape")
+        accepted = None
+        if accept is not None:
+            accepted = _accepted([a.encode("utf-8", "surrogateescape") for a in accept])
+        self._drop(target, accepted)
         size = len(manifest.body)
         if size > hot.max_bytes:
             return  # not kept in memory by the core either (manifest_memory = 0: none)
-        if len(self._answers) >= MAX_ANSWERS or self._bytes + size > hot.max_bytes:
+        if self._count >= MAX_ANSWERS or self._bytes + size > hot.max_bytes:
             self._answers.clear()  # they are rendered again from the next hits
-            self._bytes = 0
+            self._tag_answers.clear()
+            self._count = self._bytes = 0
         lines = [b"HTTP/1.1 200 OK\r\n"]
         for name, value in headers.items():
             lines.append(f"{name}: {value}\r\n".encode("latin-1"))
         lines.append(f"Content-Length: {manifest.size}\r\n".encode())
         lines.append(_SERVER)
-        self._bytes += size
-        self._answers[key] = _Answer(
+        answer = _Answer(
             b"".join(lines),
             manifest.body,
             path,
             replace(access),
             hot.generation,
             manifest.fresh_until,
+            "manifest" if accepted is None else "tag",
         )
+        if accepted is None:
+            self._answers[target] = answer
+        else:
+            self._tag_answers.setdefault(target, {})[accepted] = answer
+        self._count += 1
+        self._bytes += size
+
+    def _drop(self, target: bytes, accepted: bytes | None) -> None:
+        """Forget the answer to `target` (asked with `accepted`, for a tag), if any."""
+        if accepted is None:
+            answer = self._answers.pop(target, None)
+        else:
+            tags = self._tag_answers.get(target)
+            answer = tags.pop(accepted, None) if tags is not None else None
+            if tags is not None and not tags:
+                del self._tag_answers[target]
+        if answer is not None:
+            self._count -= 1
+            self._bytes -= len(answer.body)
 
     def answer(self, data: bytes) -> bytes | None:
         """The whole response to `data`, or None to let aiohttp handle it."""
@@ -132,9 +161,11 @@ class FastAnswers:
         if method != b"GET" and method != b"HEAD":
             return None
         remembered = self._answers.get(target)
-        if remembered is None or self.hot is None:
+        tags = self._tag_answers.get(target) if remembered is None else None
+        if (remembered is None and tags is None) or self.hot is None:
             return None
         request_id = b""
+        accept: list[bytes] = []
         if line_end != end:
             for line in data[line_end + 2 : end].split(b"\r\n"):
                 name, colon, value = line.partition(b":")
@@ -146,9 +177,17 @@ class FastAnswers:
                         return None
                 elif name == b"x-request-id":
                     request_id = value.strip()[:64]
+                elif name == b"accept":
+                    accept.append(value.strip())
+        accepted = None
+        if tags is not None:
+            accepted = _accepted(accept)
+            remembered = tags.get(accepted)
+            if remembered is None:
+                return None
+        assert remembered is not None
         if not self.hot.is_current(remembered.generation, remembered.fresh_until):
-            del self._answers[target]
-            self._bytes -= len(remembered.body)
+            self._drop(target, accepted)
             return None
         if not request_id:
             request_id = new_request_id().encode()
@@ -182,7 +221,7 @@ class FastAnswers:
     def _account(self, answer: _Answer, method: bytes, sent: int, seconds: float) -> None:
         """Counted aside (prometheus-client takes a lock per increment) and settled
         into the metrics before each scrape; the duration is observed at once."""
-        key = (answer.access.route, method)
+        key = (answer.access.route, method, answer.kind)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = [0, 0]
@@ -193,11 +232,11 @@ class FastAnswers:
 
     def settle(self) -> None:
         m = self._metrics
-        for (route, method), pending in self._pending.items():
+        for (route, method, kind), pending in self._pending.items():
             count, sent = pending
             if count:
                 m.requests.labels(route, method.decode(), "200").inc(count)
-                m.cache.labels("manifest", "hit").inc(count)
+                m.cache.labels(kind, "hit").inc(count)
                 m.bytes_served.labels("store").inc(sent)
                 pending[0] = pending[1] = 0
 
@@ -207,6 +246,11 @@ class FastAnswers:
             self._date_second = now
             self._date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
         return self._date
+
+
+def _accepted(lines: list[bytes]) -> bytes:
+    """A request's Accept lines as one key: in order, as the client sent them."""
+    return b"\n".join(lines)
 
 
 class FastRequestHandler(RequestHandler):

@@ -95,8 +95,15 @@ async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.R
         hdrs.ETAG: f'"{result.digest}"',
         CACHE_HEADER: result.cache,
     }
-    if result.fresh_until is not None and is_digest(reference):
-        request.app[FAST].remember(request.raw_path, request.path, result, headers, request[ACCESS])
+    if result.fresh_until is not None:
+        request.app[FAST].remember(
+            request.raw_path,
+            request.path,
+            result,
+            headers,
+            request[ACCESS],
+            accept=None if is_digest(reference) else accept,
+        )
     if request.method == hdrs.METH_HEAD:
         headers[hdrs.CONTENT_LENGTH] = str(result.size)
         return web.Response(headers=headers)
