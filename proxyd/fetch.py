@@ -123,9 +123,9 @@ class Download:
     Chunks from upstream go through a write-behind (hashed and written in a worker
     thread). Readers pread the temporary file, and take what has not reached it yet
     from the chunks still queued for it; the blob's last byte only once the digest is
-    verified. The fsync and rename
-    into the store follow the release of the last byte; until they are done the
-    download stays registered, and a request arriving meanwhile joins it.
+    verified. The fsync and rename into the store follow the release of the last
+    byte; until they are done the download stays registered, and a request arriving
+    meanwhile joins it.
     """
 
     def __init__(self, digest: Digest, target: Target) -> None:
@@ -135,7 +135,6 @@ class Download:
         self.host = ""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.received = 0  # bytes read from upstream
-        self.written = 0  # bytes on disk: what readers may have (but the last byte)
         self.verified = False  # the digest matched: readers may have every byte
         self.stored: Path | None = None  # where the blob was renamed to
         self.error: BaseException | None = None
@@ -145,6 +144,11 @@ class Download:
         self._waiters: list[asyncio.Future[None]] = []
         self._fd = -1  # the temporary file, for readers
         self._users = 1  # the download itself; each reader adds one
+
+    @property
+    def written(self) -> int:
+        """Bytes on disk: what readers may pread (but the last byte, until verified)."""
+        return self._pipe.written if self._pipe is not None else 0
 
     def open(self, store: BlobStore) -> None:
         """Create the temporary file, and the descriptor readers pread."""
@@ -189,7 +193,7 @@ class Download:
                 self.writer.close()
 
     def _advance(self, written: int) -> None:
-        self.written = written
+        """The write-behind put `written` bytes on disk: readers may pread them now."""
         unwritten = self._unwritten
         while unwritten and unwritten[0][0] + len(unwritten[0][1]) <= written:
             unwritten.popleft()
@@ -326,8 +330,8 @@ class Puller:
 
     def _stored_manifest(self, key: HotKey, digest: Digest) -> HotManifest | None:
         """The manifest from the store, or on its way there; remembered when found."""
-        storing = self._storing.get(key)
-        if storing is not None and storing.removals == self.store.removals:
+        storing = self._on_its_way(key)
+        if storing is not None:
             return self.hot.put(key, storing.media_type, storing.body)
         ns, repo, _ = key
         media_type = self.store.linked(ns, repo, digest, "_manifests")
@@ -512,8 +516,7 @@ class Puller:
         if hashlib.new(digest.algorithm, body).hexdigest() != digest.hex:
             raise DigestMismatch(str(digest), "a cached tag record with other bytes")
         ns, repo = target.namespace.name, target.repository
-        storing = self._storing.get((ns, repo, str(digest)))
-        if (storing is None or storing.removals != self.store.removals) and (
+        if self._on_its_way((ns, repo, str(digest))) is None and (
             self.store.size(digest) is None
             or self.store.linked(ns, repo, digest, "_manifests") is None
         ):
@@ -538,6 +541,14 @@ class Puller:
         task = asyncio.create_task(self._store_manifest(key, digest, storing))
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
+
+    def _on_its_way(self, key: HotKey) -> _Storing | None:
+        """A manifest being stored for this repository, unless a removal since (a
+        delete through proxyd, an eviction) means it must not be served from memory."""
+        storing = self._storing.get(key)
+        if storing is None or storing.removals != self.store.removals:
+            return None
+        return storing
 
     async def _store_manifest(self, key: HotKey, digest: Digest, storing: _Storing) -> None:
         try:

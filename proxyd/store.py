@@ -199,20 +199,20 @@ class BlobWriter:
         views = [memoryview(b) for b in buffers]
         total = sum(v.nbytes for v in views)
         if total < HASH_ASIDE_FROM:
-            self._write_all(views)
+            self._write_all(views, total)
             self._update_hash(buffers)
         else:
             hashed = _hasher_pool().submit(self._update_hash, buffers)
             try:
-                self._write_all(views)
+                self._write_all(views, total)
             finally:
                 wait_for([hashed])  # never leave the hash running behind a failed write
             hashed.result()
         self.written += total
         return total
 
-    def _write_all(self, views: list[memoryview]) -> None:
-        left = sum(v.nbytes for v in views)
+    def _write_all(self, views: list[memoryview], left: int) -> None:
+        """Write `left` bytes, all of `views`, however short each writev falls."""
         while left:
             done = os.writev(self._fd, views[:_IOV_MAX])
             left -= done
