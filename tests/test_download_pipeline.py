@@ -52,12 +52,19 @@ def held_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release.set()
 
 
+async def one_image(make_proxyd: Any, start_fake: Any) -> tuple[Any, FakeRegistry, FakeImage, str]:
+    """proxyd in front of an upstream with one image of a 1 MiB layer: (proxyd,
+    upstream, the image, the upstream's namespace)."""
+    upstream = FakeRegistry()
+    image = upstream.add(make_image(layer=LAYER))
+    server = await start_fake(upstream)
+    return await make_proxyd(config(server)), upstream, image, host(server)
+
+
 async def test_the_last_byte_goes_out_before_the_fsync_ends(
     make_proxyd, start_fake, cache_dir: Path, held_fsync: threading.Event
 ):
-    upstream = FakeRegistry()
-    image = upstream.add(make_image(layer=LAYER))
-    proxyd = await make_proxyd(config(await start_fake(upstream)))
+    proxyd, _, image, _ = await one_image(make_proxyd, start_fake)
 
     response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert await asyncio.wait_for(response.read(), 10) == LAYER  # while fsync is held
@@ -71,9 +78,7 @@ async def test_the_last_byte_goes_out_before_the_fsync_ends(
 async def test_a_request_between_verification_and_rename_joins_the_download(
     make_proxyd, start_fake, cache_dir: Path, held_fsync: threading.Event
 ):
-    upstream = FakeRegistry()
-    image = upstream.add(make_image(layer=LAYER))
-    proxyd = await make_proxyd(config(await start_fake(upstream)))
+    proxyd, upstream, image, _ = await one_image(make_proxyd, start_fake)
     first = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert await asyncio.wait_for(first.read(), 10) == LAYER
 
@@ -94,9 +99,7 @@ async def test_a_request_between_verification_and_rename_joins_the_download(
 async def test_a_failed_rename_after_the_release_keeps_nothing_and_is_logged(
     make_proxyd, start_fake, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    upstream = FakeRegistry()
-    image = upstream.add(make_image(layer=LAYER))
-    proxyd = await make_proxyd(config(await start_fake(upstream)))
+    proxyd, upstream, image, _ = await one_image(make_proxyd, start_fake)
     real_replace = os.replace
     renamed = threading.Event()
 
@@ -127,21 +130,10 @@ async def test_a_failed_rename_after_the_release_keeps_nothing_and_is_logged(
     assert len(upstream.requests(f"/blobs/{image.layer}")) == 2
 
 
-async def one_manifest(
-    make_proxyd: Any, start_fake: Any
-) -> tuple[Any, FakeRegistry, FakeImage, str]:
-    """proxyd in front of an upstream with one image: (proxyd, upstream, the image, the
-    upstream's namespace)."""
-    upstream = FakeRegistry()
-    image = upstream.add(make_image())
-    server = await start_fake(upstream)
-    return await make_proxyd(config(server)), upstream, image, host(server)
-
-
 async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_then(
     make_proxyd, start_fake, held_fsync: threading.Event
 ):
-    proxyd, upstream, image, ns = await one_manifest(make_proxyd, start_fake)
+    proxyd, upstream, image, ns = await one_image(make_proxyd, start_fake)
     store = proxyd.server.app[PULLER].store
     digest, path = Digest.parse(image.digest), f"/v2/team/app/manifests/{image.digest}"
 
@@ -166,7 +158,7 @@ async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_
 async def test_a_delete_while_a_manifest_is_stored_leaves_neither_link_nor_memory(
     make_proxyd, start_fake, held_fsync: threading.Event
 ):
-    proxyd, upstream, image, ns = await one_manifest(make_proxyd, start_fake)
+    proxyd, upstream, image, ns = await one_image(make_proxyd, start_fake)
     puller = proxyd.server.app[PULLER]
     digest, path = Digest.parse(image.digest), f"/v2/team/app/manifests/{image.digest}"
     assert (await asyncio.wait_for(proxyd.get(path), 10)).status == 200
@@ -184,7 +176,7 @@ async def test_a_delete_while_a_manifest_is_stored_leaves_neither_link_nor_memor
 async def test_a_manifest_that_cannot_be_stored_is_answered_and_fetched_again_later(
     make_proxyd, start_fake, monkeypatch: pytest.MonkeyPatch
 ):
-    proxyd, upstream, image, ns = await one_manifest(make_proxyd, start_fake)
+    proxyd, upstream, image, ns = await one_image(make_proxyd, start_fake)
     puller = proxyd.server.app[PULLER]
     path = f"/v2/team/app/manifests/{image.digest}"
 

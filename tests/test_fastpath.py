@@ -287,6 +287,15 @@ async def tag_twice(make_proxyd: Any, start_fake: Any, *namespace_keys: str) -> 
     return proxyd
 
 
+async def tag_once_more(proxyd: Any) -> tuple[int, str]:
+    """The status and X-Proxyd-Cache of the tag asked for as `tag_twice` asked."""
+    conn = await Connection.open(proxyd)
+    await conn.send(get(TAG, f"Accept: {OCI}", f"Accept: {DOCKER}"))
+    status, headers, _ = await conn.response()
+    conn.close()
+    return status, headers["x-proxyd-cache"]
+
+
 async def test_a_fresh_tag_is_answered_from_the_connection_for_the_same_accept_lines(
     make_proxyd, start_fake
 ):
@@ -316,11 +325,7 @@ async def test_where_tags_can_move_through_proxyd_they_are_never_answered_from_m
     make_proxyd, start_fake
 ):
     proxyd = await tag_twice(make_proxyd, start_fake, "allow_push = true")
-    conn = await Connection.open(proxyd)
-    await conn.send(get(TAG, f"Accept: {OCI}", f"Accept: {DOCKER}"))
-    status, headers, _ = await conn.response()
-    conn.close()
-    assert status == 200 and headers["x-proxyd-cache"] == "hit"  # from the small cache
+    assert await tag_once_more(proxyd) == (200, "hit")  # from the small cache
     assert fast(proxyd).answered == 0
 
 
@@ -329,9 +334,5 @@ async def test_a_tag_answer_is_remembered_for_a_second_at_most(make_proxyd, star
     puller = proxyd.server.app[PULLER]
     later = puller.hot.clock() + 1.1
     puller.hot.clock = puller.hot_tags.clock = lambda: later
-    conn = await Connection.open(proxyd)
-    await conn.send(get(TAG, f"Accept: {OCI}", f"Accept: {DOCKER}"))
-    status, headers, _ = await conn.response()
-    conn.close()
-    assert status == 200 and headers["x-proxyd-cache"] == "hit"  # asked the small cache
+    assert await tag_once_more(proxyd) == (200, "hit")  # asked the small cache
     assert fast(proxyd).answered == 0
