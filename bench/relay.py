@@ -75,8 +75,17 @@ class Conn:
         return cls(socket.create_connection(address, timeout=10))
 
     def read_head(self) -> bytes:
-        while b"\r\n\r\n" not in self.buffer:
-            if len(self.buffer) > MAX_HEAD or (self.buffer and not self.buffer[:1].isalpha()):
+        return self._read_until(b"\r\n\r\n", head=True)
+
+    def read_line(self) -> bytes:
+        return self._read_until(b"\r\n")
+
+    def _read_until(self, marker: bytes, *, head: bool = False) -> bytes:
+        """What comes before `marker` (consumed); the rest stays buffered."""
+        while marker not in self.buffer:
+            if head and (
+                len(self.buffer) > MAX_HEAD or (self.buffer and not self.buffer[:1].isalpha())
+            ):
                 # Not HTTP (skopeo tries TLS first): an answer at once lets it fall back.
                 self.sock.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
                 raise ValueError("not an HTTP request head")
@@ -84,17 +93,8 @@ class Conn:
             if not data:
                 raise Closed
             self.buffer += data
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        return head
-
-    def read_line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise Closed
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\r\n")
-        return line
+        part, _, self.buffer = self.buffer.partition(marker)
+        return part
 
     def take(self, limit: int) -> bytes:
         """Up to ``limit`` bytes already buffered."""
