@@ -50,7 +50,7 @@ from proxyd.routing import Target
 from proxyd.smallcache import Entry, SmallCache
 from proxyd.store import BlobStore, BlobWriter
 from proxyd.upstream import Upstream, UpstreamClient, registry_errors
-from proxyd.writebehind import WriteBehind, settle
+from proxyd.writebehind import WriteBehind, in_worker
 
 log = structlog.get_logger("proxyd.fetch")
 T = TypeVar("T")
@@ -552,10 +552,7 @@ class Puller:
 
     async def _store_manifest(self, key: HotKey, digest: Digest, storing: _Storing) -> None:
         try:
-            put = asyncio.get_running_loop().run_in_executor(
-                None, self.store.put, digest, storing.body
-            )
-            await settle(put)
+            await in_worker(self.store.put, digest, storing.body)
             if self.store.removals == storing.removals:
                 ns, repo, _ = key
                 self.store.link(ns, repo, digest, "_manifests", storing.media_type)
@@ -691,7 +688,7 @@ class Puller:
         digest = download.digest
         failure: BaseException | None = None
         try:
-            await settle(asyncio.get_running_loop().run_in_executor(None, writer.persist))
+            await in_worker(writer.persist)
         except BaseException as exc:
             failure = exc
         writer.close()  # after a rename this leaves the file in place

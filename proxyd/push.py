@@ -64,6 +64,7 @@ from proxyd.uploads import (
     parse_content_range,
 )
 from proxyd.upstream import Body, Upstream, UpstreamClient, registry_errors
+from proxyd.writebehind import in_worker
 
 log = structlog.get_logger("proxyd.push")
 
@@ -367,7 +368,7 @@ class Pusher:
             whole = session.offset is not None and writer.written == session.offset + last_chunk
             if not whole or writer.digest.algorithm != digest.algorithm:
                 return
-            await asyncio.get_running_loop().run_in_executor(None, writer.commit, digest)
+            await in_worker(writer.commit, digest)  # the writer is closed only after it
             self.on_commit(writer.written)
         except DigestMismatch as exc:
             log.warning("blob.push_copy_mismatch", digest=str(digest), actual=exc.actual)

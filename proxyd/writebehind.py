@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from proxyd.store import BlobWriter, Buffer
 
@@ -42,6 +42,12 @@ async def settle(job: asyncio.Future[T]) -> T:
             job.exception()  # retrieved: the cancellation is what the caller sees
         raise asyncio.CancelledError
     return job.result()
+
+
+async def in_worker(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` in a worker thread, waited for to its end even when cancelled
+    (see `settle`): what it holds stays its own until it returns."""
+    return await settle(asyncio.get_running_loop().run_in_executor(None, work, *args))
 
 
 class WriteBehind:
