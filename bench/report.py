@@ -8,6 +8,7 @@ when a row needed for it did not run.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,9 @@ def _note(row: Row) -> str:
         notes.append("upstream GETs " + ",".join(map(str, row.extra["upstream_gets"])))
     if "idle_rss" in row.extra:
         notes.append("idle " + ",".join(f"{v:.0f}" for v in row.extra["idle_rss"]) + " MiB")
+    if row.extra.get("cpu_us_per_hit"):
+        cpu = statistics.median(row.extra["cpu_us_per_hit"])
+        notes.append(f"CPU {cpu:.1f} µs per hit")
     if any(row.extra.get("errors", [])):
         notes.append("errors " + ",".join(map(str, row.extra["errors"])))
     return "; ".join(notes)
