@@ -4,17 +4,21 @@ out in batches, other events at once, and nothing is lost on the way out."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
-from proxyd.log import ACCESS_LOGGER, OUTPUT, configure
+from proxyd.log import ACCESS_LOGGER, HOLE, OUTPUT, configure, utc_timestamp
 from proxyd.server import middleware
 from proxyd.server.keys import Access
-from proxyd.server.middleware import log_request
+from proxyd.server.middleware import AccessLine, log_request
 
 
 @pytest.fixture(autouse=True)
@@ -58,28 +62,59 @@ def test_outside_a_server_every_line_is_written_at_once(capfd):
 
 
 @pytest.mark.parametrize("aborted", [False, True])
-def test_an_access_line_written_directly_is_the_pipelines_line(capfd, aborted):
+@pytest.mark.parametrize("request_id", ["r1", 'a "quoted" \\ id'])
+def test_a_prepared_access_line_is_the_pipelines_line(capfd, aborted, request_id):
     configure("info", "json")
     access = Access(namespace="docker.io", repository="library/app", cache="hit")
     access.aborted = aborted
-    structlog.contextvars.bind_contextvars(request_id="r1")
+    structlog.contextvars.bind_contextvars(request_id=request_id)
     log_request("GET", "/v2/library/app/manifests/x", access, 200, 527, 0.00031)
     structlog.contextvars.clear_contextvars()
-    log_request("GET", "/v2/library/app/manifests/x", access, 200, 527, 0.00031, "r1")
-    through_structlog, direct = capfd.readouterr().err.splitlines()
-    assert list(json.loads(direct)) == list(json.loads(through_structlog))
-    assert json.loads(direct) == {
+    AccessLine("GET", "/v2/library/app/manifests/x", access, 200, 527).write(0.00031, request_id)
+    through_structlog, prepared = capfd.readouterr().err.splitlines()
+    assert list(json.loads(prepared)) == list(json.loads(through_structlog))
+    assert json.loads(prepared) == {
         **json.loads(through_structlog),
-        "timestamp": json.loads(direct)["timestamp"],
+        "timestamp": json.loads(prepared)["timestamp"],
     }
 
 
-def test_access_lines_are_written_directly_only_as_json_lines_at_info():
-    for level, fmt, direct in (
-        ("info", "json", True),
-        ("debug", "json", True),
-        ("warning", "json", False),
-        ("info", "console", False),
-    ):
-        configure(level, fmt)
-        assert OUTPUT.json_access is direct, (level, fmt)
+def test_a_prepared_access_line_goes_through_structlog_where_the_output_is_not_json(capfd):
+    configure("info", "console")
+    access = Access(namespace="docker.io", repository="library/app", cache="hit")
+    AccessLine("HEAD", "/v2/library/app/manifests/x", access, 200, 0).write(0.002, "r2")
+    line = capfd.readouterr().err
+    assert "request" in line and "request_id=r2" in line and "duration_ms=2.0" in line
+
+
+def test_a_prepared_access_line_is_not_written_above_info(capfd):
+    configure("warning", "json")
+    access = Access(namespace="docker.io", repository="library/app", cache="hit")
+    AccessLine("GET", "/v2/library/app/manifests/x", access, 200, 1).write(0.002, "r2")
+    assert capfd.readouterr().err == ""
+
+
+def test_a_field_that_is_a_hole_itself_is_logged_through_structlog(capfd):
+    configure("info", "json")
+    access = Access(namespace="docker.io", repository=HOLE, cache="hit")
+    with capture_logs() as logs:
+        AccessLine("GET", "/v2/x/manifests/y", access, 200, 1).write(0.001, "r3")
+    assert [event["repository"] for event in logs] == [HOLE]
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("micros", [1795774030_233058, 1795774030_000000, 1795774030_000001])
+def test_timestamps_are_written_as_structlog_writes_them(monkeypatch, micros):
+    second, micro = divmod(micros, 1_000_000)
+    instant = datetime.datetime.fromtimestamp(second, datetime.UTC).replace(microsecond=micro)
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:  # type: ignore[override]
+            return instant
+
+    frozen = SimpleNamespace(datetime=Frozen, timezone=datetime.timezone)
+    monkeypatch.setattr(structlog.processors, "datetime", frozen)
+    monkeypatch.setattr(time, "time_ns", lambda: micros * 1000)
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    assert utc_timestamp() == stamper(None, "info", {})["timestamp"]

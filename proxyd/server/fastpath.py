@@ -21,7 +21,7 @@ log, metrics and response headers are the same as the handler's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -34,7 +34,7 @@ from proxyd.fetch import Manifest
 from proxyd.hot import HotManifests
 from proxyd.metrics import Metrics
 from proxyd.server.keys import Access
-from proxyd.server.middleware import log_request, new_request_id
+from proxyd.server.middleware import AccessLine, new_request_id
 
 log = structlog.get_logger("proxyd.server")
 MAX_ANSWERS = 4096
@@ -60,8 +60,9 @@ _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 class _Answer:
     head_lines: bytes  # status line and the headers that never change
     body: bytes
-    path: str
-    access: Access
+    route: str  # the metrics label
+    get_line: AccessLine  # the access line of a GET
+    head_line: AccessLine  # of a HEAD
     generation: int
     fresh_until: float
     kind: str  # what the metrics count it as: "manifest" (by digest) or "tag"
@@ -121,8 +122,9 @@ class FastAnswers:
         answer = _Answer(
             b"".join(lines),
             manifest.body,
-            path,
-            replace(access),
+            access.route,
+            AccessLine("GET", path, access, 200, size),
+            AccessLine("HEAD", path, access, 200, 0),
             hot.generation,
             manifest.fresh_until,
             "manifest" if accepted is None else "tag",
@@ -207,21 +209,14 @@ class FastAnswers:
         sent = 0 if head else len(remembered.body)
         seconds = time.perf_counter() - start
         self._account(remembered, method, sent, seconds)
-        log_request(
-            method.decode(),
-            remembered.path,
-            remembered.access,
-            200,
-            sent,
-            seconds,
-            request_id=request_id.decode("latin-1"),
-        )
+        access_line = remembered.head_line if head else remembered.get_line
+        access_line.write(seconds, request_id.decode("latin-1"))
         return response
 
     def _account(self, answer: _Answer, method: bytes, sent: int, seconds: float) -> None:
         """Counted aside (prometheus-client takes a lock per increment) and settled
         into the metrics before each scrape; the duration is observed at once."""
-        key = (answer.access.route, method, answer.kind)
+        key = (answer.route, method, answer.kind)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = [0, 0]

@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
-from proxyd.log import ACCESS_LOGGER, access_direct
+from proxyd.log import ACCESS_LOGGER, HOLE, AccessTemplate
 from proxyd.server.keys import ACCESS, METRICS, Access
 
 log = structlog.get_logger(ACCESS_LOGGER)
@@ -84,16 +84,31 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def log_request(
-    method: str,
-    path: str,
-    access: Access,
-    status: int,
-    sent: int,
-    seconds: float,
-    request_id: str | None = None,
+    method: str, path: str, access: Access, status: int, sent: int, seconds: float
 ) -> None:
-    """The access-log event. The request id comes from the context, unless given by
-    a caller that has none (the remembered answers), whose line may skip structlog."""
+    """The access-log event; the request id comes from the context."""
+    log.info("request", **_access_fields(method, path, access, status, sent, _ms(seconds)))
+
+
+class AccessLine:
+    """The access line of one remembered answer (the same line `log_request` writes),
+    rendered once but for the request id, the duration and the time."""
+
+    def __init__(self, method: str, path: str, access: Access, status: int, sent: int) -> None:
+        self._fields = _access_fields(method, path, access, status, sent, HOLE)
+        self._fields.update(event="request", request_id=HOLE)
+        self._template = AccessTemplate(self._fields)
+
+    def write(self, seconds: float, request_id: str) -> None:
+        duration = _ms(seconds)
+        if not self._template.write(duration, request_id):
+            fields = {**self._fields, "duration_ms": duration, "request_id": request_id}
+            log.info(fields.pop("event"), **fields)
+
+
+def _access_fields(
+    method: str, path: str, access: Access, status: int, sent: int, duration_ms: object
+) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "method": method,
         "path": path,
@@ -102,19 +117,16 @@ def log_request(
         "host": access.host,
         "status": status,
         "bytes": sent,
-        "duration_ms": round(seconds * 1000, 1),
+        "duration_ms": duration_ms,
         "cache": access.cache,
     }
     if access.aborted:
         fields["aborted"] = True
-    if request_id is None:
-        log.info("request", **fields)
-        return
-    fields["event"] = "request"
-    fields["request_id"] = request_id
-    if not access_direct(fields):
-        del fields["event"]
-        log.info("request", **fields)
+    return fields
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
 
 
 async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
