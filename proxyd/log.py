@@ -90,22 +90,20 @@ class AccessTemplate:
 
     def __init__(self, fields: dict[str, Any]) -> None:
         line = {**fields, "level": "info", "logger": ACCESS_LOGGER, "timestamp": HOLE}
-        self._parts = _dumps(line).split(_dumps(HOLE))
+        parts = _dumps(line).replace("%", "%%").split(_dumps(HOLE))
+        self._format = "%s".join(parts) + "\n"
         # A fixed value that is HOLE itself would shift the holes: such a template
         # never writes (its users log through structlog instead).
-        self._holes = sum(value is HOLE for value in fields.values())
+        holes = sum(value is HOLE for value in fields.values())
+        self._holes = holes if len(parts) == holes + 2 else -1
 
     def write(self, *values: Any) -> bool:
         """Fill the holes with `values`, in the fields' order, and the timestamp with
         now; False (nothing written) where the output is not JSON lines at info."""
-        parts = self._parts
-        if not OUTPUT.json_access or len(values) != self._holes or len(parts) != len(values) + 2:
+        if not OUTPUT.json_access or len(values) != self._holes:
             return False
-        pieces = [parts[0]]
-        for value, part in zip(values, parts[1:], strict=False):
-            pieces += (_dumps(value), part)
-        pieces += ('"', utc_timestamp(), '"', parts[-1], "\n")
-        OUTPUT.write("".join(pieces), urgent=False)
+        rendered = (*map(_dumps, values), f'"{utc_timestamp()}"')
+        OUTPUT.write(self._format % rendered, urgent=False)
         return True
 
 

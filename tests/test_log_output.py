@@ -15,7 +15,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from proxyd.log import ACCESS_LOGGER, HOLE, OUTPUT, configure, utc_timestamp
+from proxyd.log import ACCESS_LOGGER, HOLE, OUTPUT, AccessTemplate, configure, utc_timestamp
 from proxyd.server import middleware
 from proxyd.server.keys import Access
 from proxyd.server.middleware import AccessLine, log_request
@@ -62,15 +62,16 @@ def test_outside_a_server_every_line_is_written_at_once(capfd):
 
 
 @pytest.mark.parametrize("aborted", [False, True])
-@pytest.mark.parametrize("request_id", ["r1", 'a "quoted" \\ id'])
+@pytest.mark.parametrize("request_id", ["r1", 'a "quoted" \\ %s id'])
 def test_a_prepared_access_line_is_the_pipelines_line(capfd, aborted, request_id):
     configure("info", "json")
     access = Access(namespace="docker.io", repository="library/app", cache="hit")
     access.aborted = aborted
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    log_request("GET", "/v2/library/app/manifests/x", access, 200, 527, 0.00031)
+    path = "/v2/library/app/manifests/100%s%%"
+    log_request("GET", path, access, 200, 527, 0.00031)
     structlog.contextvars.clear_contextvars()
-    AccessLine("GET", "/v2/library/app/manifests/x", access, 200, 527).write(0.00031, request_id)
+    AccessLine("GET", path, access, 200, 527).write(0.00031, request_id)
     through_structlog, prepared = capfd.readouterr().err.splitlines()
     assert list(json.loads(prepared)) == list(json.loads(through_structlog))
     assert json.loads(prepared) == {
@@ -101,6 +102,14 @@ def test_a_field_that_is_a_hole_itself_is_logged_through_structlog(capfd):
         AccessLine("GET", "/v2/x/manifests/y", access, 200, 1).write(0.001, "r3")
     assert [event["repository"] for event in logs] == [HOLE]
     assert capfd.readouterr().err == ""
+
+
+def test_a_template_whose_fixed_fields_render_like_a_hole_never_writes(capfd):
+    configure("info", "json")
+    assert not AccessTemplate({"odd": [HOLE], "duration_ms": HOLE}).write(1.0)
+    assert AccessTemplate({"fine": "x", "duration_ms": HOLE}).write(1.0)
+    (line,) = capfd.readouterr().err.splitlines()
+    assert json.loads(line)["duration_ms"] == 1.0
 
 
 @pytest.mark.parametrize("micros", [1795774030_233058, 1795774030_000000, 1795774030_000001])
