@@ -3,6 +3,7 @@ answers and STOPPING=1 when told to stop, and it serves a socket systemd passed 
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from proxyd import systemd
+from proxyd.cli import freeze_startup_heap
 from tests.peers import free_port, http_status, require_binary, run, wait_for_http
 from tests.peers.proxyd import PROJECT_ROOT
 
@@ -280,3 +282,17 @@ def test_serve_on_a_port_in_use_says_cannot_listen_and_exits_1(tmp_path: Path) -
     assert '"event":"cannot listen"' in done.stderr
     assert "address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- a long-running process -------------------------------------------------------------
+
+
+def test_the_heap_alive_when_serving_starts_is_left_out_of_later_collections():
+    gc.unfreeze()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 10_000  # imports, settings, the app
+        gc.collect()
+        assert gc.get_freeze_count() > 10_000  # a full pass leaves them alone
+    finally:
+        gc.unfreeze()
