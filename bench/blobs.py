@@ -3,6 +3,9 @@
 3. Time to first byte of a cold blob from the ``slow`` upstream (a relay pacing the
    body at ``slow_rate``): a proxy that streams answers about as fast as the
    upstream does; one that buffers the blob first answers after size / rate seconds.
+   The ``one hop`` row goes through a relay that only splices bytes (``hop``): what
+   any process between client and upstream costs on this machine, the floor under
+   every proxy's row.
 4. ``crowd_clients`` concurrent cold GETs of one blob through a proxy in front of
    the ``crowd`` upstream (paced at ``crowd_rate`` per connection). The relay counts
    the GETs it received: a proxy that shares one download sends exactly one. The
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from bench.clients import Fetched, fetch_many, fetch_one, ttfb
 from bench.context import Context
-from bench.results import DIRECT, Row, Workload, record
+from bench.results import DIRECT, ONE_HOP, Row, Workload, record
 
 MS = 1000.0
 
@@ -27,15 +30,18 @@ def time_to_first_byte(ctx: Context) -> Workload:
         "ms",
         "lower",
     )
+    hop = wl.row(ONE_HOP)
+    hop.extra["about"] = "a relay that only moves bytes"
     proxies = ctx.ready_rows(wl)
     path = ctx.blob_path(ctx.blob.digest)
     timeout = ctx.profile.slow_timeout()
-    direct = wl.row(DIRECT)
-    for rep in range(ctx.profile.reps):
-        if direct.status == "ok":
-            value = record(direct, ttfb, upstream.url + path, {}, timeout=timeout)
-            if value is not None:
-                direct.samples.append(value * MS)
+    references = [(wl.row(DIRECT), upstream.url), (hop, ctx.upstreams.hop.url)]
+    for rep in range(ctx.profile.ttfb_reps):
+        for row, url in references:
+            if row.status == "ok":
+                value = record(row, ttfb, url + path, {}, timeout=timeout)
+                if value is not None:
+                    row.samples.append(value * MS)
         for row, running in ctx.each_fresh(wl, proxies, upstream):
             with ctx.watch(running, f"{wl.id}-{rep}"):
                 value = record(row, ttfb, running.url + path, {}, timeout=timeout)

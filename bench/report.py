@@ -155,7 +155,7 @@ def _num(value: float | None, unit: str) -> str:
 def _note(row: Row) -> str:
     if row.status != "ok":
         return f"{row.status}: {row.reason}"
-    notes = []
+    notes = [row.extra["about"]] if "about" in row.extra else []
     if "upstream_gets" in row.extra:
         notes.append("upstream GETs " + ",".join(map(str, row.extra["upstream_gets"])))
     if "idle_rss" in row.extra:
@@ -264,7 +264,8 @@ def update_docs(doc: Path, table: str, meta: dict[str, Any]) -> bool:
     _, _, tail = rest.partition(END)
     stamp = (
         f"`{meta.get('command')}`, {meta.get('finished')}, {meta.get('seconds')} s; "
-        f"{meta.get('reps')} repetitions ({meta.get('pull_reps', meta.get('reps'))} of the pulls); "
+        f"{meta.get('reps')} repetitions ({meta.get('pull_reps', meta.get('reps'))} of the pulls, "
+        f"{meta.get('ttfb_reps', meta.get('reps'))} of the TTFB); "
         f"load average {meta.get('loadavg_1m_at_start')} at "
         f"start, {meta.get('loadavg_1m_at_end')} at the end.\n\n"
         f"Machine: {meta.get('nproc')} CPUs ({meta.get('cpu')}), {meta.get('memory_gib')} GiB, "

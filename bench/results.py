@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DIRECT = "direct"
+ONE_HOP = "one hop"  # a relay that only moves bytes: the floor of any proxy's cost
 
 
 @dataclass

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             profile,
             reps=args.reps,
             pull_reps=args.reps,
+            ttfb_reps=args.reps,
             rss_reps=min(profile.rss_reps, args.reps),
         )
     names = args.only or list(WORKLOADS)
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile.name,
         "reps": profile.reps,
         "pull_reps": profile.pull_reps,
+        "ttfb_reps": profile.ttfb_reps,
         "command": command,
         "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": seconds,

@@ -7,6 +7,8 @@
   client included, pulls through that same relay, so the ratios stay fair.
 - ``slow``: the plain registry behind a relay that sends each body at a fixed rate.
 - ``crowd``: the plain registry behind a paced relay that counts the GETs it relays.
+- ``hop``: not an upstream of a proxy but a stand-in for one: a relay that only moves
+  bytes, in front of ``slow``, for what one more process on the way costs here.
 
 ``Upstream`` is what a proxy needs to know about one of them: the origin, the
 credentials (if any), and the relay to ask for request counts (if any).
@@ -135,6 +137,9 @@ class Upstreams(contextlib.ExitStack):
         slow = RelayProcess(self.workdir / "slow", self.plain.url, rate=self.slow_rate)
         self.callback(slow.stop)
         self.slow = Upstream("slow", slow.url, relay=slow)
+        hop = RelayProcess(self.workdir / "hop", slow.url)
+        self.callback(hop.stop)
+        self.hop = Upstream("hop", hop.url, relay=hop)
         crowd = RelayProcess(self.workdir / "crowd", self.plain.url, rate=self.crowd_rate)
         self.callback(crowd.stop)
         self.crowd = Upstream("crowd", crowd.url, relay=crowd)
