@@ -39,6 +39,8 @@ def time_to_first_byte(ctx: Context) -> Workload:
     for rep in range(ctx.profile.ttfb_reps):
         for row, url in references:
             if row.status == "ok":
+                # As a proxy's measurement follows its warm-up (`ctx.fresh`).
+                record(row, ctx.warm_up, url)
                 value = record(row, ttfb, url + path, {}, timeout=timeout)
                 if value is not None:
                     row.samples.append(value * MS)

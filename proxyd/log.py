@@ -85,8 +85,8 @@ HOLE = "\x00"  # a field value that an AccessTemplate fills in per line
 class AccessTemplate:
     """An access event rendered once as the JSON pipeline renders it (which adds level,
     logger and timestamp to an event without context), but for the fields given as
-    `HOLE`: each line then costs a join instead of a dict, a render and a timestamp
-    object. Writes only where the output is JSON lines at info level."""
+    `HOLE`: each line then costs one string format instead of a dict, a render and a
+    timestamp object. Writes only where the output is JSON lines at info level."""
 
     def __init__(self, fields: dict[str, Any]) -> None:
         line = {**fields, "level": "info", "logger": ACCESS_LOGGER, "timestamp": HOLE}
