@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -151,7 +152,9 @@ class Download:
         return self._pipe.written if self._pipe is not None else 0
 
     def open(self, store: BlobStore) -> None:
-        """Create the temporary file, and the descriptor readers pread."""
+        """Create the temporary file, and the descriptor readers pread (once)."""
+        if self.writer is not None:
+            return
         writer = store.writer(self.digest)
         try:
             self._fd = os.open(writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -159,6 +162,12 @@ class Download:
             writer.close()
             raise
         self.writer = writer
+
+    def open_early(self, store: BlobStore) -> None:
+        """`open` while upstream has yet to answer; if it fails, `open` meets (and
+        raises) the same failure once upstream answered."""
+        with contextlib.suppress(OSError):
+            self.open(store)
 
     async def write(self, chunk: bytes) -> None:
         """Queue a chunk for the disk; wait while too much is queued already."""
@@ -666,14 +675,20 @@ class Puller:
 
     async def _fetch(self, target: Target, download: Download) -> None:
         digest = download.digest
-        async with self._request(target, Capability.PULL, "GET", f"blobs/{digest}") as up:
-            await _raise_for_status(up, BlobUnknown, f"blob {digest}")
-            download.size = up.response.content_length
-            download.host = up.host.host
-            download.open(self.store)
-            download.ready.set_result(None)
-            async for chunk in up.response.content.iter_any():
-                await download.write(chunk)
+        # The temporary file is made while upstream is asked, at the loop's next turn
+        # (the request is on its way by then), instead of on the way to the first byte.
+        early = asyncio.get_running_loop().call_soon(download.open_early, self.store)
+        try:
+            async with self._request(target, Capability.PULL, "GET", f"blobs/{digest}") as up:
+                await _raise_for_status(up, BlobUnknown, f"blob {digest}")
+                download.size = up.response.content_length
+                download.host = up.host.host
+                download.open(self.store)  # made already, unless that failed
+                download.ready.set_result(None)
+                async for chunk in up.response.content.iter_any():
+                    await download.write(chunk)
+        finally:
+            early.cancel()  # the request failed before the loop turned: nothing to make
         # Upstream's 200 confirmed the repository holds it (written here, after the body,
         # to keep it off the way to the first byte).
         self.store.link(target.namespace.name, target.repository, digest)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from proxyd.reference import Digest
 from proxyd.server.keys import PULLER
 from proxyd.store import BlobStore, BlobWriter, Buffer
 from proxyd.writebehind import WriteBehind
-from tests.conftest import host, origin, until_stored
+from tests.conftest import host, oci_code, origin, until_stored
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 LAYER = bytes(range(256)) * 4096  # 1 MiB
@@ -128,6 +129,58 @@ async def test_a_failed_rename_after_the_release_keeps_nothing_and_is_logged(
     retry = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert await retry.read() == LAYER
     assert len(upstream.requests(f"/blobs/{image.layer}")) == 2
+
+
+async def test_the_temporary_file_is_made_while_upstream_is_asked(
+    make_proxyd, start_fake, cache_dir: Path
+):
+    upstream = FakeRegistry(hang=True)  # it never answers: what is made, is made meanwhile
+    image = upstream.add(make_image(layer=LAYER))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(config(server) + "\nread_timeout = 1")
+    request = asyncio.create_task(proxyd.get(f"/v2/team/app/blobs/{image.layer}"))
+    for _ in range(500):
+        if list((cache_dir / "tmp").iterdir()):
+            break
+        await asyncio.sleep(0.01)
+    assert [p.name[:16] for p in (cache_dir / "tmp").iterdir()] == [image.layer[7:23]]
+    assert upstream.requests(f"/blobs/{image.layer}")
+
+    response = await asyncio.wait_for(request, 10)
+    assert response.status == 502  # the read timeout
+    assert list((cache_dir / "tmp").iterdir()) == []
+
+
+async def test_a_blob_request_that_fails_before_reaching_upstream_leaves_no_file(
+    make_proxyd, start_fake, cache_dir: Path
+):
+    upstream = FakeRegistry()
+    image = upstream.add(make_image(layer=LAYER))
+    proxyd = await make_proxyd(config(await start_fake(upstream)), offline=True)
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert response.status == 503  # offline: refused at once, no upstream asked
+    await asyncio.sleep(0.05)  # turns of the loop after the failure
+    assert list((cache_dir / "tmp").iterdir()) == []
+    assert upstream.seen == []
+
+
+async def test_a_cold_blob_that_cannot_be_written_is_a_clean_error_and_leaves_nothing(
+    make_proxyd, start_fake, cache_dir: Path
+):
+    proxyd, _, image, _ = await one_image(make_proxyd, start_fake)
+    shutil.rmtree(cache_dir / "tmp")
+    (cache_dir / "tmp").write_text("not a directory")
+
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert response.status == 500
+    assert await oci_code(response) == "UNKNOWN"
+
+    (cache_dir / "tmp").unlink()
+    (cache_dir / "tmp").mkdir()
+    retry = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await retry.read() == LAYER
+    await until_stored(cache_dir, image.layer)
+    assert list((cache_dir / "tmp").iterdir()) == []
 
 
 async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_then(
