@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 from bench.clients import Fetched, fetch_many, fetch_one, ttfb
-from bench.context import Context
+from bench.context import Context, rotated
+from bench.proxies import Proxy
 from bench.results import DIRECT, ONE_HOP, Row, Workload, record
+from bench.upstreams import Upstream
 
 MS = 1000.0
 
@@ -37,25 +39,27 @@ def time_to_first_byte(ctx: Context) -> Workload:
     timeout = ctx.profile.slow_timeout()
     references = [(wl.row(DIRECT), upstream.url), (hop, ctx.upstreams.hop.url)]
     for rep in range(ctx.profile.ttfb_reps):
-        for row, url in references:
-            if row.status == "ok":
-                # As a proxy's measurement follows its warm-up (`ctx.fresh`).
-                record(row, ctx.warm_up, url)
-                value = record(row, ttfb, url + path, {}, timeout=timeout)
+        turns: list[tuple[Row, str] | Proxy] = [*references, *proxies]
+        for turn in rotated(turns, rep):
+            if not isinstance(turn, Proxy):
+                row, url = turn
+                if row.status == "ok":
+                    # As a proxy's measurement follows its warm-up (`ctx.fresh`).
+                    record(row, ctx.warm_up, url)
+                    value = record(row, ttfb, url + path, {}, timeout=timeout)
+                    if value is not None:
+                        row.samples.append(value * MS)
+                continue
+            for row, running in ctx.each_fresh(wl, [turn], upstream):
+                with ctx.watch(running, f"{wl.id}-{rep}"):
+                    value = record(row, ttfb, running.url + path, {}, timeout=timeout)
                 if value is not None:
                     row.samples.append(value * MS)
-        for row, running in ctx.each_fresh(wl, proxies, upstream):
-            with ctx.watch(running, f"{wl.id}-{rep}"):
-                value = record(row, ttfb, running.url + path, {}, timeout=timeout)
-            if value is not None:
-                row.samples.append(value * MS)
     return wl
 
 
 def concurrent_cold(ctx: Context) -> Workload:
     upstream = ctx.upstreams.crowd
-    relay = upstream.relay
-    assert relay is not None
     n, size = ctx.profile.crowd_clients, ctx.blob.size
     rate = ctx.profile.crowd_rate / (1024 * 1024)
     wl = Workload(
@@ -72,19 +76,31 @@ def concurrent_cold(ctx: Context) -> Workload:
     timeout = ctx.profile.crowd_timeout()
     direct = wl.row(DIRECT)
     for rep in range(ctx.profile.reps):
-        if direct.status == "ok":
-            fetched = record(direct, fetch_one, upstream.url + path, {}, timeout=timeout)
-            if fetched is not None and _complete(direct, fetched, 1, size):
-                direct.samples.append(fetched.seconds)
-        for row, running in ctx.each_fresh(wl, proxies, upstream):
-            before = relay.gets(ctx.blob.digest)
-            with ctx.watch(running, f"{wl.id}-{rep}"):
-                fetched = record(row, fetch_many, running.url + path, n, {}, timeout=timeout)
-            after = relay.gets(ctx.blob.digest)
-            if fetched is not None and _complete(row, fetched, n, size):
-                row.samples.append(fetched.seconds)
-                row.extra.setdefault("upstream_gets", []).append(after - before)
+        for proxy in rotated([None, *proxies], rep):  # None: direct
+            if proxy is None:
+                if direct.status == "ok":
+                    fetched = record(direct, fetch_one, upstream.url + path, {}, timeout=timeout)
+                    if fetched is not None and _complete(direct, fetched, 1, size):
+                        direct.samples.append(fetched.seconds)
+                continue
+            _crowd_turn(ctx, wl, proxy, upstream, path, rep)
     return wl
+
+
+def _crowd_turn(
+    ctx: Context, wl: Workload, proxy: Proxy, upstream: Upstream, path: str, rep: int
+) -> None:
+    relay = upstream.relay
+    assert relay is not None
+    n, size, timeout = ctx.profile.crowd_clients, ctx.blob.size, ctx.profile.crowd_timeout()
+    for row, running in ctx.each_fresh(wl, [proxy], upstream):
+        before = relay.gets(ctx.blob.digest)
+        with ctx.watch(running, f"{wl.id}-{rep}"):
+            fetched = record(row, fetch_many, running.url + path, n, {}, timeout=timeout)
+        after = relay.gets(ctx.blob.digest)
+        if fetched is not None and _complete(row, fetched, n, size):
+            row.samples.append(fetched.seconds)
+            row.extra.setdefault("upstream_gets", []).append(after - before)
 
 
 def _complete(row: Row, fetched: Fetched, n: int, size: int) -> bool:

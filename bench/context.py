@@ -4,9 +4,10 @@ the proxies, the fixtures pushed upstream, and a work directory."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from bench.fixtures import Blob
 from bench.profiler import Profiler
@@ -20,6 +21,16 @@ from tests.peers.image import BuiltImage
 
 OCI_ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 WARM_UP_TAG = "no-such-tag"
+T = TypeVar("T")
+
+
+def rotated(turns: Sequence[T], rep: int) -> list[T]:
+    """``turns`` starting at a different one each repetition, so that every target
+    takes every place in the order equally often: what a measurement leaves behind
+    (a stopped proxy's clean-up, its written blobs, a warm path) weighs on all alike.
+    In a fixed order the direct pull always came right after the last proxy stopped."""
+    start = rep % len(turns) if turns else 0
+    return [*turns[start:], *turns[:start]]
 
 
 @dataclass

@@ -13,8 +13,8 @@ import contextlib
 import shutil
 import time
 
-from bench.context import Context
-from bench.proxies import RunningProxy
+from bench.context import Context, rotated
+from bench.proxies import Proxy, RunningProxy
 from bench.results import DIRECT, Row, Workload, record
 from bench.upstreams import Upstream
 from tests.peers import PeerError
@@ -66,11 +66,14 @@ def warm_pull(ctx: Context, upstream: Upstream) -> Workload:
             if running is not None:
                 started[proxy.name] = running
                 record(row, _pull, ctx, running.host, None, check=True)  # primes the cache
+        turns: list[RunningProxy | None] = [None, *started.values()]  # None: direct
         for rep in range(ctx.profile.pull_reps):
-            _measure(ctx, direct, upstream.host, upstream.creds_text)
-            for name, running in started.items():
+            for running in rotated(turns, rep):
+                if running is None:
+                    _measure(ctx, direct, upstream.host, upstream.creds_text)
+                    continue
                 with ctx.watch(running, f"{wl.id}-{rep}"):
-                    _measure(ctx, wl.row(name), running.host, None)
+                    _measure(ctx, wl.row(running.name), running.host, None)
     return wl
 
 
@@ -80,9 +83,13 @@ def cold_pull(ctx: Context, upstream: Upstream) -> Workload:
     )
     proxies = ctx.ready_rows(wl)
     direct = wl.row(DIRECT)
+    turns: list[Proxy | None] = [None, *proxies]  # None: direct
     for rep in range(ctx.profile.pull_reps):
-        _measure(ctx, direct, upstream.host, upstream.creds_text)
-        for row, running in ctx.each_fresh(wl, proxies, upstream):
-            with ctx.watch(running, f"{wl.id}-{rep}"):
-                _measure(ctx, row, running.host, None)
+        for proxy in rotated(turns, rep):
+            if proxy is None:
+                _measure(ctx, direct, upstream.host, upstream.creds_text)
+                continue
+            for row, running in ctx.each_fresh(wl, [proxy], upstream):
+                with ctx.watch(running, f"{wl.id}-{rep}"):
+                    _measure(ctx, row, running.host, None)
     return wl
