@@ -134,7 +134,6 @@ class Download:
         self.target = target  # the repository whose GET confirms the digest
         self.size: int | None = None
         self.host = ""
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.received = 0  # bytes read from upstream
         self.verified = False  # the digest matched: readers may have every byte
         self.stored: Path | None = None  # where the blob was renamed to
@@ -145,6 +144,30 @@ class Download:
         self._waiters: list[asyncio.Future[None]] = []
         self._fd = -1  # the temporary file, for readers
         self._users = 1  # the download itself; each reader adds one
+        self._answered = False  # upstream answered the GET, or the download failed first
+        self._answer_waiters: list[asyncio.Future[None]] = []
+
+    def answer(self) -> None:
+        """Upstream answered the GET, or (`error` set) the download failed first: the
+        requests waiting for that resume at the loop's next turn, before the first
+        chunk's disk write (which `WriteBehind` leaves to that turn)."""
+        if self._answered:
+            return
+        self._answered = True
+        waiters, self._answer_waiters = self._answer_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def answered(self) -> None:
+        """Until upstream answered; raises the download's failure, if it failed. A
+        request cancelled meanwhile ends its own wait, not the download."""
+        if not self._answered:
+            waiter = asyncio.get_running_loop().create_future()
+            self._answer_waiters.append(waiter)
+            await waiter
+        if self.error is not None:
+            raise self.error
 
     @property
     def written(self) -> int:
@@ -613,7 +636,7 @@ class Puller:
             self.metrics.coalesced.inc()
             if download.target != target:
                 await self._confirm(target, digest)
-        await asyncio.shield(download.ready)
+        await download.answered()
         return download
 
     async def _confirm(self, target: Target, digest: Digest) -> None:
@@ -655,9 +678,7 @@ class Puller:
                 try:
                     await download.discard()  # the temporary file goes before anyone hears
                 finally:
-                    if not download.ready.done():
-                        download.ready.set_exception(exc)
-                        download.ready.exception()  # retrieved: waiters re-raise it
+                    download.answer()  # if upstream had not answered yet
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
@@ -684,7 +705,7 @@ class Puller:
                 download.size = up.response.content_length
                 download.host = up.host.host
                 download.open(self.store)  # made already, unless that failed
-                download.ready.set_result(None)
+                download.answer()
                 async for chunk in up.response.content.iter_any():
                     await download.write(chunk)
         finally:

@@ -3,11 +3,13 @@ upstream, and a worker thread hashes and writes them, one batch at a time.
 
 When no batch is in flight, everything queued goes to the worker as one job (one
 `writev`, one hash update per buffer), so batches grow by themselves while the disk
-or the hash is the slower side. The very first chunk is written on the event loop:
-it decides the time to first byte, and a thread hop would only delay it. While
-more than `high_water` bytes wait, the reader of the upstream waits in `room()`, so
-memory stays bounded whatever the blob's size. `on_written` is told the new size of
-the file after every batch: only bytes on disk are ever announced.
+or the hash is the slower side. The very first chunk is a batch written on the event
+loop at its next turn: the requests waiting for the download's first bytes take them
+from memory in that turn first (the time to first byte), and a thread hop would only
+delay them. While more than `high_water` bytes wait, the reader of the upstream
+waits in `room()`, so memory stays bounded whatever the blob's size. `on_written` is
+told the new size of the file after every batch: only bytes on disk are ever
+announced.
 
 The writer belongs to the worker while a batch is in flight: `stop()` waits for it
 before anyone may close the file (a descriptor closed under a running `writev` could
@@ -77,9 +79,10 @@ class WriteBehind:
         if self._stopped:
             raise RuntimeError("write-behind fed after stop")
         if self.written == 0 and self._batch is None:
-            # The first chunk is the time to first byte: written here, no thread hop.
-            self.written = self.writer.append([chunk])
-            self.on_written(self.written)
+            # The first chunk: a batch of its own, written on the loop at its next turn.
+            self._batch = self._loop.create_future()
+            self._batch.add_done_callback(self._done)
+            self._loop.call_soon(self._write_here, self._batch, [chunk])
             return
         self._queue.append(chunk)
         self.backlog += len(chunk)
@@ -117,6 +120,14 @@ class WriteBehind:
         if self._batch is not None:
             with contextlib.suppress(Exception):  # its error: the download failed already
                 await settle(self._batch)
+
+    def _write_here(self, batch: asyncio.Future[int], buffers: list[Buffer]) -> None:
+        if batch.done():  # cancelled: nothing may touch the writer any more
+            return
+        try:
+            batch.set_result(self.writer.append(buffers))
+        except Exception as exc:
+            batch.set_exception(exc)
 
     def _hand_over(self) -> None:
         batch, self._queue = self._queue, []

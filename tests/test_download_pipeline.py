@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxyd import store as store_module
+from proxyd.errors import UpstreamError
 from proxyd.fetch import Download
 from proxyd.reference import Digest
 from proxyd.server.keys import PULLER
@@ -289,15 +290,16 @@ async def test_a_stalled_disk_stops_the_reading_at_the_high_water_mark(tmp_path:
         await asyncio.sleep(0)
     assert not reader.done()
     assert pipe.backlog <= pipe.high_water + chunk
-    assert fed <= 2 * chunk + pipe.high_water + chunk  # written, stalled, queued
-    assert announced == [chunk]  # the first chunk, written at once; nothing after it
+    in_flight = pipe.high_water + chunk  # what was queued while the first chunk waited
+    assert fed <= chunk + in_flight + pipe.high_water + chunk  # written, stalled, queued
+    assert announced == [chunk]  # the first chunk, written on the loop; nothing after it
 
     writer.go_on.set()
     await asyncio.wait_for(reader, 10)
     await asyncio.wait_for(pipe.flush(), 10)
     assert announced[-1] == pipe.written == len(data)
     assert announced == sorted(announced)
-    assert writer.batches[:2] == [1, 1]  # the first chunk alone, then the next alone
+    assert writer.batches[0] == 1  # the first chunk alone
     assert max(writer.batches) > 1  # later ones were batched while the disk stalled
     writer.verify()  # every byte hashed, in order
     writer.close()
@@ -376,6 +378,60 @@ async def test_with_the_size_known_only_the_blobs_final_byte_waits_for_the_diges
     assert download.writer is not None
     download.writer.close()
     download.release()
+
+
+async def test_a_request_waiting_for_upstream_has_the_first_chunk_before_the_disk_does(
+    tmp_path: Path,
+):
+    """The first byte goes out at the loop's first turn after upstream answered; the
+    first chunk's disk write comes after it, in the same turn."""
+    store = BlobStore(tmp_path)
+    store.open()
+    data = os.urandom(256 * 1024)
+    download = Download(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()), target=None)
+    download.size = len(data)
+    download.open(store)
+    on_disk_at_first_read: list[int] = []
+
+    async def request() -> None:
+        await download.answered()
+        async for _ in download.chunks():
+            assert download.writer is not None
+            on_disk_at_first_read.append(os.path.getsize(download.writer.temp_path))
+            return
+
+    waiting = asyncio.create_task(request())
+    await asyncio.sleep(0)  # the request waits for upstream's answer
+    download.answer()
+    await download.write(data[: 64 * 1024])  # upstream sent the head with a first chunk
+    await asyncio.wait_for(waiting, 10)
+    assert on_disk_at_first_read == [0]
+
+    for start in range(64 * 1024, len(data), 64 * 1024):
+        await download.write(data[start : start + 64 * 1024])
+    await asyncio.wait_for(download.verify(), 10)
+    assert download.written == len(data)
+    assert download.writer is not None
+    download.writer.close()
+
+
+async def test_a_request_cancelled_while_waiting_for_upstream_leaves_the_download_alone():
+    download = Download(Digest.parse("sha256:" + "0" * 64), target=None)
+    first, second = (asyncio.create_task(download.answered()) for _ in range(2))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    download.answer()
+    await asyncio.wait_for(second, 10)  # the other request goes on
+    await download.answered()  # and so does any later one
+
+    failed = Download(Digest.parse("sha256:" + "1" * 64), target=None)
+    waiting = asyncio.create_task(failed.answered())
+    await asyncio.sleep(0)
+    failed.error = UpstreamError("upstream went away")
+    failed.answer()
+    with pytest.raises(UpstreamError, match="went away"):
+        await asyncio.wait_for(waiting, 10)
 
 
 def test_a_large_batch_is_hashed_beside_its_write_and_both_are_done_on_return(
