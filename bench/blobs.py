@@ -3,9 +3,9 @@
 3. Time to first byte of a cold blob from the ``slow`` upstream (a relay pacing the
    body at ``slow_rate``): a proxy that streams answers about as fast as the
    upstream does; one that buffers the blob first answers after size / rate seconds.
-   The ``one hop`` row goes through a relay that only splices bytes (``hop``): what
-   any process between client and upstream costs on this machine, the floor under
-   every proxy's row.
+   The ``one hop`` row goes through a relay that only splices bytes (``hop``): what a
+   process that does little but stand between client and upstream costs on this
+   machine, for scale.
 4. ``crowd_clients`` concurrent cold GETs of one blob through a proxy in front of
    the ``crowd`` upstream (paced at ``crowd_rate`` per connection). The relay counts
    the GETs it received: a proxy that shares one download sends exactly one. The
@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from bench.clients import Fetched, fetch_many, fetch_one, ttfb
-from bench.context import Context, rotated
+from bench.context import Context, shuffled
 from bench.proxies import Proxy
 from bench.results import DIRECT, ONE_HOP, Row, Workload, record
 from bench.upstreams import Upstream
@@ -40,7 +40,7 @@ def time_to_first_byte(ctx: Context) -> Workload:
     references = [(wl.row(DIRECT), upstream.url), (hop, ctx.upstreams.hop.url)]
     for rep in range(ctx.profile.ttfb_reps):
         turns: list[tuple[Row, str] | Proxy] = [*references, *proxies]
-        for turn in rotated(turns, rep):
+        for turn in shuffled(turns, rep):
             if not isinstance(turn, Proxy):
                 row, url = turn
                 if row.status == "ok":
@@ -76,7 +76,7 @@ def concurrent_cold(ctx: Context) -> Workload:
     timeout = ctx.profile.crowd_timeout()
     direct = wl.row(DIRECT)
     for rep in range(ctx.profile.reps):
-        for proxy in rotated([None, *proxies], rep):  # None: direct
+        for proxy in shuffled([None, *proxies], rep):  # None: direct
             if proxy is None:
                 if direct.status == "ok":
                     fetched = record(direct, fetch_one, upstream.url + path, {}, timeout=timeout)

@@ -4,6 +4,7 @@ the proxies, the fixtures pushed upstream, and a work directory."""
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,13 @@ WARM_UP_TAG = "no-such-tag"
 T = TypeVar("T")
 
 
-def rotated(turns: Sequence[T], rep: int) -> list[T]:
-    """``turns`` starting at a different one each repetition, so that every target
-    takes every place in the order equally often: what a measurement leaves behind
-    (a stopped proxy's clean-up, its written blobs, a warm path) weighs on all alike.
-    In a fixed order the direct pull always came right after the last proxy stopped."""
-    start = rep % len(turns) if turns else 0
-    return [*turns[start:], *turns[:start]]
+def shuffled(turns: Sequence[T], rep: int) -> list[T]:
+    """``turns`` in another order each repetition (seeded by it: the same from run to
+    run), so that no target always follows the same one: what a measurement leaves
+    behind (a stopped proxy's clean-up, the blobs it wrote, a path awake) weighs on all
+    of them alike. In a fixed order, the direct pull always came right after the last
+    proxy had stopped."""
+    return random.Random(rep).sample(list(turns), len(turns))
 
 
 @dataclass

@@ -17,7 +17,7 @@ import contextlib
 import psutil
 
 from bench.clients import Load, load
-from bench.context import OCI_ACCEPT, Context, rotated
+from bench.context import OCI_ACCEPT, Context, shuffled
 from bench.proxies import RunningProxy
 from bench.results import DIRECT, Row, Workload, record
 from tests.peers import PeerError, http_request
@@ -43,7 +43,7 @@ def manifest_hits(ctx: Context) -> Workload:
                 started[proxy.name] = running
         targets = [(DIRECT, upstream.url, None), *((n, r.url, r) for n, r in started.items())]
         for rep in range(ctx.profile.reps):
-            for name, url, running in rotated(targets, rep):
+            for name, url, running in shuffled(targets, rep):
                 row = wl.row(name)
                 if row.status != "ok":
                     continue

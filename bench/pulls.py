@@ -13,7 +13,7 @@ import contextlib
 import shutil
 import time
 
-from bench.context import Context, rotated
+from bench.context import Context, shuffled
 from bench.proxies import Proxy, RunningProxy
 from bench.results import DIRECT, Row, Workload, record
 from bench.upstreams import Upstream
@@ -68,7 +68,7 @@ def warm_pull(ctx: Context, upstream: Upstream) -> Workload:
                 record(row, _pull, ctx, running.host, None, check=True)  # primes the cache
         turns: list[RunningProxy | None] = [None, *started.values()]  # None: direct
         for rep in range(ctx.profile.pull_reps):
-            for running in rotated(turns, rep):
+            for running in shuffled(turns, rep):
                 if running is None:
                     _measure(ctx, direct, upstream.host, upstream.creds_text)
                     continue
@@ -85,7 +85,7 @@ def cold_pull(ctx: Context, upstream: Upstream) -> Workload:
     direct = wl.row(DIRECT)
     turns: list[Proxy | None] = [None, *proxies]  # None: direct
     for rep in range(ctx.profile.pull_reps):
-        for proxy in rotated(turns, rep):
+        for proxy in shuffled(turns, rep):
             if proxy is None:
                 _measure(ctx, direct, upstream.host, upstream.creds_text)
                 continue
