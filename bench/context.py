@@ -97,11 +97,14 @@ class Context:
         return f"/v2/{self.repository}/blobs/{digest}"
 
     def ready_rows(self, workload: Workload) -> list[Proxy]:
-        """The proxies that can run; a row marked skipped for each one that cannot."""
+        """The proxies that can run; a row marked skipped for each one that cannot.
+        Every proxy's row is made here, so tables list them in one order whatever
+        order they are measured in."""
         ready = []
         for proxy in self.proxies:
             reason = proxy.unavailable()
             if reason is None:
+                workload.row(proxy.name)
                 ready.append(proxy)
             else:
                 workload.rows[proxy.name] = Row(proxy.name, status="skipped", reason=reason)
