@@ -50,7 +50,10 @@ def _ratio_target(workloads: list[Workload], proxy: str, limit: float) -> Verdic
         if ratio is None:
             return Verdict(None, f"{wl.id}: no data")
         label = wl.id.rsplit("_", 1)[-1] + " " if len(workloads) > 1 else ""
-        parts.append(f"{label}{ratio:.2f}{X}")
+        shown = f"{ratio:.2f}"
+        if (float(shown) <= limit) != (ratio <= limit):  # 1.153 would read as 1.15
+            shown = f"{ratio:.3f}"
+        parts.append(f"{label}{shown}{X}")
         met = met and ratio <= limit
     return Verdict(met if parts else None, ", ".join(parts) or "no data")
 
