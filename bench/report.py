@@ -51,7 +51,7 @@ def _ratio_target(workloads: list[Workload], proxy: str, limit: float) -> Verdic
             return Verdict(None, f"{wl.id}: no data")
         label = wl.id.rsplit("_", 1)[-1] + " " if len(workloads) > 1 else ""
         shown = f"{ratio:.2f}"
-        if (float(shown) <= limit) != (ratio <= limit):  # 1.153 would read as 1.15
+        if (float(shown) <= limit) != (ratio <= limit):  # 1.151 would read as 1.15
             shown = f"{ratio:.3f}"
         parts.append(f"{label}{shown}{X}")
         met = met and ratio <= limit
