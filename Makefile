@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-# The benchmark (docs/performance.md): `make bench` runs the full one (~9 min),
+# The benchmark (docs/performance.md): `make bench` runs the full one (~10 min),
 # `make bench-smoke` the same code path with tiny sizes (CI, < 2 min).
 # BENCH_ARGS passes flags on, e.g. BENCH_ARGS="--update-docs" or "--only cold_pull".
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt bench/requirements-optional.txt

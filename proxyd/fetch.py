@@ -145,27 +145,19 @@ class Download:
         self._fd = -1  # the temporary file, for readers
         self._users = 1  # the download itself; each reader adds one
         self._answered = False  # upstream answered the GET, or the download failed first
-        self._answer_waiters: list[asyncio.Future[None]] = []
 
     def answer(self) -> None:
         """Upstream answered the GET, or (`error` set) the download failed first: the
         requests waiting for that resume at the loop's next turn, before the first
         chunk's disk write (which `WriteBehind` leaves to that turn)."""
-        if self._answered:
-            return
         self._answered = True
-        waiters, self._answer_waiters = self._answer_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.notify()
 
     async def answered(self) -> None:
         """Until upstream answered; raises the download's failure, if it failed. A
         request cancelled meanwhile ends its own wait, not the download."""
-        if not self._answered:
-            waiter = asyncio.get_running_loop().create_future()
-            self._answer_waiters.append(waiter)
-            await waiter
+        while not self._answered:
+            await self._news()
         if self.error is not None:
             raise self.error
 
@@ -252,6 +244,13 @@ class Download:
             return self.received
         return self.received - 1
 
+    async def _news(self) -> None:
+        """Until the next `notify` (a waiter of its own: cancelling it ends only this
+        wait)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -294,9 +293,7 @@ class Download:
                 elif self.verified:
                     return
                 else:
-                    waiter = asyncio.get_running_loop().create_future()
-                    self._waiters.append(waiter)
-                    await waiter
+                    await self._news()
         finally:
             self.release()
 
@@ -317,7 +314,9 @@ class Puller:
     ) -> None:
         self.store = store
         self.hot = HotManifests(store, hot_manifest_bytes)
-        self.hot_tags = HotTags(max_entries=MAX_HOT_TAGS if hot_manifest_bytes > 0 else 0)
+        self.hot_tags: HotTags[Digest] = HotTags(
+            max_entries=MAX_HOT_TAGS if hot_manifest_bytes > 0 else 0
+        )
         # Whether a push or delete through proxyd may move a namespace's tags: only
         # then is a cached tag checked against the tag-changed mark (one more read).
         self.tags_can_move = tags_can_move
@@ -429,21 +428,19 @@ class Puller:
         if remembered is None:
             return None
         digest, until = remembered
-        hot = self.hot.get((target.namespace.name, target.repository, digest))
+        hot = self.hot.get((target.namespace.name, target.repository, str(digest)))
         if hot is None:
             return None
         self.metrics.cache.labels("tag", "hit").inc()
         body = hot.body
         fresh_until = min(until, hot.fresh_until)  # the tag and its manifest both stand
-        return Manifest(
-            Digest.parse(digest), hot.media_type, len(body), body, "hit", None, fresh_until
-        )
+        return Manifest(digest, hot.media_type, len(body), body, "hit", None, fresh_until)
 
     def _remember_tag(self, target: Target, key: str, manifest: Manifest, fresh_for: float) -> None:
         """A fresh answer (its bytes verified, the repository's link made or on its way)."""
         hot_key = (target.namespace.name, target.repository, str(manifest.digest))
         self.hot.put(hot_key, manifest.media_type, manifest.body)
-        self.hot_tags.put(key, str(manifest.digest), fresh_for)
+        self.hot_tags.put(key, manifest.digest, fresh_for)
 
     async def _through_cache(
         self,

@@ -19,11 +19,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from proxyd.store import BlobStore
 
 RECHECK = 1.0  # seconds a remembered hit is served before the disk is asked again
 Key = tuple[str, str, str]  # namespace, repository, digest
+D = TypeVar("D")  # what a remembered tag points at: its digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +97,9 @@ class HotManifests:
             self._bytes -= len(entry.body)
 
 
-class HotTags:
-    """An entry-bounded LRU: a tag answer's key (tag, Accept set) to its digest."""
+class HotTags(Generic[D]):
+    """An entry-bounded LRU: a tag answer's key (tag, Accept set) to its digest, kept
+    as the caller has it (proxyd's core: parsed, so a hit parses nothing)."""
 
     def __init__(
         self,
@@ -108,9 +111,9 @@ class HotTags:
         self.max_entries = max_entries
         self.recheck = recheck
         self.clock = clock
-        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[D, float]] = OrderedDict()
 
-    def get(self, key: str) -> tuple[str, float] | None:
+    def get(self, key: str) -> tuple[D, float] | None:
         """The digest and the (monotonic) time until which it may be served."""
         entry = self._entries.get(key)
         if entry is None:
@@ -121,7 +124,7 @@ class HotTags:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, digest: str, fresh_for: float) -> None:
+    def put(self, key: str, digest: D, fresh_for: float) -> None:
         """Remember for `recheck` seconds at most, and no longer than `fresh_for`."""
         if fresh_for <= 0 or self.max_entries <= 0:
             return
