@@ -19,7 +19,7 @@ class Profile:
     rss_sizes: tuple[int, int]  # the small and the large blob of the memory workload
     reps: int
     pull_reps: int  # the pulls: a pull's spread here is as wide as the differences sought
-    ttfb_reps: int  # the cold TTFB: a few ms, as noisy as the pulls
+    ttfb_reps: int  # the cold TTFB: a few ms, each sample 2-3x from the next
     rss_reps: int
     slow_rate: float  # bytes/s of the slow upstream (TTFB)
     crowd_rate: float  # bytes/s per connection of the crowd upstream
@@ -50,7 +50,7 @@ FULL = Profile(
     rss_sizes=(256 * MIB, 1024 * MIB),
     reps=5,
     pull_reps=11,
-    ttfb_reps=11,
+    ttfb_reps=31,
     rss_reps=3,
     slow_rate=4 * MIB,
     crowd_rate=16 * MIB,
