@@ -20,6 +20,7 @@ HOST_RE = re.compile(
     rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]{{1,5}})?"
 )
 _DIGEST_RE = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
+_LOWER_HEX_RE = re.compile(r"[0-9a-f]+")  # compiled here: not by a process's first blob request
 DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 MAX_NAME_LENGTH = 255
 
@@ -44,7 +45,7 @@ class Digest:
         length = DIGEST_HEX_LENGTHS.get(algorithm)
         if length is None:
             raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}")
-        if len(encoded) != length or not re.fullmatch(r"[0-9a-f]+", encoded):
+        if len(encoded) != length or not _LOWER_HEX_RE.fullmatch(encoded):
             raise DigestInvalid(f"invalid {algorithm} digest {text!r}")
         return cls(algorithm, encoded)
 
