@@ -1,6 +1,10 @@
 """Eviction: keep the blob store under its size and age limits, least recently used
 first. Pure planning (`plan`) is separate from the filesystem (`scan`, `apply`).
 
+A store over max_size is brought down to LOW_WATER of it, not just under it: a full
+cache then scans its tree once per tenth of its size that arrives, where it would
+scan (0.4 s of CPU for 50,000 blobs) for every new blob.
+
 "Used" is the blob file's mtime: the store touches it when it serves the blob (at
 most once a minute). A blob used within the grace period is never removed, so
 nothing being written (downloads live in tmp/ until committed) or read is taken;
@@ -25,6 +29,7 @@ from proxyd.store import BlobStore
 log = structlog.get_logger("proxyd.evict")
 
 GRACE = 300.0  # seconds: recently used blobs are never evicted
+LOW_WATER = 0.9  # a store over max_size is brought down to this share of it
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,9 @@ def plan(
     now: float,
     grace: float = GRACE,
 ) -> Plan:
-    """Remove what is older than max_age, then the least recently used until the
-    rest fits in max_size; never a file used within `grace` seconds."""
+    """Remove what is older than max_age, then, if the rest exceeds max_size, the
+    least recently used until it fits in LOW_WATER of it; never a file used within
+    `grace` seconds."""
     result = Plan(total=sum(f.size for f in files), entries=len(files))
     keep = []
     for stored in sorted(files, key=lambda f: f.last_used):
@@ -80,8 +86,10 @@ def plan(
         else:
             keep.append(stored)
     remaining = sum(f.size for f in keep)
+    if max_size is None or remaining <= max_size:
+        return result
     for stored in keep:
-        if max_size is None or remaining <= max_size:
+        if remaining <= max_size * LOW_WATER:
             break
         if now - stored.last_used <= grace:
             break  # the rest is newer still

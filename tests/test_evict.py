@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from proxyd.evict import GRACE, Evictor, StoredFile, apply, plan, scan
+from proxyd.evict import GRACE, LOW_WATER, Evictor, StoredFile, apply, plan, scan
 from proxyd.reference import Digest
 from proxyd.store import BlobStore
 from tests.conftest import host, origin, until_stored
@@ -33,6 +33,20 @@ def test_least_recently_used_go_first_until_the_rest_fits():
     assert chosen.remove == [older, old]
     assert chosen.freed == 80
     assert chosen.total == 120
+
+
+def test_a_store_over_its_limit_is_brought_to_nine_tenths_of_it():
+    """So that a full cache scans its tree once per tenth of its size that arrives,
+    not for every new blob."""
+    files = [stored(str(i), 10, 10_000 + i) for i in range(10)]  # 100 bytes, [9] oldest
+    chosen = plan(files, max_size=95, max_age=None, now=NOW)
+    assert chosen.remove == [files[9], files[8]]
+    assert chosen.total - chosen.freed <= 95 * LOW_WATER
+
+
+def test_a_store_within_its_limit_loses_nothing_to_the_low_water_mark():
+    files = [stored(str(i), 10, 10_000 + i) for i in range(10)]
+    assert plan(files, max_size=100, max_age=None, now=NOW).remove == []
 
 
 def test_blobs_unused_longer_than_max_age_go_whatever_the_size():
