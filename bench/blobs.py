@@ -21,6 +21,7 @@ from __future__ import annotations
 from bench.clients import Fetched, fetch_many, fetch_one, ttfb
 from bench.context import Context, shuffled
 from bench.proxies import Proxy
+from bench.report import X
 from bench.results import DIRECT, ONE_HOP, Row, Workload, record
 from bench.upstreams import Upstream
 
@@ -68,9 +69,15 @@ def time_to_first_byte(ctx: Context) -> Workload:
                     value = record(row, ttfb, running.url + path, {}, timeout=timeout)
                 if value is not None:
                     row.samples.append(value * MS)
-    for row in wl.rows.values():
+    for proxy in proxies:
+        row = wl.row(proxy.name)
+        about = []
+        if row.median is not None and hop.median:
+            about.append(f"{row.median / hop.median:.2f}{X} one hop's")
         if _buffers(row) and len(row.samples) < ctx.profile.ttfb_reps:
-            row.extra["about"] = f"buffers: sampled {len(row.samples)} times"
+            about.append(f"buffers: sampled {len(row.samples)} times")
+        if about:
+            row.extra["about"] = "; ".join(about)
     return wl
 
 
