@@ -1,0 +1,55 @@
+"""The benchmark's judging, without timing anything: the order targets are measured
+in, when a target that buffers stops being sampled, and how a verdict reads.
+(`make bench-smoke` in CI runs the workloads themselves.)"""
+
+from __future__ import annotations
+
+from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
+from bench.context import shuffled
+from bench.report import _crowd, _ratio_target
+from bench.results import DIRECT, Row, Workload
+
+
+def test_each_repetition_measures_every_target_once_in_its_own_order():
+    targets = ["direct", "one hop", "proxyd", "distribution", "drayage"]
+    orders = [shuffled(targets, rep) for rep in range(11)]
+    assert all(sorted(order) == sorted(targets) for order in orders)
+    assert orders == [shuffled(targets, rep) for rep in range(11)]  # the same in every run
+    for target in targets:  # no target always comes after the same one
+        before = {order[order.index(target) - 1] for order in orders if order[0] != target}
+        assert len(before) > 1
+
+
+def test_a_target_is_taken_for_buffering_only_after_enough_late_samples():
+    late = BUFFERING_MS * 16
+    assert _buffers(Row("drayage", samples=[late] * BUFFERED_SAMPLES))
+    assert not _buffers(Row("drayage", samples=[late] * (BUFFERED_SAMPLES - 1)))
+    assert not _buffers(Row("proxyd", samples=[late] * BUFFERED_SAMPLES + [5.0]))
+
+
+def workload(name: str, direct: float, proxyd: float) -> Workload:
+    wl = Workload(name, name, "s", "lower")
+    wl.rows[DIRECT].samples.append(direct)
+    wl.row("proxyd").samples.append(proxyd)
+    return wl
+
+
+def test_a_ratio_just_over_its_limit_does_not_read_as_the_limit():
+    over = _ratio_target([workload("cold_pull", 1.0, 1.151)], "proxyd", 1.15)
+    assert (over.met, over.detail) == (False, "1.151\u00d7")
+    under = _ratio_target([workload("cold_pull", 1.0, 1.149)], "proxyd", 1.15)
+    assert (under.met, under.detail) == (True, "1.15\u00d7")
+    both = _ratio_target(
+        [workload("cold_pull_plain", 1.0, 1.10), workload("cold_pull_token", 1.0, 1.2)],
+        "proxyd",
+        1.15,
+    )
+    assert (both.met, both.detail) == (False, "plain 1.10\u00d7, token 1.20\u00d7")
+
+
+def test_the_crowd_target_needs_one_upstream_get_in_every_repetition():
+    wl = workload("concurrent_cold", 4.0, 4.02)
+    wl.row("proxyd").extra["upstream_gets"] = [1, 1, 1]
+    assert _crowd([wl], "proxyd").met is True
+    wl.row("proxyd").extra["upstream_gets"] = [1, 2, 1]
+    assert _crowd([wl], "proxyd").met is False
