@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,6 +286,48 @@ def test_serve_on_a_port_in_use_says_cannot_listen_and_exits_1(tmp_path: Path) -
 
 
 # -- a long-running process -------------------------------------------------------------
+
+
+READY_PROBE = """
+import gc, os, sys
+from proxyd import cli, systemd
+notify = systemd.notify
+def probe(state, env=None):
+    if state.startswith("READY=1"):
+        with open(sys.argv[1] + ".part", "w") as out:
+            out.write(str(gc.get_freeze_count()))
+        os.replace(sys.argv[1] + ".part", sys.argv[1])  # whole when it appears
+    return notify(state, env)
+systemd.notify = probe
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_serve_freezes_its_startup_heap_before_it_says_ready(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            READY_PROBE,
+            str(frozen),
+            *_serve_args(tmp_path, f"127.0.0.1:{port}"),
+        ],
+        env=_proxyd_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v2/", accept=lambda s: s == 200, timeout=30)
+        deadline = time.monotonic() + 10  # it listens a moment before it says READY=1
+        while not frozen.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert int(frozen.read_text()) > 10_000  # imports, settings, the app
+        assert _stop(proc) == 0
+    finally:
+        _stop(proc)
 
 
 def test_the_heap_alive_when_serving_starts_is_left_out_of_later_collections():
