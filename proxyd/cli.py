@@ -340,15 +340,17 @@ def freeze_startup_heap() -> None:
 
 async def _serve(registry: Registry, log: BoundLogger) -> int:
     """Set up the app, listen (on the sockets systemd passed, else on `listen`), tell
-    systemd READY=1, serve until SIGTERM or SIGINT, then STOPPING=1 and a graceful
-    shutdown: the listener closes at once, requests in flight get SHUTDOWN_GRACE seconds
-    to finish (aiohttp waits that long twice: for handlers, then for connections), then
-    are cut; downloads they started are cancelled and their temporary files removed."""
+    systemd READY=1, serve until SIGTERM or SIGINT (SIGHUP reads credentials and users
+    again: proxyd.reload), then STOPPING=1 and a graceful shutdown: the listener closes
+    at once, requests in flight get SHUTDOWN_GRACE seconds to finish (aiohttp waits that
+    long twice: for handlers, then for connections), then are cut; downloads they
+    started are cancelled and their temporary files removed."""
     from aiohttp import web
 
     from proxyd import systemd, tls
     from proxyd.server import AccessLogger, create_app
     from proxyd.server.fastpath import ProxydRunner
+    from proxyd.server.keys import RELOADER
 
     settings = registry.settings
     try:
@@ -403,6 +405,7 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, runner.app[RELOADER].reload_now)
     freeze_startup_heap()
     systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(addresses)}")
     try:
@@ -410,7 +413,7 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
     finally:
         systemd.notify("STOPPING=1\nSTATUS=stopping")
         log.info("stopping")
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
     return 0

@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where blobs live")
     hosts_dir: Path | None = Field(None, description="containerd-style hosts directory")
     docker_config: Path | None = Field(None, description="docker config.json with `auths`")
+    credential_refresh: float = Field(
+        300.0,
+        ge=0,
+        description="seconds between reads of docker_config and its credential helpers "
+        "while serving (a rotated secret needs no restart); 0: at start and on SIGHUP only",
+    )
     default_namespace: str = Field(DOCKER_HUB, description="namespace for unprefixed names")
     allow_unconfigured_namespaces: bool = Field(
         False,
@@ -355,6 +361,13 @@ class Registry:
     def credential_for(self, host: str) -> Credential | None:
         return self.credentials.get(host)
 
+    def replace_credentials(self, fresh: dict[str, Credential]) -> list[str]:
+        """Use `fresh` from now on; the hosts whose credentials changed."""
+        hosts = self.credentials.keys() | fresh.keys()
+        changed = sorted(h for h in hosts if self.credentials.get(h) != fresh.get(h))
+        self.credentials = fresh
+        return changed
+
     def push_allowed(self, namespace: Namespace) -> bool:
         """`allow_push = true` in the namespace's table, or its name in `allow_push`."""
         return namespace.allow_push or namespace.name in self.settings.allow_push
@@ -398,20 +411,31 @@ def build_registry(settings: Settings) -> Registry:
             f"default_namespace {settings.default_namespace!r} is not configured: add "
             f'[namespaces."{settings.default_namespace}"] with its server'
         )
+    credentials = load_credentials(settings)
+    inbound_users = load_users(settings)
+    if inbound_users is None and settings.auth_required is not None:
+        raise ConfigError("auth_required needs htpasswd: the file of users clients log in as")
+    _check_serving_tls(settings)
+    return Registry(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
+
+
+def load_credentials(settings: Settings) -> dict[str, Credential]:
+    """The docker config's credentials (its helpers asked), under the TOML file's."""
     credentials: dict[str, Credential] = {}
     if settings.docker_config is not None:
         credentials.update(read_docker_config(settings.docker_config))
     credentials.update(settings.credentials)
-    inbound_users = None
-    if settings.htpasswd is not None:
-        try:
-            inbound_users = load_htpasswd(settings.htpasswd)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    elif settings.auth_required is not None:
-        raise ConfigError("auth_required needs htpasswd: the file of users clients log in as")
-    _check_serving_tls(settings)
-    return Registry(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
+    return credentials
+
+
+def load_users(settings: Settings) -> dict[str, bytes] | None:
+    """The htpasswd file's users (None without one)."""
+    if settings.htpasswd is None:
+        return None
+    try:
+        return load_htpasswd(settings.htpasswd)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_serving_tls(settings: Settings) -> None:

@@ -1,6 +1,7 @@
 """The core objects of a running proxyd, built once from the configuration and closed
-in order: the store, the small-response cache, eviction, the upstream client, and the
-pull and push cores. The HTTP app and `proxyd prefetch` both run on it."""
+in order: the store, the small-response cache, eviction, the upstream client, the
+pull and push cores, and the reloader of credentials. The HTTP app and
+`proxyd prefetch` both run on it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from proxyd.evict import Evictor
 from proxyd.fetch import Puller
 from proxyd.metrics import Metrics
 from proxyd.push import Pusher
+from proxyd.reload import Reloader
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from proxyd.upstream import UpstreamClient
@@ -29,6 +31,7 @@ class Core:
     puller: Puller
     pusher: Pusher
     metrics: Metrics
+    reloader: Reloader
 
 
 @asynccontextmanager
@@ -73,12 +76,15 @@ async def open_core(registry: Registry, metrics: Metrics | None = None) -> Async
             on_commit=evictor.committed,
             on_tag_changed=puller.tag_changed,
         )
+        reloader = Reloader(registry, interval=settings.credential_refresh)
         evictor.start()  # without limits it only measures the store, for the metrics
         pusher.start()
+        reloader.start()
         try:
             await small.open()
-            yield Core(registry, store, small, evictor, upstream, puller, pusher, metrics)
+            yield Core(registry, store, small, evictor, upstream, puller, pusher, metrics, reloader)
         finally:
+            await reloader.stop()
             await evictor.stop()
             await pusher.close()
             await puller.close()

@@ -134,6 +134,15 @@ class InboundAuth:
         # An unknown user is checked against a real hash too: same cost, same timing.
         self._decoy = next(iter(users.values()))
 
+    def replace_users(self, users: dict[str, bytes]) -> None:
+        """The htpasswd file read again: its users from now on, and no check of the
+        old ones remembered."""
+        if not users:
+            raise ValueError("inbound authentication needs at least one user")
+        self.users = users
+        self._decoy = next(iter(users.values()))
+        self._remembered.clear()
+
     async def authenticate(self, method: str, path: str, header: str | None) -> str | None:
         """The user the request speaks for, or None (anonymous, where allowed); raise
         Unauthorized (with the Basic challenge) where credentials are needed."""

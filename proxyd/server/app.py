@@ -12,7 +12,7 @@ from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
 from proxyd.server import handlers, health, push
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import METRICS, PULLER, REGISTRY
+from proxyd.server.keys import METRICS, PULLER, REGISTRY, RELOADER
 from proxyd.server.middleware import add_request_id, request_context
 
 
@@ -46,4 +46,7 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         app[PULLER] = core.puller
         app[FAST].hot = core.puller.hot
         app[push.PUSHER] = core.pusher
+        app[RELOADER] = core.reloader
+        if push.INBOUND in app:
+            core.reloader.on_users = app[push.INBOUND].replace_users
         yield

@@ -9,10 +9,12 @@ from aiohttp import web
 from proxyd.config import Registry
 from proxyd.fetch import Puller
 from proxyd.metrics import Metrics
+from proxyd.reload import Reloader
 
 REGISTRY = web.AppKey("registry", Registry)
 PULLER = web.AppKey("puller", Puller)
 METRICS = web.AppKey("metrics", Metrics)
+RELOADER = web.AppKey("reloader", Reloader)
 
 
 @dataclass

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.helpers import ALICE_CREDS, StartProxyd, assert_same_image
 from tests.peers.clients import Skopeo, write_hosts_toml
-from tests.peers.image import PushedImage
-from tests.peers.proxyd import proxyd_config
+from tests.peers.image import BuiltImage, PushedImage, push_image
+from tests.peers.proxyd import Namespace, proxyd_config
 from tests.peers.registry import Registry
+from tests.peers.tokenserver import TokenServer
 
 pytestmark = pytest.mark.peers
 
@@ -38,3 +41,67 @@ def test_hosts_dir_and_docker_config_are_enough_to_pull(
     pulled = skopeo.pull_to_dir(f"{proxyd.host}/{token_image.path}")
 
     assert_same_image(pulled, token_image)
+
+
+ROTATING_HELPER = """\
+#!{python}
+import json, sys
+url = sys.stdin.read()
+secret = open({secret!r}).read().strip()
+print(json.dumps({{"ServerURL": url, "Username": "carol", "Secret": secret}}))
+"""
+
+
+def test_a_rotated_password_is_used_after_sighup_without_a_restart(
+    skopeo: Skopeo,
+    start_proxyd: StartProxyd,
+    token_registry: Registry,
+    token_server: TokenServer,
+    image: BuiltImage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A docker credential helper's password changes at the registry's token server
+    and in the helper's store, as a rotation does: proxyd, still holding the old one,
+    is refused a new repository; after SIGHUP it asks the helper again and pulls."""
+    users = token_server.policy.users
+    assert isinstance(users, dict)
+    users["carol"] = "first"
+    try:
+        one = push_image(skopeo, image, token_registry.host, "rotate/one", creds=ALICE_CREDS)
+        two = push_image(skopeo, image, token_registry.host, "rotate/two", creds=ALICE_CREDS)
+        bin_dir, secret = tmp_path / "bin", tmp_path / "secret"
+        bin_dir.mkdir()
+        secret.write_text("first")
+        helper = bin_dir / "docker-credential-rotating"
+        helper.write_text(ROTATING_HELPER.format(python=sys.executable, secret=str(secret)))
+        helper.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+        docker_config = tmp_path / "config.json"
+        docker_config.write_text(
+            json.dumps({"auths": {token_registry.host: {}}, "credsStore": "rotating"})
+        )
+        proxyd = start_proxyd(
+            proxyd_config(
+                default_namespace=token_registry.host,
+                namespaces=[Namespace(token_registry.host, token_registry.url)],
+            ),
+            extra_args=["--docker-config", str(docker_config)],
+        )
+        assert_same_image(skopeo.pull_to_dir(f"{proxyd.host}/{one.path}"), one)
+
+        users["carol"] = "second"
+        secret.write_text("second")
+        refused = skopeo.copy(
+            f"docker://{proxyd.host}/{two.path}", f"dir:{tmp_path / 'refused'}", check=False
+        )
+        assert refused.returncode != 0
+
+        proxyd.reload()
+        [reloaded] = proxyd.wait_for_event("config.reloaded")
+        assert reloaded["credentials_changed"] == [token_registry.host]
+        assert "second" not in proxyd.stderr_text()
+
+        assert_same_image(skopeo.pull_to_dir(f"{proxyd.host}/{two.path}"), two)
+    finally:
+        users.pop("carol", None)

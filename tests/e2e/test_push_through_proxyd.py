@@ -311,3 +311,30 @@ def test_pushes_need_proxyds_own_users_pulls_do_not(
     assert "proxyd-secret" not in text
     manifests = [e for e in proxyd.logs() if e.get("event") == "manifest.pushed"]
     assert [e.get("user") for e in manifests] == ["carol"]
+
+
+def test_a_user_added_to_htpasswd_can_push_after_sighup(
+    skopeo: Skopeo,
+    start_proxyd: StartProxyd,
+    token_registry: Registry,
+    image: BuiltImage,
+    tmp_path: Path,
+) -> None:
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"carol": "proxyd-secret"})
+    proxyd = pushing_proxyd(start_proxyd, token_registry, htpasswd=str(htpasswd))
+    pushed = PushedImage(image, token_registry.host, "pushed/reloaded", "v1")
+    dest = f"docker://{proxyd.host}/{pushed.path}"
+
+    def push_as(creds: str) -> int:
+        done = skopeo.copy(
+            image.source, dest, dest_creds=creds, extra=["--preserve-digests"], check=False
+        )
+        return done.returncode
+
+    assert push_as("dave:new-here") != 0
+    write_htpasswd(htpasswd, {"carol": "proxyd-secret", "dave": "new-here"})
+    proxyd.reload()
+    assert [e.get("users") for e in proxyd.wait_for_event("config.reloaded")] == [2]
+
+    assert push_as("dave:new-here") == 0
+    assert_same_image(skopeo.pull_to_dir(pushed.ref, creds=ALICE_CREDS), pushed)

@@ -194,6 +194,11 @@ class ProxydProcess(Listening):
         stop_process(self._proc, grace=grace)
         return self._proc.returncode
 
+    def reload(self) -> None:
+        """SIGHUP, as `systemctl reload proxyd` sends it."""
+        assert self._proc is not None and self._proc.poll() is None, "proxyd is not running"
+        self._proc.send_signal(signal.SIGHUP)
+
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         if self._proc is not None and self._proc.poll() is None:
@@ -239,6 +244,15 @@ class ProxydProcess(Listening):
             entries = self.access_log()
             if predicate(entries) or time.monotonic() > deadline:
                 return entries
+            time.sleep(0.05)
+
+    def wait_for_event(self, name: str, timeout: float = 15.0) -> list[LogEvent]:
+        """Poll proxyd's log until an event called ``name`` is in it; return those."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.logs() if e.get("event") == name]
+            if found or time.monotonic() > deadline:
+                return found
             time.sleep(0.05)
 
     def describe_log(self, last: int = 40) -> str:

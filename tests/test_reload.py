@@ -1,0 +1,147 @@
+"""Credentials and users read again while proxyd serves: a rotated secret or a new
+htpasswd user needs no restart, and a read that fails changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from proxyd.config import Registry, build_registry, load_settings
+from proxyd.errors import Unauthorized
+from proxyd.inbound import InboundAuth
+from proxyd.reload import Reloader
+from tests.test_inbound import basic, write_htpasswd
+
+HOST = "registry.example"
+
+# Answers with the secret in a file the test rewrites; "fail" makes it fail as a
+# locked keychain would.
+ROTATING = """\
+#!{python}
+import json, sys
+url = sys.stdin.read()
+secret = open({secret!r}).read().strip()
+if secret == "fail":
+    print("the keychain is locked", file=sys.stderr)
+    sys.exit(3)
+print(json.dumps({{"ServerURL": url, "Username": "carol", "Secret": secret}}))
+"""
+
+
+@pytest.fixture
+def secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file `docker-credential-rotating` answers from (first on PATH)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    path = tmp_path / "secret"
+    path.write_text("first")
+    helper = bin_dir / "docker-credential-rotating"
+    helper.write_text(ROTATING.format(python=sys.executable, secret=str(path)))
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return path
+
+
+def registry_with_helper(tmp_path: Path, *extra: str) -> Registry:
+    docker_config = tmp_path / "config.json"
+    docker_config.write_text(json.dumps({"auths": {HOST: {}}, "credsStore": "rotating"}))
+    config = tmp_path / "proxyd.toml"
+    config.write_text("\n".join([f'docker_config = "{docker_config}"', *extra]))
+    return build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+
+
+def password(registry: Registry) -> str | None:
+    credential = registry.credential_for(HOST)
+    return credential.password if credential else None
+
+
+async def test_a_reload_asks_the_helper_again_and_uses_its_new_answer(tmp_path, secret):
+    registry = registry_with_helper(tmp_path)
+    assert password(registry) == "first"
+    secret.write_text("second")
+    with capture_logs() as logs:
+        assert await Reloader(registry, interval=0).reload(users=False)
+    assert password(registry) == "second"
+    [event] = [e for e in logs if e["event"] == "config.reloaded"]
+    assert event["credentials_changed"] == [HOST]
+    assert "second" not in repr(logs)  # hosts are logged, never secrets
+
+
+async def test_a_reload_that_fails_keeps_the_credentials_proxyd_had(tmp_path, secret):
+    registry = registry_with_helper(tmp_path)
+    secret.write_text("fail")
+    with capture_logs() as logs:
+        assert not await Reloader(registry, interval=0).reload(users=False)
+    assert password(registry) == "first"
+    [event] = [e for e in logs if e["event"] == "config.reload_failed"]
+    assert "docker-credential-rotating get failed" in event["error"]
+
+
+async def test_credentials_are_read_again_every_credential_refresh_seconds(tmp_path, secret):
+    registry = registry_with_helper(tmp_path, "credential_refresh = 0.05")
+    reloader = Reloader(registry, interval=registry.settings.credential_refresh)
+    reloader.start()
+    try:
+        secret.write_text("second")
+        for _ in range(200):
+            if password(registry) == "second":
+                break
+            await asyncio.sleep(0.025)
+        assert password(registry) == "second"
+    finally:
+        await reloader.stop()
+
+
+def test_without_a_docker_config_nothing_is_read_on_a_timer(tmp_path):
+    config = tmp_path / "proxyd.toml"
+    config.write_text("credential_refresh = 5")
+    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    assert Reloader(registry, interval=5).interval == 0
+
+
+async def test_sighup_reads_the_htpasswd_file_again(tmp_path):
+    """reload_now is what SIGHUP calls: a user added since counts, a user removed
+    does not, even one whose check was remembered."""
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
+    config = tmp_path / "proxyd.toml"
+    config.write_text(f'htpasswd = "{htpasswd}"\nauth_required = "all"')
+    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    assert registry.inbound_users is not None
+    auth = InboundAuth(registry.inbound_users, "all")
+    alice = basic("alice", "wonderland")["Authorization"]
+    bob = basic("bob", "builder")["Authorization"]
+    assert await auth.authenticate("GET", "/v2/", alice) == "alice"  # now remembered
+
+    reloader = Reloader(registry, interval=0)
+    reloader.on_users = auth.replace_users
+    reloader.start()
+    try:
+        write_htpasswd(htpasswd, {"bob": "builder"})
+        reloader.reload_now()
+        for _ in range(200):
+            if "bob" in (registry.inbound_users or {}):
+                break
+            await asyncio.sleep(0.025)
+        assert await auth.authenticate("GET", "/v2/", bob) == "bob"
+        with pytest.raises(Unauthorized):
+            await auth.authenticate("GET", "/v2/", alice)
+    finally:
+        await reloader.stop()
+
+
+async def test_an_htpasswd_file_that_no_longer_parses_keeps_the_users(tmp_path):
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
+    config = tmp_path / "proxyd.toml"
+    config.write_text(f'htpasswd = "{htpasswd}"')
+    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    htpasswd.write_text("carol:plaintext\n")
+    with capture_logs() as logs:
+        assert not await Reloader(registry, interval=0).reload(users=True)
+    assert list(registry.inbound_users or {}) == ["alice"]
+    assert any(e["event"] == "config.reload_failed" for e in logs)
