@@ -127,7 +127,8 @@ class Settings(BaseSettings):
         300.0,
         ge=0,
         description="seconds between reads of docker_config and its credential helpers "
-        "while serving (a rotated secret needs no restart); 0: at start and on SIGHUP only",
+        "while serving (a rotated secret needs no restart); 0: only at start, on SIGHUP "
+        "and after an upstream refused them",
     )
     default_namespace: str = Field(DOCKER_HUB, description="namespace for unprefixed names")
     allow_unconfigured_namespaces: bool = Field(

@@ -77,6 +77,7 @@ async def open_core(registry: Registry, metrics: Metrics | None = None) -> Async
             on_tag_changed=puller.tag_changed,
         )
         reloader = Reloader(registry, interval=settings.credential_refresh)
+        upstream.on_refused = reloader.refused
         evictor.start()  # without limits it only measures the store, for the metrics
         pusher.start()
         reloader.start()

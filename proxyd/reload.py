@@ -2,16 +2,19 @@
 
 docker asks a credential helper at every pull. proxyd asks its helpers at start and
 then every `credential_refresh` seconds (ECR's passwords last 12 hours, some clouds'
-tokens one), reading the docker config again with them (a `docker login` since). On
-SIGHUP (`systemctl reload proxyd`) it reads the docker config, asks its helpers and
-reads the htpasswd file at once. A reading that fails changes nothing: it is logged,
-and what proxyd had stays. Upstream tokens already fetched stay until they expire.
+tokens one), reading the docker config again with them (a `docker login` since), and
+soon after an upstream refuses the credentials it sent (at most once a minute): the
+refused request fails, the next ones use what the helper says now. On SIGHUP
+(`systemctl reload proxyd`) it reads the docker config, asks its helpers and reads the
+htpasswd file at once. A reading that fails changes nothing: it is logged, and what
+proxyd had stays. Upstream tokens already fetched stay until they expire.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import structlog
@@ -19,6 +22,8 @@ import structlog
 from proxyd.config import ConfigError, Registry, load_credentials, load_users
 
 log = structlog.get_logger("proxyd.reload")
+
+REFUSED_PAUSE = 60.0  # seconds: refusals ask for a new read at most this often
 
 
 class Reloader:
@@ -29,6 +34,7 @@ class Reloader:
         self.on_users: Callable[[dict[str, bytes]], None] | None = None
         self._wake = asyncio.Event()
         self._users_asked = False
+        self._refused_at = -REFUSED_PAUSE
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -43,6 +49,18 @@ class Reloader:
     def reload_now(self) -> None:
         """SIGHUP: credentials and users, as soon as the loop turns."""
         self._users_asked = True
+        self._wake.set()
+
+    def refused(self, host: str) -> None:
+        """An upstream refused (or asked for) credentials for `host`: a secret may have
+        been rotated since the last read."""
+        if self.registry.settings.docker_config is None:
+            return  # the TOML file's credentials are read at start only
+        now = time.monotonic()
+        if now - self._refused_at < REFUSED_PAUSE:
+            return
+        self._refused_at = now
+        log.info("credentials.refused", host=host)
         self._wake.set()
 
     async def _loop(self) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +106,7 @@ class UpstreamClient:
         self._authorizer: Authorizer | None = None
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
         self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
+        self.on_refused: Callable[[str], None] = lambda host: None  # a host said 401
 
     async def __aenter__(self) -> UpstreamClient:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
@@ -183,6 +184,7 @@ class UpstreamClient:
                 self._failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
                 continue
             except Unauthorized as exc:
+                self.on_refused(host.host)
                 if not host.is_mirror:
                     raise
                 self._failed(failures, HostFailure(host, exc.message, 401), trip=False)

@@ -16,6 +16,8 @@ from proxyd.config import Registry, build_registry, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.inbound import InboundAuth
 from proxyd.reload import Reloader
+from tests.conftest import host, origin
+from tests.fakes import FakeRegistry, make_image
 from tests.test_inbound import basic, write_htpasswd
 
 HOST = "registry.example"
@@ -145,3 +147,49 @@ async def test_an_htpasswd_file_that_no_longer_parses_keeps_the_users(tmp_path):
         assert not await Reloader(registry, interval=0).reload(users=True)
     assert list(registry.inbound_users or {}) == ["alice"]
     assert any(e["event"] == "config.reload_failed" for e in logs)
+
+
+async def test_a_refusal_upstream_reads_the_credentials_again(
+    make_proxyd, start_fake, tmp_path, secret
+):
+    """The password rotates at the registry and in the helper's store: the request
+    proxyd makes with the old one is refused, and the ones after it use the new one
+    without waiting for credential_refresh."""
+    upstream = FakeRegistry(basic=("carol", "first"))
+    one = upstream.add(make_image("team/one"))
+    two = upstream.add(make_image("team/two"))
+    server = await start_fake(upstream)
+    docker_config = tmp_path / "config.json"
+    docker_config.write_text(json.dumps({"auths": {host(server): {}}, "credsStore": "rotating"}))
+    proxyd = await make_proxyd(
+        "\n".join(
+            [
+                f'default_namespace = "{host(server)}"',
+                "credential_refresh = 0",
+                f'[namespaces."{host(server)}"]',
+                f'server = "{origin(server)}"',
+            ]
+        ),
+        docker_config=docker_config,
+    )
+    assert (await proxyd.get(f"/v2/team/one/manifests/{one.tag}")).status == 200
+
+    upstream.basic = ("carol", "second")
+    secret.write_text("second")
+    assert (await proxyd.get(f"/v2/team/two/manifests/{two.tag}")).status == 401
+    for _ in range(200):
+        answer = await proxyd.get(f"/v2/team/two/manifests/{two.tag}")
+        if answer.status == 200:
+            break
+        await asyncio.sleep(0.025)
+    assert answer.status == 200
+    assert await answer.read() == two.manifest
+
+
+async def test_refusals_read_the_credentials_again_at_most_once_a_minute(tmp_path, secret):
+    registry = registry_with_helper(tmp_path)
+    reloader = Reloader(registry, interval=0)
+    with capture_logs() as logs:
+        for _ in range(5):
+            reloader.refused(HOST)
+    assert [e["event"] for e in logs] == ["credentials.refused"]
