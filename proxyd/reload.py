@@ -69,7 +69,10 @@ class Reloader:
                 await asyncio.wait_for(self._wake.wait(), self.interval or None)
             self._wake.clear()
             users, self._users_asked = self._users_asked, False
-            await self.reload(users=users)
+            try:
+                await self.reload(users=users)
+            except Exception as exc:  # a bug here must not end reloading for good
+                log.error("config.reload_failed", error=repr(exc))
 
     async def reload(self, *, users: bool) -> bool:
         """Read the credentials (and, if asked, the users) again and use them; False
