@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from proxyd.background import stop_loop
 from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
 from proxyd.store import BlobStore
 
@@ -146,10 +147,7 @@ class Evictor:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_loop(self._task)
 
     def committed(self, size: int) -> None:
         """A blob was stored: wake the evictor if the store may have passed its limit."""

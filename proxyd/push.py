@@ -29,6 +29,7 @@ from typing import Literal
 import aiohttp
 import structlog
 
+from proxyd.background import stop_loop
 from proxyd.config import Registry
 from proxyd.errors import (
     BlobUnknown,
@@ -120,10 +121,7 @@ class Pusher:
         self._expiry = asyncio.create_task(self._expire_forever())
 
     async def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+        await stop_loop(self._expiry)
         self.uploads.close_all()
 
     async def _expire_forever(self) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import structlog
 
+from proxyd.background import stop_loop
 from proxyd.config import ConfigError, Registry, load_credentials, load_users
 
 log = structlog.get_logger("proxyd.reload")
@@ -41,10 +42,7 @@ class Reloader:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_loop(self._task)
 
     def reload_now(self) -> None:
         """SIGHUP: credentials and users, as soon as the loop turns."""
