@@ -42,7 +42,7 @@ def secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     path = tmp_path / "secret"
-    path.write_text("first")
+    path.write_text("pw-one-a7f3")
     helper = bin_dir / "docker-credential-rotating"
     helper.write_text(ROTATING.format(python=sys.executable, secret=str(path)))
     helper.chmod(0o755)
@@ -65,14 +65,14 @@ def password(registry: Registry) -> str | None:
 
 async def test_a_reload_asks_the_helper_again_and_uses_its_new_answer(tmp_path, secret):
     registry = registry_with_helper(tmp_path)
-    assert password(registry) == "first"
-    secret.write_text("second")
+    assert password(registry) == "pw-one-a7f3"
+    secret.write_text("pw-two-c91e")
     with capture_logs() as logs:
         assert await Reloader(registry, interval=0).reload(users=False)
-    assert password(registry) == "second"
+    assert password(registry) == "pw-two-c91e"
     [event] = [e for e in logs if e["event"] == "config.reloaded"]
     assert event["credentials_changed"] == [HOST]
-    assert "second" not in repr(logs)  # hosts are logged, never secrets
+    assert "pw-two-c91e" not in repr(logs)  # hosts are logged, never secrets
 
 
 async def test_a_reload_that_fails_keeps_the_credentials_proxyd_had(tmp_path, secret):
@@ -80,7 +80,7 @@ async def test_a_reload_that_fails_keeps_the_credentials_proxyd_had(tmp_path, se
     secret.write_text("fail")
     with capture_logs() as logs:
         assert not await Reloader(registry, interval=0).reload(users=False)
-    assert password(registry) == "first"
+    assert password(registry) == "pw-one-a7f3"
     [event] = [e for e in logs if e["event"] == "config.reload_failed"]
     assert "docker-credential-rotating get failed" in event["error"]
 
@@ -90,12 +90,12 @@ async def test_credentials_are_read_again_every_credential_refresh_seconds(tmp_p
     reloader = Reloader(registry, interval=registry.settings.credential_refresh)
     reloader.start()
     try:
-        secret.write_text("second")
+        secret.write_text("pw-two-c91e")
         for _ in range(200):
-            if password(registry) == "second":
+            if password(registry) == "pw-two-c91e":
                 break
             await asyncio.sleep(0.025)
-        assert password(registry) == "second"
+        assert password(registry) == "pw-two-c91e"
     finally:
         await reloader.stop()
 
@@ -155,7 +155,7 @@ async def test_a_refusal_upstream_reads_the_credentials_again(
     """The password rotates at the registry and in the helper's store: the request
     proxyd makes with the old one is refused, and the ones after it use the new one
     without waiting for credential_refresh."""
-    upstream = FakeRegistry(basic=("carol", "first"))
+    upstream = FakeRegistry(basic=("carol", "pw-one-a7f3"))
     one = upstream.add(make_image("team/one"))
     two = upstream.add(make_image("team/two"))
     server = await start_fake(upstream)
@@ -174,8 +174,8 @@ async def test_a_refusal_upstream_reads_the_credentials_again(
     )
     assert (await proxyd.get(f"/v2/team/one/manifests/{one.tag}")).status == 200
 
-    upstream.basic = ("carol", "second")
-    secret.write_text("second")
+    upstream.basic = ("carol", "pw-two-c91e")
+    secret.write_text("pw-two-c91e")
     assert (await proxyd.get(f"/v2/team/two/manifests/{two.tag}")).status == 401
     for _ in range(200):
         answer = await proxyd.get(f"/v2/team/two/manifests/{two.tag}")

@@ -66,13 +66,13 @@ def test_a_rotated_password_is_asked_for_again_after_a_refusal_without_a_restart
     is refused a new repository, asks the helper again, and the next pull works."""
     users = token_server.policy.users
     assert isinstance(users, dict)
-    users["carol"] = "first"
+    users["carol"] = "rotate-1-a7f3"
     try:
         one = push_image(skopeo, image, token_registry.host, "rotate/one", creds=ALICE_CREDS)
         two = push_image(skopeo, image, token_registry.host, "rotate/two", creds=ALICE_CREDS)
         bin_dir, secret = tmp_path / "bin", tmp_path / "secret"
         bin_dir.mkdir()
-        secret.write_text("first")
+        secret.write_text("rotate-1-a7f3")
         helper = bin_dir / "docker-credential-rotating"
         helper.write_text(ROTATING_HELPER.format(python=sys.executable, secret=str(secret)))
         helper.chmod(0o755)
@@ -90,8 +90,8 @@ def test_a_rotated_password_is_asked_for_again_after_a_refusal_without_a_restart
         )
         assert_same_image(skopeo.pull_to_dir(f"{proxyd.host}/{one.path}"), one)
 
-        users["carol"] = "second"
-        secret.write_text("second")
+        users["carol"] = "rotate-2-c91e"
+        secret.write_text("rotate-2-c91e")
         refused = skopeo.copy(
             f"docker://{proxyd.host}/{two.path}", f"dir:{tmp_path / 'refused'}", check=False
         )
@@ -102,7 +102,7 @@ def test_a_rotated_password_is_asked_for_again_after_a_refusal_without_a_restart
         assert [e["host"] for e in proxyd.logs() if e.get("event") == "credentials.refused"] == [
             token_registry.host
         ]
-        assert "second" not in proxyd.stderr_text()
+        assert "rotate-2-c91e" not in proxyd.stderr_text()
 
         assert_same_image(skopeo.pull_to_dir(f"{proxyd.host}/{two.path}"), two)
     finally:
