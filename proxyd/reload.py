@@ -3,8 +3,8 @@
 docker asks a credential helper at every pull. proxyd asks its helpers at start and
 then every `credential_refresh` seconds (ECR's passwords last 12 hours, some clouds'
 tokens one), reading the docker config again with them (a `docker login` since), and
-soon after an upstream refuses the credentials it sent (at most once a minute): the
-refused request fails, the next ones use what the helper says now. On SIGHUP
+when an upstream refuses the credentials it sent (at most once a minute): a refused
+request whose host's credentials changed is sent once more with them. On SIGHUP
 (`systemctl reload proxyd`) it reads the docker config, asks its helpers and reads the
 htpasswd file at once. A reading that fails changes nothing: it is logged, and what
 proxyd had stays. Upstream tokens already fetched stay until they expire.
@@ -21,6 +21,7 @@ import structlog
 
 from proxyd.background import stop_loop
 from proxyd.config import ConfigError, Registry, load_credentials, load_users
+from proxyd.flight import SingleFlight
 
 log = structlog.get_logger("proxyd.reload")
 
@@ -36,6 +37,7 @@ class Reloader:
         self._wake = asyncio.Event()
         self._users_asked = False
         self._refused_at = -REFUSED_PAUSE
+        self._refusal: SingleFlight[bool] = SingleFlight()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -49,17 +51,26 @@ class Reloader:
         self._users_asked = True
         self._wake.set()
 
-    def refused(self, host: str) -> None:
-        """An upstream refused (or asked for) credentials for `host`: a secret may have
-        been rotated since the last read."""
+    async def refused(self, host: str) -> bool:
+        """An upstream refused (or asked for) credentials for `host`, perhaps rotated
+        since the last read: read them again now, one read shared by the requests
+        refused meanwhile, at most one a minute. True when `host`'s credentials changed:
+        the request is worth sending once more."""
         if self.registry.settings.docker_config is None:
-            return  # the TOML file's credentials are read at start only
-        now = time.monotonic()
-        if now - self._refused_at < REFUSED_PAUSE:
-            return
-        self._refused_at = now
-        log.info("credentials.refused", host=host)
-        self._wake.set()
+            return False  # the TOML file's credentials are read at start only
+        before = self.registry.credential_for(host)
+        if "read" not in self._refusal:
+            now = time.monotonic()
+            if now - self._refused_at < REFUSED_PAUSE:
+                return False
+            self._refused_at = now
+            log.info("credentials.refused", host=host)
+        try:
+            await self._refusal.run("read", lambda: self.reload(users=False))
+        except Exception as exc:  # the request goes on with its 401, not with this
+            log.error("config.reload_failed", error=repr(exc))
+            return False
+        return self.registry.credential_for(host) != before
 
     async def _loop(self) -> None:
         while True:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +106,7 @@ class UpstreamClient:
         self._authorizer: Authorizer | None = None
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
         self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
-        self.on_refused: Callable[[str], None] = lambda host: None  # a host said 401
+        self.on_refused: Callable[[str], Awaitable[bool]] = _not_refreshed
 
     async def __aenter__(self) -> UpstreamClient:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
@@ -179,12 +179,13 @@ class UpstreamClient:
                 continue
             started = time.perf_counter()
             try:
-                response = await self._send(host, method, path, headers, params, scope, data)
+                response = await self._send_refreshing(
+                    host, method, path, headers, params, scope, data
+                )
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
                 self._failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
                 continue
             except Unauthorized as exc:
-                self.on_refused(host.host)
                 if not host.is_mirror:
                     raise
                 self._failed(failures, HostFailure(host, exc.message, 401), trip=False)
@@ -246,6 +247,26 @@ class UpstreamClient:
                 log.warning(
                     "upstream.ratelimit_low", host=host.host, remaining=remaining, limit=limit
                 )
+
+    async def _send_refreshing(
+        self,
+        host: RegistryHost,
+        method: str,
+        path: str,
+        extra: Iterable[tuple[str, str]],
+        params: dict[str, str] | None,
+        scope: str,
+        data: Body = None,
+    ) -> aiohttp.ClientResponse:
+        """`_send`; when the host refuses (or asks for) credentials, proxyd's may be out
+        of date (a rotated secret): once read again and changed, the request goes once
+        more (a body that can be sent once only does not)."""
+        try:
+            return await self._send(host, method, path, extra, params, scope, data)
+        except Unauthorized:
+            if not await self.on_refused(host.host) or not _replayable(data):
+                raise
+        return await self._send(host, method, path, extra, params, scope, data)
 
     async def _send(
         self,
@@ -356,6 +377,11 @@ def _redirect_target(url: str, location: str) -> str:
     if scheme not in ("http", "https"):
         raise aiohttp.InvalidURL(location)
     return target
+
+
+async def _not_refreshed(host: str) -> bool:
+    """Without a reloader (tests, prefetch's defaults): credentials never change."""
+    return False
 
 
 def _replayable(data: Body) -> bool:

@@ -149,15 +149,16 @@ async def test_an_htpasswd_file_that_no_longer_parses_keeps_the_users(tmp_path):
     assert any(e["event"] == "config.reload_failed" for e in logs)
 
 
-async def test_a_refusal_upstream_reads_the_credentials_again(
+async def test_a_refused_request_is_sent_once_more_with_the_helpers_new_answer(
     make_proxyd, start_fake, tmp_path, secret
 ):
-    """The password rotates at the registry and in the helper's store: the request
-    proxyd makes with the old one is refused, and the ones after it use the new one
-    without waiting for credential_refresh."""
+    """The password rotates at the registry and in the helper's store: the first
+    request refused asks the helper again and goes once more, without waiting for
+    credential_refresh; the client sees no error."""
     upstream = FakeRegistry(basic=("carol", "pw-one-a7f3"))
     one = upstream.add(make_image("team/one"))
     two = upstream.add(make_image("team/two"))
+    three = upstream.add(make_image("team/three"))
     server = await start_fake(upstream)
     docker_config = tmp_path / "config.json"
     docker_config.write_text(json.dumps({"auths": {host(server): {}}, "credsStore": "rotating"}))
@@ -176,20 +177,21 @@ async def test_a_refusal_upstream_reads_the_credentials_again(
 
     upstream.basic = ("carol", "pw-two-c91e")
     secret.write_text("pw-two-c91e")
-    assert (await proxyd.get(f"/v2/team/two/manifests/{two.tag}")).status == 401
-    for _ in range(200):
-        answer = await proxyd.get(f"/v2/team/two/manifests/{two.tag}")
-        if answer.status == 200:
-            break
-        await asyncio.sleep(0.025)
+    answer = await proxyd.get(f"/v2/team/two/manifests/{two.tag}")
     assert answer.status == 200
     assert await answer.read() == two.manifest
 
+    upstream.basic = ("carol", "pw-three-5d20")  # the helper still says pw-two-c91e
+    assert (await proxyd.get(f"/v2/team/three/manifests/{three.tag}")).status == 401
 
-async def test_refusals_read_the_credentials_again_at_most_once_a_minute(tmp_path, secret):
+
+async def test_requests_refused_together_share_one_read_at_most_once_a_minute(tmp_path, secret):
     registry = registry_with_helper(tmp_path)
     reloader = Reloader(registry, interval=0)
+    secret.write_text("pw-two-c91e")
     with capture_logs() as logs:
-        for _ in range(5):
-            reloader.refused(HOST)
-    assert [e["event"] for e in logs] == ["credentials.refused"]
+        together = await asyncio.gather(*(reloader.refused(HOST) for _ in range(5)))
+        later = await reloader.refused(HOST)
+    assert together == [True] * 5  # each is worth sending once more
+    assert later is False  # within the minute: no read, nothing changed
+    assert [e["event"] for e in logs] == ["credentials.refused", "config.reloaded"]
