@@ -45,7 +45,9 @@ async def open_core(registry: Registry, metrics: Metrics | None = None) -> Async
         if settings.cache.backend == "redis"
         else SmallCache.sqlite(store.root / "small.sqlite")
     )
-    evictor = Evictor(store, max_size=settings.cache.max_size, max_age=settings.cache.max_age)
+    evictor = Evictor(
+        store, max_size=settings.cache.max_size, max_age=settings.cache.max_age, small=small
+    )
     metrics.watch(metrics.cache_bytes, lambda: evictor.stored_bytes)
     metrics.watch(metrics.cache_entries, lambda: evictor.stored_entries)
     breakers = Breakers(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown)

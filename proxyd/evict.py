@@ -9,6 +9,10 @@ scan (0.4 s of CPU for 50,000 blobs) for every new blob.
 most once a minute). A blob used within the grace period is never removed, so
 nothing being written (downloads live in tmp/ until committed) or read is taken;
 an open file keeps its bytes after unlink anyway. Links of a removed blob go with it.
+
+With max_age, the small-response cache (tag answers, tag lists, referrers) is pruned
+of records not refreshed for that long too: they would name blobs already evicted,
+and without a bound the cache keeps every tag it was ever asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import structlog
 
 from proxyd.background import stop_loop
 from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
+from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 
 log = structlog.get_logger("proxyd.evict")
@@ -129,8 +134,10 @@ class Evictor:
         max_size: int | None,
         max_age: timedelta | None,
         interval: float = 600.0,
+        small: SmallCache | None = None,
     ) -> None:
         self.store = store
+        self.small = small
         self.max_size = max_size
         self.max_age = max_age.total_seconds() if max_age is not None else None
         self.interval = interval
@@ -173,12 +180,22 @@ class Evictor:
                 log.info("cache.evicted", blobs=len(chosen.remove), freed=chosen.freed)
         return chosen
 
+    async def prune_small(self) -> int:
+        """Records of the small-response cache older than max_age go (none without)."""
+        if self.max_age is None or self.small is None:
+            return 0
+        removed = await self.small.prune(time.time() - self.max_age)
+        if removed:
+            log.info("cache.pruned", records=removed)
+        return removed
+
     async def _loop(self) -> None:
         while True:
             try:
                 await self.run_once()
             except OSError as exc:
                 log.warning("cache.evict_failed", error=str(exc))
+            await self.prune_small()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)

@@ -7,13 +7,17 @@ cache directory) or `RedisCache`, so several replicas behind one address share t
 state. Records are JSON, never pickle: a shared Redis must not be able to run code
 in proxyd. A storage failure is logged and treated as a miss; the cache never fails
 a request.
+
+Records are rewritten whenever upstream is asked again, so `stored_at` is their last
+use as far as upstream knows; `prune` removes those older than a cutoff (eviction's
+`max_age`), and records that are not proxyd's JSON.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,29 +55,67 @@ class Entry:
 SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
 
 
+Pruner = Callable[[Any, float], Awaitable[int]]
+
+
+PRUNE_SQLITE = (  # CASE, not OR: json_extract raises on what is not JSON
+    "DELETE FROM small_responses WHERE CASE WHEN json_valid(CAST(value AS TEXT)) "
+    "THEN IFNULL(json_extract(CAST(value AS TEXT), '$.stored_at'), 0) < ? ELSE 1 END"
+)
+
+
+async def _prune_sqlite(storage: Any, older_than: float) -> int:
+    async with storage.get_connection(commit=True) as db:
+        cursor = await db.execute(PRUNE_SQLITE, (older_than,))
+        return int(cursor.rowcount)
+
+
+async def _prune_redis(storage: Any, older_than: float) -> int:
+    connection = await storage.get_connection()
+    old = []
+    async for key, raw in connection.hscan_iter(storage.hash_key, count=1000):
+        try:
+            stored_at = json.loads(raw).get("stored_at")
+        except (ValueError, AttributeError):
+            stored_at = None
+        if not isinstance(stored_at, int | float) or stored_at < older_than:
+            old.append(key)
+    for start in range(0, len(old), 1000):
+        await connection.hdel(storage.hash_key, *old[start : start + 1000])
+    return len(old)
+
+
 class SmallCache:
     def __init__(
         self,
         storage: BaseCache,
         clock: Callable[[], float] = time.time,
         pragmas: tuple[str, ...] = (),
+        pruner: Pruner | None = None,
     ) -> None:
         self._storage = storage
         self._clock = clock
         self._pragmas = pragmas
+        self._pruner = pruner
 
     @classmethod
-    def sqlite(cls, path: Path, pragmas: tuple[str, ...] = SQLITE_PRAGMAS) -> SmallCache:
+    def sqlite(
+        cls,
+        path: Path,
+        pragmas: tuple[str, ...] = SQLITE_PRAGMAS,
+        clock: Callable[[], float] = time.time,
+    ) -> SmallCache:
         from aiohttp_client_cache.backends.sqlite import SQLiteCache
 
         storage = SQLiteCache(str(path), "small_responses", serializer=_JSON())
-        return cls(storage, pragmas=pragmas)
+        return cls(storage, clock, pragmas=pragmas, pruner=_prune_sqlite)
 
     @classmethod
-    def redis(cls, url: str) -> SmallCache:
+    def redis(cls, url: str, clock: Callable[[], float] = time.time) -> SmallCache:
         from aiohttp_client_cache.backends.redis import RedisCache
 
-        return cls(RedisCache("proxyd", "small_responses", address=url, serializer=_JSON()))
+        storage = RedisCache("proxyd", "small_responses", address=url, serializer=_JSON())
+        return cls(storage, clock, pruner=_prune_redis)
 
     async def open(self) -> None:
         """Set up the storage; a failure leaves it as it is (logged), still usable."""
@@ -109,6 +151,17 @@ class SmallCache:
             await self._storage.write(key, _JSON.dumps(record))
         except Exception as exc:
             log.warning("smallcache.unavailable", operation="write", error=str(exc))
+
+    async def prune(self, older_than: float) -> int:
+        """Remove the records stored before `older_than` (seconds since the epoch) and
+        any that are not proxyd's; how many went (0 when the storage failed: logged)."""
+        if self._pruner is None:
+            return 0
+        try:
+            return await self._pruner(self._storage, older_than)
+        except Exception as exc:
+            log.warning("smallcache.unavailable", operation="prune", error=str(exc))
+            return 0
 
     async def close(self) -> None:
         try:

@@ -4,16 +4,21 @@ takes what was used a moment ago."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import sqlite3
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from proxyd.evict import GRACE, LOW_WATER, Evictor, StoredFile, apply, plan, scan
 from proxyd.reference import Digest
+from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from tests.conftest import host, origin, until_stored
 from tests.fakes import FakeRegistry, make_image
+from tests.peers.redisserver import RedisServer
 
 NOW = 1_000_000.0
 
@@ -185,3 +190,69 @@ def test_the_hit_ratio_counts_what_the_store_answered():
     metrics.cache.labels("tag", "revalidated").inc(1)
     metrics.cache.labels("blob", "miss").inc(2)
     assert hit_ratio(metrics.render().decode()) == (0.8, 10)
+
+
+# -- the small-response cache, pruned with max_age -----------------------------------------
+
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def fill(small: SmallCache, clock: Clock) -> None:
+    """One record stored 40 days ago and one stored now."""
+    clock.now = NOW - 40 * DAY
+    await small.put("tag:old", {"digest": "sha256:" + "a" * 64})
+    clock.now = NOW
+    await small.put("tag:new", {"digest": "sha256:" + "b" * 64})
+
+
+async def test_records_older_than_max_age_and_damaged_ones_are_pruned_sqlite(tmp_path: Path):
+    clock = Clock(NOW)
+    small = SmallCache.sqlite(tmp_path / "small.sqlite", clock=clock)
+    try:
+        await fill(small, clock)
+        await small.get("tag:new")  # the table exists before the damaged row goes in
+        with contextlib.closing(sqlite3.connect(tmp_path / "small.sqlite")) as db:
+            db.execute("INSERT INTO small_responses VALUES ('tag:damaged', x'6e6f74')")
+            db.commit()
+        assert await small.prune(NOW - 30 * DAY) == 2  # the old one and the damaged one
+        assert await small.get("tag:old") is None
+        assert (await small.get("tag:new")) is not None
+        assert await small.prune(NOW - 30 * DAY) == 0
+    finally:
+        await small.close()
+
+
+async def test_records_older_than_max_age_and_damaged_ones_are_pruned_redis(tmp_path: Path):
+    with RedisServer(tmp_path / "redis") as server:
+        clock = Clock(NOW)
+        small = SmallCache.redis(server.url, clock=clock)
+        try:
+            await fill(small, clock)
+            assert server.command("HSET", "proxyd:small_responses", "tag:damaged", "not") == ":1"
+            assert await small.prune(NOW - 30 * DAY) == 2
+            assert await small.get("tag:old") is None
+            assert (await small.get("tag:new")) is not None
+        finally:
+            await small.close()
+
+
+async def test_the_evictor_prunes_the_small_cache_only_with_max_age(tmp_path: Path):
+    store = BlobStore(tmp_path / "cache")
+    store.open()
+    small = SmallCache.sqlite(tmp_path / "small.sqlite", clock=lambda: time.time() - 40 * DAY)
+    try:
+        await small.put("tag:old", {"digest": "sha256:" + "a" * 64})
+        unbounded = Evictor(store, max_size=None, max_age=None, small=small)
+        assert await unbounded.prune_small() == 0
+        bounded = Evictor(store, max_size=None, max_age=timedelta(days=30), small=small)
+        assert await bounded.prune_small() == 1
+    finally:
+        await small.close()
