@@ -10,8 +10,8 @@ most once a minute). A blob used within the grace period is never removed, so
 nothing being written (downloads live in tmp/ until committed) or read is taken;
 an open file keeps its bytes after unlink anyway. Links of a removed blob go with it.
 
-With max_age, the small-response cache (tag answers, tag lists, referrers) is pruned
-of records not refreshed for that long too: they would name blobs already evicted,
+With max_age, the small-response cache (tag answers, tag lists, referrers) is pruned,
+once an hour, of records not refreshed for that long too: they would name blobs already evicted,
 and without a bound the cache keeps every tag it was ever asked for.
 """
 
@@ -36,6 +36,7 @@ log = structlog.get_logger("proxyd.evict")
 
 GRACE = 300.0  # seconds: recently used blobs are never evicted
 LOW_WATER = 0.9  # a store over max_size is brought down to this share of it
+PRUNE_EVERY = 3600.0  # seconds between prunings of the small-response cache (a full read)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class Evictor:
         self.stored_entries: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._pruned_at = -PRUNE_EVERY
 
     @property
     def enabled(self) -> bool:
@@ -195,7 +197,9 @@ class Evictor:
                 await self.run_once()
             except OSError as exc:
                 log.warning("cache.evict_failed", error=str(exc))
-            await self.prune_small()
+            if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
+                self._pruned_at = time.monotonic()
+                await self.prune_small()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
