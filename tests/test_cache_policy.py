@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from proxyd.reference import Digest
 from proxyd.server.keys import PULLER
 from proxyd.smallcache import SmallCache
-from tests.conftest import host, oci_code, origin
+from tests.conftest import host, oci_code, origin, until_stored
 from tests.fakes import FakeRegistry, make_image
 
 
@@ -112,6 +112,8 @@ async def test_offline_serves_the_cache_alone(make_proxyd, start_fake, cache_dir
     online = await make_proxyd(config(server, tag_ttl=0))
     await online.get("/v2/team/app/manifests/v1")
     await (await online.get(f"/v2/team/app/blobs/{image.layer}")).read()
+    # Stored before the next proxyd opens the cache: opening it clears tmp/.
+    await until_stored(cache_dir, image.layer)
     seen = len(upstream.seen)
 
     offline = await make_proxyd(config(server, tag_ttl=0), offline=True)
