@@ -456,7 +456,7 @@ def prefetch_command(registry: Registry, images: list[str], platforms: list[str]
     bars = sys.stderr.isatty()
 
     async def run() -> int:
-        async with open_core(registry) as core:
+        async with open_core(registry, clear_tmp=False) as core:  # beside a serving daemon
             progress: Progress
             if bars:
                 with BarProgress() as progress:

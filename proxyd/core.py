@@ -35,11 +35,14 @@ class Core:
 
 
 @asynccontextmanager
-async def open_core(registry: Registry, metrics: Metrics | None = None) -> AsyncIterator[Core]:
+async def open_core(
+    registry: Registry, metrics: Metrics | None = None, *, clear_tmp: bool = True
+) -> AsyncIterator[Core]:
+    """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open."""
     settings = registry.settings
     metrics = metrics or Metrics()
     store = BlobStore(settings.cache_dir)
-    store.open()
+    store.open(clear_tmp=clear_tmp)
     small = (
         SmallCache.redis(settings.cache.redis_url)
         if settings.cache.backend == "redis"

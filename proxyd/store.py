@@ -9,7 +9,8 @@ Layout under the cache directory:
     small.sqlite (+ -wal, -shm)                             tag records (proxyd.smallcache)
 
 A file appears under `blobs/` only by an atomic rename after its digest was checked,
-so a crash at any moment leaves at most a stray file in `tmp/`, removed at start.
+so a crash at any moment leaves at most a stray file in `tmp/`, removed when the daemon
+starts.
 Every path is built from a validated `Digest`, repository name and host name, and
 checked to stay inside the cache directory.
 """
@@ -59,10 +60,14 @@ class BlobStore:
         self.removals = 0  # counts unlinks and evictions: memory of hits must be dropped
         self._blobs_dir = str(self.blobs)
 
-    def open(self) -> None:
-        """Create the layout and drop what an interrupted run left in `tmp/`."""
+    def open(self, *, clear_tmp: bool = True) -> None:
+        """Create the layout and drop what an interrupted run left in `tmp/` (the
+        daemon's part: `proxyd prefetch` runs beside a serving daemon and must not
+        take its downloads in flight)."""
         for directory in (self.blobs, self.tmp, self.links):
             directory.mkdir(parents=True, exist_ok=True)
+        if not clear_tmp:
+            return
         for leftover in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()

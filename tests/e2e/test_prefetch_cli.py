@@ -121,3 +121,30 @@ def test_cache_stats_reads_the_hit_ratio_of_the_running_proxyd(
     assert done.returncode == 0, done.stderr
     assert "hit ratio:       75.0% of 4 lookups" in done.stdout
     assert f"{token_registry.host}/{token_image.repository}" in done.stdout
+
+
+def test_prefetch_beside_a_serving_proxyd_leaves_its_downloads_in_flight_alone(
+    tmp_path: Path,
+    token_registry: Registry,
+    token_image: PushedImage,
+) -> None:
+    """The README says to prefetch into the daemon's cache: a prefetch started while
+    the daemon downloads must not clear the daemon's temporary files."""
+    config = tmp_path / "proxyd.toml"
+    config.write_text(upstream_config(token_registry))
+    cache = tmp_path / "cache"
+    (cache / "tmp").mkdir(parents=True)
+    in_flight = cache / "tmp" / "0123456789abcdef-daemons-download"
+    in_flight.write_bytes(b"the first bytes of a blob")
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "proxyd", "prefetch", "--config", str(config)),
+            *("--cache-dir", str(cache), "--log-format", "json", token_image.ref),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert in_flight.read_bytes() == b"the first bytes of a blob"
