@@ -9,9 +9,8 @@ Layout under the cache directory:
     small.sqlite (+ -wal, -shm)                             tag records (proxyd.smallcache)
 
 A file appears under `blobs/` only by an atomic rename after its digest was checked,
-so a crash at any moment leaves at most a stray file in `tmp/`, removed when the daemon
-starts.
-Every path is built from a validated `Digest`, repository name and host name, and
+so a crash at any moment leaves at most a stray file in `tmp/`, removed when the
+daemon starts. Every path is built from a validated `Digest`, repository name and host name, and
 checked to stay inside the cache directory.
 """
 
