@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bench.clients import Fetched, fetch_many, fetch_one, ttfb
 from bench.context import Context, shuffled
 from bench.proxies import Proxy
@@ -28,6 +30,13 @@ from bench.upstreams import Upstream
 MS = 1000.0
 BUFFERING_MS = 1000.0  # a first byte this late: the target waited for most of the blob
 BUFFERED_SAMPLES = 5
+
+
+def _sample(row: Row, measure: Any, *args: Any, **kwargs: Any) -> None:
+    """One measurement in seconds, kept in ms (a failure marks the row instead)."""
+    value = record(row, measure, *args, **kwargs)
+    if value is not None:
+        row.samples.append(value * MS)
 
 
 def _buffers(row: Row) -> bool:
@@ -53,22 +62,17 @@ def time_to_first_byte(ctx: Context) -> Workload:
     for rep in range(ctx.profile.ttfb_reps):
         turns: list[tuple[Row, str] | Proxy] = [*references, *proxies]
         for turn in shuffled(turns, rep):
-            if _buffers(wl.row(turn.name) if isinstance(turn, Proxy) else turn[0]):
+            if isinstance(turn, Proxy):
+                if not _buffers(wl.row(turn.name)):
+                    for row, running in ctx.each_fresh(wl, [turn], upstream):
+                        with ctx.watch(running, f"{wl.id}-{rep}"):
+                            _sample(row, ttfb, running.url + path, {}, timeout=timeout)
                 continue
-            if not isinstance(turn, Proxy):
-                row, url = turn
-                if row.status == "ok":
-                    # As a proxy's measurement follows its warm-up (`ctx.fresh`).
-                    record(row, ctx.warm_up, url)
-                    value = record(row, ttfb, url + path, {}, timeout=timeout)
-                    if value is not None:
-                        row.samples.append(value * MS)
-                continue
-            for row, running in ctx.each_fresh(wl, [turn], upstream):
-                with ctx.watch(running, f"{wl.id}-{rep}"):
-                    value = record(row, ttfb, running.url + path, {}, timeout=timeout)
-                if value is not None:
-                    row.samples.append(value * MS)
+            row, url = turn
+            if row.status == "ok":
+                # As a proxy's measurement follows its warm-up (`ctx.fresh`).
+                record(row, ctx.warm_up, url)
+                _sample(row, ttfb, url + path, {}, timeout=timeout)
     for proxy in proxies:
         row = wl.row(proxy.name)
         about = []

@@ -11,8 +11,8 @@ nothing being written (downloads live in tmp/ until committed) or read is taken;
 an open file keeps its bytes after unlink anyway. Links of a removed blob go with it.
 
 With max_age, the small-response cache (tag answers, tag lists, referrers) is pruned,
-once an hour, of records not refreshed for that long too: they would name blobs already evicted,
-and without a bound the cache keeps every tag it was ever asked for.
+once an hour, of records not refreshed for that long too: they would name blobs
+already evicted, and without a bound the cache keeps every tag it was ever asked for.
 """
 
 from __future__ import annotations

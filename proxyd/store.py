@@ -10,8 +10,8 @@ Layout under the cache directory:
 
 A file appears under `blobs/` only by an atomic rename after its digest was checked,
 so a crash at any moment leaves at most a stray file in `tmp/`, removed when the
-daemon starts. Every path is built from a validated `Digest`, repository name and host name, and
-checked to stay inside the cache directory.
+daemon starts. Every path is built from a validated `Digest`, repository name and
+host name, and checked to stay inside the cache directory.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -179,9 +180,8 @@ class UpstreamClient:
                 continue
             started = time.perf_counter()
             try:
-                response = await self._send_refreshing(
-                    host, method, path, headers, params, scope, data
-                )
+                send = partial(self._send, host, method, path, headers, params, scope, data)
+                response = await self._once_more_if_refreshed(host, send, replayable)
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
                 self._failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
                 continue
@@ -248,25 +248,21 @@ class UpstreamClient:
                     "upstream.ratelimit_low", host=host.host, remaining=remaining, limit=limit
                 )
 
-    async def _send_refreshing(
+    async def _once_more_if_refreshed(
         self,
         host: RegistryHost,
-        method: str,
-        path: str,
-        extra: Iterable[tuple[str, str]],
-        params: dict[str, str] | None,
-        scope: str,
-        data: Body = None,
+        send: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        replayable: bool,
     ) -> aiohttp.ClientResponse:
-        """`_send`; when the host refuses (or asks for) credentials, proxyd's may be out
-        of date (a rotated secret): once read again and changed, the request goes once
-        more (a body that can be sent once only does not)."""
+        """`send()`; when the host refuses (or asks for) credentials, proxyd's may be out
+        of date (a rotated secret): once read again and changed, it goes once more (a
+        body that can be sent once only does not)."""
         try:
-            return await self._send(host, method, path, extra, params, scope, data)
+            return await send()
         except Unauthorized:
-            if not await self.on_refused(host.host) or not _replayable(data):
+            if not await self.on_refused(host.host) or not replayable:
                 raise
-        return await self._send(host, method, path, extra, params, scope, data)
+        return await send()
 
     async def _send(
         self,
@@ -380,7 +376,8 @@ def _redirect_target(url: str, location: str) -> str:
 
 
 async def _not_refreshed(host: str) -> bool:
-    """Without a reloader (tests, prefetch's defaults): credentials never change."""
+    """An UpstreamClient without a reloader (used alone, as in tests): credentials
+    never change."""
     return False
 
 

@@ -281,6 +281,15 @@ def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
+def carols_proxyd(
+    start_proxyd: StartProxyd, registry: Registry, image: BuiltImage, tmp_path: Path, name: str
+) -> tuple[ProxydProcess, Path, PushedImage]:
+    """proxyd taking pushes to `registry` from its one user, carol; the image's place."""
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"carol": "proxyd-secret"})
+    proxyd = pushing_proxyd(start_proxyd, registry, htpasswd=str(htpasswd))
+    return proxyd, htpasswd, PushedImage(image, registry.host, f"pushed/{name}", "v1")
+
+
 def test_pushes_need_proxyds_own_users_pulls_do_not(
     skopeo: Skopeo,
     start_proxyd: StartProxyd,
@@ -288,9 +297,7 @@ def test_pushes_need_proxyds_own_users_pulls_do_not(
     image: BuiltImage,
     tmp_path: Path,
 ) -> None:
-    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"carol": "proxyd-secret"})
-    proxyd = pushing_proxyd(start_proxyd, token_registry, htpasswd=str(htpasswd))
-    pushed = PushedImage(image, token_registry.host, "pushed/inbound", "v1")
+    proxyd, _, pushed = carols_proxyd(start_proxyd, token_registry, image, tmp_path, "inbound")
     dest = f"docker://{proxyd.host}/{pushed.path}"
 
     for creds in (None, "carol:wrong", f"{ALICE[0]}:{ALICE[1]}"):
@@ -320,9 +327,9 @@ def test_a_user_added_to_htpasswd_can_push_after_sighup(
     image: BuiltImage,
     tmp_path: Path,
 ) -> None:
-    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"carol": "proxyd-secret"})
-    proxyd = pushing_proxyd(start_proxyd, token_registry, htpasswd=str(htpasswd))
-    pushed = PushedImage(image, token_registry.host, "pushed/reloaded", "v1")
+    proxyd, htpasswd, pushed = carols_proxyd(
+        start_proxyd, token_registry, image, tmp_path, "reloaded"
+    )
     dest = f"docker://{proxyd.host}/{pushed.path}"
 
     def push_as(creds: str) -> int:
