@@ -256,3 +256,25 @@ async def test_the_evictor_prunes_the_small_cache_only_with_max_age(tmp_path: Pa
         assert await bounded.prune_small() == 1
     finally:
         await small.close()
+
+
+async def test_the_small_cache_is_pruned_once_an_hour_not_at_every_pass(tmp_path: Path):
+    """Pruning reads the whole small cache; eviction passes come every few minutes."""
+    store = BlobStore(tmp_path / "cache")
+    store.open()
+    small = SmallCache.sqlite(tmp_path / "small.sqlite")
+    prunes: list[float] = []
+
+    async def counted(older_than: float) -> int:
+        prunes.append(older_than)
+        return 0
+
+    small.prune = counted  # type: ignore[method-assign]
+    evictor = Evictor(store, max_size=None, max_age=timedelta(days=30), interval=0.01, small=small)
+    evictor.start()
+    try:
+        await asyncio.sleep(0.2)  # a score of eviction passes
+    finally:
+        await evictor.stop()
+        await small.close()
+    assert len(prunes) == 1

@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxyd.config import ConfigError, build_registry, load_settings
+from proxyd.errors import Unauthorized
 from proxyd.hosts import Capability
 from proxyd.server.push import PUSHER
 from proxyd.uploads import confirmed_offset, parse_content_range, upstream_suffix
@@ -777,6 +778,51 @@ async def test_a_streamed_body_refused_with_401_is_not_sent_again(make_proxyd, s
     again = await proxyd.patch(location, data=LAYER)  # a fresh token now
     assert again.status == 202
     assert len(upstream.requests("PATCH")) == 2
+
+
+async def test_a_streamed_body_is_not_sent_again_even_when_credentials_changed(
+    start_fake, tmp_path
+):
+    """A refusal asks for the credentials again (`on_refused`); a request whose body
+    can be sent once only still fails with the 401 rather than going once more."""
+    upstream = UploadRegistry()
+    tokens = FakeTokenServer(upstream)  # type: ignore[arg-type]
+    upstream.bearer_realm = f"{origin(await start_fake(tokens))}/token"
+    server = await serve(start_fake, upstream)
+    config = tmp_path / "c.toml"
+    config.write_text(push_config(server))
+    registry = build_registry(load_settings(config, cache_dir=tmp_path))
+    namespace = registry.namespace(host(server))
+    assert namespace is not None
+    asked: list[str] = []
+
+    async def changed(refused_host: str) -> bool:
+        asked.append(refused_host)
+        return True
+
+    async def body() -> AsyncIterator[bytes]:
+        yield LAYER
+
+    async with UpstreamClient(registry, user_agent="test") as client:
+        client.on_refused = changed
+        async with client.request(
+            namespace, Capability.PUSH, "POST", "team/app", "blobs/uploads/", actions="pull,push"
+        ) as up:
+            suffix = up.response.headers["Location"].split("/team/app/", 1)[1]
+        upstream.valid_tokens.clear()  # the registry forgets every token it gave
+        with pytest.raises(Unauthorized):
+            async with client.request(
+                namespace,
+                Capability.PUSH,
+                "PATCH",
+                "team/app",
+                suffix,
+                actions="pull,push",
+                data=body(),
+            ):
+                pass
+    assert asked == [host(server)]
+    assert len(upstream.requests("PATCH")) == 1
 
 
 async def test_a_client_gone_mid_chunk_leaves_an_upload_that_can_be_resumed(
