@@ -461,12 +461,12 @@ def prefetch_command(registry: Registry, images: list[str], platforms: list[str]
             if bars:
                 with BarProgress() as progress:
                     summary = await prefetch(
-                        core.puller, registry, images, platforms=platforms, progress=progress
+                        core.resolver, registry, images, platforms=platforms, progress=progress
                     )
             else:
                 progress = LogProgress()
                 summary = await prefetch(
-                    core.puller, registry, images, platforms=platforms, progress=progress
+                    core.resolver, registry, images, platforms=platforms, progress=progress
                 )
         for failure in summary.failures:
             print(f"proxyd: {failure}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The core objects of a running proxyd, built once from the configuration and closed
 in order: the store, the small-response cache, eviction, the upstream client, the
-pull and push cores, and the reloader of credentials. The HTTP app and
+puller, the resolver, the pusher, and the reloader of credentials. The HTTP app and
 `proxyd prefetch` both run on it."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from proxyd.breaker import Breakers
 from proxyd.config import Registry
 from proxyd.evict import Evictor
-from proxyd.fetch import Puller
 from proxyd.metrics import Metrics
+from proxyd.puller import Puller
 from proxyd.push import Pusher
 from proxyd.reload import Reloader
+from proxyd.resolver import Resolver
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from proxyd.upstream import UpstreamClient
@@ -29,6 +30,7 @@ class Core:
     evictor: Evictor
     upstream: UpstreamClient
     puller: Puller
+    resolver: Resolver
     pusher: Pusher
     metrics: Metrics
     reloader: Reloader
@@ -64,13 +66,18 @@ async def open_core(
         puller = Puller(
             store,
             upstream,
-            small,
             max_manifest_size=settings.max_manifest_size,
-            offline=settings.offline,
+            manifest_memory=settings.cache.manifest_memory,
             on_commit=evictor.committed,
             metrics=metrics,
-            hot_manifest_bytes=settings.cache.manifest_memory,
+        )
+        resolver = Resolver(
+            puller,
+            upstream,
+            small,
+            offline=settings.offline,
             tags_can_move=lambda ns: registry.push_allowed(ns) or ns.allow_delete,
+            metrics=metrics,
         )
         pusher = Pusher(
             registry,
@@ -79,7 +86,7 @@ async def open_core(
             max_manifest_size=settings.max_manifest_size,
             upload_ttl=settings.upload_ttl,
             on_commit=evictor.committed,
-            on_tag_changed=puller.tag_changed,
+            on_tag_changed=resolver.tag_changed,
         )
         reloader = Reloader(registry, interval=settings.credential_refresh)
         upstream.on_refused = reloader.refused
@@ -88,7 +95,18 @@ async def open_core(
         reloader.start()
         try:
             await small.open()
-            yield Core(registry, store, small, evictor, upstream, puller, pusher, metrics, reloader)
+            yield Core(
+                registry,
+                store,
+                small,
+                evictor,
+                upstream,
+                puller,
+                resolver,
+                pusher,
+                metrics,
+                reloader,
+            )
         finally:
             await reloader.stop()
             await evictor.stop()

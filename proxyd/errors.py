@@ -173,3 +173,33 @@ class DigestMismatch(UpstreamError):
         )
         self.expected = expected
         self.actual = actual
+
+
+# How a registry's refusal reads as proxyd's error (`proxyd.refusal`), for pulls and
+# pushes alike: the registry's own OCI code when proxyd knows it, else its status.
+BY_CODE: dict[str, type[ProxydError]] = {
+    error.code: error
+    for error in (
+        BlobUnknown,
+        BlobUploadInvalid,
+        BlobUploadUnknown,
+        Denied,
+        DigestInvalid,
+        ManifestBlobUnknown,
+        ManifestInvalid,
+        ManifestUnknown,
+        NameInvalid,
+        NameUnknown,
+        SizeInvalid,
+        TagInvalid,
+        Unauthorized,
+        Unsupported,
+    )
+}
+BY_STATUS: dict[int, type[ProxydError]] = {
+    401: Unauthorized,
+    403: Denied,
+    405: Unsupported,
+    413: ManifestTooLarge,
+    416: RangeNotSatisfiable,
+}

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxyd.config import Registry
+from proxyd.download import Download
 from proxyd.errors import NameUnknown, ProxydError
-from proxyd.fetch import MANIFEST_TYPES, Download, Joined, Puller, StoredBlob
-from proxyd.reference import Digest, ImageReference, parse_image_reference
+from proxyd.manifests import MANIFEST_TYPES, Manifest
+from proxyd.puller import Joined, Puller, StoredBlob
+from proxyd.reference import Digest, ImageReference, is_digest, parse_image_reference
+from proxyd.resolver import Resolver
 from proxyd.routing import Target
 
 PARALLEL_BLOBS = 4
@@ -57,7 +60,7 @@ def platform_matches(descriptor: dict[str, Any], wanted: list[str]) -> bool:
 
 
 async def prefetch(
-    puller: Puller,
+    resolver: Resolver,
     registry: Registry,
     references: list[str],
     *,
@@ -74,9 +77,9 @@ async def prefetch(
             if namespace is None:
                 raise NameUnknown(f"namespace {image.namespace!r} is not configured in proxyd")
             target = Target(namespace, image.repository)
-            top = await puller.manifest(target, image.reference, list(MANIFEST_TYPES))
+            top = await _top_manifest(resolver, target, image.reference)
             summary.manifests += 1
-            await _walk(puller, target, json.loads(top.body), platforms, progress, summary)
+            await _walk(resolver.puller, target, json.loads(top.body), platforms, progress, summary)
             summary.images += 1
             progress.image_done(image, top.digest)
         except (ProxydError, ValueError, KeyError, TypeError) as exc:
@@ -84,6 +87,13 @@ async def prefetch(
             summary.failures.append(f"{text}: {message}")
     summary.seconds = clock() - started
     return summary
+
+
+async def _top_manifest(resolver: Resolver, target: Target, reference: str) -> Manifest:
+    """The image's manifest: by tag from the resolver, by digest from the puller."""
+    if is_digest(reference):
+        return await resolver.puller.manifest(target, Digest.parse(reference), list(MANIFEST_TYPES))
+    return await resolver.tag(target, reference, list(MANIFEST_TYPES))
 
 
 async def _walk(
@@ -97,7 +107,8 @@ async def _walk(
     if isinstance(manifest.get("manifests"), list):  # an index: one manifest per platform
         for entry in manifest["manifests"]:
             if platform_matches(entry, platforms):
-                child = await puller.manifest(target, entry["digest"], list(MANIFEST_TYPES))
+                digest = Digest.parse(entry["digest"])
+                child = await puller.manifest(target, digest, list(MANIFEST_TYPES))
                 summary.manifests += 1
                 await _walk(puller, target, json.loads(child.body), platforms, progress, summary)
         return

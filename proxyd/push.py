@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
@@ -35,26 +33,20 @@ from proxyd.errors import (
     BlobUnknown,
     BlobUploadInvalid,
     BlobUploadUnknown,
-    Denied,
     DigestInvalid,
     DigestMismatch,
-    ManifestBlobUnknown,
     ManifestInvalid,
-    ManifestTooLarge,
     ManifestUnknown,
-    NameInvalid,
-    NameUnknown,
     ProxydError,
     RangeNotSatisfiable,
     SizeInvalid,
-    TagInvalid,
-    TooManyRequests,
-    Unauthorized,
     Unsupported,
     UpstreamError,
 )
 from proxyd.hosts import Capability, RegistryHost
+from proxyd.manifests import OCI_MANIFEST, declared_media_type, read_manifest
 from proxyd.reference import Digest, is_digest, validate_tag
+from proxyd.refusal import expect
 from proxyd.routing import Target
 from proxyd.store import BlobStore, LinkKind
 from proxyd.uploads import (
@@ -64,13 +56,12 @@ from proxyd.uploads import (
     confirmed_offset,
     parse_content_range,
 )
-from proxyd.upstream import Body, Upstream, UpstreamClient, registry_errors
+from proxyd.upstream import Body, Upstream, UpstreamClient
 from proxyd.writebehind import in_worker
 
 log = structlog.get_logger("proxyd.push")
 
 OCTET_STREAM = "application/octet-stream"
-DEFAULT_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 ABANDON_TIMEOUT = 10.0  # seconds for the upstream DELETE of an expired upload
 
 Chunks = AsyncIterable[bytes]
@@ -217,8 +208,7 @@ class Pusher:
                     host=host.host,
                 )
                 return Started(None, wanted, host.host)
-            if status != 202:
-                raise await _refusal(up, BlobUploadInvalid, BlobUploadUnknown, "upload")
+            await _upload_answered(up, (202,))
             session = self._open(target, host, up, user, digest)
         if digest is None:
             return Started(session, None, host.host)
@@ -295,8 +285,7 @@ class Pusher:
             async with self._send(
                 target, session.host, "PATCH", session.suffix, headers=headers, data=tee.data
             ) as up:
-                if up.response.status != 202:
-                    raise await _refusal(up, BlobUploadInvalid, BlobUploadUnknown, "upload")
+                await _upload_answered(up, (202,))
                 self._moved(session, up)
                 if session.offset is not None:
                     expected = session.offset + tee.sent
@@ -337,8 +326,7 @@ class Pusher:
                 params={"digest": str(digest)},
                 data=tee.data,
             ) as up:
-                if up.response.status != 201:
-                    raise await _refusal(up, BlobUploadInvalid, BlobUploadUnknown, "upload")
+                await _upload_answered(up, (201,))
             self.store.link(target.namespace.name, target.repository, digest)
             await self._keep(session, digest, tee.sent)
             log.info(
@@ -379,8 +367,7 @@ class Pusher:
         session = self.uploads.claim(uuid, target, user)
         try:
             async with self._send(target, session.host, "GET", session.suffix) as up:
-                if up.response.status not in (200, 204):
-                    raise await _refusal(up, BlobUploadInvalid, BlobUploadUnknown, "upload")
+                await _upload_answered(up, (200, 204))
                 self._moved(session, up)
                 offset = confirmed_offset(up.response.headers.get("Range"), session.offset)
             if offset != session.offset:
@@ -399,8 +386,7 @@ class Pusher:
         session = self.uploads.claim(uuid, target, user)
         try:
             async with self._send(target, session.host, "DELETE", session.suffix) as up:
-                if up.response.status not in (200, 202, 204, 404):
-                    raise await _refusal(up, BlobUploadInvalid, BlobUploadUnknown, "upload")
+                await _upload_answered(up, (200, 202, 204, 404))
             self.uploads.close(session)
         finally:
             self.uploads.release(session)
@@ -433,15 +419,15 @@ class Pusher:
         host = self.push_host(target)
         if is_digest(reference):
             digest = Digest.parse(reference)
-            actual = hashlib.new(digest.algorithm, body).hexdigest()
-            if actual != digest.hex:
+            if not digest.matches(body):
+                actual = Digest.of(body, digest.algorithm)
                 raise DigestInvalid(
-                    f"manifest does not match {digest}: its {digest.algorithm} is {actual}"
+                    f"manifest does not match {digest}: its {digest.algorithm} is {actual.hex}"
                 )
         else:
             validate_tag(reference)
-            digest = Digest("sha256", hashlib.sha256(body).hexdigest())
-        media_type = media_type or _declared_media_type(body)
+            digest = Digest.of(body)
+        media_type = media_type or declared_media_type(body) or OCI_MANIFEST
         async with self._send(
             target,
             host,
@@ -450,8 +436,9 @@ class Pusher:
             headers=[("Content-Type", media_type)],
             data=body,
         ) as up:
-            if up.response.status != 201:
-                raise await _refusal(up, ManifestInvalid, ManifestUnknown, "manifest")
+            await expect(
+                up, "manifest", ok=(201,), not_found=ManifestUnknown, invalid=ManifestInvalid
+            )
             announced = up.response.headers.get("Docker-Content-Digest")
             subject = up.response.headers.get("OCI-Subject")
         self.store.put(digest, body)
@@ -475,16 +462,9 @@ class Pusher:
 
     async def read_manifest(self, chunks: Chunks | None, length: int | None) -> bytes:
         """A pushed manifest's body, at most `max_manifest_size` bytes."""
-        limit = self.max_manifest_size
-        if length is not None and length > limit:
-            raise ManifestTooLarge(f"manifest of {length} bytes; the limit is {limit}")
-        body = bytearray()
-        if chunks is not None:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) > limit:
-                    raise ManifestTooLarge(f"manifest over the limit of {limit} bytes")
-        return bytes(body)
+        return await read_manifest(
+            chunks, length=length, limit=self.max_manifest_size, source="pushed"
+        )
 
     async def delete(
         self, target: Target, kind: Literal["manifests", "blobs"], reference: str
@@ -500,9 +480,10 @@ class Pusher:
         async with self._send(
             target, host, "DELETE", f"{kind}/{reference}", actions="delete"
         ) as up:
-            if up.response.status not in (200, 202, 204):
-                not_found = ManifestUnknown if kind == "manifests" else BlobUnknown
-                raise await _refusal(up, Unsupported, not_found, kind[:-1])
+            not_found = ManifestUnknown if kind == "manifests" else BlobUnknown
+            await expect(
+                up, kind[:-1], ok=(200, 202, 204), not_found=not_found, invalid=Unsupported
+            )
         if is_digest(reference):
             link_kind: LinkKind = "_manifests" if kind == "manifests" else "_blobs"
             self.store.unlink(
@@ -567,54 +548,6 @@ class _Tee:
             yield chunk
 
 
-def _declared_media_type(body: bytes) -> str:
-    try:
-        declared = json.loads(body).get("mediaType")
-    except (ValueError, AttributeError):
-        raise ManifestInvalid("a manifest must be a JSON object") from None
-    return declared if isinstance(declared, str) and declared else DEFAULT_MANIFEST_TYPE
-
-
-_BY_CODE: dict[str, type[ProxydError]] = {
-    error.code: error
-    for error in (
-        BlobUnknown,
-        BlobUploadInvalid,
-        BlobUploadUnknown,
-        Denied,
-        DigestInvalid,
-        ManifestBlobUnknown,
-        ManifestInvalid,
-        ManifestUnknown,
-        NameInvalid,
-        NameUnknown,
-        SizeInvalid,
-        TagInvalid,
-        Unauthorized,
-        Unsupported,
-    )
-}
-_BY_STATUS: dict[int, type[ProxydError]] = {
-    401: Unauthorized,
-    403: Denied,
-    405: Unsupported,
-    413: ManifestTooLarge,
-    416: RangeNotSatisfiable,
-}
-
-
-async def _refusal(
-    up: Upstream, invalid: type[ProxydError], not_found: type[ProxydError], what: str
-) -> ProxydError:
-    """The registry's final answer other than success, as proxyd's error: the client
-    sees the registry's own code and message (MANIFEST_BLOB_UNKNOWN, DIGEST_INVALID…)."""
-    status = up.response.status
-    errors, message = await registry_errors(up, what)
-    code = str(errors[0].get("code")) if errors else ""
-    if status == 429:
-        retry_after = up.response.headers.get("Retry-After")
-        return TooManyRequests(message, headers={"Retry-After": retry_after} if retry_after else {})
-    if 400 <= status < 500:
-        by_status = _BY_STATUS.get(status) or (not_found if status == 404 else invalid)
-        return _BY_CODE.get(code, by_status)(message)
-    return UpstreamError(f"{message} (status {status})")
+async def _upload_answered(up: Upstream, ok: tuple[int, ...]) -> None:
+    """An upload's refusal: a 404 is an upload upstream no longer knows."""
+    await expect(up, "upload", ok=ok, not_found=BlobUploadUnknown, invalid=BlobUploadInvalid)

@@ -6,6 +6,7 @@ upstream URL, so the rest of proxyd may trust a `Digest` or a repository name.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -48,6 +49,15 @@ class Digest:
         if len(encoded) != length or not _LOWER_HEX_RE.fullmatch(encoded):
             raise DigestInvalid(f"invalid {algorithm} digest {text!r}")
         return cls(algorithm, encoded)
+
+    @classmethod
+    def of(cls, body: bytes, algorithm: str = "sha256") -> Digest:
+        """The digest of `body` (small content: a manifest; blobs hash as they stream)."""
+        return cls(algorithm, hashlib.new(algorithm, body).hexdigest())
+
+    def matches(self, body: bytes) -> bool:
+        """Whether `body` is the content this digest names."""
+        return hashlib.new(self.algorithm, body).hexdigest() == self.hex
 
 
 def is_digest(text: str) -> bool:

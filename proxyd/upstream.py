@@ -15,10 +15,9 @@ count against the host's circuit breaker (the client may have gone away).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -42,7 +41,9 @@ from proxyd.errors import (
     UpstreamError,
 )
 from proxyd.hosts import Capability, Namespace, RegistryHost
+from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
+from proxyd.routing import Target
 
 log = structlog.get_logger("proxyd.upstream")
 
@@ -68,22 +69,6 @@ class Upstream:
     host: RegistryHost
     response: aiohttp.ClientResponse
     failures: list[HostFailure]
-
-
-async def registry_errors(up: Upstream, what: str) -> tuple[list[dict[str, Any]], str]:
-    """The `errors` of a registry's OCI error body (if it sent one) and the message a
-    client is told: the host, what was asked, and what the registry said of it."""
-    errors: list[dict[str, Any]] = []
-    if up.response.method != "HEAD":
-        try:
-            data = json.loads(await up.response.content.read(64 * 1024))
-        except (ValueError, aiohttp.ClientError):
-            data = None
-        found = data.get("errors") if isinstance(data, dict) else None
-        if isinstance(found, list):
-            errors = [e for e in found if isinstance(e, dict)]
-    said = "; ".join(str(e.get("message") or e.get("code")) for e in errors)
-    return errors, f"{up.host.host}: {what}: {said or up.response.status}"
 
 
 class UpstreamClient:
@@ -138,6 +123,32 @@ class UpstreamClient:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "use UpstreamClient as an async context manager"
         return self._session
+
+    def ask(
+        self,
+        target: Target,
+        capability: Capability,
+        method: str,
+        suffix: str,
+        *,
+        accept: Iterable[str] = (),
+        params: dict[str, str] | None = None,
+    ) -> AbstractAsyncContextManager[Upstream]:
+        """A pull's request about `target`'s repository. A manifest asked for with no
+        Accept accepts every manifest type proxyd knows (a registry would otherwise
+        answer only Docker's schema 2, or refuse)."""
+        accepted = list(accept)
+        if not accepted and suffix.startswith("manifests/"):
+            accepted = list(MANIFEST_TYPES)
+        return self.request(
+            target.namespace,
+            capability,
+            method,
+            target.repository,
+            suffix,
+            headers=[("Accept", value) for value in accepted],
+            params=params,
+        )
 
     @asynccontextmanager
     async def request(
@@ -357,6 +368,19 @@ class UpstreamClient:
             except tls.TLSFileError as exc:  # a host failure, said plainly: not a crash
                 raise TLSSetupError(f"TLS settings of {host.origin}: {exc}") from None
         return self._ssl[key]
+
+
+async def read_body(up: Upstream, limit: int) -> bytes:
+    """Up to `limit` bytes of a small body. A body that breaks or stalls is the host's
+    failure: `request` turns it into UpstreamError (502, or a stale answer)."""
+    content = up.response.content
+    body = await content.read(limit)
+    while len(body) < limit and not content.at_eof():
+        more = await content.read(limit - len(body))
+        if not more:
+            break
+        body += more
+    return body
 
 
 class TLSSetupError(aiohttp.ClientError):

@@ -10,7 +10,7 @@ import sqlite3
 from structlog.testing import capture_logs
 
 from proxyd.reference import Digest
-from proxyd.server.keys import PULLER
+from proxyd.server.keys import PULLER, RESOLVER
 from proxyd.smallcache import SmallCache
 from tests.conftest import host, oci_code, origin, until_stored
 from tests.fakes import FakeRegistry, make_image
@@ -168,7 +168,7 @@ async def test_a_tag_cached_for_one_accept_set_does_not_answer_another(make_prox
 
 def count_reads(proxyd) -> list[str]:
     """The keys of the small-cache reads from now on."""
-    small = proxyd.server.app[PULLER].small
+    small = proxyd.server.app[RESOLVER].small
     keys: list[str] = []
     read = small.get
 
@@ -204,9 +204,9 @@ async def test_a_remembered_tag_is_asked_for_again_after_a_second(make_proxyd, s
     upstream = FakeRegistry()
     upstream.add(make_image())
     proxyd = await make_proxyd(config(await start_fake(upstream), 300))
-    puller = proxyd.server.app[PULLER]
+    puller, resolver = proxyd.server.app[PULLER], proxyd.server.app[RESOLVER]
     now = [1000.0]
-    puller.hot_tags.clock = puller.hot.clock = lambda: now[0]
+    resolver.hot_tags.clock = puller.hot.clock = lambda: now[0]
     await proxyd.get("/v2/team/app/manifests/v1")
     keys = count_reads(proxyd)
     now[0] += 0.9

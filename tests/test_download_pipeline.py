@@ -17,8 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxyd import store as store_module
+from proxyd.download import Download
 from proxyd.errors import UpstreamError
-from proxyd.fetch import Download
 from proxyd.reference import Digest
 from proxyd.server.keys import PULLER
 from proxyd.store import BlobStore, BlobWriter, Buffer

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from proxyd.reference import Digest
 from proxyd.server import fastpath
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import PULLER, REGISTRY
+from proxyd.server.keys import PULLER, REGISTRY, RESOLVER
 from tests.conftest import host, origin
 from tests.fakes import FakeImage, FakeRegistry, make_image
 from tests.test_inbound import basic, write_htpasswd
@@ -333,6 +333,6 @@ async def test_a_tag_answer_is_remembered_for_a_second_at_most(make_proxyd, star
     proxyd = await tag_twice(make_proxyd, start_fake)
     puller = proxyd.server.app[PULLER]
     later = puller.hot.clock() + 1.1
-    puller.hot.clock = puller.hot_tags.clock = lambda: later
+    puller.hot.clock = proxyd.server.app[RESOLVER].hot_tags.clock = lambda: later
     assert await tag_once_more(proxyd) == (200, "hit")  # asked the small cache
     assert fast(proxyd).answered == 0

@@ -44,7 +44,9 @@ async def run(tmp_path: Path, server: object, refs: list[str], platforms: list[s
     )
     registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
     async with open_core(registry) as core:
-        return await prefetch(core.puller, registry, refs, platforms=platforms, progress=Progress())
+        return await prefetch(
+            core.resolver, registry, refs, platforms=platforms, progress=Progress()
+        )
 
 
 def stored(tmp_path: Path, image: FakeImage) -> bool:

@@ -12,7 +12,7 @@ from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
 from proxyd.server import handlers, health, push
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import METRICS, PULLER, REGISTRY, RELOADER
+from proxyd.server.keys import METRICS, PULLER, REGISTRY, RELOADER, RESOLVER
 from proxyd.server.middleware import add_request_id, request_context
 
 
@@ -44,6 +44,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def _core(app: web.Application) -> AsyncIterator[None]:
     async with open_core(app[REGISTRY], app[METRICS]) as core:
         app[PULLER] = core.puller
+        app[RESOLVER] = core.resolver
         app[FAST].hot = core.puller.hot
         app[push.PUSHER] = core.pusher
         app[RELOADER] = core.reloader

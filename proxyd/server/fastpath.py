@@ -30,8 +30,8 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
-from proxyd.fetch import Manifest
 from proxyd.hot import HotManifests
+from proxyd.manifests import Manifest
 from proxyd.metrics import Metrics
 from proxyd.server.keys import Access
 from proxyd.server.middleware import AccessLine, new_request_id

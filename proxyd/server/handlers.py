@@ -1,4 +1,5 @@
-"""Request handlers of the `/v2/` API: parse, call the pull core, render."""
+"""Request handlers of the `/v2/` pull API: parse, call the resolver (tags, lists) or
+the puller (content by digest), render."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxyd.download import Download
 from proxyd.errors import PreconditionFailed, Unsupported
-from proxyd.fetch import OCI_INDEX, BlobHead, Download, Joined, Manifest, StoredBlob
+from proxyd.manifests import OCI_INDEX, Manifest
+from proxyd.puller import BlobHead, Joined, StoredBlob
 from proxyd.ranges import content_range, parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
 from proxyd.routing import Target, namespace_for, route
 from proxyd.server import push
 from proxyd.server.fastpath import FAST
-from proxyd.server.keys import ACCESS, PULLER, REGISTRY
+from proxyd.server.keys import ACCESS, PULLER, REGISTRY, RESOLVER
 from proxyd.server.middleware import API_VERSION_HEADER
 
 log = structlog.get_logger("proxyd.server")
@@ -56,7 +59,7 @@ async def api(request: web.Request) -> web.StreamResponse:
 
 async def referrers(request: web.Request, target: Target, digest: Digest) -> web.Response:
     artifact_type = request.query.get("artifactType")
-    result = await request.app[PULLER].referrers(target, digest, artifact_type)
+    result = await request.app[RESOLVER].referrers(target, digest, artifact_type)
     _note(request, result.host, result.cache)
     headers = {
         **API_VERSION_HEADER,
@@ -73,7 +76,7 @@ async def catalog(request: web.Request) -> web.Response:
     access = request[ACCESS]
     access.route, access.namespace = "catalog", namespace.name
     params = {k: request.query[k] for k in ("n", "last") if k in request.query}
-    result = await request.app[PULLER].catalog(namespace, params)
+    result = await request.app[RESOLVER].catalog(namespace, params)
     _note(request, result.host, result.cache)
     headers = dict(API_VERSION_HEADER)
     if result.link:
@@ -82,11 +85,14 @@ async def catalog(request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.Response:
+    """A tag is the resolver's (a trusted act); a digest the puller's (verified)."""
     reference = path.reference
-    if not is_digest(reference):
-        validate_tag(reference)
     accept = request.headers.getall(hdrs.ACCEPT, [])
-    result: Manifest = await request.app[PULLER].manifest(target, reference, accept)
+    result: Manifest
+    if is_digest(reference):
+        result = await request.app[PULLER].manifest(target, Digest.parse(reference), accept)
+    else:
+        result = await request.app[RESOLVER].tag(target, validate_tag(reference), accept)
     _note(request, result.host, result.cache)
     headers = {
         **API_VERSION_HEADER,
@@ -228,7 +234,7 @@ class BlobFileResponse(web.FileResponse):
 
 async def tags(request: web.Request, target: Target, path: ApiPath) -> web.Response:
     params = {k: request.query[k] for k in ("n", "last") if k in request.query}
-    result = await request.app[PULLER].tags(target, params)
+    result = await request.app[RESOLVER].tags(target, params)
     _note(request, result.host, result.cache)
     body = {**result.body, "name": path.name}
     headers = {**API_VERSION_HEADER, CACHE_HEADER: result.cache}

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxyd.config import Registry
-from proxyd.fetch import Puller
 from proxyd.metrics import Metrics
+from proxyd.puller import Puller
 from proxyd.reload import Reloader
+from proxyd.resolver import Resolver
 
 REGISTRY = web.AppKey("registry", Registry)
 PULLER = web.AppKey("puller", Puller)
+RESOLVER = web.AppKey("resolver", Resolver)
 METRICS = web.AppKey("metrics", Metrics)
 RELOADER = web.AppKey("reloader", Reloader)
 

@@ -1,0 +1,205 @@
+"""One upstream fetch of a blob, streamed to any number of readers as it arrives.
+
+A download writes a temporary file while hashing it (through a write-behind, in a
+worker thread), and each client streams from that file as bytes reach it, or from
+the chunks still queued for it. The blob's last byte is held back until the digest
+is verified, so a client never receives a complete wrong body; a mismatch cuts every
+reader short and keeps nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from proxyd.errors import UpstreamError
+from proxyd.reference import Digest
+from proxyd.routing import Target
+from proxyd.store import BlobStore, BlobWriter
+from proxyd.writebehind import WriteBehind
+
+READ_CHUNK = 1 << 20  # bytes a reader takes from the temporary file at once
+
+
+class Download:
+    """One upstream fetch of a blob, streamed to any number of readers.
+
+    Chunks from upstream go through a write-behind (hashed and written in a worker
+    thread). Readers pread the temporary file, and take what has not reached it yet
+    from the chunks still queued for it; the blob's last byte only once the digest is
+    verified. The fsync and rename into the store follow the release of the last
+    byte; until they are done the download stays registered, and a request arriving
+    meanwhile joins it.
+    """
+
+    def __init__(self, digest: Digest, target: Target) -> None:
+        self.digest = digest
+        self.target = target  # the repository whose GET confirms the digest
+        self.size: int | None = None
+        self.host = ""
+        self.received = 0  # bytes read from upstream
+        self.verified = False  # the digest matched: readers may have every byte
+        self.stored: Path | None = None  # where the blob was renamed to
+        self.error: BaseException | None = None
+        self.writer: BlobWriter | None = None
+        self._pipe: WriteBehind | None = None
+        self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not on disk yet
+        self._waiters: list[asyncio.Future[None]] = []
+        self._fd = -1  # the temporary file, for readers
+        self._users = 1  # the download itself; each reader adds one
+        self._answered = False  # upstream answered the GET, or the download failed first
+
+    def answer(self) -> None:
+        """Upstream answered the GET, or (`error` set) the download failed first: the
+        requests waiting for that resume at the loop's next turn, before the first
+        chunk's disk write (which `WriteBehind` leaves to that turn)."""
+        self._answered = True
+        self.notify()
+
+    async def answered(self) -> None:
+        """Until upstream answered; raises the download's failure, if it failed. A
+        request cancelled meanwhile ends its own wait, not the download."""
+        while not self._answered:
+            await self._news()
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def written(self) -> int:
+        """Bytes on disk: what readers may pread (but the last byte, until verified)."""
+        return self._pipe.written if self._pipe is not None else 0
+
+    def open(self, store: BlobStore) -> None:
+        """Create the temporary file, and the descriptor readers pread (once)."""
+        if self.writer is not None:
+            return
+        writer = store.writer(self.digest)
+        try:
+            self._fd = os.open(writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            writer.close()
+            raise
+        self.writer = writer
+
+    def open_early(self, store: BlobStore) -> None:
+        """`open` while upstream has yet to answer; if it fails, `open` meets (and
+        raises) the same failure once upstream answered."""
+        with contextlib.suppress(OSError):
+            self.open(store)
+
+    async def write(self, chunk: bytes) -> None:
+        """Queue a chunk for the disk; wait while too much is queued already."""
+        if self._pipe is None:
+            assert self.writer is not None, "the download writes once it is open"
+            self._pipe = WriteBehind(self.writer, self._advance)
+        self._unwritten.append((self.received, chunk))
+        self.received += len(chunk)
+        self._pipe.feed(chunk)
+        self.notify()  # readers caught up take it from memory
+        if self._pipe.backlog > self._pipe.high_water:
+            await self._pipe.room()
+
+    async def verify(self) -> None:
+        """Once every byte is on disk: check the digest, then release the last byte."""
+        if self._pipe is not None:
+            await self._pipe.flush()
+        assert self.writer is not None, "the download verifies once it is open"
+        if self.size is not None and self.written != self.size:
+            raise UpstreamError(f"{self.host} sent {self.written} of {self.size} bytes")
+        self.writer.verify()  # raises DigestMismatch, keeping nothing
+        self.verified = True
+        self.notify()
+
+    async def discard(self) -> None:
+        """After a failure: let the worker thread finish with the file, then drop it."""
+        try:
+            if self._pipe is not None:
+                await self._pipe.stop()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+    def _advance(self, written: int) -> None:
+        """The write-behind put `written` bytes on disk: readers may pread them now."""
+        unwritten = self._unwritten
+        while unwritten and unwritten[0][0] + len(unwritten[0][1]) <= written:
+            unwritten.popleft()
+        self.notify()
+
+    def _unwritten_bytes(self, offset: int, limit: int) -> bytes:
+        """Bytes from `offset` (at or past what is on disk), up to `limit`, from the
+        chunk queued for the disk that holds them."""
+        for start, chunk in self._unwritten:
+            if start <= offset < start + len(chunk):
+                if offset == start and start + len(chunk) <= limit:
+                    return chunk
+                return chunk[offset - start : limit - start]
+        raise UpstreamError(f"bytes at {offset} of {self.digest} are neither on disk nor held")
+
+    def _releasable(self) -> int:
+        """How many bytes readers may have now: all once verified; before that all but
+        the blob's last byte. With the size known, only the final byte itself waits;
+        without it any byte may be the last, so the newest one waits (and every chunk
+        then goes out in two pieces)."""
+        if self.verified:
+            return self.received
+        if self.size is not None and self.received < self.size:
+            return self.received
+        return self.received - 1
+
+    async def _news(self) -> None:
+        """Until the next `notify` (a waiter of its own: cancelling it ends only this
+        wait)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    async def chunks(self, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, stop) of the blob as they arrive; raises if the download
+        fails. Until the digest is verified, the blob's last byte is withheld."""
+        self._users += 1
+        offset = start
+        try:
+            if self._fd < 0 and self.error is None:
+                # The download ended between handing this reader out and its first read.
+                if self.stored is None:
+                    raise UpstreamError(f"the download of {self.digest} was not kept")
+                self._fd = os.open(self.stored, os.O_RDONLY | os.O_CLOEXEC)
+            while stop is None or offset < stop:
+                if self.error is not None:
+                    raise UpstreamError(f"download of {self.digest} failed: {self.error}")
+                available = self._releasable()
+                if stop is not None:
+                    available = min(available, stop)
+                if offset < available:
+                    if offset < self.written:
+                        on_disk = min(available, self.written)
+                        data = os.pread(self._fd, min(READ_CHUNK, on_disk - offset), offset)
+                        if not data:  # the file is shorter than written: never spin on it
+                            raise UpstreamError(f"temporary file of {self.digest} was truncated")
+                    else:
+                        data = self._unwritten_bytes(offset, available)
+                    offset += len(data)
+                    yield data
+                elif self.verified:
+                    return
+                else:
+                    await self._news()
+        finally:
+            self.release()

@@ -1,0 +1,336 @@
+"""Content by digest: manifests and blobs named by their digest, which any host with
+`pull` may serve, since proxyd verifies every byte against the name.
+
+A stored copy is served only once upstream confirmed that the repository holds it
+(a link in the store). Otherwise the content is fetched, verified and stored: a
+blob through a `Download` shared by every request for its digest; a manifest
+checked in memory, answered at once, and written to the store behind the answer
+(while on its way there, this process answers it from memory). Manifests just
+served stay in memory (`proxyd.hot`), so a hit reads no file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from proxyd.download import Download
+from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, UpstreamError
+from proxyd.flight import SingleFlight
+from proxyd.hosts import Capability
+from proxyd.hot import HotManifest, HotManifests
+from proxyd.hot import Key as HotKey
+from proxyd.manifests import Manifest, read_manifest, served_media_type
+from proxyd.metrics import Metrics
+from proxyd.reference import Digest
+from proxyd.refusal import expect
+from proxyd.routing import Target
+from proxyd.store import BlobStore
+from proxyd.upstream import Upstream, UpstreamClient
+from proxyd.writebehind import in_worker
+
+log = structlog.get_logger("proxyd.puller")
+
+
+@dataclass
+class StoredBlob:
+    digest: Digest
+    path: Path
+    size: int
+
+
+@dataclass
+class BlobHead:
+    digest: Digest
+    size: int | None
+    host: str
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A download whose digest is verified, its file on the way into the store: the
+    bytes are proxyd's already, so a request joining it is a hit."""
+
+    download: Download
+
+
+BlobAnswer = StoredBlob | Download | Joined | BlobHead
+
+
+@dataclass(frozen=True)
+class _Storing:
+    media_type: str
+    body: bytes
+    removals: int  # the store's removal count when it was fetched
+
+
+class Puller:
+    def __init__(
+        self,
+        store: BlobStore,
+        upstream: UpstreamClient,
+        *,
+        max_manifest_size: int,
+        manifest_memory: int = 32 << 20,
+        on_commit: Callable[[int], None] = lambda size: None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.max_manifest_size = max_manifest_size
+        self.hot = HotManifests(store, manifest_memory)
+        self.on_commit = on_commit  # a blob of this size was stored (eviction watches)
+        self.metrics = metrics or Metrics()
+        self._flights: SingleFlight[Manifest] = SingleFlight(on_join=self.metrics.coalesced.inc)
+        self._downloads: dict[Digest, Download] = {}
+        self._storing: dict[HotKey, _Storing] = {}  # manifests on their way to the disk
+        self._stores: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        # Manifests on their way to the disk are small: they are let finish.
+        await asyncio.gather(*self._stores, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- manifests ----------------------------------------------------------------------
+
+    async def manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
+        hot = self.remembered(target, digest) or self._stored_manifest(target, digest)
+        if hot is not None:
+            self.metrics.cache.labels("manifest", "hit").inc()
+            body = hot.body
+            return Manifest(digest, hot.media_type, len(body), body, "hit", None, hot.fresh_until)
+        self.metrics.cache.labels("manifest", "miss").inc()
+        key = ("manifest", target.namespace.name, target.repository, digest)
+        return await self._flights.run(key, lambda: self._fetch_manifest(target, digest, accept))
+
+    def remembered(self, target: Target, digest: Digest) -> HotManifest | None:
+        """The manifest from memory, while it may be served without asking the store."""
+        return self.hot.get(_hot_key(target, digest))
+
+    def remember(self, target: Target, manifest: Manifest) -> None:
+        """Keep a confirmed manifest in memory (a tag's answer: its link made or on its
+        way to the store)."""
+        self.hot.put(_hot_key(target, manifest.digest), manifest.media_type, manifest.body)
+
+    def _stored_manifest(self, target: Target, digest: Digest) -> HotManifest | None:
+        """The manifest from the store, or on its way there; remembered when found."""
+        key = _hot_key(target, digest)
+        storing = self._on_its_way(key)
+        if storing is not None:
+            return self.hot.put(key, storing.media_type, storing.body)
+        media_type = self.store.linked(
+            target.namespace.name, target.repository, digest, "_manifests"
+        )
+        body = self.store.read(digest) if media_type is not None else None
+        if media_type is None or body is None:
+            return None
+        self.store.use(digest)
+        return self.hot.put(key, media_type, body)
+
+    async def _fetch_manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
+        async with self.upstream.ask(
+            target, Capability.PULL, "GET", f"manifests/{digest}", accept=accept
+        ) as up:
+            await expect(up, f"manifest {digest}", not_found=ManifestUnknown)
+            body = await self.read_manifest(up)
+            media_type = served_media_type(up.response.headers.get("Content-Type"), body)
+        try:
+            self.commit_manifest(target, digest, body, media_type)
+        except DigestMismatch:
+            self.metrics.digest_mismatches.labels(up.host.host).inc()
+            raise
+        return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
+
+    async def read_manifest(self, up: Upstream) -> bytes:
+        """An upstream's manifest body, at most max_manifest_size bytes."""
+        return await read_manifest(
+            up.response.content.iter_any(),
+            length=up.response.content_length,
+            limit=self.max_manifest_size,
+            source=f"from {up.host.host}",
+        )
+
+    def keep_manifest(self, target: Target, digest: Digest, body: bytes, media_type: str) -> None:
+        """`commit_manifest`, unless this repository's copy is stored or on its way."""
+        ns, repo = target.namespace.name, target.repository
+        if self._on_its_way(_hot_key(target, digest)) is None and (
+            self.store.size(digest) is None
+            or self.store.linked(ns, repo, digest, "_manifests") is None
+        ):
+            self.commit_manifest(target, digest, body, media_type)
+
+    def commit_manifest(self, target: Target, digest: Digest, body: bytes, media_type: str) -> None:
+        """Check the bytes now (raises DigestMismatch); store them after the answer.
+
+        A worker thread writes, fsyncs and renames the file, off the event loop and off
+        the client's way; until then this process answers the manifest from memory.
+        The link follows the file, so the disk never links a manifest it lacks, and a
+        delete through proxyd meanwhile wins: neither memory nor link outlive it."""
+        if not digest.matches(body):
+            raise DigestMismatch(str(digest), str(Digest.of(body, digest.algorithm)))
+        key = _hot_key(target, digest)
+        storing = _Storing(media_type, body, self.store.removals)
+        self._storing[key] = storing
+        task = asyncio.create_task(self._store_manifest(key, digest, storing))
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+    def _on_its_way(self, key: HotKey) -> _Storing | None:
+        """A manifest being stored for this repository, unless a removal since (a
+        delete through proxyd, an eviction) means it must not be served from memory."""
+        storing = self._storing.get(key)
+        if storing is None or storing.removals != self.store.removals:
+            return None
+        return storing
+
+    async def _store_manifest(self, key: HotKey, digest: Digest, storing: _Storing) -> None:
+        try:
+            await in_worker(self.store.put, digest, storing.body)
+            if self.store.removals == storing.removals:
+                ns, repo, _ = key
+                self.store.link(ns, repo, digest, "_manifests", storing.media_type)
+        except Exception as exc:  # the cache's loss, not the client's: fetched again later
+            log.warning("manifest.not_stored", digest=str(digest), error=str(exc))
+        finally:
+            if self._storing.get(key) is storing:
+                del self._storing[key]
+
+    # -- blobs --------------------------------------------------------------------------
+
+    async def blob(self, target: Target, digest: Digest, *, head: bool) -> BlobAnswer:
+        """A stored blob, a download to stream from (verified already: `Joined`), or
+        (HEAD of a missing blob) the upstream's answer. Never serves content this
+        repository was not confirmed for."""
+        size = self.store.use(digest)
+        if size is not None:
+            await self._confirm(target, digest)
+            self.metrics.cache.labels("blob", "hit").inc()
+            return StoredBlob(digest, self.store.path(digest), size)
+        download = self._downloads.get(digest)
+        if not head and download is not None and download.verified:
+            if download.target != target:
+                await self._confirm(target, digest)
+            self.metrics.cache.labels("blob", "hit").inc()
+            self.metrics.coalesced.inc()
+            return Joined(download)
+        self.metrics.cache.labels("blob", "miss").inc()
+        if head:
+            return await self._head_blob(target, digest)
+        if download is None:
+            download = self._start_download(target, digest)
+        else:
+            self.metrics.coalesced.inc()
+            if download.target != target:
+                await self._confirm(target, digest)
+        await download.answered()
+        return download
+
+    async def _confirm(self, target: Target, digest: Digest) -> None:
+        """Upstream must have said this repository holds the digest before we serve it."""
+        if self.store.linked(target.namespace.name, target.repository, digest) is None:
+            await self._head_blob(target, digest)
+
+    async def _head_blob(self, target: Target, digest: Digest) -> BlobHead:
+        async with self.upstream.ask(target, Capability.PULL, "HEAD", f"blobs/{digest}") as up:
+            await expect(up, f"blob {digest}", not_found=BlobUnknown)
+            length = up.response.content_length
+        self.store.link(target.namespace.name, target.repository, digest)
+        return BlobHead(digest, length, up.host.host)
+
+    def _start_download(self, target: Target, digest: Digest) -> Download:
+        download = Download(digest, target)
+        self._downloads[digest] = download
+        task = asyncio.create_task(self._download(target, download))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return download
+
+    async def _download(self, target: Target, download: Download) -> None:
+        """Fetch until the digest is verified (readers then have every byte), then
+        store; the download is registered until the blob is in the store or dropped."""
+        digest = download.digest
+        try:
+            try:
+                await self._fetch(target, download)
+            except BaseException as exc:
+                download.error = exc  # its readers stop at their next read
+                self._forget(download)  # a request from now on starts afresh
+                if isinstance(exc, DigestMismatch):
+                    self.metrics.digest_mismatches.labels(download.host).inc()
+                if isinstance(
+                    exc, DigestMismatch | aiohttp.ClientError | TimeoutError | UpstreamError
+                ):
+                    log.warning("blob.failed", digest=str(digest), error=str(exc))
+                try:
+                    await download.discard()  # the temporary file goes before anyone hears
+                finally:
+                    download.answer()  # if upstream had not answered yet
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            await self._store(download)
+        finally:
+            if download.host:
+                self.metrics.bytes_fetched.labels(download.host).inc(download.received)
+            self._forget(download)
+            download.notify()
+            download.release()
+
+    def _forget(self, download: Download) -> None:
+        if self._downloads.get(download.digest) is download:
+            del self._downloads[download.digest]
+
+    async def _fetch(self, target: Target, download: Download) -> None:
+        digest = download.digest
+        # The temporary file is made while upstream is asked, at the loop's next turn
+        # (the request is on its way by then), instead of on the way to the first byte.
+        early = asyncio.get_running_loop().call_soon(download.open_early, self.store)
+        try:
+            async with self.upstream.ask(target, Capability.PULL, "GET", f"blobs/{digest}") as up:
+                await expect(up, f"blob {digest}", not_found=BlobUnknown)
+                download.size = up.response.content_length
+                download.host = up.host.host
+                download.open(self.store)  # made already, unless that failed
+                download.answer()
+                async for chunk in up.response.content.iter_any():
+                    await download.write(chunk)
+        finally:
+            early.cancel()  # the request failed before the loop turned: nothing to make
+        # Upstream's 200 confirmed the repository holds it (written here, after the body,
+        # to keep it off the way to the first byte).
+        self.store.link(target.namespace.name, target.repository, digest)
+        await download.verify()
+
+    async def _store(self, download: Download) -> None:
+        """The clients have their verified bytes; now the fsync and the rename, in a
+        worker thread. A failure here costs the cache, not the clients: it is logged,
+        nothing is kept, and the next request fetches again."""
+        writer = download.writer
+        assert writer is not None, "a verified download has its writer"
+        digest = download.digest
+        failure: BaseException | None = None
+        try:
+            await in_worker(writer.persist)
+        except BaseException as exc:
+            failure = exc
+        writer.close()  # after a rename this leaves the file in place
+        if writer.committed:
+            download.stored = self.store.path(digest)
+            self.on_commit(writer.written)
+            log.info("blob.stored", digest=str(digest), size=writer.written, host=download.host)
+        elif not isinstance(failure, asyncio.CancelledError):
+            log.warning("blob.not_stored", digest=str(digest), error=str(failure))
+        if isinstance(failure, asyncio.CancelledError):
+            raise failure
+
+
+def _hot_key(target: Target, digest: Digest) -> HotKey:
+    return (target.namespace.name, target.repository, str(digest))
