@@ -43,6 +43,7 @@ from proxyd.errors import (
     Unsupported,
     UpstreamError,
 )
+from proxyd.exchange import Body
 from proxyd.hosts import Capability, RegistryHost
 from proxyd.manifests import OCI_MANIFEST, declared_media_type, read_manifest
 from proxyd.reference import Digest, is_digest, validate_tag
@@ -56,7 +57,7 @@ from proxyd.uploads import (
     confirmed_offset,
     parse_content_range,
 )
-from proxyd.upstream import Body, Upstream, UpstreamClient
+from proxyd.upstream import Upstream, UpstreamClient
 from proxyd.writebehind import in_worker
 
 log = structlog.get_logger("proxyd.push")

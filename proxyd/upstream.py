@@ -2,32 +2,26 @@
 
 Hosts are tried in order among those with the needed capability. Connection errors,
 timeouts, 5xx, 429, and a mirror's 404/401/403 move on to the next host; the
-upstream server's answer is final. A 401 goes to the authorizer and the request is
-sent once more with fresh credentials. Redirects are followed by hand so the
-registry's Authorization (and client certificate) never reach another origin.
+upstream server's answer is final. Each host's exchange (credentials, a 401 answered
+once, redirects followed without the registry's credentials) is `proxyd.exchange`'s;
+this module owns the order, the failures, the circuit breakers and the metrics.
 
 A request body (`data`, for pushes) given as bytes is replayable and travels like any
 request. A streamed body (an async iterable) can be sent once only: it goes to one
-host, after the host's challenge is known (a `GET /v2/` first, as clients ping), is
-never resent after a 401 or a redirect, and a failure while sending it does not
-count against the host's circuit breaker (the client may have gone away).
+host, and a failure while sending it does not count against the host's circuit
+breaker (the client may have gone away).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import structlog
-from multidict import CIMultiDict
 
-from proxyd import tls
 from proxyd.auth import Authorizer
 from proxyd.breaker import Breakers, parse_retry_after
 from proxyd.config import Registry
@@ -40,6 +34,15 @@ from proxyd.errors import (
     Unauthorized,
     UpstreamError,
 )
+from proxyd.exchange import (
+    MAX_REDIRECTS,
+    Body,
+    Exchange,
+    Refused,
+    TLSSetupError,
+    is_replayable,
+    not_refreshed,
+)
 from proxyd.hosts import Capability, Namespace, RegistryHost
 from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
@@ -47,11 +50,7 @@ from proxyd.routing import Target
 
 log = structlog.get_logger("proxyd.upstream")
 
-MAX_REDIRECTS = 5
 RATELIMIT_WARN_FRACTION = 0.1  # warn when a host's announced pulls left fall below this
-_REDIRECTS = (301, 302, 303, 307, 308)
-
-Body = bytes | AsyncIterable[bytes] | None
 
 
 @dataclass
@@ -89,10 +88,8 @@ class UpstreamClient:
         self.breakers = breakers or Breakers()
         self.metrics = metrics or Metrics()
         self._session: aiohttp.ClientSession | None = None
-        self._authorizer: Authorizer | None = None
-        self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
-        self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
-        self.on_refused: Callable[[str], Awaitable[bool]] = _not_refreshed
+        self._exchange: Exchange | None = None
+        self.on_refused: Refused = not_refreshed  # the reloader's, once the core has one
 
     async def __aenter__(self) -> UpstreamClient:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
@@ -102,11 +99,17 @@ class UpstreamClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
-        self._authorizer = Authorizer(
+        authorizer = Authorizer(
             self._session,
             self.registry.credential_for,
             user_agent=self.user_agent,
             on_fetch=lambda host: self.metrics.token_fetches.labels(host).inc(),
+        )
+        self._exchange = Exchange(
+            self._session,
+            authorizer,
+            user_agent=self.user_agent,
+            on_refused=lambda host: self.on_refused(host),
         )
         return self
 
@@ -115,14 +118,9 @@ class UpstreamClient:
             await self._session.close()
 
     @property
-    def authorizer(self) -> Authorizer:
-        assert self._authorizer is not None, "use UpstreamClient as an async context manager"
-        return self._authorizer
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "use UpstreamClient as an async context manager"
-        return self._session
+    def exchange(self) -> Exchange:
+        assert self._exchange is not None, "use UpstreamClient as an async context manager"
+        return self._exchange
 
     def ask(
         self,
@@ -181,7 +179,7 @@ class UpstreamClient:
         scope = f"repository:{repository}:{actions}" if repository else "registry:catalog:*"
         scope = " ".join([scope, *scopes])
         path = f"{repository}/{suffix}" if repository else suffix
-        replayable = _replayable(data)
+        replayable = is_replayable(data)
         if not replayable:
             hosts = hosts[:1]  # a stream is sent once: to one host
         failures: list[HostFailure] = []
@@ -191,8 +189,9 @@ class UpstreamClient:
                 continue
             started = time.perf_counter()
             try:
-                send = partial(self._send, host, method, path, headers, params, scope, data)
-                response = await self._once_more_if_refreshed(host, send, replayable)
+                response = await self.exchange.send(
+                    host, method, path, headers, params, scope, data
+                )
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
                 self._failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
                 continue
@@ -259,116 +258,6 @@ class UpstreamClient:
                     "upstream.ratelimit_low", host=host.host, remaining=remaining, limit=limit
                 )
 
-    async def _once_more_if_refreshed(
-        self,
-        host: RegistryHost,
-        send: Callable[[], Awaitable[aiohttp.ClientResponse]],
-        replayable: bool,
-    ) -> aiohttp.ClientResponse:
-        """`send()`; when the host refuses (or asks for) credentials, proxyd's may be out
-        of date (a rotated secret): once read again and changed, it goes once more (a
-        body that can be sent once only does not)."""
-        try:
-            return await send()
-        except Unauthorized:
-            if not await self.on_refused(host.host) or not replayable:
-                raise
-        return await send()
-
-    async def _send(
-        self,
-        host: RegistryHost,
-        method: str,
-        path: str,
-        extra: Iterable[tuple[str, str]],
-        params: dict[str, str] | None,
-        scope: str,
-        data: Body = None,
-    ) -> aiohttp.ClientResponse:
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=host.connect_timeout, sock_read=host.read_timeout
-        )
-        base: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent)])
-        for name, value in (*host.headers, *extra):
-            base.add(name, value)
-        replayable = _replayable(data)
-        own_tls = self._ssl_for(host, same_origin=True)
-        if not replayable and await self.authorizer.authorization(host, scope, own_tls) is None:
-            await self._ping(host, timeout)
-        for attempt in (1, 2):
-            authorization = await self.authorizer.authorization(host, scope, own_tls)
-            url = host.url(path)
-            for _hop in range(MAX_REDIRECTS + 1):
-                same_origin = _origin(url) == host.origin
-                headers = CIMultiDict(base)
-                if authorization and same_origin:
-                    headers["Authorization"] = authorization
-                response = await self.session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    params=params if url == host.url(path) else None,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=timeout,
-                    ssl=self._ssl_for(host, same_origin),
-                )
-                if response.status in _REDIRECTS and "Location" in response.headers and replayable:
-                    response.release()
-                    url = _redirect_target(url, response.headers["Location"])
-                    continue
-                break
-            else:
-                response.release()
-                raise aiohttp.TooManyRedirects(response.request_info, response.history)
-            if response.status != 401 or not same_origin:
-                return response
-            challenge = response.headers.getall("WWW-Authenticate", [])
-            response.release()
-            learned = attempt == 1 and self.authorizer.learn(host, challenge)
-            if not learned or not replayable:
-                self.authorizer.forget(host, scope)
-                if learned:
-                    raise Unauthorized(
-                        f"{host.host} asked for credentials for {scope} once the body was "
-                        "sent; proxyd has learnt its challenge: send the request again"
-                    )
-                raise Unauthorized(
-                    f"{host.host} refused proxyd's credentials for {scope}"
-                    if authorization
-                    else f"{host.host} requires credentials for {scope} and proxyd has none"
-                )
-        raise AssertionError("unreachable")
-
-    async def _ping(self, host: RegistryHost, limits: aiohttp.ClientTimeout) -> None:
-        """Before a body that cannot be sent twice, with no credentials for it yet:
-        learn the host's challenge from `GET /v2/` (once per host)."""
-        if host in self._pinged:
-            return
-        async with self.session.get(
-            host.url(""),
-            headers=[("User-Agent", self.user_agent), *host.headers],
-            allow_redirects=False,
-            timeout=limits,
-            ssl=self._ssl_for(host, same_origin=True),
-        ) as ping:
-            if ping.status == 401:
-                self.authorizer.learn(host, ping.headers.getall("WWW-Authenticate", []))
-        self._pinged.add(host)
-
-    def _ssl_for(self, host: RegistryHost, same_origin: bool) -> Any:
-        """TLS settings of the host: its CAs apply to redirects too, its client
-        certificate only to the host itself."""
-        if host.scheme != "https":
-            return True
-        key = (host, same_origin)
-        if key not in self._ssl:
-            try:
-                self._ssl[key] = tls.upstream_context(host, same_origin=same_origin)
-            except tls.TLSFileError as exc:  # a host failure, said plainly: not a crash
-                raise TLSSetupError(f"TLS settings of {host.origin}: {exc}") from None
-        return self._ssl[key]
-
 
 async def read_body(up: Upstream, limit: int) -> bytes:
     """Up to `limit` bytes of a small body. A body that breaks or stalls is the host's
@@ -381,32 +270,6 @@ async def read_body(up: Upstream, limit: int) -> bytes:
             break
         body += more
     return body
-
-
-class TLSSetupError(aiohttp.ClientError):
-    """A host's `ca` or `client` files cannot be used (read when first needed)."""
-
-
-def _redirect_target(url: str, location: str) -> str:
-    """Only http(s) redirects are followed; a malformed one fails this host."""
-    try:
-        target = urljoin(url, location)
-        scheme = urlsplit(target).scheme
-    except ValueError:
-        raise aiohttp.InvalidURL(location) from None
-    if scheme not in ("http", "https"):
-        raise aiohttp.InvalidURL(location)
-    return target
-
-
-async def _not_refreshed(host: str) -> bool:
-    """An UpstreamClient without a reloader (used alone, as in tests): credentials
-    never change."""
-    return False
-
-
-def _replayable(data: Body) -> bool:
-    return data is None or isinstance(data, bytes)
 
 
 def _leading_number(value: str | None) -> float | None:
@@ -427,11 +290,6 @@ def _reason_class(reason: str) -> str:
     if "token" in reason:
         return "token"
     return "connection"
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _moves_on(host: RegistryHost, status: int) -> bool:

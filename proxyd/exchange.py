@@ -1,0 +1,210 @@
+"""One request to one host of a chain: proxyd's credentials for it, redirects
+followed by hand, and the host's TLS settings.
+
+The authorizer supplies the Authorization for the host and the scope; a 401 is
+answered once (the challenge learnt, fresh credentials), and a second is the host
+refusing them. Redirects (blob storage, CDNs) are followed here rather than by
+aiohttp, so the registry's Authorization and client certificate never reach another
+origin. When the host refuses credentials, proxyd's may be out of date (a rotated
+secret): `on_refused` reads them again, and a request they changed goes once more.
+
+A request body given as bytes is replayable. A streamed body can be sent once only:
+it is sent after the host's challenge is known (a `GET /v2/` first, as clients
+ping), and never again after a 401 or a redirect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from functools import partial
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from proxyd import tls
+from proxyd.auth import Authorizer
+from proxyd.errors import Unauthorized
+from proxyd.hosts import RegistryHost
+
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+Body = bytes | AsyncIterable[bytes] | None
+Refused = Callable[[str], Awaitable[bool]]  # the host refused: did its credentials change?
+
+
+class Exchange:
+    """Sends requests to registry hosts over the one session, with the authorizer."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        authorizer: Authorizer,
+        *,
+        user_agent: str,
+        on_refused: Refused,
+    ) -> None:
+        self.session = session
+        self.authorizer = authorizer
+        self.user_agent = user_agent
+        self._on_refused = on_refused
+        self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
+        self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
+
+    async def send(
+        self,
+        host: RegistryHost,
+        method: str,
+        path: str,
+        extra: Iterable[tuple[str, str]],
+        params: dict[str, str] | None,
+        scope: str,
+        data: Body = None,
+    ) -> aiohttp.ClientResponse:
+        """The host's answer (its body unread); Unauthorized when it refuses proxyd's
+        credentials for `scope`, or has none to give."""
+        send = partial(self._send, host, method, path, extra, params, scope, data)
+        return await self._once_more_if_refreshed(host, send, is_replayable(data))
+
+    async def _once_more_if_refreshed(
+        self,
+        host: RegistryHost,
+        send: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        replayable: bool,
+    ) -> aiohttp.ClientResponse:
+        """`send()`; when the host refuses (or asks for) credentials, proxyd's may be out
+        of date (a rotated secret): once read again and changed, it goes once more (a
+        body that can be sent once only does not)."""
+        try:
+            return await send()
+        except Unauthorized:
+            if not await self._on_refused(host.host) or not replayable:
+                raise
+        return await send()
+
+    async def _send(
+        self,
+        host: RegistryHost,
+        method: str,
+        path: str,
+        extra: Iterable[tuple[str, str]],
+        params: dict[str, str] | None,
+        scope: str,
+        data: Body = None,
+    ) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=host.connect_timeout, sock_read=host.read_timeout
+        )
+        base: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent)])
+        for name, value in (*host.headers, *extra):
+            base.add(name, value)
+        replayable = is_replayable(data)
+        own_tls = self._ssl_for(host, same_origin=True)
+        if not replayable and await self.authorizer.authorization(host, scope, own_tls) is None:
+            await self._ping(host, timeout)
+        for attempt in (1, 2):
+            authorization = await self.authorizer.authorization(host, scope, own_tls)
+            url = host.url(path)
+            for _hop in range(MAX_REDIRECTS + 1):
+                same_origin = _origin(url) == host.origin
+                headers = CIMultiDict(base)
+                if authorization and same_origin:
+                    headers["Authorization"] = authorization
+                response = await self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    params=params if url == host.url(path) else None,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    ssl=self._ssl_for(host, same_origin),
+                )
+                if response.status in _REDIRECTS and "Location" in response.headers and replayable:
+                    response.release()
+                    url = _redirect_target(url, response.headers["Location"])
+                    continue
+                break
+            else:
+                response.release()
+                raise aiohttp.TooManyRedirects(response.request_info, response.history)
+            if response.status != 401 or not same_origin:
+                return response
+            challenge = response.headers.getall("WWW-Authenticate", [])
+            response.release()
+            learned = attempt == 1 and self.authorizer.learn(host, challenge)
+            if not learned or not replayable:
+                self.authorizer.forget(host, scope)
+                if learned:
+                    raise Unauthorized(
+                        f"{host.host} asked for credentials for {scope} once the body was "
+                        "sent; proxyd has learnt its challenge: send the request again"
+                    )
+                raise Unauthorized(
+                    f"{host.host} refused proxyd's credentials for {scope}"
+                    if authorization
+                    else f"{host.host} requires credentials for {scope} and proxyd has none"
+                )
+        raise AssertionError("unreachable")
+
+    async def _ping(self, host: RegistryHost, limits: aiohttp.ClientTimeout) -> None:
+        """Before a body that cannot be sent twice, with no credentials for it yet:
+        learn the host's challenge from `GET /v2/` (once per host)."""
+        if host in self._pinged:
+            return
+        async with self.session.get(
+            host.url(""),
+            headers=[("User-Agent", self.user_agent), *host.headers],
+            allow_redirects=False,
+            timeout=limits,
+            ssl=self._ssl_for(host, same_origin=True),
+        ) as ping:
+            if ping.status == 401:
+                self.authorizer.learn(host, ping.headers.getall("WWW-Authenticate", []))
+        self._pinged.add(host)
+
+    def _ssl_for(self, host: RegistryHost, same_origin: bool) -> Any:
+        """TLS settings of the host: its CAs apply to redirects too, its client
+        certificate only to the host itself."""
+        if host.scheme != "https":
+            return True
+        key = (host, same_origin)
+        if key not in self._ssl:
+            try:
+                self._ssl[key] = tls.upstream_context(host, same_origin=same_origin)
+            except tls.TLSFileError as exc:  # a host failure, said plainly: not a crash
+                raise TLSSetupError(f"TLS settings of {host.origin}: {exc}") from None
+        return self._ssl[key]
+
+
+class TLSSetupError(aiohttp.ClientError):
+    """A host's `ca` or `client` files cannot be used (read when first needed)."""
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Only http(s) redirects are followed; a malformed one fails this host."""
+    try:
+        target = urljoin(url, location)
+        scheme = urlsplit(target).scheme
+    except ValueError:
+        raise aiohttp.InvalidURL(location) from None
+    if scheme not in ("http", "https"):
+        raise aiohttp.InvalidURL(location)
+    return target
+
+
+async def not_refreshed(host: str) -> bool:
+    """An UpstreamClient without a reloader (used alone, as in tests): credentials
+    never change."""
+    return False
+
+
+def is_replayable(data: Body) -> bool:
+    return data is None or isinstance(data, bytes)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
