@@ -10,8 +10,9 @@ Layout under the cache directory (`BlobStore.root`):
         written by `BlobWriter.persist` (`writer`, `put`); read by `path`, `size`,
         `use`, `read`; listed by `stored_blobs`; deleted by `remove`
     tmp/<random>                                            files being written
-        downloads (`BlobWriter`) and links about to be renamed (`link`); counted
-        by `temporary_files`; emptied by `open` when the daemon starts
+        downloads (`BlobWriter`), links about to be renamed (`link`) and the
+        readiness probe (`probe_writable`); counted by `temporary_files`; emptied
+        by `open` when the daemon starts
     links/<namespace>/<repository>/_blobs/<algorithm>/<hex>      empty file
     links/<namespace>/<repository>/_manifests/<algorithm>/<hex>  the media type
         written by `link`; read by `linked`; found by `repositories_holding`;
@@ -212,6 +213,29 @@ class BlobStore:
         if not self._tmp.is_dir():
             return 0
         return sum(1 for _ in self._tmp.iterdir())
+
+    def probe_writable(self) -> str | None:
+        """None when a small file can be created (and removed) in `tmp/`, where every
+        download starts; else what went wrong (for the readiness probe)."""
+        probe = self.temporary_path(".readyz")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            return self._not_writable(exc)
+        try:
+            try:
+                os.write(fd, b"ok")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return self._not_writable(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        return None
+
+    def _not_writable(self, exc: OSError) -> str:
+        return f"cache directory {self._tmp} is not writable: {exc.strerror or exc}"
 
     # -- links: what upstream confirmed, per repository ---------------------------------
 

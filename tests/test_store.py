@@ -134,3 +134,18 @@ def test_a_directory_never_opened_holds_no_store(tmp_path: Path):
     store.open()
     assert store.is_initialised()
     assert store.small_cache_path.parent == store.root
+
+
+def test_the_probe_of_a_writable_store_leaves_nothing_behind(tmp_path: Path):
+    store = opened(tmp_path)
+    assert store.probe_writable() is None
+    assert store.temporary_files() == 0
+
+
+def test_the_probe_names_the_directory_that_cannot_take_a_file(tmp_path: Path):
+    store = opened(tmp_path)
+    (store.root / "tmp").rmdir()
+    (store.root / "tmp").write_text("not a directory")
+    problem = store.probe_writable()
+    assert problem is not None
+    assert f"{store.root / 'tmp'} is not writable" in problem
