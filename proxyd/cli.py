@@ -487,7 +487,7 @@ def cache_command(registry: Registry, action: str, *, dry_run: bool) -> int:
 
     settings = registry.settings
     store = BlobStore(settings.cache_dir)
-    if not store.blobs.is_dir():
+    if not store.is_initialised():
         print(f"proxyd: {settings.cache_dir} holds no cache yet", file=sys.stderr)
         return 0 if action == "stats" else 1
     if action == "stats":

@@ -48,7 +48,7 @@ async def open_core(
     small = (
         SmallCache.redis(settings.cache.redis_url)
         if settings.cache.backend == "redis"
-        else SmallCache.sqlite(store.root / "small.sqlite")
+        else SmallCache.sqlite(store.small_cache_path)
     )
     evictor = Evictor(
         store, max_size=settings.cache.max_size, max_age=settings.cache.max_age, small=small

@@ -1,5 +1,7 @@
 """Eviction: keep the blob store under its size and age limits, least recently used
-first. Pure planning (`plan`) is separate from the filesystem (`scan`, `apply`).
+first. Pure planning (`plan`) is separate from the filesystem, which the store
+owns (`BlobStore.stored_blobs` lists what `plan` chooses from; `apply` hands the
+choice to `BlobStore.remove`).
 
 A store over max_size is brought down to LOW_WATER of it, not just under it: a full
 cache then scans its tree once per tenth of its size that arrives, where it would
@@ -19,31 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 import structlog
 
 from proxyd.background import stop_loop
-from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
 from proxyd.smallcache import SmallCache
-from proxyd.store import BlobStore
+from proxyd.store import BlobStore, StoredFile
 
 log = structlog.get_logger("proxyd.evict")
 
 GRACE = 300.0  # seconds: recently used blobs are never evicted
 LOW_WATER = 0.9  # a store over max_size is brought down to this share of it
 PRUNE_EVERY = 3600.0  # seconds between prunings of the small-response cache (a full read)
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    digest: Digest
-    size: int
-    last_used: float
 
 
 @dataclass
@@ -55,22 +47,6 @@ class Plan:
     @property
     def freed(self) -> int:
         return sum(f.size for f in self.remove)
-
-
-def scan(store: BlobStore) -> list[StoredFile]:
-    found = []
-    for algorithm, length in DIGEST_HEX_LENGTHS.items():
-        directory = store.blobs / algorithm
-        if not directory.is_dir():
-            continue
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if len(entry.name) != length or not entry.is_file(follow_symlinks=False):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    st = entry.stat(follow_symlinks=False)
-                    found.append(StoredFile(Digest(algorithm, entry.name), st.st_size, st.st_mtime))
-    return found
 
 
 def plan(
@@ -106,23 +82,7 @@ def plan(
 
 
 def apply(store: BlobStore, chosen: Plan) -> None:
-    doomed = {(f.digest.algorithm, f.digest.hex) for f in chosen.remove}
-    for stored in chosen.remove:
-        with contextlib.suppress(FileNotFoundError):
-            store.path(stored.digest).unlink()
-    if doomed:
-        _remove_links(store.links, doomed)
-        store.removals += 1  # after the files are gone, so no hit is remembered anew
-
-
-def _remove_links(links: Path, doomed: set[tuple[str, str]]) -> None:
-    """links/<ns>/<repo…>/_kind/<algorithm>/<hex>: one walk, removing the doomed."""
-    for directory, _subdirs, files in os.walk(links):
-        algorithm = os.path.basename(directory)
-        for name in files:
-            if (algorithm, name) in doomed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
+    store.remove(stored.digest for stored in chosen.remove)
 
 
 class Evictor:
@@ -172,7 +132,7 @@ class Evictor:
 
     def collect(self, dry_run: bool = False) -> Plan:
         chosen = plan(
-            scan(self.store), max_size=self.max_size, max_age=self.max_age, now=time.time()
+            self.store.stored_blobs(), max_size=self.max_size, max_age=self.max_age, now=time.time()
         )
         if not dry_run:
             apply(self.store, chosen)

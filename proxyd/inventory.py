@@ -3,12 +3,10 @@ whose blobs take the most room (from the links upstream confirmed)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from proxyd.evict import scan
 from proxyd.store import BlobStore
 
 
@@ -26,22 +24,17 @@ class Inventory:
 
 
 def take_inventory(store: BlobStore) -> Inventory:
-    files = scan(store)
-    sizes = {(f.digest.algorithm, f.digest.hex): f.size for f in files}
+    files = store.stored_blobs()
+    sizes = {f.digest: f.size for f in files}
     result = Inventory(entries=len(files), total_bytes=sum(sizes.values()))
     if files:
         result.oldest_use = min(f.last_used for f in files)
         result.newest_use = max(f.last_used for f in files)
-    if store.tmp.is_dir():
-        result.temporary_files = sum(1 for _ in store.tmp.iterdir())
-    for directory, _subdirs, names in os.walk(store.links):
-        algorithm = os.path.basename(directory)
-        kind_dir = os.path.dirname(directory)
-        repository = os.path.relpath(os.path.dirname(kind_dir), store.links)
-        for name in names:
-            size = sizes.get((algorithm, name))
-            if size is not None:
-                result.repositories[repository] += size
+    result.temporary_files = store.temporary_files()
+    for link in store.walk_links():
+        size = sizes.get(link.digest)
+        if size is not None:
+            result.repositories[f"{link.namespace}/{link.repository}"] += size
     return result
 
 

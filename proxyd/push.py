@@ -243,10 +243,7 @@ class Pusher:
         source)."""
         if named is not None and named.namespace.name == target.namespace.name:
             return named.repository
-        directory = self.store.links / target.namespace.name
-        pattern = f"**/_blobs/{digest.algorithm}/{digest.hex}"
-        for link in directory.glob(pattern):
-            repository = link.relative_to(directory).parent.parent.parent.as_posix()
+        for repository in self.store.repositories_holding(target.namespace.name, digest):
             if repository != target.repository:
                 return repository
         return None

@@ -1,17 +1,32 @@
 """The content-addressed store on disk: blobs and manifests named by their digest,
 and links recording which (namespace, repository) upstream confirmed holds each one.
 
-Layout under the cache directory:
+This module is the one place that knows the layout: every path under the cache
+directory is built here, from a validated `Digest`, repository name and host name,
+and checked to stay inside the cache directory. Other modules ask by meaning.
+
+Layout under the cache directory (`BlobStore.root`):
     blobs/<algorithm>/<hex>                                 verified content only
-    tmp/<random>                                            downloads in progress
+        written by `BlobWriter.persist` (`writer`, `put`); read by `path`, `size`,
+        `use`, `read`; listed by `stored_blobs`; deleted by `remove`
+    tmp/<random>                                            files being written
+        downloads (`BlobWriter`), links about to be renamed (`link`) and the
+        readiness probe (`probe_writable`); counted by `temporary_files`; emptied
+        by `open` when the daemon starts
     links/<namespace>/<repository>/_blobs/<algorithm>/<hex>      empty file
     links/<namespace>/<repository>/_manifests/<algorithm>/<hex>  the media type
-    small.sqlite (+ -wal, -shm)                             tag records (proxyd.smallcache)
+        written by `link`; read by `linked`; found by `repositories_holding`;
+        listed by `walk_links`; deleted by `unlink` and `remove`
+    small.sqlite (+ -wal, -shm)                             tag records, owned by
+        proxyd.smallcache at `small_cache_path`
+
+`<namespace>` is one component (a host name); `<repository>` may be several
+(`team/app`). No component of a repository name starts with `_` (the name grammar),
+so `_blobs` and `_manifests` always mark where a repository's name ends.
 
 A file appears under `blobs/` only by an atomic rename after its digest was checked,
 so a crash at any moment leaves at most a stray file in `tmp/`, removed when the
-daemon starts. Every path is built from a validated `Digest`, repository name and
-host name, and checked to stay inside the cache directory.
+daemon starts.
 """
 
 from __future__ import annotations
@@ -21,16 +36,18 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from proxyd.errors import DigestMismatch
-from proxyd.reference import Digest
+from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
 
 LinkKind = Literal["_blobs", "_manifests"]
+_LINK_KINDS: dict[str, LinkKind] = {"_blobs": "_blobs", "_manifests": "_manifests"}
 Buffer = bytes | bytearray | memoryview
 TOUCH_EVERY = 60.0  # seconds between updates of a blob's last-use time
 _IOV_MAX = 1024  # buffers one writev takes (Linux's IOV_MAX)
@@ -50,24 +67,58 @@ def _hasher_pool() -> ThreadPoolExecutor:
     return _hashers
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """A stored blob as eviction sees it: its size and last use (the file's mtime)."""
+
+    digest: Digest
+    size: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Link:
+    """One link: upstream confirmed that `namespace`/`repository` holds `digest`."""
+
+    namespace: str
+    repository: str
+    kind: LinkKind
+    digest: Digest
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
-        self.blobs = self.root / "blobs"
-        self.tmp = self.root / "tmp"
-        self.links = self.root / "links"
-        self.removals = 0  # counts unlinks and evictions: memory of hits must be dropped
-        self._blobs_dir = str(self.blobs)
+        self._blobs = self.root / "blobs"
+        self._tmp = self.root / "tmp"
+        self._links = self.root / "links"
+        self._removals = 0
+        self._blobs_dir = str(self._blobs)
+
+    @property
+    def removals(self) -> int:
+        """How many removals (unlinks and evictions) this store made: whoever remembers
+        hits in memory drops them when it moves."""
+        return self._removals
+
+    @property
+    def small_cache_path(self) -> Path:
+        """The SQLite file of the small-response cache, beside the blobs."""
+        return self.root / "small.sqlite"
+
+    def is_initialised(self) -> bool:
+        """Whether a store was ever opened here (`proxyd cache` has nothing to read else)."""
+        return self._blobs.is_dir()
 
     def open(self, *, clear_tmp: bool = True) -> None:
         """Create the layout and drop what an interrupted run left in `tmp/` (the
         daemon's part: `proxyd prefetch` runs beside a serving daemon and must not
         take its downloads in flight)."""
-        for directory in (self.blobs, self.tmp, self.links):
+        for directory in (self._blobs, self._tmp, self._links):
             directory.mkdir(parents=True, exist_ok=True)
         if not clear_tmp:
             return
-        for leftover in self.tmp.iterdir():
+        for leftover in self._tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
@@ -117,11 +168,80 @@ class BlobStore:
             writer.write(data)
             writer.commit()
 
+    def temporary_path(self, prefix: str) -> Path:
+        """A new name in `tmp/`, on the same file system as the blobs (for a rename)."""
+        return self._tmp / f"{prefix}-{secrets.token_hex(8)}"
+
+    # -- the whole store: what eviction and `proxyd cache stats` read -------------------
+
+    def stored_blobs(self) -> list[StoredFile]:
+        """Every stored blob, with its size and last use; a file whose name is not a
+        digest of its directory's algorithm (by length) is not one."""
+        found = []
+        for algorithm, length in DIGEST_HEX_LENGTHS.items():
+            directory = self._blobs / algorithm
+            if not directory.is_dir():
+                continue
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if len(entry.name) != length or not entry.is_file(follow_symlinks=False):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        st = entry.stat(follow_symlinks=False)
+                        found.append(
+                            StoredFile(Digest(algorithm, entry.name), st.st_size, st.st_mtime)
+                        )
+        return found
+
+    def remove(self, digests: Iterable[Digest]) -> None:
+        """Delete the blobs, then every link to them in one walk of `links/`; counted
+        as one removal, after the files are gone, so no hit is remembered anew."""
+        doomed = set(digests)
+        for digest in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(digest).unlink()
+        if not doomed:
+            return
+        for path, link in self._walk_links():
+            if link.digest in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self._removals += 1
+
+    def temporary_files(self) -> int:
+        """How many files `tmp/` holds: downloads in progress, or left by a crash."""
+        if not self._tmp.is_dir():
+            return 0
+        return sum(1 for _ in self._tmp.iterdir())
+
+    def probe_writable(self) -> str | None:
+        """None when a small file can be created (and removed) in `tmp/`, where every
+        download starts; else what went wrong (for the readiness probe)."""
+        probe = self.temporary_path(".readyz")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            return self._not_writable(exc)
+        try:
+            try:
+                os.write(fd, b"ok")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return self._not_writable(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        return None
+
+    def _not_writable(self, exc: OSError) -> str:
+        return f"cache directory {self._tmp} is not writable: {exc.strerror or exc}"
+
     # -- links: what upstream confirmed, per repository ---------------------------------
 
     def _link_path(self, namespace: str, repository: str, kind: LinkKind, digest: Digest) -> Path:
         return self._inside(
-            self.links / namespace / repository / kind / digest.algorithm / digest.hex
+            self._links / namespace / repository / kind / digest.algorithm / digest.hex
         )
 
     def link(
@@ -136,7 +256,7 @@ class BlobStore:
         if path.exists() and (kind == "_blobs" or path.read_text() == media_type):
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"link-{secrets.token_hex(8)}"
+        tmp = self.temporary_path("link")
         tmp.write_text(media_type)
         os.replace(tmp, path)
 
@@ -146,7 +266,7 @@ class BlobStore:
         """Upstream no longer holds it (a delete went through): stop serving it here."""
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self._link_path(namespace, repository, kind, digest).unlink()
-        self.removals += 1
+        self._removals += 1
 
     def linked(
         self, namespace: str, repository: str, digest: Digest, kind: LinkKind = "_blobs"
@@ -156,6 +276,32 @@ class BlobStore:
             return self._link_path(namespace, repository, kind, digest).read_text()
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def repositories_holding(self, namespace: str, digest: Digest) -> Iterator[str]:
+        """The repositories of `namespace` with a blob link to `digest` (a mount
+        source), in no particular order."""
+        directory = self._inside(self._links / namespace)
+        for link in directory.glob(f"**/_blobs/{digest.algorithm}/{digest.hex}"):
+            yield link.relative_to(directory).parent.parent.parent.as_posix()
+
+    def walk_links(self) -> Iterator[Link]:
+        """Every link of every kind, in one walk of `links/`."""
+        for _path, link in self._walk_links():
+            yield link
+
+    def _walk_links(self) -> Iterator[tuple[str, Link]]:
+        root = str(self._links)
+        for directory, _subdirs, names in os.walk(root):
+            kind_dir, algorithm = os.path.split(directory)
+            holder, kind = os.path.split(kind_dir)
+            length = DIGEST_HEX_LENGTHS.get(algorithm)
+            if not names or length is None or kind not in _LINK_KINDS:
+                continue
+            namespace, _, repository = os.path.relpath(holder, root).partition(os.sep)
+            for name in names:
+                if len(name) == length:
+                    link = Link(namespace, repository, _LINK_KINDS[kind], Digest(algorithm, name))
+                    yield os.path.join(directory, name), link
 
     def _inside(self, path: Path) -> Path:
         """Defence in depth: names are validated upstream of here, but a path that
@@ -179,7 +325,7 @@ class BlobWriter:
     def __init__(self, store: BlobStore, digest: Digest) -> None:
         self.store = store
         self.digest = digest
-        self.temp_path = store.tmp / f"{digest.hex[:16]}-{secrets.token_hex(8)}"
+        self.temp_path = store.temporary_path(digest.hex[:16])
         # Unbuffered: readers of a download in flight pread this file as it grows.
         self._fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
         self._hash = hashlib.new(digest.algorithm)

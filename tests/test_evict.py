@@ -12,10 +12,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from proxyd.evict import GRACE, LOW_WATER, Evictor, StoredFile, apply, plan, scan
+from proxyd.evict import GRACE, LOW_WATER, Evictor, apply, plan
 from proxyd.reference import Digest
 from proxyd.smallcache import SmallCache
-from proxyd.store import BlobStore
+from proxyd.store import BlobStore, StoredFile
 from tests.conftest import host, origin, until_stored
 from tests.fakes import FakeRegistry, make_image
 from tests.peers.redisserver import RedisServer
@@ -80,7 +80,7 @@ def test_apply_removes_the_blobs_and_their_links(tmp_path: Path):
     for digest in (gone, kept):
         store.link("registry.example", "team/app", digest)
         store.link("registry.example", "team/other", digest, "_manifests", "application/json")
-    files = scan(store)
+    files = store.stored_blobs()
     assert {f.digest for f in files} == {gone, kept}
     apply(store, plan(files, max_size=500, max_age=None, now=NOW))
     assert store.size(gone) is None and store.size(kept) == 400
@@ -94,7 +94,7 @@ def test_serving_a_blob_marks_it_used(tmp_path: Path):
     store.open()
     digest = put(store, b"x" * 10, idle=10_000)
     assert store.use(digest) == 10
-    [file] = scan(store)
+    [file] = store.stored_blobs()
     assert file.last_used > NOW
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from proxyd.evict import Plan, StoredFile, apply
+from proxyd.evict import Plan, apply
 from proxyd.hot import HotManifests, HotTags
 from proxyd.reference import Digest
-from proxyd.store import BlobStore
+from proxyd.store import BlobStore, StoredFile
 
 KEY = ("docker.io", "library/app", "sha256:" + "a" * 64)
 
