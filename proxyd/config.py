@@ -35,13 +35,8 @@ from pydantic_settings import (
 )
 
 from proxyd import credhelpers, tls
-from proxyd.hosts import (
-    HostsFile,
-    Namespace,
-    NamespaceSettings,
-    build_namespace,
-    load_hosts_dir,
-)
+from proxyd.hosts import Namespace
+from proxyd.hostsfile import HostsFile, NamespaceSettings, build_namespace, load_hosts_dir
 from proxyd.inbound import AuthRequired, load_htpasswd
 from proxyd.reference import DOCKER_HUB, HOST_RE
 
