@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from proxyd.config import Credential
+from proxyd.credentials import Credential
 from proxyd.errors import TokenError, Unauthorized
 from proxyd.flight import SingleFlight
 from proxyd.hosts import RegistryHost

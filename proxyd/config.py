@@ -3,12 +3,14 @@ then the embedded defaults (written out in config/proxyd.toml).
 
 `Settings` is the validated whole; `Registry` is what the server runs on: every
 namespace's host chain, layered as containerd does (explicit namespaces in the TOML
-file, then the hosts directory, then the built-in default for docker.io).
+file, then the hosts directory, then the built-in default for docker.io), and the
+credentials for each host (the TOML file's over the docker config's). Reading
+hosts.toml tables is `proxyd.hostsfile`'s, reading docker's config `proxyd.credentials`';
+this module layers them and turns their errors into `ConfigError`.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -34,14 +36,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from proxyd import credhelpers, tls
-from proxyd.hosts import (
-    HostsFile,
-    Namespace,
-    NamespaceSettings,
-    build_namespace,
-    load_hosts_dir,
-)
+from proxyd import tls
+from proxyd.credentials import Credential, CredentialsError, read_docker_config
+from proxyd.hosts import Namespace
+from proxyd.hostsfile import HostsFile, NamespaceSettings, build_namespace, load_hosts_dir
 from proxyd.inbound import AuthRequired, load_htpasswd
 from proxyd.reference import DOCKER_HUB, HOST_RE
 
@@ -50,20 +48,6 @@ MAX_MANIFEST_SIZE = 4 * 1048 * 1048  # containerd's MaxManifestSize
 
 class ConfigError(Exception):
     """Invalid configuration: the message says what and where."""
-
-
-class Credential(BaseModel):
-    """Credentials for one registry host (`[credentials."host:port"]`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    username: str | None = None
-    password: str | None = Field(None, repr=False)
-    identity_token: str | None = Field(None, repr=False)  # an OAuth2 refresh token
-    registry_token: str | None = Field(None, repr=False)  # a bearer token used as is
-
-    def __repr__(self) -> str:  # never print secrets, even by accident
-        return f"Credential(username={self.username!r})"
 
 
 def _namespace_list(value: Any) -> Any:
@@ -240,92 +224,6 @@ def _explain(exc: ValidationError, config_file: Path | None) -> str:
     return "\n".join(lines)
 
 
-def read_docker_config(path: Path) -> dict[str, Credential]:
-    """docker's config.json `auths`: `auth` (base64 user:password), `username` and
-    `password`, or `identitytoken`; keyed by registry host as docker writes it."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read docker config {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"docker config {path} is not JSON: {exc}") from None
-    auths = data.get("auths", {}) if isinstance(data, dict) else None
-    if not isinstance(auths, dict):
-        raise ConfigError(f"docker config {path}: expected an object with an `auths` object")
-    found: dict[str, Credential] = {}
-    for key, entry in auths.items():
-        if not isinstance(entry, dict):
-            raise ConfigError(f"docker config {path}: auths.{key} is not an object")
-        username, password = entry.get("username"), entry.get("password")
-        if entry.get("auth"):
-            username, password = _decode_auth(entry["auth"], f"{path}: auths.{key}.auth")
-        try:
-            found[_docker_config_host(key)] = Credential(
-                username=username or None,
-                password=password or None,
-                identity_token=entry.get("identitytoken") or None,
-                registry_token=entry.get("registrytoken") or None,
-            )
-        except ValidationError as exc:
-            raise ConfigError(_explain(exc, path)) from None
-    for host, (helper, source) in _docker_helpers(data, auths, path).items():
-        found.pop(host, None)  # as docker: a helper's answer replaces the file's entry
-        credential = _from_helper(helper, host, source, path)
-        if credential is not None:
-            found[host] = credential
-    return found
-
-
-def _docker_helpers(
-    data: dict[str, Any], auths: dict[str, Any], path: Path
-) -> dict[str, tuple[str, str]]:
-    """Registry host -> (credential helper, the setting naming it): `credsStore` for
-    every registry in `auths`, `credHelpers` per registry (winning, as in docker)."""
-    store = data.get("credsStore") or None
-    per_host = data.get("credHelpers") or {}
-    if store is not None and not isinstance(store, str):
-        raise ConfigError(f"docker config {path}: credsStore must be a credential helper name")
-    if not isinstance(per_host, dict) or not all(isinstance(v, str) for v in per_host.values()):
-        raise ConfigError(f"docker config {path}: credHelpers must map registries to helper names")
-    chosen = {_docker_config_host(key): (store, "credsStore") for key in auths if store}
-    for key, helper in per_host.items():
-        if helper:  # "" means no helper, as in docker
-            chosen[_docker_config_host(key)] = (helper, f"credHelpers.{key}")
-    return chosen
-
-
-def _from_helper(helper: str, host: str, source: str, path: Path) -> Credential | None:
-    """Ask `docker-credential-<helper> get` with the server URL docker would send."""
-    server_url = credhelpers.DOCKER_HUB_SERVER_URL if host == "registry-1.docker.io" else host
-    try:
-        found = credhelpers.get(helper, server_url)
-    except credhelpers.HelperError as exc:
-        raise ConfigError(f"docker config {path}: {source} (for {host}): {exc}") from None
-    if found is None:
-        return None
-    return Credential(
-        username=found.username, password=found.password, identity_token=found.identity_token
-    )
-
-
-def _decode_auth(value: object, where: str) -> tuple[str, str]:
-    """`auth` is base64 of `user:password`; docker refuses anything else, and so do we."""
-    try:
-        decoded = base64.b64decode(value, validate=True).decode()  # type: ignore[arg-type]
-    except (TypeError, ValueError, UnicodeDecodeError):
-        raise ConfigError(f"{where} is not base64 of user:password") from None
-    username, sep, password = decoded.partition(":")
-    if not sep or not username:
-        raise ConfigError(f"{where} does not decode to user:password")
-    return username, password
-
-
-def _docker_config_host(key: str) -> str:
-    """docker writes `https://index.docker.io/v1/` for Docker Hub and may write URLs."""
-    host = key.split("://", 1)[-1].split("/", 1)[0]
-    return "registry-1.docker.io" if host in ("index.docker.io", DOCKER_HUB) else host
-
-
 @dataclass
 class Registry:
     """The runtime view of the configuration: chains and credentials."""
@@ -424,7 +322,10 @@ def load_credentials(settings: Settings) -> dict[str, Credential]:
     """The docker config's credentials (its helpers asked), under the TOML file's."""
     credentials: dict[str, Credential] = {}
     if settings.docker_config is not None:
-        credentials.update(read_docker_config(settings.docker_config))
+        try:
+            credentials.update(read_docker_config(settings.docker_config))
+        except CredentialsError as exc:
+            raise ConfigError(str(exc)) from None
     credentials.update(settings.credentials)
     return credentials
 

@@ -16,7 +16,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from proxyd.config import CacheSettings, Settings
-from proxyd.hosts import NamespaceSettings
+from proxyd.hostsfile import NamespaceSettings
 
 BEGIN, END = "<!-- settings -->", "<!-- /settings -->"
 _SKIP_TOP = {"namespaces", "credentials", "cache"}

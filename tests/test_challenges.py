@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from proxyd.auth import Authorizer, Challenge, parse_www_authenticate
 from proxyd.config import Credential
-from proxyd.hosts import HostSettings, make_host
+from proxyd.hostsfile import HostSettings, make_host
 
 DOCKER_HUB_CHALLENGE = (
     'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'

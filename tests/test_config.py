@@ -1,25 +1,19 @@
-"""Settings precedence (flags, PROXYD_* environment, TOML file, defaults), docker's
-config.json, the layered registry of host chains, and `proxyd check-config`."""
+"""Settings precedence (flags, PROXYD_* environment, TOML file, defaults), the layered
+registry of host chains and credentials, and `proxyd check-config`. (Reading docker's
+config.json itself is tests/test_credentials.py's.)"""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 
 from proxyd.cli import main
-from proxyd.config import (
-    ConfigError,
-    Credential,
-    build_registry,
-    default_cache_dir,
-    load_settings,
-    read_docker_config,
-)
+from proxyd.config import ConfigError, build_registry, default_cache_dir, load_settings
+from proxyd.credentials import Credential, CredentialsError, read_docker_config
 
 
 @pytest.fixture(autouse=True)
@@ -156,101 +150,6 @@ def test_an_unknown_capability_in_the_file_is_a_config_error_once_chains_are_bui
         build_registry(load_settings(path))
 
 
-# -- docker's config.json -----------------------------------------------------------------
-
-
-def docker_config(tmp_path: Path, auths: object) -> Path:
-    return write(tmp_path / "config.json", json.dumps({"auths": auths}))
-
-
-def test_docker_auth_is_base64_user_and_password(tmp_path):
-    path = docker_config(tmp_path, {"registry.example": {"auth": b64("alice:open:sesame")}})
-    credential = read_docker_config(path)["registry.example"]
-    assert (credential.username, credential.password) == ("alice", "open:sesame")
-
-
-def test_docker_username_and_password_fields_are_read(tmp_path):
-    path = docker_config(tmp_path, {"r.example": {"username": "bob", "password": "builder"}})
-    credential = read_docker_config(path)["r.example"]
-    assert (credential.username, credential.password) == ("bob", "builder")
-
-
-def test_docker_identity_token_becomes_an_oauth_refresh_token(tmp_path):
-    path = docker_config(
-        tmp_path, {"r.example": {"auth": b64("<token>:"), "identitytoken": "refresh-me"}}
-    )
-    credential = read_docker_config(path)["r.example"]
-    assert credential.identity_token == "refresh-me"
-    assert credential.username == "<token>"
-    assert credential.password is None
-
-
-@pytest.mark.parametrize(
-    "key", ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "https://docker.io"]
-)
-def test_docker_hub_keys_are_credentials_for_registry_1(tmp_path, key):
-    path = docker_config(tmp_path, {key: {"auth": b64("alice:pw")}})
-    assert list(read_docker_config(path)) == ["registry-1.docker.io"]
-
-
-def test_url_keys_become_the_host_and_port(tmp_path):
-    path = docker_config(tmp_path, {"https://r.example:5000/v2/": {"auth": b64("a:b")}})
-    assert list(read_docker_config(path)) == ["r.example:5000"]
-
-
-def test_entries_that_are_not_objects_are_a_config_error_naming_the_entry(tmp_path):
-    path = docker_config(tmp_path, {"r.example": "nonsense", "s.example": {"auth": b64("a:b")}})
-    with pytest.raises(ConfigError, match=r"auths\.r\.example is not an object"):
-        read_docker_config(path)
-
-
-def test_a_docker_config_without_auths_gives_no_credentials(tmp_path):
-    path = write(tmp_path / "config.json", '{"credsStore": "desktop"}')
-    assert read_docker_config(path) == {}
-
-
-def test_auth_that_is_not_base64_is_a_config_error_naming_the_entry(tmp_path):
-    path = docker_config(tmp_path, {"r.example": {"auth": "not base64"}})
-    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
-        read_docker_config(path)
-
-
-def test_a_docker_config_that_is_not_json_is_a_config_error(tmp_path):
-    path = write(tmp_path / "config.json", "{auths:")
-    with pytest.raises(ConfigError, match="not JSON"):
-        read_docker_config(path)
-
-
-def test_a_missing_docker_config_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read docker config"):
-        read_docker_config(tmp_path / "missing.json")
-
-
-def test_auth_with_characters_outside_the_base64_alphabet_is_a_config_error(tmp_path):
-    path = docker_config(tmp_path, {"r.example": {"auth": "@@@@"}})
-    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
-        read_docker_config(path)
-
-
-def test_auth_without_a_colon_is_a_config_error(tmp_path):
-    path = docker_config(tmp_path, {"r.example": {"auth": b64("alice")}})
-    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
-        read_docker_config(path)
-
-
-def test_auth_that_is_not_a_string_is_a_config_error(tmp_path):
-    path = docker_config(tmp_path, {"r.example": {"auth": 123}})
-    with pytest.raises(ConfigError, match=r"auths\.r\.example\.auth"):
-        read_docker_config(path)
-
-
-@pytest.mark.parametrize("text", ["[]", '"text"', '{"auths": []}'])
-def test_a_docker_config_of_the_wrong_shape_is_a_config_error(tmp_path, text):
-    path = write(tmp_path / "config.json", text)
-    with pytest.raises(ConfigError, match=re.escape(str(path))):
-        read_docker_config(path)
-
-
 # -- secrets stay secret ------------------------------------------------------------------
 
 
@@ -272,6 +171,10 @@ def test_credential_repr_never_shows_a_secret(tmp_path):
 
 
 # -- the layered registry -----------------------------------------------------------------
+
+
+def docker_config(tmp_path: Path, auths: object) -> Path:
+    return write(tmp_path / "config.json", json.dumps({"auths": auths}))
 
 
 @pytest.fixture
@@ -415,6 +318,18 @@ def test_credentials_in_the_config_file_win_over_docker_config(tmp_path):
     assert r is not None and r.username == "file"
     assert s is not None and s.username == "docker"
     assert registry.credential_for("t.example") is None
+
+
+def test_a_docker_config_proxyd_cannot_read_is_a_config_error_with_the_readers_message(
+    tmp_path,
+):
+    docker = write(tmp_path / "config.json", '{"auths": {"r.example": {"auth": "@@@@"}}}')
+    with pytest.raises(ConfigError) as raised:
+        build_registry(load_settings(None, docker_config=docker))
+    with pytest.raises(CredentialsError) as read:
+        read_docker_config(docker)
+    assert str(raised.value) == str(read.value)
+    assert "auths.r.example.auth is not base64 of user:password" in str(raised.value)
 
 
 # -- proxyd check-config ------------------------------------------------------------------

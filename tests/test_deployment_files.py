@@ -16,7 +16,7 @@ import yaml
 
 from proxyd import engines
 from proxyd.config import build_registry, load_settings
-from proxyd.hosts import build_namespace, load_hosts_dir
+from proxyd.hostsfile import build_namespace, load_hosts_dir
 from tests.peers.proxyd import PROJECT_ROOT
 
 EXAMPLES = PROJECT_ROOT / "config" / "examples"

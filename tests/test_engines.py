@@ -16,7 +16,8 @@ import pytest
 from proxyd import engines
 from proxyd.cli import main
 from proxyd.config import Registry, build_registry, load_settings
-from proxyd.hosts import Capability, build_namespace, parse_hosts_toml
+from proxyd.hosts import Capability
+from proxyd.hostsfile import build_namespace, parse_hosts_toml
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxyd.hosts import (
-    Capability,
+from proxyd.hosts import Capability
+from proxyd.hostsfile import (
     HostSettings,
     NamespaceSettings,
     build_namespace,

@@ -896,7 +896,7 @@ async def test_a_streamed_body_to_a_fresh_host_pings_for_its_challenge_first(sta
 
 
 def test_upload_locations_are_kept_below_the_repository_with_their_query():
-    from proxyd.hosts import HostSettings, make_host
+    from proxyd.hostsfile import HostSettings, make_host
 
     registry_host = make_host("http://127.0.0.1:5000", HostSettings(), is_mirror=False)
     absolute = "http://127.0.0.1:5000/v2/team/app/blobs/uploads/abc?_state=x%3D&b=1"

@@ -1,4 +1,5 @@
-"""docker credential helpers (`credsStore`, `credHelpers` in config.json): small helper
+"""Credentials read from docker's config.json: its `auths` entries as docker writes
+them, and the credential helpers it names (`credsStore`, `credHelpers`): small helper
 programs written into tmp_path speak docker's protocol (`get`, the server URL on stdin,
 JSON on stdout), and record what docker would have sent them."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,10 +16,127 @@ from typing import Any
 
 import pytest
 
-from proxyd import cli, credhelpers
-from proxyd.config import ConfigError, read_docker_config
+from proxyd import cli, credentials
+from proxyd.credentials import CredentialsError, read_docker_config
 from tests.conftest import host, origin
 from tests.fakes import FakeRegistry, make_image
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# -- docker's config.json: auths ----------------------------------------------------------
+
+
+def auths_config(tmp_path: Path, auths: object) -> Path:
+    return write(tmp_path / "config.json", json.dumps({"auths": auths}))
+
+
+def test_docker_auth_is_base64_user_and_password(tmp_path):
+    path = auths_config(tmp_path, {"registry.example": {"auth": b64("alice:open:sesame")}})
+    credential = read_docker_config(path)["registry.example"]
+    assert (credential.username, credential.password) == ("alice", "open:sesame")
+
+
+def test_docker_username_and_password_fields_are_read(tmp_path):
+    path = auths_config(tmp_path, {"r.example": {"username": "bob", "password": "builder"}})
+    credential = read_docker_config(path)["r.example"]
+    assert (credential.username, credential.password) == ("bob", "builder")
+
+
+def test_docker_identity_token_becomes_an_oauth_refresh_token(tmp_path):
+    path = auths_config(
+        tmp_path, {"r.example": {"auth": b64("<token>:"), "identitytoken": "refresh-me"}}
+    )
+    credential = read_docker_config(path)["r.example"]
+    assert credential.identity_token == "refresh-me"
+    assert credential.username == "<token>"
+    assert credential.password is None
+
+
+@pytest.mark.parametrize(
+    "key", ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "https://docker.io"]
+)
+def test_docker_hub_keys_are_credentials_for_registry_1(tmp_path, key):
+    path = auths_config(tmp_path, {key: {"auth": b64("alice:pw")}})
+    assert list(read_docker_config(path)) == ["registry-1.docker.io"]
+
+
+def test_url_keys_become_the_host_and_port(tmp_path):
+    path = auths_config(tmp_path, {"https://r.example:5000/v2/": {"auth": b64("a:b")}})
+    assert list(read_docker_config(path)) == ["r.example:5000"]
+
+
+def test_entries_that_are_not_objects_are_a_config_error_naming_the_entry(tmp_path):
+    path = auths_config(tmp_path, {"r.example": "nonsense", "s.example": {"auth": b64("a:b")}})
+    with pytest.raises(CredentialsError, match=r"auths\.r\.example is not an object"):
+        read_docker_config(path)
+
+
+def test_a_docker_config_without_auths_gives_no_credentials(tmp_path):
+    path = write(tmp_path / "config.json", '{"credsStore": "desktop"}')
+    assert read_docker_config(path) == {}
+
+
+def test_auth_that_is_not_base64_is_a_config_error_naming_the_entry(tmp_path):
+    path = auths_config(tmp_path, {"r.example": {"auth": "not base64"}})
+    with pytest.raises(CredentialsError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+def test_a_docker_config_that_is_not_json_is_a_config_error(tmp_path):
+    path = write(tmp_path / "config.json", "{auths:")
+    with pytest.raises(CredentialsError, match="not JSON"):
+        read_docker_config(path)
+
+
+def test_a_missing_docker_config_is_a_config_error(tmp_path):
+    with pytest.raises(CredentialsError, match="cannot read docker config"):
+        read_docker_config(tmp_path / "missing.json")
+
+
+def test_auth_with_characters_outside_the_base64_alphabet_is_a_config_error(tmp_path):
+    path = auths_config(tmp_path, {"r.example": {"auth": "@@@@"}})
+    with pytest.raises(CredentialsError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+def test_auth_without_a_colon_is_a_config_error(tmp_path):
+    path = auths_config(tmp_path, {"r.example": {"auth": b64("alice")}})
+    with pytest.raises(CredentialsError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+def test_auth_that_is_not_a_string_is_a_config_error(tmp_path):
+    path = auths_config(tmp_path, {"r.example": {"auth": 123}})
+    with pytest.raises(CredentialsError, match=r"auths\.r\.example\.auth"):
+        read_docker_config(path)
+
+
+def test_an_entry_field_of_the_wrong_type_is_an_error_naming_the_file_and_field(tmp_path):
+    path = auths_config(tmp_path, {"r.example": {"username": 5}})
+    with pytest.raises(CredentialsError) as raised:
+        read_docker_config(path)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"invalid configuration in {path}:"
+    assert lines[1].startswith("  username: ")
+
+
+@pytest.mark.parametrize("text", ["[]", '"text"', '{"auths": []}'])
+def test_a_docker_config_of_the_wrong_shape_is_a_config_error(tmp_path, text):
+    path = write(tmp_path / "config.json", text)
+    with pytest.raises(CredentialsError, match=re.escape(str(path))):
+        read_docker_config(path)
+
+
+# -- credential helpers -------------------------------------------------------------------
+
 
 HELPER = """\
 #!{python}
@@ -76,10 +195,6 @@ def docker_config(tmp_path: Path, data: object) -> Path:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
     return path
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 def test_creds_store_is_asked_for_every_registry_in_auths_with_dockers_server_urls(
@@ -169,7 +284,7 @@ def test_an_empty_helper_name_means_none_and_the_file_entry_counts(tmp_path, bin
 
 def test_a_helper_missing_from_path_is_a_config_error_naming_it(tmp_path, bin_dir):
     path = docker_config(tmp_path, {"auths": {"r.example": {}}, "credsStore": "nowhere"})
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(CredentialsError) as caught:
         read_docker_config(path)
     message = str(caught.value)
     assert "docker-credential-nowhere is not on PATH" in message
@@ -183,7 +298,7 @@ def test_a_failing_helper_is_a_config_error_with_its_output(tmp_path, bin_dir):
         bin_dir, "broken", "#!/bin/sh\necho 'error getting credentials: dbus down' >&2\nexit 3\n"
     )
     path = docker_config(tmp_path, {"credHelpers": {"r.example": "broken"}})
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(CredentialsError) as caught:
         read_docker_config(path)
     message = str(caught.value)
     assert "docker-credential-broken get failed for r.example (exit status 3" in message
@@ -195,17 +310,19 @@ def test_a_failing_helper_is_a_config_error_with_its_output(tmp_path, bin_dir):
 def test_output_that_is_not_the_protocols_json_is_a_config_error(tmp_path, bin_dir, output):
     script(bin_dir, "odd", f"#!/bin/sh\ncat >/dev/null\necho '{output}'\n")
     path = docker_config(tmp_path, {"credHelpers": {"r.example": "odd"}})
-    with pytest.raises(ConfigError, match=r"docker-credential-odd get for r\.example did not"):
+    with pytest.raises(CredentialsError, match=r"docker-credential-odd get for r\.example did not"):
         read_docker_config(path)
 
 
 def test_a_helper_that_hangs_is_stopped_and_is_a_config_error(tmp_path, bin_dir, monkeypatch):
-    monkeypatch.setattr(credhelpers, "HELPER_TIMEOUT", 0.5)
+    monkeypatch.setattr(credentials, "HELPER_TIMEOUT", 0.5)
     # The shell's child (sleep) holds stdout open too: it must be stopped with it.
     script(bin_dir, "stuck", "#!/bin/sh\nsleep 60\n")
     path = docker_config(tmp_path, {"credHelpers": {"r.example": "stuck"}})
     started = time.monotonic()
-    with pytest.raises(ConfigError, match=r"docker-credential-stuck get did not answer .* 0\.5 s"):
+    with pytest.raises(
+        CredentialsError, match=r"docker-credential-stuck get did not answer .* 0\.5 s"
+    ):
         read_docker_config(path)
     assert time.monotonic() - started < 5
 
@@ -220,12 +337,12 @@ def test_a_helper_that_hangs_is_stopped_and_is_a_config_error(tmp_path, bin_dir,
     ],
 )
 def test_malformed_helper_settings_are_config_errors(tmp_path, bin_dir, data, expected):
-    with pytest.raises(ConfigError, match=expected):
+    with pytest.raises(CredentialsError, match=expected):
         read_docker_config(docker_config(tmp_path, data))
 
 
 def test_the_default_timeout_is_ten_seconds():
-    assert credhelpers.HELPER_TIMEOUT == 10.0
+    assert credentials.HELPER_TIMEOUT == 10.0
 
 
 def test_check_config_shows_a_helpers_credentials(tmp_path, bin_dir, capsys):
