@@ -21,7 +21,7 @@ from multidict import CIMultiDictProxy
 from proxyd.config import ConfigError, build_registry, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.hosts import Capability
-from proxyd.server.push import PUSHER
+from proxyd.server.keys import PUSHER
 from proxyd.uploads import confirmed_offset, parse_content_range, upstream_suffix
 from proxyd.upstream import UpstreamClient
 from tests.conftest import host, origin

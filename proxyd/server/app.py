@@ -10,20 +10,20 @@ from proxyd.config import Registry
 from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
-from proxyd.server import handlers, health, push
+from proxyd.server import handlers, health
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import METRICS, PULLER, REGISTRY, RELOADER
-from proxyd.server.middleware import add_request_id, request_context
+from proxyd.server.keys import INBOUND, METRICS, PULLER, PUSHER, REGISTRY, RELOADER
+from proxyd.server.middleware import add_request_id, inbound_auth, request_context
 
 
 def create_app(registry: Registry) -> web.Application:
-    app = web.Application(middlewares=[request_context, push.inbound_auth], client_max_size=1 << 20)
+    app = web.Application(middlewares=[request_context, inbound_auth], client_max_size=1 << 20)
     app[REGISTRY] = registry
     if registry.inbound_users is not None and registry.auth_required is not None:
-        app[push.INBOUND] = InboundAuth(registry.inbound_users, registry.auth_required)
+        app[INBOUND] = InboundAuth(registry.inbound_users, registry.auth_required)
     app[METRICS] = Metrics()
     # Remembered answers skip the middlewares: not where every pull must authenticate.
-    every_pull_authenticates = push.INBOUND in app and registry.auth_required == "all"
+    every_pull_authenticates = INBOUND in app and registry.auth_required == "all"
     app[FAST] = FastAnswers(app[METRICS], enabled=not every_pull_authenticates)
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_core)
@@ -45,8 +45,8 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
     async with open_core(app[REGISTRY], app[METRICS]) as core:
         app[PULLER] = core.puller
         app[FAST].hot = core.puller.hot
-        app[push.PUSHER] = core.pusher
+        app[PUSHER] = core.pusher
         app[RELOADER] = core.reloader
-        if push.INBOUND in app:
-            core.reloader.on_users = app[push.INBOUND].replace_users
+        if INBOUND in app:
+            core.reloader.on_users = app[INBOUND].replace_users
         yield

@@ -8,13 +8,17 @@ from aiohttp import web
 
 from proxyd.config import Registry
 from proxyd.fetch import Puller
+from proxyd.inbound import InboundAuth
 from proxyd.metrics import Metrics
+from proxyd.push import Pusher
 from proxyd.reload import Reloader
 
 REGISTRY = web.AppKey("registry", Registry)
 PULLER = web.AppKey("puller", Puller)
 METRICS = web.AppKey("metrics", Metrics)
 RELOADER = web.AppKey("reloader", Reloader)
+PUSHER = web.AppKey("pusher", Pusher)
+INBOUND = web.AppKey("inbound", InboundAuth)  # only where proxyd has users of its own
 
 
 @dataclass
@@ -32,3 +36,4 @@ class Access:
 
 
 ACCESS = web.RequestKey("access", Access)
+USER = web.RequestKey("user", str)  # the inbound user who authenticated, if one did
