@@ -1,7 +1,6 @@
 """Request handlers of pushes (blob uploads, manifest PUT, DELETE): parse, call the
-push core, render. proxyd answers with its own upload
-locations (`/v2/<name>/blobs/uploads/<uuid>`, keeping the client's `ns`), never the
-registry's."""
+push core, render. proxyd answers with its own upload locations
+(`/v2/<name>/blobs/uploads/<uuid>`, keeping the client's `ns`), never the registry's."""
 
 from __future__ import annotations
 
