@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from proxyd.background import stop_loop
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
@@ -136,8 +136,10 @@ class Evictor:
         max_age: timedelta | None,
         interval: float = 600.0,
         small: SmallCache | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock  # its wall clock is compared with the blob files' mtimes
         self.small = small
         self.max_size = max_size
         self.max_age = max_age.total_seconds() if max_age is not None else None
@@ -172,7 +174,7 @@ class Evictor:
 
     def collect(self, dry_run: bool = False) -> Plan:
         chosen = plan(
-            scan(self.store), max_size=self.max_size, max_age=self.max_age, now=time.time()
+            scan(self.store), max_size=self.max_size, max_age=self.max_age, now=self.clock.time()
         )
         if not dry_run:
             apply(self.store, chosen)
@@ -186,7 +188,7 @@ class Evictor:
         """Records of the small-response cache older than max_age go (none without)."""
         if self.max_age is None or self.small is None:
             return 0
-        removed = await self.small.prune(time.time() - self.max_age)
+        removed = await self.small.prune(self.clock.time() - self.max_age)
         if removed:
             log.info("cache.pruned", records=removed)
         return removed
@@ -197,8 +199,8 @@ class Evictor:
                 await self.run_once()
             except OSError as exc:
                 log.warning("cache.evict_failed", error=str(exc))
-            if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
-                self._pruned_at = time.monotonic()
+            if self.clock.monotonic() - self._pruned_at >= PRUNE_EVERY:
+                self._pruned_at = self.clock.monotonic()
                 await self.prune_small()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
