@@ -1,5 +1,6 @@
-"""Time as proxyd reads it: one clock, built once and handed to every component that
-asks what time it is, so a test moves time forward instead of waiting for it to pass.
+"""Time as proxyd reads it: one clock, chosen once (`create_app`, `open_core`) and
+handed to the components that ask what time it is, so a test moves time forward
+instead of waiting for it to pass.
 
 Two readings, for two purposes. `monotonic()` measures intervals within one process
 (token lifetimes, circuit cool-downs, upload idleness, memory deadlines): it never
