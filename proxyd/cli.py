@@ -1,20 +1,17 @@
-"""`proxyd serve | check-config | cache gc|stats | init ENGINE`: every command reads the
-same settings the same way (flags, then PROXYD_* variables, then the --config file,
-then the defaults)."""
+"""`proxyd serve | check-config | prefetch | cache gc|stats | init ENGINE`: the command
+line parsed and dispatched. Every command reads the same settings the same way (flags,
+then PROXYD_* variables, then the --config file, then the defaults); what `serve` runs,
+the daemon's lifecycle, is proxyd.server.daemon's."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import logging
 import os
-import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from proxyd import __version__, engines
 from proxyd.config import (
@@ -23,12 +20,8 @@ from proxyd.config import (
     build_registry,
     check_upstream_tls,
     load_settings,
-    split_listen,
 )
 from proxyd.hosts import Namespace
-
-if TYPE_CHECKING:
-    from structlog.typing import FilteringBoundLogger as BoundLogger
 
 EXAMPLES = """\
 examples:
@@ -44,8 +37,6 @@ examples:
   proxyd init containerd --print                 # show the hosts.toml files it would write
   proxyd init docker --config /etc/proxyd/proxyd.toml
 """
-
-SHUTDOWN_GRACE = 5.0  # seconds; twice this stays under the unit's TimeoutStopSec=20s
 
 INIT_HELP = """\
 Write the engine's own configuration so it pulls through proxyd, for the namespaces
@@ -300,133 +291,6 @@ def _write_plan(plan: engines.Plan) -> bool:
     return changed
 
 
-def serve(registry: Registry) -> int:
-    from proxyd.log import configure
-
-    settings = registry.settings
-    configure(settings.log_level, settings.log_format)
-    import structlog
-
-    log: BoundLogger = structlog.get_logger("proxyd")
-    log.info(
-        "starting",
-        listen=settings.listen,
-        cache_dir=str(settings.cache_dir),
-        namespaces=sorted(registry.namespaces),
-    )
-    try:
-        return asyncio.run(_serve_batched(registry, log))
-    except KeyboardInterrupt:  # before the signal handlers were set: nothing to clean up
-        return 130
-
-
-async def _serve_batched(registry: Registry, log: BoundLogger) -> int:
-    """Serve with log lines written in batches (see proxyd.log)."""
-    from proxyd.log import OUTPUT
-
-    async with OUTPUT.batched():
-        return await _serve(registry, log)
-
-
-def freeze_startup_heap() -> None:
-    """Collect once, then exempt everything alive now (imports, settings, the app)
-    from the garbage collector's later full passes. A full pass over proxyd's heap
-    took 20-28 ms here, an event-loop stall in the middle of whatever request set it
-    off; with the startup heap frozen it takes under 1 ms. Frozen objects are still
-    freed by reference counting."""
-    gc.collect()
-    gc.freeze()
-
-
-async def _serve(registry: Registry, log: BoundLogger) -> int:
-    """Set up the app, listen (on the sockets systemd passed, else on `listen`), tell
-    systemd READY=1, serve until SIGTERM or SIGINT (SIGHUP reads credentials and users
-    again: proxyd.reload), then STOPPING=1 and a graceful shutdown: the listener closes
-    at once, requests in flight get SHUTDOWN_GRACE seconds to finish (aiohttp waits that
-    long twice: for handlers, then for connections), then are cut; downloads they
-    started are cancelled and their temporary files removed."""
-    from aiohttp import web
-
-    from proxyd import systemd, tls
-    from proxyd.server import AccessLogger, create_app
-    from proxyd.server.fastpath import ProxydRunner
-    from proxyd.server.keys import RELOADER
-
-    settings = registry.settings
-    try:
-        inherited = systemd.listen_fds()
-    except ValueError as exc:
-        log.error("cannot listen", error=str(exc))
-        return 1
-    tls_context = None
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        try:
-            tls_context = tls.server_context(
-                settings.tls_cert, settings.tls_key, settings.tls_client_ca
-            )
-        except tls.TLSFileError as exc:
-            log.error("cannot serve HTTPS", error=str(exc))
-            return 1
-    runner = ProxydRunner(
-        create_app(registry),
-        access_log=logging.getLogger("proxyd.access"),
-        access_log_class=AccessLogger,
-        shutdown_timeout=SHUTDOWN_GRACE,
-    )
-    try:
-        await runner.setup()
-    except OSError as exc:
-        log.error("cannot start", error=exc.strerror or str(exc), path=exc.filename)
-        await runner.cleanup()
-        return 1
-    try:
-        if inherited:
-            sites: list[web.BaseSite] = [
-                web.SockSite(runner, sock, ssl_context=tls_context) for sock in inherited
-            ]
-        else:
-            host, port = split_listen(settings.listen)
-            sites = [web.TCPSite(runner, host, port, ssl_context=tls_context)]
-        for site in sites:
-            await site.start()
-    except OSError as exc:
-        log.error("cannot listen", listen=settings.listen, error=exc.strerror or str(exc))
-        await runner.cleanup()
-        return 1
-    addresses = [_address(sock) for sock in inherited] or [settings.listen]
-    log.info(
-        "listening",
-        addresses=addresses,
-        socket_activation=bool(inherited),
-        tls=tls_context is not None,
-    )
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, runner.app[RELOADER].reload_now)
-    freeze_startup_heap()
-    systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(addresses)}")
-    try:
-        await stop.wait()
-    finally:
-        systemd.notify("STOPPING=1\nSTATUS=stopping")
-        log.info("stopping")
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        await runner.cleanup()
-    return 0
-
-
-def _address(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        host = f"[{name[0]}]" if ":" in name[0] else name[0]
-        return f"{host}:{name[1]}"
-    return str(name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -442,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return prefetch_command(registry, args.images, args.platform)
     if args.command == "cache":
         return cache_command(registry, args.cache_command, dry_run=getattr(args, "dry_run", False))
+    from proxyd.server.daemon import serve  # aiohttp and the app: for this command only
+
     return serve(registry)
 
 

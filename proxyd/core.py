@@ -1,7 +1,8 @@
 """The core objects of a running proxyd, built once from the configuration and closed
 in order: the store, the small-response cache, eviction, the upstream client, the
 puller, the resolver, the pusher, and the reloader of credentials. The HTTP app and
-`proxyd prefetch` both run on it."""
+`proxyd prefetch` both run on it. One clock reaches every component that reads the
+time (proxyd.clock), so a test can advance it for the whole core."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from proxyd.breaker import Breakers
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import Registry
 from proxyd.evict import Evictor
 from proxyd.metrics import Metrics
@@ -19,6 +21,7 @@ from proxyd.reload import Reloader
 from proxyd.resolver import Resolver
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
+from proxyd.uploads import UploadTracker
 from proxyd.upstream import UpstreamClient
 
 
@@ -38,7 +41,11 @@ class Core:
 
 @asynccontextmanager
 async def open_core(
-    registry: Registry, metrics: Metrics | None = None, *, clear_tmp: bool = True
+    registry: Registry,
+    metrics: Metrics | None = None,
+    *,
+    clear_tmp: bool = True,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Core]:
     """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open."""
     settings = registry.settings
@@ -46,22 +53,31 @@ async def open_core(
     store = BlobStore(settings.cache_dir)
     store.open(clear_tmp=clear_tmp)
     small = (
-        SmallCache.redis(settings.cache.redis_url)
+        SmallCache.redis(settings.cache.redis_url, clock=clock.time)
         if settings.cache.backend == "redis"
-        else SmallCache.sqlite(store.small_cache_path)
+        else SmallCache.sqlite(store.small_cache_path, clock=clock.time)
     )
     evictor = Evictor(
-        store, max_size=settings.cache.max_size, max_age=settings.cache.max_age, small=small
+        store,
+        max_size=settings.cache.max_size,
+        max_age=settings.cache.max_age,
+        small=small,
+        clock=clock,
     )
     metrics.watch(metrics.cache_bytes, lambda: evictor.stored_bytes)
     metrics.watch(metrics.cache_entries, lambda: evictor.stored_entries)
-    breakers = Breakers(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown)
+    breakers = Breakers(
+        failures=settings.breaker_failures,
+        cooldown=settings.breaker_cooldown,
+        clock=clock.monotonic,
+    )
     async with UpstreamClient(
         registry,
         user_agent=settings.user_agent,
         offline=settings.offline,
         breakers=breakers,
         metrics=metrics,
+        clock=clock,
     ) as upstream:
         puller = Puller(
             store,
@@ -87,8 +103,9 @@ async def open_core(
             upload_ttl=settings.upload_ttl,
             on_commit=evictor.committed,
             on_tag_changed=resolver.tag_changed,
+            tracker=UploadTracker(settings.upload_ttl, clock=clock.monotonic),
         )
-        reloader = Reloader(registry, interval=settings.credential_refresh)
+        reloader = Reloader(registry, interval=settings.credential_refresh, clock=clock)
         upstream.on_refused = reloader.refused
         evictor.start()  # without limits it only measures the store, for the metrics
         pusher.start()

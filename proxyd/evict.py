@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
 
 from proxyd.background import stop_loop
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore, StoredFile
 
@@ -96,8 +96,10 @@ class Evictor:
         max_age: timedelta | None,
         interval: float = 600.0,
         small: SmallCache | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock  # its wall clock is compared with the blob files' mtimes
         self.small = small
         self.max_size = max_size
         self.max_age = max_age.total_seconds() if max_age is not None else None
@@ -132,7 +134,10 @@ class Evictor:
 
     def collect(self, dry_run: bool = False) -> Plan:
         chosen = plan(
-            self.store.stored_blobs(), max_size=self.max_size, max_age=self.max_age, now=time.time()
+            self.store.stored_blobs(),
+            max_size=self.max_size,
+            max_age=self.max_age,
+            now=self.clock.time(),
         )
         if not dry_run:
             apply(self.store, chosen)
@@ -146,7 +151,7 @@ class Evictor:
         """Records of the small-response cache older than max_age go (none without)."""
         if self.max_age is None or self.small is None:
             return 0
-        removed = await self.small.prune(time.time() - self.max_age)
+        removed = await self.small.prune(self.clock.time() - self.max_age)
         if removed:
             log.info("cache.pruned", records=removed)
         return removed
@@ -157,8 +162,8 @@ class Evictor:
                 await self.run_once()
             except OSError as exc:
                 log.warning("cache.evict_failed", error=str(exc))
-            if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
-                self._pruned_at = time.monotonic()
+            if self.clock.monotonic() - self._pruned_at >= PRUNE_EVERY:
+                self._pruned_at = self.clock.monotonic()
                 await self.prune_small()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

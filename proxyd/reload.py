@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
 import structlog
 
 from proxyd.background import stop_loop
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import ConfigError, Registry, load_credentials, load_users
 from proxyd.flight import SingleFlight
 
@@ -29,8 +29,9 @@ REFUSED_PAUSE = 60.0  # seconds: refusals ask for a new read at most this often
 
 
 class Reloader:
-    def __init__(self, registry: Registry, *, interval: float) -> None:
+    def __init__(self, registry: Registry, *, interval: float, clock: Clock = SYSTEM_CLOCK) -> None:
         self.registry = registry
+        self.clock = clock
         # Periodic reads only where there is something that can change on its own.
         self.interval = interval if registry.settings.docker_config is not None else 0.0
         self.on_users: Callable[[dict[str, bytes]], None] | None = None
@@ -60,7 +61,7 @@ class Reloader:
             return False  # the TOML file's credentials are read at start only
         before = self.registry.credential_for(host)
         if "read" not in self._refusal:
-            now = time.monotonic()
+            now = self.clock.monotonic()
             if now - self._refused_at < REFUSED_PAUSE:
                 return False
             self._refused_at = now

@@ -24,6 +24,7 @@ import structlog
 
 from proxyd.auth import Authorizer
 from proxyd.breaker import Breakers, parse_retry_after
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import Registry
 from proxyd.errors import (
     NoCapableHost,
@@ -81,8 +82,10 @@ class UpstreamClient:
         offline: bool = False,
         breakers: Breakers | None = None,
         metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.registry = registry
+        self.clock = clock  # the authorizer's, for token lifetimes
         self.user_agent = user_agent
         self.offline = offline
         self.breakers = breakers or Breakers()
@@ -104,6 +107,7 @@ class UpstreamClient:
             self.registry.credential_for,
             user_agent=self.user_agent,
             on_fetch=lambda host: self.metrics.token_fetches.labels(host).inc(),
+            clock=self.clock.monotonic,
         )
         self._exchange = Exchange(
             self._session,

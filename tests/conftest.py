@@ -1,9 +1,13 @@
-"""Fixtures shared by the in-process tests: fake upstreams on real TCP ports, and a
-proxyd app configured by a TOML text, exactly as a user would write it."""
+"""Fixtures shared by the in-process tests: fake upstreams on real TCP ports, a proxyd
+app configured by a TOML text, exactly as a user would write it, a clock that moves
+only when a test says so, and bounded waits for what happens a moment after a
+response (a stored blob, an access line)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -11,12 +15,50 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import build_registry, load_settings
 from proxyd.server import AccessLogger, create_app
 from proxyd.server.fastpath import ProxydRunner
 from tests.fakes import FakeRegistry, FakeTokenServer
 
 MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class FakeClock:
+    """A proxyd.clock.Clock that stands still until `advance` moves both readings. It
+    starts at the real readings, so the wall clock compares with files' mtimes as the
+    system's would."""
+
+    def __init__(self) -> None:
+        self._monotonic = time.monotonic()
+        self._time = time.time()
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def time(self) -> float:
+        return self._time
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "a clock does not go back"
+        self._monotonic += seconds
+        self._time += seconds
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], within: float = 10.0) -> None:
+    """Return once `condition` holds, checked at every turn of the event loop; fail
+    after `within` seconds (a bound for a loaded machine, not a delay)."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                held = condition()
+                if inspect.isawaitable(held):
+                    held = await held
+                if held:
+                    return
+                await asyncio.sleep(0)
+    except TimeoutError:
+        raise AssertionError(f"{condition.__qualname__} did not hold within {within} s") from None
 
 
 class ProxydTestServer(TestServer):
@@ -33,12 +75,17 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_proxyd(aiohttp_client: Any, tmp_path: Path, cache_dir: Path) -> MakeProxyd:
-    async def make(config: str, **flags: Any) -> TestClient[Any, Any]:
+    """`make_proxyd(config, clock=FakeClock())`: a proxyd whose core reads that clock."""
+
+    async def make(
+        config: str, *, clock: Clock = SYSTEM_CLOCK, **flags: Any
+    ) -> TestClient[Any, Any]:
         path = tmp_path / "proxyd.toml"
         path.write_text(config)
         flags.setdefault("cache_dir", cache_dir)
         settings = load_settings(path, **flags)
-        server = ProxydTestServer(create_app(build_registry(settings)), host="127.0.0.1")
+        app = create_app(build_registry(settings), clock=clock)
+        server = ProxydTestServer(app, host="127.0.0.1")
         await server.start_server(access_log_class=AccessLogger)  # as `proxyd serve` does
         client: TestClient[Any, Any] = await aiohttp_client(server)
         return client
@@ -76,7 +123,16 @@ async def until_stored(cache_dir: Path, digest: str, within: float = 10.0) -> Pa
     so a client can have the whole blob a moment before the store does."""
     algorithm, hex_ = digest.split(":")
     path = cache_dir / "blobs" / algorithm / hex_
-    async with asyncio.timeout(within):
-        while not path.exists():
-            await asyncio.sleep(0.005)
+    await until(path.exists, within)
     return path
+
+
+async def until_logged(proxyd: TestClient[Any, Any]) -> None:
+    """Once every request the proxyd took has finished: aiohttp writes the access line,
+    and with it counts the request metrics, after the response's last byte, so a client
+    can hold its answer a turn of the loop before. (Remembered answers are logged and
+    counted as they are written.)"""
+    server = proxyd.server.runner.server if proxyd.server.runner else None
+    assert server is not None, "a started proxyd"
+    # The aiohttp connection state that proxyd.server.fastpath relies on, too.
+    await until(lambda: not any(h._request_in_progress for h in server.connections))

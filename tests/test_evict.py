@@ -3,7 +3,6 @@ takes what was used a moment ago."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
@@ -12,11 +11,13 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from proxyd.evict import GRACE, LOW_WATER, Evictor, apply, plan
+import pytest
+
+from proxyd.evict import GRACE, LOW_WATER, PRUNE_EVERY, Evictor, Plan, apply, plan
 from proxyd.reference import Digest
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore, StoredFile
-from tests.conftest import host, origin, until_stored
+from tests.conftest import FakeClock, host, origin, until, until_stored
 from tests.fakes import FakeRegistry, make_image
 from tests.peers.redisserver import RedisServer
 
@@ -130,10 +131,7 @@ async def test_a_store_over_its_size_limit_evicts_in_the_background(
     old = NOW - 10_000
     os.utime(await until_stored(cache_dir, first.layer), (old, old))
     assert await (await proxyd.get(f"/v2/team/two/blobs/{second.layer}")).read()
-    for _ in range(100):
-        if store.size(Digest.parse(first.layer)) is None:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: store.size(Digest.parse(first.layer)) is None)
     assert store.size(Digest.parse(first.layer)) is None
     assert store.size(Digest.parse(second.layer)) == 50_000
 
@@ -258,23 +256,77 @@ async def test_the_evictor_prunes_the_small_cache_only_with_max_age(tmp_path: Pa
         await small.close()
 
 
+class CountedEvictor(Evictor):
+    """An evictor that counts its passes and the prunings of its small cache."""
+
+    def __init__(self, store: BlobStore, small: SmallCache, clock: FakeClock) -> None:
+        super().__init__(
+            store,
+            max_size=None,
+            max_age=timedelta(days=30),
+            interval=0.01,
+            small=small,
+            clock=clock,
+        )
+        self.passes = 0
+        self.prunes: list[float] = []
+
+        async def counted(older_than: float) -> int:
+            self.prunes.append(older_than)
+            return 0
+
+        small.prune = counted  # type: ignore[method-assign]
+
+    async def run_once(self, *, dry_run: bool = False) -> Plan:
+        self.passes += 1
+        return await super().run_once(dry_run=dry_run)
+
+
 async def test_the_small_cache_is_pruned_once_an_hour_not_at_every_pass(tmp_path: Path):
     """Pruning reads the whole small cache; eviction passes come every few minutes."""
     store = BlobStore(tmp_path / "cache")
     store.open()
     small = SmallCache.sqlite(tmp_path / "small.sqlite")
-    prunes: list[float] = []
-
-    async def counted(older_than: float) -> int:
-        prunes.append(older_than)
-        return 0
-
-    small.prune = counted  # type: ignore[method-assign]
-    evictor = Evictor(store, max_size=None, max_age=timedelta(days=30), interval=0.01, small=small)
+    evictor = CountedEvictor(store, small, FakeClock())
+    prunes = evictor.prunes
     evictor.start()
     try:
-        await asyncio.sleep(0.2)  # a score of eviction passes
+        await until(lambda: evictor.passes >= 20)  # a score of eviction passes
     finally:
         await evictor.stop()
         await small.close()
     assert len(prunes) == 1
+
+
+async def test_an_hour_after_the_last_pruning_the_next_pass_prunes_again(tmp_path: Path):
+    store = BlobStore(tmp_path / "cache")
+    store.open()
+    small = SmallCache.sqlite(tmp_path / "small.sqlite")
+    clock = FakeClock()
+    evictor = CountedEvictor(store, small, clock)
+    evictor.start()
+    try:
+        await until(lambda: evictor.passes >= 2)
+        clock.advance(PRUNE_EVERY - 1)
+        passes = evictor.passes
+        await until(lambda: evictor.passes >= passes + 2)
+        assert len(evictor.prunes) == 1
+        clock.advance(1)
+        await until(lambda: len(evictor.prunes) == 2)
+    finally:
+        await evictor.stop()
+        await small.close()
+    assert evictor.prunes[1] - evictor.prunes[0] == pytest.approx(PRUNE_EVERY)  # 30 days before
+
+
+def test_a_blob_is_removed_once_the_clock_passes_its_max_age(tmp_path: Path):
+    store = BlobStore(tmp_path)
+    store.open()
+    clock = FakeClock()
+    digest = put(store, b"a" * 10, idle=NOW - clock.time())  # used just now
+    evictor = Evictor(store, max_size=None, max_age=timedelta(days=30), clock=clock)
+    clock.advance(30 * DAY - 1)
+    assert evictor.collect().remove == []
+    clock.advance(2)
+    assert [f.digest for f in evictor.collect().remove] == [digest]
+    assert store.size(digest) is None

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import host, origin, until_stored
+from tests.conftest import host, origin, until, until_stored
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 # Nothing listens on port 1 of the loopback: a connection there is refused at once.
@@ -57,9 +57,7 @@ def body_of(image: FakeImage, kind: str) -> bytes:
 async def assert_nothing_left(cache_dir: Path) -> None:
     """No download in progress remains in tmp/, and every stored file under blobs/ is
     what its name says (a failed fetch must not have been committed)."""
-    deadline = time.monotonic() + 2
-    while list((cache_dir / "tmp").iterdir()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await until(lambda: not any((cache_dir / "tmp").iterdir()))
     assert list((cache_dir / "tmp").iterdir()) == []
     for path in (cache_dir / "blobs").glob("*/*"):
         algorithm = path.parent.name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.conftest import MakeProxyd
+from tests.conftest import MakeProxyd, until_logged
 
 
 async def test_healthz_answers_ok(make_proxyd: MakeProxyd) -> None:
@@ -56,13 +56,11 @@ async def test_health_endpoints_answer_get_and_head_only(make_proxyd: MakeProxyd
 
 
 async def test_successful_probes_and_scrapes_write_no_access_log(make_proxyd):
-    import asyncio
-
     from structlog.testing import capture_logs
 
     proxyd = await make_proxyd("")
     with capture_logs() as logs:
         for path in ("/healthz", "/readyz", "/metrics", "/v2/"):
             assert (await proxyd.get(path)).status == 200
-        await asyncio.sleep(0.05)
+        await until_logged(proxyd)
     assert [e["path"] for e in logs if e["event"] == "request"] == ["/v2/"]

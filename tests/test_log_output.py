@@ -3,7 +3,6 @@ out in batches, other events at once, and nothing is lost on the way out."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import logging
@@ -19,6 +18,7 @@ from proxyd.log import ACCESS_LOGGER, HOLE, OUTPUT, AccessTemplate, configure, u
 from proxyd.server import middleware
 from proxyd.server.keys import Access
 from proxyd.server.middleware import AccessLine, log_request
+from tests.conftest import until
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +43,14 @@ async def test_access_lines_wait_for_their_batch_and_other_events_do_not(capfd):
         structlog.get_logger("proxyd.upstream").info("upstream.failed", host="h")
         urgent = capfd.readouterr().err.splitlines()
         log.info("request", path="/v2/x")
-        await asyncio.sleep(0.4)
-        flushed = capfd.readouterr().err.splitlines()
+        written: list[str] = []
+
+        def batch_flushed() -> bool:  # by the batch's timer: nothing else is logged
+            written.append(capfd.readouterr().err)
+            return any(written)
+
+        await until(batch_flushed)
+        flushed = "".join(written).splitlines()
         log.info("last")
     left = capfd.readouterr().err.splitlines()
     assert [json.loads(line)["event"] for line in urgent] == ["request", "upstream.failed"]

@@ -8,7 +8,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import host, origin, until_stored
+from tests.conftest import host, origin, until_logged, until_stored
 from tests.fakes import FakeRegistry, FakeTokenServer, make_image
 
 
@@ -36,7 +36,7 @@ def config(server: object, *extra: str) -> str:
 
 
 async def scrape(proxyd) -> str:
-    await asyncio.sleep(0.05)  # request metrics are counted once the response is sent
+    await until_logged(proxyd)  # request metrics are counted once the response is sent
     response = await proxyd.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")

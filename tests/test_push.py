@@ -21,10 +21,10 @@ from multidict import CIMultiDictProxy
 from proxyd.config import ConfigError, build_registry, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.hosts import Capability
-from proxyd.server.push import PUSHER
+from proxyd.server.keys import PUSHER
 from proxyd.uploads import confirmed_offset, parse_content_range, upstream_suffix
 from proxyd.upstream import UpstreamClient
-from tests.conftest import host, origin
+from tests.conftest import FakeClock, host, origin, until
 from tests.fakes import FakeTokenServer, digest_of, make_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -550,18 +550,15 @@ async def test_an_upload_belongs_to_its_repository(make_proxyd, start_fake):
 async def test_an_abandoned_upload_expires(make_proxyd, start_fake, cache_dir):
     upstream = UploadRegistry()
     server = await serve(start_fake, upstream)
-    proxyd = await make_proxyd(f"upload_ttl = 0.05\n{push_config(server)}")
+    clock = FakeClock()  # a pause of the test (a GC) must not expire it early
+    proxyd = await make_proxyd(f"upload_ttl = 0.05\n{push_config(server)}", clock=clock)
     uploads = proxyd.server.app[PUSHER].uploads
-    now = [0.0]
-    uploads.clock = lambda: now[0]  # a pause of the test (a GC) must not expire it early
     location = (await start(proxyd)).headers["Location"]
     await proxyd.patch(location, data=b"abc")
     assert any((cache_dir / "tmp").iterdir())
-    now[0] += 1.0  # idle for longer than the TTL
-    for _ in range(100):  # the expiry task looks every ttl/4
-        if len(uploads) == 0 and upstream.uploads == {}:
-            break
-        await asyncio.sleep(0.02)
+    clock.advance(1.0)  # idle for longer than the TTL
+    # The expiry task looks every ttl/4.
+    await until(lambda: len(uploads) == 0 and upstream.uploads == {})
     assert len(uploads) == 0
     assert upstream.uploads == {}  # cancelled upstream too
     assert list((cache_dir / "tmp").iterdir()) == []
@@ -840,11 +837,15 @@ async def test_a_client_gone_mid_chunk_leaves_an_upload_that_can_be_resumed(
     )
     await writer.drain()
     writer.close()
-    for _ in range(100):  # busy (400) until proxyd has seen the client go
-        status = await proxyd.get(location)
-        if status.status != 400:
-            break
-        await asyncio.sleep(0.02)
+
+    answers = []
+
+    async def not_busy() -> bool:  # busy (400) until proxyd has seen the client go
+        answers.append(await proxyd.get(location))
+        return bool(answers[-1].status != 400)
+
+    await until(not_busy)
+    status = answers[-1]
     assert status.status == 204
     assert status.headers["Range"] == "0-0"  # the registry kept none of the broken chunk
     rest = await proxyd.patch(

@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 from proxyd.config import Registry, build_registry, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.inbound import InboundAuth
-from proxyd.reload import Reloader
-from tests.conftest import host, origin
+from proxyd.reload import REFUSED_PAUSE, Reloader
+from tests.conftest import FakeClock, host, origin, until
 from tests.fakes import FakeRegistry, make_image
 from tests.test_inbound import basic, write_htpasswd
 
@@ -91,10 +91,7 @@ async def test_credentials_are_read_again_every_credential_refresh_seconds(tmp_p
     reloader.start()
     try:
         secret.write_text("pw-two-c91e")
-        for _ in range(200):
-            if password(registry) == "pw-two-c91e":
-                break
-            await asyncio.sleep(0.025)
+        await until(lambda: password(registry) == "pw-two-c91e")
         assert password(registry) == "pw-two-c91e"
     finally:
         await reloader.stop()
@@ -126,10 +123,7 @@ async def test_sighup_reads_the_htpasswd_file_again(tmp_path):
     try:
         write_htpasswd(htpasswd, {"bob": "builder"})
         reloader.reload_now()
-        for _ in range(200):
-            if "bob" in (registry.inbound_users or {}):
-                break
-            await asyncio.sleep(0.025)
+        await until(lambda: "bob" in (registry.inbound_users or {}))
         assert await auth.authenticate("GET", "/v2/", bob) == "bob"
         with pytest.raises(Unauthorized):
             await auth.authenticate("GET", "/v2/", alice)
@@ -195,3 +189,18 @@ async def test_requests_refused_together_share_one_read_at_most_once_a_minute(tm
     assert together == [True] * 5  # each is worth sending once more
     assert later is False  # within the minute: no read, nothing changed
     assert [e["event"] for e in logs] == ["credentials.refused", "config.reloaded"]
+
+
+async def test_a_refusal_a_minute_after_the_last_read_reads_again(tmp_path, secret):
+    clock = FakeClock()
+    registry = registry_with_helper(tmp_path)
+    reloader = Reloader(registry, interval=0, clock=clock)
+    secret.write_text("pw-two-c91e")
+    assert await reloader.refused(HOST)
+    secret.write_text("pw-three-5d20")
+    clock.advance(REFUSED_PAUSE - 1)
+    assert not await reloader.refused(HOST)  # within the minute: not read
+    assert password(registry) == "pw-two-c91e"
+    clock.advance(1)
+    assert await reloader.refused(HOST)
+    assert password(registry) == "pw-three-5d20"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from proxyd import systemd
-from proxyd.cli import freeze_startup_heap
+from proxyd.server.daemon import freeze_startup_heap
 from tests.peers import free_port, http_status, require_binary, run, wait_for_http
 from tests.peers.proxyd import PROJECT_ROOT
 

@@ -3,30 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import Registry
 from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
-from proxyd.server import handlers, health, push
+from proxyd.server import handlers, health
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import METRICS, PULLER, REGISTRY, RELOADER, RESOLVER
-from proxyd.server.middleware import add_request_id, request_context
+from proxyd.server.keys import INBOUND, METRICS, PULLER, PUSHER, REGISTRY, RELOADER, RESOLVER
+from proxyd.server.middleware import add_request_id, inbound_auth, request_context
 
 
-def create_app(registry: Registry) -> web.Application:
-    app = web.Application(middlewares=[request_context, push.inbound_auth], client_max_size=1 << 20)
+def create_app(registry: Registry, *, clock: Clock = SYSTEM_CLOCK) -> web.Application:
+    """`clock`: the one the core and inbound auth read (a test's, to advance time)."""
+    app = web.Application(middlewares=[request_context, inbound_auth], client_max_size=1 << 20)
     app[REGISTRY] = registry
     if registry.inbound_users is not None and registry.auth_required is not None:
-        app[push.INBOUND] = InboundAuth(registry.inbound_users, registry.auth_required)
+        app[INBOUND] = InboundAuth(
+            registry.inbound_users, registry.auth_required, clock=clock.monotonic
+        )
     app[METRICS] = Metrics()
     # Remembered answers skip the middlewares: not where every pull must authenticate.
-    every_pull_authenticates = push.INBOUND in app and registry.auth_required == "all"
+    every_pull_authenticates = INBOUND in app and registry.auth_required == "all"
     app[FAST] = FastAnswers(app[METRICS], enabled=not every_pull_authenticates)
     app.on_response_prepare.append(add_request_id)
-    app.cleanup_ctx.append(_core)
+    app.cleanup_ctx.append(partial(_core, clock=clock))
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
     app.router.add_get("/readyz", health.readyz)
@@ -41,13 +46,13 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def _core(app: web.Application) -> AsyncIterator[None]:
-    async with open_core(app[REGISTRY], app[METRICS]) as core:
+async def _core(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
+    async with open_core(app[REGISTRY], app[METRICS], clock=clock) as core:
         app[PULLER] = core.puller
         app[RESOLVER] = core.resolver
         app[FAST].hot = core.puller.hot
-        app[push.PUSHER] = core.pusher
+        app[PUSHER] = core.pusher
         app[RELOADER] = core.reloader
-        if push.INBOUND in app:
-            core.reloader.on_users = app[push.INBOUND].replace_users
+        if INBOUND in app:
+            core.reloader.on_users = app[INBOUND].replace_users
         yield

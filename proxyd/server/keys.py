@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxyd.config import Registry
+from proxyd.inbound import InboundAuth
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
+from proxyd.push import Pusher
 from proxyd.reload import Reloader
 from proxyd.resolver import Resolver
 
@@ -17,6 +19,8 @@ PULLER = web.AppKey("puller", Puller)
 RESOLVER = web.AppKey("resolver", Resolver)
 METRICS = web.AppKey("metrics", Metrics)
 RELOADER = web.AppKey("reloader", Reloader)
+PUSHER = web.AppKey("pusher", Pusher)
+INBOUND = web.AppKey("inbound", InboundAuth)  # only where proxyd has users of its own
 
 
 @dataclass
@@ -34,3 +38,4 @@ class Access:
 
 
 ACCESS = web.RequestKey("access", Access)
+USER = web.RequestKey("user", str)  # the inbound user who authenticated, if one did

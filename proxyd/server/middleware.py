@@ -1,5 +1,6 @@
 """Cross-cutting concerns: a request id on every log event, one access-log event per
-request, and every error rendered in the OCI error format."""
+request, every error rendered in the OCI error format, and clients authenticated to
+proxyd where `auth_required` says so."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
+from proxyd.inbound import CHALLENGE
 from proxyd.log import ACCESS_LOGGER, HOLE, AccessTemplate
-from proxyd.server.keys import ACCESS, METRICS, Access
+from proxyd.server.keys import ACCESS, INBOUND, METRICS, USER, Access
 
 log = structlog.get_logger(ACCESS_LOGGER)
 errlog = structlog.get_logger("proxyd.server")
@@ -48,6 +50,25 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.bind_contextvars(request_id=request_id)
     request[ACCESS] = Access(request_id=request_id)
     return await oci_errors(request, handler)
+
+
+@web.middleware
+async def inbound_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Clients authenticate to proxyd where `auth_required` says so. Their
+    Authorization header is read here and goes nowhere else."""
+    auth = request.app.get(INBOUND)
+    if auth is None:
+        return await handler(request)
+    user = await auth.authenticate(
+        request.method, request.path, request.headers.get(hdrs.AUTHORIZATION)
+    )
+    if user is not None:
+        request[USER] = user
+    response = await handler(request)
+    if request.path in ("/v2", "/v2/") and not response.prepared:
+        # The probe tells clients that proxyd takes Basic credentials (for pushes).
+        response.headers[hdrs.WWW_AUTHENTICATE] = CHALLENGE
+    return response
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

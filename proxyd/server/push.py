@@ -1,7 +1,6 @@
-"""Request handlers of pushes (blob uploads, manifest PUT, DELETE) and the inbound
-access check: parse, call the push core, render. proxyd answers with its own upload
-locations (`/v2/<name>/blobs/uploads/<uuid>`, keeping the client's `ns`), never the
-registry's."""
+"""Request handlers of pushes (blob uploads, manifest PUT, DELETE): parse, call the
+push core, render. proxyd answers with its own upload locations
+(`/v2/<name>/blobs/uploads/<uuid>`, keeping the client's `ns`), never the registry's."""
 
 from __future__ import annotations
 
@@ -12,36 +11,12 @@ from urllib.parse import urlencode
 from aiohttp import hdrs, web
 
 from proxyd.errors import DigestInvalid, ProxydError, Unsupported
-from proxyd.inbound import CHALLENGE, InboundAuth
-from proxyd.push import Pusher, Started
+from proxyd.push import Started
 from proxyd.reference import ApiPath, Digest, Endpoint
 from proxyd.routing import Target, route
-from proxyd.server.keys import ACCESS, REGISTRY
-from proxyd.server.middleware import API_VERSION_HEADER, Handler
+from proxyd.server.keys import ACCESS, PUSHER, REGISTRY, USER
+from proxyd.server.middleware import API_VERSION_HEADER
 from proxyd.uploads import UploadSession
-
-PUSHER = web.AppKey("pusher", Pusher)
-INBOUND = web.AppKey("inbound", InboundAuth)
-USER = web.RequestKey("user", str)
-
-
-@web.middleware
-async def inbound_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Clients authenticate to proxyd where `auth_required` says so. Their
-    Authorization header is read here and goes nowhere else."""
-    auth = request.app.get(INBOUND)
-    if auth is None:
-        return await handler(request)
-    user = await auth.authenticate(
-        request.method, request.path, request.headers.get(hdrs.AUTHORIZATION)
-    )
-    if user is not None:
-        request[USER] = user
-    response = await handler(request)
-    if request.path in ("/v2", "/v2/") and not response.prepared:
-        # The probe tells clients that proxyd takes Basic credentials (for pushes).
-        response.headers[hdrs.WWW_AUTHENTICATE] = CHALLENGE
-    return response
 
 
 async def handle(request: web.Request, target: Target, path: ApiPath) -> web.StreamResponse:
