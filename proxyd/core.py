@@ -86,6 +86,7 @@ async def open_core(
             manifest_memory=settings.cache.manifest_memory,
             on_commit=evictor.committed,
             metrics=metrics,
+            clock=clock,
         )
         resolver = Resolver(
             puller,
@@ -94,6 +95,7 @@ async def open_core(
             offline=settings.offline,
             tags_can_move=lambda ns: registry.push_allowed(ns) or ns.allow_delete,
             metrics=metrics,
+            clock=clock,
         )
         pusher = Pusher(
             registry,

@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.download import Download
 from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, UpstreamError
 from proxyd.flight import SingleFlight
@@ -79,11 +80,12 @@ class Puller:
         manifest_memory: int = 32 << 20,
         on_commit: Callable[[int], None] = lambda size: None,
         metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
         self.upstream = upstream
         self.max_manifest_size = max_manifest_size
-        self.hot = HotManifests(store, manifest_memory)
+        self.hot = HotManifests(store, manifest_memory, clock=clock.monotonic)
         self.on_commit = on_commit  # a blob of this size was stored (eviction watches)
         self.metrics = metrics or Metrics()
         self._flights: SingleFlight[Manifest] = SingleFlight(on_join=self.metrics.coalesced.inc)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.convert import convert_legacy_config
 from proxyd.errors import (
     DigestInvalid,
@@ -69,6 +70,7 @@ class Resolver:
         offline: bool = False,
         tags_can_move: Callable[[Namespace], bool] = lambda namespace: True,
         metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.puller = puller
         self.upstream = upstream
@@ -81,7 +83,7 @@ class Resolver:
         # A tag is answered from memory only while its manifest is: without manifest
         # memory there is nothing to remember tags with.
         self.hot_tags: HotTags[Digest] = HotTags(
-            max_entries=MAX_HOT_TAGS if puller.hot.max_bytes > 0 else 0
+            max_entries=MAX_HOT_TAGS if puller.hot.max_bytes > 0 else 0, clock=clock.monotonic
         )
         self._flights: SingleFlight[Any] = SingleFlight(on_join=self.metrics.coalesced.inc)
 

@@ -23,7 +23,7 @@ from proxyd.reference import Digest
 from proxyd.server.keys import PULLER
 from proxyd.store import BlobStore, BlobWriter, Buffer
 from proxyd.writebehind import WriteBehind
-from tests.conftest import host, oci_code, origin, until_stored
+from tests.conftest import host, oci_code, origin, until, until_logged, until_stored
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 LAYER = bytes(range(256)) * 4096  # 1 MiB
@@ -115,10 +115,7 @@ async def test_a_failed_rename_after_the_release_keeps_nothing_and_is_logged(
     with capture_logs() as events:
         response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
         assert await asyncio.wait_for(response.read(), 10) == LAYER  # verified: complete
-        for _ in range(500):
-            if any(e["event"] == "blob.not_stored" for e in events):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: any(e["event"] == "blob.not_stored" for e in events))
 
     failed = [e for e in events if e["event"] == "blob.not_stored"]
     assert len(failed) == 1 and "No space left" in failed[0]["error"]
@@ -140,12 +137,10 @@ async def test_the_temporary_file_is_made_while_upstream_is_asked(
     server = await start_fake(upstream)
     proxyd = await make_proxyd(config(server) + "\nread_timeout = 1")
     request = asyncio.create_task(proxyd.get(f"/v2/team/app/blobs/{image.layer}"))
-    for _ in range(500):
-        if list((cache_dir / "tmp").iterdir()):
-            break
-        await asyncio.sleep(0.01)
+    await until(
+        lambda: any((cache_dir / "tmp").iterdir()) and upstream.requests(f"/blobs/{image.layer}")
+    )
     assert [p.name[:16] for p in (cache_dir / "tmp").iterdir()] == [image.layer[7:23]]
-    assert upstream.requests(f"/blobs/{image.layer}")
 
     response = await asyncio.wait_for(request, 10)
     assert response.status == 502  # the read timeout
@@ -160,7 +155,9 @@ async def test_a_blob_request_that_fails_before_reaching_upstream_leaves_no_file
     proxyd = await make_proxyd(config(await start_fake(upstream)), offline=True)
     response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert response.status == 503  # offline: refused at once, no upstream asked
-    await asyncio.sleep(0.05)  # turns of the loop after the failure
+    await until_logged(proxyd)
+    for _ in range(5):  # turns of the loop after the failure: the file would be made there
+        await asyncio.sleep(0)
     assert list((cache_dir / "tmp").iterdir()) == []
     assert upstream.seen == []
 
@@ -201,10 +198,7 @@ async def test_a_manifest_is_answered_before_it_is_stored_and_from_memory_until_
     assert store.linked(ns, "team/app", digest, "_manifests") is None  # not yet
 
     held_fsync.set()
-    for _ in range(500):
-        if store.linked(ns, "team/app", digest, "_manifests") is not None:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: store.linked(ns, "team/app", digest, "_manifests") is not None)
     assert store.read(digest) == image.manifest
     assert store.linked(ns, "team/app", digest, "_manifests") == first.content_type
 

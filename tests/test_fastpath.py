@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.reference import Digest
 from proxyd.server import fastpath
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import PULLER, REGISTRY, RESOLVER
-from tests.conftest import host, origin
+from proxyd.server.keys import PULLER, REGISTRY
+from tests.conftest import FakeClock, host, origin
 from tests.fakes import FakeImage, FakeRegistry, make_image
 from tests.test_inbound import basic, write_htpasswd
 
@@ -271,13 +272,16 @@ DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 TAG = "/v2/team/app/manifests/v1"
 
 
-async def tag_twice(make_proxyd: Any, start_fake: Any, *namespace_keys: str) -> Any:
+async def tag_twice(
+    make_proxyd: Any, start_fake: Any, *namespace_keys: str, clock: Clock = SYSTEM_CLOCK
+) -> Any:
     """proxyd after a tag was asked for twice (fetched, then answered from memory),
     with the Accept lines of containerd's and docker's resolvers."""
     upstream = FakeRegistry()
     upstream.add(make_image())
     proxyd = await make_proxyd(
-        upstream_config(await start_fake(upstream)) + "\n".join(["", *namespace_keys])
+        upstream_config(await start_fake(upstream)) + "\n".join(["", *namespace_keys]),
+        clock=clock,
     )
     conn = await Connection.open(proxyd)
     for cache in ("miss", "hit"):
@@ -330,9 +334,8 @@ async def test_where_tags_can_move_through_proxyd_they_are_never_answered_from_m
 
 
 async def test_a_tag_answer_is_remembered_for_a_second_at_most(make_proxyd, start_fake):
-    proxyd = await tag_twice(make_proxyd, start_fake)
-    puller = proxyd.server.app[PULLER]
-    later = puller.hot.clock() + 1.1
-    puller.hot.clock = proxyd.server.app[RESOLVER].hot_tags.clock = lambda: later
+    clock = FakeClock()
+    proxyd = await tag_twice(make_proxyd, start_fake, clock=clock)
+    clock.advance(1.1)
     assert await tag_once_more(proxyd) == (200, "hit")  # asked the small cache
     assert fast(proxyd).answered == 0

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import host, oci_code, origin, until_stored
+from tests.conftest import host, oci_code, origin, until_logged, until_stored
 from tests.fakes import FakeImage, FakeRegistry, FakeTokenServer, make_image
 
 
@@ -461,7 +461,7 @@ async def test_each_request_is_one_access_log_event(make_proxyd, start_fake):
     with capture_logs() as logs:
         response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
         body = await response.read()
-        await asyncio.sleep(0.05)  # the event is written once the response is sent
+        await until_logged(proxyd)  # the event is written once the response is sent
     [event] = [e for e in logs if e["event"] == "request"]
     assert event["method"] == "GET"
     assert event["status"] == 200
@@ -482,14 +482,16 @@ async def test_secrets_never_reach_the_log(make_proxyd, start_fake):
     with capture_logs() as logs:
         assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
         assert (await proxyd.get(f"/v2/team/app/blobs/{image.layer}")).status == 200
-        await asyncio.sleep(0.05)
+        await until_logged(proxyd)
     text = repr(logs)
     assert "wonderland" not in text
     assert "token-1" not in text
     assert "Basic " not in text and "Bearer " not in text
 
 
-async def test_a_range_on_a_miss_is_206_and_the_whole_blob_is_stored(make_proxyd, start_fake):
+async def test_a_range_on_a_miss_is_206_and_the_whole_blob_is_stored(
+    make_proxyd, start_fake, cache_dir
+):
     upstream = FakeRegistry()
     image = upstream.add(make_image())
     server = await start_fake(upstream)
@@ -499,7 +501,7 @@ async def test_a_range_on_a_miss_is_206_and_the_whole_blob_is_stored(make_proxyd
     assert part.status == 206
     assert part.headers["Content-Range"] == f"bytes 10-19/{len(blob)}"
     assert await part.read() == blob[10:20]
-    await asyncio.sleep(0.1)  # the download goes on without the client
+    await until_stored(cache_dir, image.layer)  # the download goes on without the client
     whole = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert whole.headers["X-Proxyd-Cache"] == "hit"
     assert await whole.read() == blob
