@@ -1,6 +1,6 @@
 """The core objects of a running proxyd, built once from the configuration and closed
 in order: the store, the small-response cache, eviction, the upstream client, the
-puller, the resolver, the pusher, and the reloader of credentials. The HTTP app and
+puller, the resolver, the pusher and the uploader, and the reloader of credentials. The HTTP app and
 `proxyd prefetch` both run on it. One clock reaches every component that reads the
 time (proxyd.clock), so a test can advance it for the whole core."""
 
@@ -21,6 +21,7 @@ from proxyd.reload import Reloader
 from proxyd.resolver import Resolver
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
+from proxyd.uploader import Uploader
 from proxyd.uploads import UploadTracker
 from proxyd.upstream import UpstreamClient
 
@@ -35,6 +36,7 @@ class Core:
     puller: Puller
     resolver: Resolver
     pusher: Pusher
+    uploader: Uploader
     metrics: Metrics
     reloader: Reloader
 
@@ -102,15 +104,17 @@ async def open_core(
             store,
             upstream,
             max_manifest_size=settings.max_manifest_size,
-            upload_ttl=settings.upload_ttl,
-            on_commit=evictor.committed,
             on_tag_changed=resolver.tag_changed,
-            tracker=UploadTracker(settings.upload_ttl, clock=clock.monotonic),
+        )
+        uploader = Uploader(
+            pusher,
+            UploadTracker(settings.upload_ttl, clock=clock.monotonic),
+            on_commit=evictor.committed,
         )
         reloader = Reloader(registry, interval=settings.credential_refresh, clock=clock)
         upstream.on_refused = reloader.refused
         evictor.start()  # without limits it only measures the store, for the metrics
-        pusher.start()
+        uploader.start()
         reloader.start()
         try:
             await small.open()
@@ -123,12 +127,13 @@ async def open_core(
                 puller,
                 resolver,
                 pusher,
+                uploader,
                 metrics,
                 reloader,
             )
         finally:
             await reloader.stop()
             await evictor.stop()
-            await pusher.close()
+            await uploader.close()
             await puller.close()
             await small.close()

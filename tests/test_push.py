@@ -21,7 +21,7 @@ from multidict import CIMultiDictProxy
 from proxyd.config import ConfigError, build_registry, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.hosts import Capability
-from proxyd.server.keys import PUSHER
+from proxyd.server.keys import UPLOADER
 from proxyd.uploads import confirmed_offset, parse_content_range, upstream_suffix
 from proxyd.upstream import UpstreamClient
 from tests.conftest import FakeClock, host, origin, until
@@ -552,7 +552,7 @@ async def test_an_abandoned_upload_expires(make_proxyd, start_fake, cache_dir):
     server = await serve(start_fake, upstream)
     clock = FakeClock()  # a pause of the test (a GC) must not expire it early
     proxyd = await make_proxyd(f"upload_ttl = 0.05\n{push_config(server)}", clock=clock)
-    uploads = proxyd.server.app[PUSHER].uploads
+    uploads = proxyd.server.app[UPLOADER].uploads
     location = (await start(proxyd)).headers["Location"]
     await proxyd.patch(location, data=b"abc")
     assert any((cache_dir / "tmp").iterdir())

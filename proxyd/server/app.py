@@ -14,7 +14,16 @@ from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
 from proxyd.server import handlers, health
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import INBOUND, METRICS, PULLER, PUSHER, REGISTRY, RELOADER, RESOLVER
+from proxyd.server.keys import (
+    INBOUND,
+    METRICS,
+    PULLER,
+    PUSHER,
+    REGISTRY,
+    RELOADER,
+    RESOLVER,
+    UPLOADER,
+)
 from proxyd.server.middleware import add_request_id, inbound_auth, request_context
 
 
@@ -52,6 +61,7 @@ async def _core(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
         app[RESOLVER] = core.resolver
         app[FAST].hot = core.puller.hot
         app[PUSHER] = core.pusher
+        app[UPLOADER] = core.uploader
         app[RELOADER] = core.reloader
         if INBOUND in app:
             core.reloader.on_users = app[INBOUND].replace_users

@@ -13,6 +13,7 @@ from proxyd.puller import Puller
 from proxyd.push import Pusher
 from proxyd.reload import Reloader
 from proxyd.resolver import Resolver
+from proxyd.uploader import Uploader
 
 REGISTRY = web.AppKey("registry", Registry)
 PULLER = web.AppKey("puller", Puller)
@@ -20,6 +21,7 @@ RESOLVER = web.AppKey("resolver", Resolver)
 METRICS = web.AppKey("metrics", Metrics)
 RELOADER = web.AppKey("reloader", Reloader)
 PUSHER = web.AppKey("pusher", Pusher)
+UPLOADER = web.AppKey("uploader", Uploader)
 INBOUND = web.AppKey("inbound", InboundAuth)  # only where proxyd has users of its own
 
 

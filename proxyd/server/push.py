@@ -11,11 +11,11 @@ from urllib.parse import urlencode
 from aiohttp import hdrs, web
 
 from proxyd.errors import DigestInvalid, ProxydError, Unsupported
-from proxyd.push import Started
 from proxyd.reference import ApiPath, Digest, Endpoint
 from proxyd.routing import Target, route
-from proxyd.server.keys import ACCESS, PUSHER, REGISTRY, USER
+from proxyd.server.keys import ACCESS, PUSHER, REGISTRY, UPLOADER, USER
 from proxyd.server.middleware import API_VERSION_HEADER
+from proxyd.uploader import Started
 from proxyd.uploads import UploadSession
 
 
@@ -45,7 +45,6 @@ async def handle(request: web.Request, target: Target, path: ApiPath) -> web.Str
 
 
 async def start_upload(request: web.Request, target: Target, path: ApiPath) -> web.Response:
-    pusher = request.app[PUSHER]
     query = request.query
     if "digest" in query and "mount" in query:
         raise Unsupported("an upload is either a mount or a blob with its digest, not both")
@@ -55,7 +54,7 @@ async def start_upload(request: web.Request, target: Target, path: ApiPath) -> w
             mount_from = route(request.app[REGISTRY], query["from"], query.get("ns"))
         except ProxydError:
             mount_from = None  # not a repository proxyd knows: upstream gets no source
-    started = await pusher.start_upload(
+    started = await request.app[UPLOADER].start_upload(
         target,
         request.get(USER),
         digest=_digest(query, "digest"),
@@ -68,7 +67,7 @@ async def start_upload(request: web.Request, target: Target, path: ApiPath) -> w
 
 
 async def append(request: web.Request, target: Target, path: ApiPath) -> web.Response:
-    session = await request.app[PUSHER].append(
+    session = await request.app[UPLOADER].append(
         target,
         path.reference,
         request.get(USER),
@@ -83,7 +82,7 @@ async def finish(request: web.Request, target: Target, path: ApiPath) -> web.Res
     digest = _digest(request.query, "digest")
     if digest is None:
         raise DigestInvalid("finishing an upload needs ?digest=")
-    request[ACCESS].host = await request.app[PUSHER].finish_upload(
+    request[ACCESS].host = await request.app[UPLOADER].finish_upload(
         target,
         path.reference,
         request.get(USER),
@@ -95,12 +94,12 @@ async def finish(request: web.Request, target: Target, path: ApiPath) -> web.Res
 
 
 async def status(request: web.Request, target: Target, path: ApiPath) -> web.Response:
-    session = await request.app[PUSHER].status(target, path.reference, request.get(USER))
+    session = await request.app[UPLOADER].status(target, path.reference, request.get(USER))
     return _upload_response(request, path, session, 204)
 
 
 async def cancel(request: web.Request, target: Target, path: ApiPath) -> web.Response:
-    await request.app[PUSHER].cancel(target, path.reference, request.get(USER))
+    await request.app[UPLOADER].cancel(target, path.reference, request.get(USER))
     return web.Response(status=204, headers=API_VERSION_HEADER)
 
 
