@@ -189,7 +189,8 @@ def _refused_for_no_certificate(
     `certificate required`, or without a word, as asyncio does). Nothing is sent, so
     nothing is left unread when proxyd closes (which would reset the connection)."""
     sock = connection.sock
-    assert isinstance(sock, ssl.SSLSocket)
+    if not isinstance(sock, ssl.SSLSocket):  # connect() made one: HTTPSConnection
+        raise Unhealthy(f"{url}: no TLS connection")
     try:
         sock.settimeout(timeout)
         data = sock.recv(1)
