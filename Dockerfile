@@ -1,7 +1,9 @@
-# syntax=docker/dockerfile:1
 # proxyd's container image:  docker build -t proxyd .
+#   (podman or buildah: podman build --format docker -t proxyd .  The OCI format they
+#   default to has no HEALTHCHECK, so without --format docker it is dropped.)
 #   docker run -d -p 127.0.0.1:5000:5000 -v proxyd-cache:/var/cache/proxyd proxyd
 # A configuration of your own: mount it over /etc/proxyd/proxyd.toml (read-only).
+# No `# syntax=` line: BuildKit would fetch that frontend image first, on every build.
 
 # -- builder: proxyd and its dependencies, installed under /install -----------------
 FROM python:3.11-slim AS builder
@@ -30,8 +32,10 @@ COPY config/proxyd.toml /etc/proxyd/proxyd.toml
 USER 10001:10001
 VOLUME /var/cache/proxyd
 EXPOSE 5000
-# slim has no curl: ask /healthz with the interpreter, on the port of PROXYD_LISTEN.
+# `proxyd health` reads the settings `proxyd serve` reads (PROXYD_* set here or by
+# `docker run -e`, the config file): it asks /healthz where proxyd listens, over HTTPS
+# when PROXYD_TLS_CERT is set; exit 0 healthy, 1 not (the reason in `docker inspect`).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('PROXYD_LISTEN', ':5000').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
+    CMD ["proxyd", "health"]
 ENTRYPOINT ["proxyd"]
 CMD ["serve"]

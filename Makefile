@@ -3,30 +3,39 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two stamps: `make run` installs what running needs, `make test` (and lint, typecheck)
+# the test tools too; either may come first. The dev install holds the run install.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 BENCH_ARGS ?=
 BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: run test lint typecheck check bench bench-smoke clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
 
-run: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(RUN_STAMP)
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEV_STAMP) $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/proxyd serve $(ARGS)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check proxyd tests bench
 	$(BIN)/ruff format --check proxyd tests bench
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
@@ -34,7 +43,7 @@ check: lint typecheck test
 # The benchmark (docs/performance.md): `make bench` runs the full one (~10 min),
 # `make bench-smoke` the same code path with tiny sizes (CI, < 2 min).
 # BENCH_ARGS passes flags on, e.g. BENCH_ARGS="--update-docs" or "--only cold_pull".
-$(BENCH_STAMP): $(STAMP) bench/requirements.txt bench/requirements-optional.txt
+$(BENCH_STAMP): $(DEV_STAMP) bench/requirements.txt bench/requirements-optional.txt
 	$(BIN)/pip install -q -r bench/requirements.txt
 	grep -v '^#' bench/requirements-optional.txt | while read -r pkg; do \
 	  [ -z "$$pkg" ] || $(BIN)/pip install -q "$$pkg" || echo "bench: $$pkg did not install; its rows are skipped"; \

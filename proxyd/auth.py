@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from proxyd import clienterrors
 from proxyd.credentials import Credential
 from proxyd.errors import TokenError, Unauthorized
 from proxyd.flight import SingleFlight
@@ -201,7 +202,9 @@ class Authorizer:
                     "GET", realm, ssl, params=self._query(service, scope)
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TokenError(f"token server {realm} for {host.host} is unreachable: {exc}") from exc
+            raise TokenError(
+                f"token server {realm} for {host.host} is unreachable: {clienterrors.describe(exc)}"
+            ) from exc
         if status in (401, 403):
             raise Unauthorized(
                 f"token server {realm} refused proxyd's credentials for {host.host}"

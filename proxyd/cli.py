@@ -1,7 +1,7 @@
-"""`proxyd serve | check-config | prefetch | cache gc|stats | init ENGINE`: the command
-line parsed and dispatched. Every command reads the same settings the same way (flags,
-then PROXYD_* variables, then the --config file, then the defaults); what `serve` runs,
-the daemon's lifecycle, is proxyd.server.daemon's."""
+"""`proxyd serve | check-config | health | prefetch | cache gc|stats | init ENGINE`: the
+command line parsed and dispatched. Every command reads the same settings the same way
+(flags, then PROXYD_* variables, then the --config file, then the defaults); what
+`serve` runs, the daemon's lifecycle, is proxyd.server.daemon's."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, engines
+from proxyd import __version__, engines, healthcheck
 from proxyd.config import (
     ConfigError,
     Registry,
+    Settings,
     build_registry,
     check_upstream_tls,
     load_settings,
@@ -31,6 +32,7 @@ examples:
   proxyd serve --allow-push ghcr.io --htpasswd /etc/proxyd/htpasswd
   PROXYD_LISTEN=0.0.0.0:5000 proxyd serve
   proxyd check-config --config proxyd.toml
+  proxyd health --ready                          # exit 0 when /readyz answers 200, else 1
   proxyd cache stats
   proxyd cache gc --dry-run
   proxyd prefetch --platform linux/amd64 alpine:3.20 ghcr.io/org/app:v1
@@ -98,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the configuration and print every host chain"
     )
     _settings_flags(check)
+    health = commands.add_parser(
+        "health",
+        help="exit 0 when the proxyd of these settings answers /healthz, else 1",
+        description=healthcheck.DESCRIPTION,
+    )
+    healthcheck.add_arguments(health)
+    _settings_flags(health)
     prefetch = commands.add_parser(
         "prefetch",
         help="pull images into the cache (before an outage or an air gap)",
@@ -166,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> Registry:
+    registry = build_registry(load_args_settings(args))
+    if args.command in ("serve", "check-config"):
+        check_upstream_tls(registry)  # the commands that connect, or say whether they could
+    return registry
+
+
+def load_args_settings(args: argparse.Namespace) -> Settings:
     config = args.config or (
         Path(os.environ["PROXYD_CONFIG"]) if os.environ.get("PROXYD_CONFIG") else None
     )
@@ -187,10 +203,7 @@ def load(args: argparse.Namespace) -> Registry:
             "htpasswd",
         )
     }
-    registry = build_registry(load_settings(config, **flags))
-    if args.command in ("serve", "check-config"):
-        check_upstream_tls(registry)  # the commands that connect, or say whether they could
-    return registry
+    return load_settings(config, **flags)
 
 
 def check_config(registry: Registry) -> int:
@@ -293,6 +306,8 @@ def _write_plan(plan: engines.Plan) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "health":  # the settings alone, no registry; exit 0 or 1, never 2
+        return healthcheck.main(lambda: load_args_settings(args), args)
     try:
         registry = load(args)
     except ConfigError as exc:

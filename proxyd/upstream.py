@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
+from proxyd import clienterrors
 from proxyd.auth import Authorizer
 from proxyd.breaker import Breakers, parse_retry_after
 from proxyd.clock import SYSTEM_CLOCK, Clock
@@ -312,13 +313,7 @@ def _describe(exc: BaseException) -> str:
         return exc.message
     if isinstance(exc, TLSSetupError):
         return str(exc)
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return (
-            f"the TLS certificate of {exc.host}:{exc.port} is not trusted "
-            f"({exc.certificate_error}): give the host `ca` (its CA's PEM file), "
-            "or skip_verify = true"
-        )
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return clienterrors.describe(exc)  # in words: aiohttp's own messages hold reprs
 
 
 def _chain_error(namespace: Namespace, failures: list[HostFailure]) -> ProxydError:

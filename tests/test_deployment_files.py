@@ -1,7 +1,8 @@
 """The files for running proxyd elsewhere (Dockerfile, config/examples/) parse, hold
 configurations proxyd accepts, and keep the promises made in their comments: loopback
-only, a non-root user, health checks on /healthz and /readyz. No engine runs here, so
-the image is not built; this checks what can be checked without one."""
+only, a non-root user, health checks on /healthz and /readyz. No engine builds the
+image here; this checks what can be checked without one (tests/e2e/test_deployment_probes.py
+runs the health checks themselves)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_dockerfile_runs_proxyd_as_a_user_of_its_own() -> None:
 
 def test_dockerfile_serves_on_5000_with_a_health_check_and_a_cache_volume() -> None:
     final = dict(dockerfile_stages()[-1][::-1])  # the last of each instruction
-    assert "/healthz" in final["HEALTHCHECK"] and "urllib.request" in final["HEALTHCHECK"]
+    assert final["HEALTHCHECK"].endswith(' CMD ["proxyd", "health"]')  # /healthz, as served
     assert final["EXPOSE"] == "5000"
     assert final["VOLUME"] == "/var/cache/proxyd"
     assert final["ENTRYPOINT"] == '["proxyd"]'
@@ -94,6 +95,14 @@ def test_dockerfile_serves_on_5000_with_a_health_check_and_a_cache_volume() -> N
         "PROXYD_LOG_FORMAT=json",
     ):
         assert setting in env
+
+
+def test_dockerfile_needs_nothing_but_its_base_image_and_pypi() -> None:
+    """No parser directive: `# syntax=` makes BuildKit fetch a frontend image first."""
+    text = (PROJECT_ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    sources = {a.split()[0] for stage in dockerfile_stages() for i, a in stage if i == "FROM"}
+    assert sources == {"python:3.11-slim"}
 
 
 def test_dockerfile_carries_no_secrets() -> None:
@@ -199,8 +208,9 @@ def test_sidecar_serves_the_pod_on_loopback_and_its_config_loads(tmp_path: Path)
     (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "proxyd"]
     assert sidecar["restartPolicy"] == "Always"
     assert env_of(sidecar)["PROXYD_LISTEN"] == "127.0.0.1:5000"
-    assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
-    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # The kubelet's httpGet would go to the pod's IP: proxyd is not there.
+    assert sidecar["startupProbe"]["exec"]["command"] == ["proxyd", "health", "--ready"]
+    assert sidecar["livenessProbe"]["exec"]["command"] == ["proxyd", "health"]
     assert sidecar["securityContext"]["runAsNonRoot"] is True
 
 

@@ -1,10 +1,11 @@
 """Harness for end-to-end tests against real peers.
 
 Every peer a test talks to is a real program (distribution's ``docker-registry``,
-``skopeo``, ``containerd``/``ctr``, ``podman``) or a small in-process aiohttp server
-standing in for one (the token server, faulty mirrors).  All of them listen on
-127.0.0.1 only, on a free port chosen at run time, keep their state in a temporary
-directory and are stopped by the fixture that started them.
+``skopeo``, ``containerd``/``ctr``, ``podman``, ``dockerd``) or a small in-process
+aiohttp server standing in for one (the token server, faulty mirrors).  All of them
+listen on 127.0.0.1 only (or inside a network namespace of the test's own), on a free
+port chosen at run time, keep their state in a temporary directory and are stopped by
+the fixture that started them.
 
 Modules, by role:
 
@@ -15,6 +16,8 @@ Modules, by role:
 - ``image``: builds a small OCI image layout from a seed and pushes it.
 - ``clients``: skopeo, containerd/ctr and podman, each bounded in time.
 - ``proxyd``: proxyd itself, as a subprocess.
+- ``dockerd``: a private docker engine and its CLI.
+- ``netns``: network namespaces, a container's or a pod's network.
 
 This module holds what they share: finding binaries, free ports, waiting for a
 server, and running commands with a deadline.

@@ -26,7 +26,8 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -198,6 +199,17 @@ class ProxydProcess(Listening):
         """SIGHUP, as `systemctl reload proxyd` sends it."""
         assert self._proc is not None and self._proc.poll() is None, "proxyd is not running"
         self._proc.send_signal(signal.SIGHUP)
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """SIGSTOP for the block, then SIGCONT: a hung daemon, whose port still
+        accepts connections (the kernel's backlog) but answers nothing."""
+        assert self._proc is not None and self._proc.poll() is None, "proxyd is not running"
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
