@@ -13,9 +13,10 @@ the earlier of the manifest's and the tag's deadlines).
 
 It only ever answers the simplest case and hands everything else to aiohttp
 untouched: one complete `GET` or `HEAD` in the data received, HTTP/1.1, keep-alive,
-no body, on a connection that is idle (nothing queued, nothing in progress, nothing
-half-parsed), with only headers known to change nothing about the answer. Access
-log, metrics and response headers are the same as the handler's.
+no body, on a connection that is idle (aiohttp waiting for its next request, every
+earlier answer written, nothing half-parsed), with only headers known to change
+nothing about the answer. Access log, metrics and response headers are the same as
+the handler's.
 """
 
 from __future__ import annotations
@@ -261,8 +262,7 @@ class FastRequestHandler(RequestHandler):
         if (
             self._at_boundary
             and self._fast.enabled
-            and not self._messages
-            and not self._request_in_progress
+            and self._idle()
             and self._payload_parser is None
             and not self._upgraded
             and not self._close
@@ -287,6 +287,14 @@ class FastRequestHandler(RequestHandler):
             and self._payload_parser is None
             and not self._upgraded
         )
+
+    def _idle(self) -> bool:
+        """Whether aiohttp is waiting for the next request, every earlier answer
+        written. An empty queue is not enough: aiohttp takes a request off it and
+        starts handling it a loop turn later (the handler runs as a task of its own),
+        and an answer written in between would overtake that request's."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
 
 
 class FastServer(web.Server):
@@ -316,7 +324,7 @@ class FastServer(web.Server):
 # an aiohttp that differs runs without remembered answers instead of failing.
 NEEDED_PROTOCOL_STATE = (
     "_messages",
-    "_request_in_progress",
+    "_waiter",
     "_payload_parser",
     "_upgraded",
     "_close",
