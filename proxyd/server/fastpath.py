@@ -36,24 +36,10 @@ from proxyd.hot import HotManifests
 from proxyd.metrics import Metrics
 from proxyd.server.keys import Access
 from proxyd.server.middleware import AccessLine, new_request_id
+from proxyd.server.simplehead import accept_key, simple_head
 
 log = structlog.get_logger("proxyd.server")
 MAX_ANSWERS = 4096
-# Request headers that cannot change the answer to a manifest by digest (Accept may
-# choose a tag's answer: tag answers are kept per Accept lines). Anything else
-# (conditions, ranges, credentials, bodies, upgrades) goes through aiohttp.
-HARMLESS = frozenset(
-    {
-        b"host",
-        b"user-agent",
-        b"accept",
-        b"accept-encoding",
-        b"accept-language",
-        b"docker-distribution-api-version",
-        b"x-request-id",
-        b"connection",
-    }
-)
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 
 
@@ -106,7 +92,7 @@ class FastAnswers:
         target = raw_target.encode("utf-8", "surrogateescape")
         accepted = None
         if accept is not None:
-            accepted = _accepted([a.encode("utf-8", "surrogateescape") for a in accept])
+            accepted = accept_key(a.encode("utf-8", "surrogateescape") for a in accept)
         self._drop(target, accepted)
         size = len(manifest.body)
         if size > hot.max_bytes:
@@ -153,38 +139,17 @@ class FastAnswers:
     def answer(self, data: bytes) -> bytes | None:
         """The whole response to `data`, or None to let aiohttp handle it."""
         start = time.perf_counter()
-        end = data.find(b"\r\n\r\n")
-        if end != len(data) - 4 or end < 0:
-            return None  # not exactly one complete head (a body, a pipeline, a part)
-        line_end = data.find(b"\r\n")
-        request_line = data[:line_end].split(b" ")
-        if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
+        request = simple_head(data)
+        if request is None:
             return None
-        method, target = request_line[0], request_line[1]
-        if method != b"GET" and method != b"HEAD":
-            return None
+        method, target = request.method, request.target
         remembered = self._answers.get(target)
         tags = self._tag_answers.get(target) if remembered is None else None
         if (remembered is None and tags is None) or self.hot is None:
             return None
-        request_id = b""
-        accept: list[bytes] = []
-        if line_end != end:
-            for line in data[line_end + 2 : end].split(b"\r\n"):
-                name, colon, value = line.partition(b":")
-                name = name.lower()
-                if not colon or name not in HARMLESS:
-                    return None
-                if name == b"connection":
-                    if value.strip().lower() != b"keep-alive":
-                        return None
-                elif name == b"x-request-id":
-                    request_id = value.strip()[:64]
-                elif name == b"accept":
-                    accept.append(value.strip())
         accepted = None
         if tags is not None:
-            accepted = _accepted(accept)
+            accepted = request.accept
             remembered = tags.get(accepted)
             if remembered is None:
                 return None
@@ -192,15 +157,14 @@ class FastAnswers:
         if not self.hot.is_current(remembered.generation, remembered.fresh_until):
             self._drop(target, accepted)
             return None
-        if not request_id:
-            request_id = new_request_id().encode()
+        request_id = request.request_id or new_request_id()
         head = method == b"HEAD"
         self.answered += 1
         response = b"".join(
             (
                 remembered.head_lines,
                 b"X-Request-Id: ",
-                request_id,
+                request_id.encode(),
                 b"\r\nDate: ",
                 self._http_date(),
                 b"\r\n\r\n",
@@ -211,7 +175,7 @@ class FastAnswers:
         seconds = time.perf_counter() - start
         self._account(remembered, method, sent, seconds)
         access_line = remembered.head_line if head else remembered.get_line
-        access_line.write(seconds, request_id.decode("latin-1"))
+        access_line.write(seconds, request_id)
         return response
 
     def _account(self, answer: _Answer, method: bytes, sent: int, seconds: float) -> None:
@@ -242,11 +206,6 @@ class FastAnswers:
             self._date_second = now
             self._date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
         return self._date
-
-
-def _accepted(lines: list[bytes]) -> bytes:
-    """A request's Accept lines as one key: in order, as the client sent them."""
-    return b"\n".join(lines)
 
 
 class FastRequestHandler(RequestHandler):

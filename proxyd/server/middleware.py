@@ -4,6 +4,7 @@ request, and every error rendered in the OCI error format."""
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,10 +41,24 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids) & 0xFFFFFFFF:08x}"
 
 
+# A client's X-Request-Id is echoed in the response and written in the log: only as a
+# short token (UUIDs, hex, base64, W3C trace ids fit), else the request gets its own.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:=+/-]{1,64}")
+
+
+def safe_request_id(header: str) -> bool:
+    return _CLIENT_ID.fullmatch(header) is not None
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's request id where it is a safe token, else a fresh one."""
+    return header if header is not None and safe_request_id(header) else new_request_id()
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id to every log event of the request and render errors."""
-    request_id = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
+    request_id = request_id_from(request.headers.get("X-Request-Id"))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     request[ACCESS] = Access(request_id=request_id)
