@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
@@ -34,8 +35,9 @@ from aiohttp.web_protocol import RequestHandler
 from proxyd.fetch import Manifest
 from proxyd.hot import HotManifests
 from proxyd.metrics import Metrics
-from proxyd.server.keys import Access
-from proxyd.server.middleware import AccessLine, new_request_id
+from proxyd.server.keys import METRICS, Access
+from proxyd.server.middleware import AccessLine, AccessLogger, counting_into, new_request_id
+from proxyd.server.rejections import RejectingRequestHandler, RejectingServer
 from proxyd.server.simplehead import accept_key, simple_head
 
 log = structlog.get_logger("proxyd.server")
@@ -208,7 +210,7 @@ class FastAnswers:
         return self._date
 
 
-class FastRequestHandler(RequestHandler):
+class FastRequestHandler(RejectingRequestHandler):
     """aiohttp's connection protocol, answering remembered hits itself when the
     connection is idle and the request is one it may answer."""
 
@@ -256,24 +258,12 @@ class FastRequestHandler(RequestHandler):
         return waiter is not None and not waiter.done()
 
 
-class FastServer(web.Server):
+class FastServer(RejectingServer):
     """aiohttp's Server, making connections that know the remembered answers."""
 
     def __init__(self, handler: Any, *, fast: FastAnswers, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._fast = fast
-
-    @classmethod
-    def adopting(cls, server: web.Server, fast: FastAnswers) -> FastServer:
-        """The same server as the one aiohttp's runner built, with fast connections."""
-        return cls(
-            server.request_handler,
-            fast=fast,
-            request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation,
-            loop=server._loop,
-            **server._kwargs,
-        )
 
     def __call__(self) -> RequestHandler:
         return FastRequestHandler(self, self._fast, loop=self._loop, **self._kwargs)
@@ -303,18 +293,31 @@ def aiohttp_fits() -> bool:
 
 
 class ProxydRunner(web.AppRunner):
-    """aiohttp's AppRunner for proxyd's app: its connections answer remembered hits."""
+    """aiohttp's AppRunner for proxyd's app: its connections answer remembered hits
+    and the requests aiohttp refuses (proxyd/server/rejections.py), and its access
+    log counts every request in the app's metrics."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        access_log_class: type[AbstractAccessLogger] = AccessLogger,
+        **kwargs: Any,
+    ) -> None:
+        if access_log_class is AccessLogger:
+            access_log_class = counting_into(app[METRICS])
+        super().__init__(app, access_log_class=access_log_class, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         fast = self.app[FAST]
-        if not fast.enabled:
-            return server
-        if not (aiohttp_fits() and hasattr(server, "_kwargs") and hasattr(server, "_loop")):
+        adoptable = hasattr(server, "_kwargs") and hasattr(server, "_loop")
+        if not (adoptable and aiohttp_fits()):
+            if fast.enabled:
+                log.warning("fastpath.off", reason="this aiohttp's connection protocol differs")
             fast.enabled = False
-            log.warning("fastpath.off", reason="this aiohttp's connection protocol differs")
-            return server
-        return FastServer.adopting(server, fast)
+            return RejectingServer.adopting(server) if adoptable else server
+        return FastServer.adopting(server, fast=fast)
 
 
 FAST = web.AppKey("fast", FastAnswers)

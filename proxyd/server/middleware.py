@@ -16,6 +16,7 @@ from aiohttp.web_request import BaseRequest
 
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
 from proxyd.log import ACCESS_LOGGER, HOLE, AccessTemplate
+from proxyd.metrics import Metrics
 from proxyd.server.keys import ACCESS, METRICS, Access
 
 log = structlog.get_logger(ACCESS_LOGGER)
@@ -77,29 +78,48 @@ class AccessLogger(AbstractAccessLogger):
     """One `request` event per request, written once the response is sent, so the
     byte count and duration are the real ones."""
 
+    metrics: Metrics | None = None  # see `counting_into`; else the routed app's
+
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        access = request.get(ACCESS) or Access()
+        access = request.get(ACCESS)
+        routed = access is not None and not access.rejected  # else request.app asserts
+        if access is None:
+            access = Access()
+        metrics = self.metrics
+        if metrics is None and routed and isinstance(request, web.Request):
+            metrics = request.app.get(METRICS)
         sent = access.sent if access.sent is not None else response.content_length or 0
         if request.method == "HEAD":
             sent = 0
-        app = getattr(request, "app", None)
-        if app is not None and METRICS in app:
-            metrics = app[METRICS]
+        if metrics is not None:
             metrics.requests.labels(access.route, request.method, str(response.status)).inc()
             metrics.request_seconds.labels(access.route).observe(time)
             source = "store" if access.cache in ("hit", "stale", "revalidated") else "upstream"
             metrics.bytes_served.labels(source).inc(sent)
-        if request.path in QUIET_PATHS and response.status == 200:
+        path = request.path if routed else None  # aiohttp's stand-in for none is "/"
+        if path in QUIET_PATHS and response.status == 200:
             return  # probes every few seconds would drown the log
-        log_request(request.method, request.path, access, response.status, sent, time)
+        log_request(request.method, path, access, response.status, sent, time)
 
     @property
     def enabled(self) -> bool:
         return True
 
 
+def counting_into(metrics: Metrics) -> type[AccessLogger]:
+    """An AccessLogger that counts every request in `metrics`, the ones refused before
+    routing included (they have no app to find the metrics in). aiohttp makes one
+    logger per connection, from the class it is given."""
+
+    class CountingAccessLogger(AccessLogger):
+        pass
+
+    CountingAccessLogger.metrics = metrics
+    return CountingAccessLogger
+
+
 def log_request(
-    method: str, path: str, access: Access, status: int, sent: int, seconds: float
+    method: str, path: str | None, access: Access, status: int, sent: int, seconds: float
 ) -> None:
     """The access-log event; the request id comes from the context."""
     log.info("request", **_access_fields(method, path, access, status, sent, _ms(seconds)))
@@ -122,7 +142,7 @@ class AccessLine:
 
 
 def _access_fields(
-    method: str, path: str, access: Access, status: int, sent: int, duration_ms: object
+    method: str, path: str | None, access: Access, status: int, sent: int, duration_ms: object
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "method": method,
@@ -137,6 +157,8 @@ def _access_fields(
     }
     if access.aborted:
         fields["aborted"] = True
+    if access.rejected:
+        fields["rejected"] = access.rejected
     return fields
 
 
