@@ -381,6 +381,17 @@ async def test_an_unsatisfiable_range_on_a_stored_blob_is_an_oci_code(running):
     assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
 
 
+async def test_a_range_of_thousands_of_digits_is_judged_not_an_internal_error(running):
+    huge = "9" * 5000  # past the 4,300 digits Python's int() reads
+    status, headers, body = await send(running, blob_request(Range=f"bytes={huge}-"))
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{len(IMAGE.blobs[IMAGE.layer])}"
+    assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
+    status, _, body = await send(running, blob_request(Range=f"bytes=0-{huge}"))
+    assert status == 206
+    assert body == IMAGE.blobs[IMAGE.layer]
+
+
 async def test_a_range_in_an_unknown_unit_is_ignored(running):
     status, _, body = await send(running, blob_request(Range="items=0-1"))
     assert status == 200
