@@ -501,6 +501,17 @@ async def test_a_manifest_without_announced_digest_is_named_by_its_sha256(
         (401, {"WWW-Authenticate": 'Bearer realm="not a url"'}, b"", 502, "UNAVAILABLE"),
         (403, {}, b"", 403, "DENIED"),
         (429, {"Retry-After": "7"}, b"", 429, "TOOMANYREQUESTS"),
+        pytest.param(
+            429,
+            {"Retry-After": "\u00b2"},
+            b"",
+            429,
+            "TOOMANYREQUESTS",
+            id="retry-after-superscript",
+        ),
+        pytest.param(
+            429, {"Retry-After": "9" * 5000}, b"", 429, "TOOMANYREQUESTS", id="retry-after-huge"
+        ),
         (500, {}, b"boom", 502, "UNAVAILABLE"),
         (302, {"Location": "/v2/team/app/manifests/v1"}, b"", 502, "UNAVAILABLE"),
         pytest.param(
