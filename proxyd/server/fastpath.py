@@ -12,11 +12,14 @@ again, for as long as the core says the hit stands (`HotManifests.is_current`, u
 the earlier of the manifest's and the tag's deadlines).
 
 It only ever answers the simplest case and hands everything else to aiohttp
-untouched: one complete `GET` or `HEAD` in the data received, HTTP/1.1, keep-alive,
-no body, on a connection that is idle (aiohttp waiting for its next request, every
-earlier answer written, nothing half-parsed), with only headers known to change
-nothing about the answer. Access log, metrics and response headers are the same as
-the handler's.
+untouched: one plainly well-formed `GET` or `HEAD` head in the data received, with
+only headers known to change nothing about the answer (proxyd/server/simplehead.py
+reads it, strictly: when in doubt, aiohttp decides), on a connection that is idle
+(aiohttp waiting for its next request, every earlier answer written, nothing
+half-parsed). Access log, metrics and response headers are the same as the
+handler's. The connections of `ProxydRunner` also answer the requests aiohttp
+refuses before routing (proxyd/server/rejections.py), with or without remembered
+answers.
 """
 
 from __future__ import annotations
