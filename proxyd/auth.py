@@ -29,6 +29,7 @@ from proxyd.hosts import RegistryHost
 log = structlog.get_logger("proxyd.auth")
 
 DEFAULT_TOKEN_LIFETIME = 60  # seconds, when the token server gives no expires_in
+MAX_TOKEN_LIFETIME = 86400  # seconds: however long a token server says a token lasts
 CLIENT_ID = "proxyd"
 _TOKEN_FALLBACK_STATUSES = (400, 401, 404, 405)  # POST unsupported: try GET (as containerd)
 
@@ -243,9 +244,15 @@ class Authorizer:
             raise TokenError(
                 f"authorization server {realm} did not include a token in the response"
             )
-        expires_in = data.get("expires_in")
-        if not isinstance(expires_in, int | float) or expires_in <= 0:
-            expires_in = DEFAULT_TOKEN_LIFETIME
-        # Renew early so a token never expires between our check and the registry's.
-        lifetime = max(expires_in - 10, expires_in / 2)
-        return _Token(value, self._clock() + lifetime)
+        return _Token(value, self._clock() + token_lifetime(data.get("expires_in")))
+
+
+def token_lifetime(expires_in: object) -> float:
+    """Seconds to keep a token the server says lasts `expires_in`: renewed early, so it
+    never expires between proxyd's check and the registry's. Anything but a positive
+    number (absent, a string, NaN) is DEFAULT_TOKEN_LIFETIME, and no number is more
+    than MAX_TOKEN_LIFETIME (JSON numbers are unbounded: 10**400 is no float)."""
+    seconds = float(DEFAULT_TOKEN_LIFETIME)
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
+        seconds = float(min(expires_in, MAX_TOKEN_LIFETIME))  # NaN is not > 0
+    return max(seconds - 10, seconds / 2)

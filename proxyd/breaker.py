@@ -66,14 +66,15 @@ class Breakers:
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Seconds to wait: `Retry-After` is delta-seconds or an HTTP date."""
+    """Seconds to wait, at most MAX_RETRY_AFTER: `Retry-After` is delta-seconds (ASCII
+    digits: `str.isdigit` also takes "²", which float() refuses) or an HTTP date."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)  # any length: float() has no digit limit
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - now())
+    return min(max(0.0, when.timestamp() - now()), MAX_RETRY_AFTER)

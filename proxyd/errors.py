@@ -11,6 +11,8 @@ ProxydError                      (500 UNKNOWN)
 │   ├── ManifestInvalid          400 MANIFEST_INVALID
 │   ├── ManifestBlobUnknown      400 MANIFEST_BLOB_UNKNOWN (a pushed manifest names a missing blob)
 │   ├── SizeInvalid              400 SIZE_INVALID
+│   ├── MalformedRequest         400 UNSUPPORTED (not HTTP proxyd can read: refused before
+│                                    routing, as a TLS handshake on a plain-HTTP port)
 │   └── Unsupported              405 UNSUPPORTED (method or API proxyd does not serve, a
 │                                    push proxyd does not allow)
 ├── NotFound
@@ -93,6 +95,10 @@ class ManifestBlobUnknown(RequestError):
 
 class SizeInvalid(RequestError):
     code = "SIZE_INVALID"
+
+
+class MalformedRequest(RequestError):
+    code = "UNSUPPORTED"
 
 
 class Unsupported(RequestError):

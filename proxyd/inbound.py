@@ -16,8 +16,12 @@ A refusal is a 401 with `WWW-Authenticate: Basic realm="proxyd"`. In `push` mode
 clients that learn challenges from the probe (skopeo, podman, buildah) send their
 credentials with a push; `podman login` still fails on a wrong password.
 
-bcrypt is slow on purpose, so a successful check is remembered for a minute, keyed
-by a SHA-256 of the Authorization header (never the header itself). Inbound
+Every hash is checked when the file is read (at start, and again on SIGHUP): a
+malformed one (a salt bcrypt refuses, a cost outside 4-31) is an error naming its line,
+never a failure of each request that meets it. As distribution (and bcrypt itself)
+reads a password, only its first 72 bytes count. bcrypt is slow on purpose, so a
+successful check is remembered for a minute, keyed by a SHA-256 of the Authorization
+header (never the header itself). Inbound
 credentials are never forwarded upstream: the upstream client builds its headers
 from the host's configuration and what the core passes explicitly.
 """
@@ -28,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,14 +40,19 @@ from pathlib import Path
 from typing import Literal
 
 import bcrypt
+import structlog
 
 from proxyd.errors import Unauthorized
 from proxyd.flight import SingleFlight
+
+log = structlog.get_logger("proxyd.inbound")
 
 AuthRequired = Literal["push", "all"]
 REALM = "proxyd"
 CHALLENGE = f'Basic realm="{REALM}"'
 BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+_BCRYPT = re.compile(r"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+BCRYPT_PASSWORD_BYTES = 72  # what bcrypt reads of a password (bcrypt 5 refuses more)
 CACHE_SECONDS = 60.0
 CACHE_ENTRIES = 1024
 _READS = frozenset({"GET", "HEAD"})
@@ -65,10 +75,28 @@ def parse_htpasswd(text: str, source: str) -> dict[str, bytes]:
                 f"{source}, line {number}: the hash of {user!r} is not bcrypt; only bcrypt "
                 "($2y$, $2b$: `htpasswd -B`) is accepted, as by distribution"
             )
+        if not well_formed_bcrypt(hashed):
+            raise ValueError(
+                f"{source}, line {number}: the bcrypt hash of {user!r} is malformed (bcrypt "
+                "cannot check a password against it); make it again with `htpasswd -B`"
+            )
         users[user] = hashed.encode()
     if not users:
         raise ValueError(f"{source} names no user")
     return users
+
+
+def well_formed_bcrypt(hashed: str) -> bool:
+    """`$2y$<cost>$<salt><hash>` as bcrypt reads it: the shape, then the salt read by
+    bcrypt itself (it refuses some salts of the right shape) at the lowest cost, so
+    the check takes a millisecond whatever the hash's own cost."""
+    if not _BCRYPT.fullmatch(hashed):
+        return False
+    try:
+        bcrypt.hashpw(b"", f"{hashed[:4]}04{hashed[6:29]}".encode())
+    except ValueError:
+        return False
+    return True
 
 
 def load_htpasswd(path: Path) -> dict[str, bytes]:
@@ -168,7 +196,7 @@ class InboundAuth:
 
         async def verify() -> str | None:
             hashed = self.users.get(user, self._decoy)
-            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+            ok = await asyncio.to_thread(_matches, password.encode(), hashed)
             if not ok or user not in self.users:
                 return None
             self._remember(key, user)
@@ -187,3 +215,13 @@ class InboundAuth:
     @staticmethod
     def _refusal(message: str) -> Unauthorized:
         return Unauthorized(message, headers={"WWW-Authenticate": CHALLENGE})
+
+
+def _matches(password: bytes, hashed: bytes) -> bool:
+    """bcrypt's check of the password's first 72 bytes; a hash it cannot check (which
+    loading refuses, so a bug) refuses the password instead of failing the request."""
+    try:
+        return bcrypt.checkpw(password[:BCRYPT_PASSWORD_BYTES], hashed)
+    except ValueError as exc:
+        log.error("inbound.unverifiable", error=str(exc))
+        return False

@@ -30,7 +30,9 @@ from proxyd.store import BlobWriter
 # is hashed as sha256 and checked against the real digest at the end.
 PENDING = Digest("sha256", "0" * 64)
 UUID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
-_RANGE_RE = re.compile(r"^\s*(?:bytes[ =])?(\d+)-(\d+)")
+# At most 18 digits each (an exabyte): a longer number is no upload's offset, and
+# Python's int() refuses past 4,300 digits.
+_RANGE_RE = re.compile(r"^\s*(?:bytes[ =])?(\d{1,18})-(\d{1,18})(?!\d)", re.ASCII)
 
 
 @dataclass(eq=False)
@@ -89,7 +91,9 @@ def upstream_suffix(host: RegistryHost, repository: str, location: str) -> str:
 
 def confirmed_offset(range_header: str | None, expected: int | None) -> int | None:
     """The offset a registry's `Range: 0-<last>` confirms. `0-0` means no byte or
-    one byte (distribution's convention), so there `expected` decides when it can."""
+    one byte (distribution's convention), so there `expected` decides when it can;
+    a Range that cannot be read (absent, malformed, absurdly large) confirms nothing
+    and `expected` stands."""
     match = _RANGE_RE.match(range_header or "")
     if match is None:
         return expected
@@ -100,7 +104,8 @@ def confirmed_offset(range_header: str | None, expected: int | None) -> int | No
 
 
 def parse_content_range(value: str) -> tuple[int, int]:
-    """A chunk's `Content-Range: <first>-<last>` (inclusive)."""
+    """A chunk's `Content-Range: <first>-<last>` (inclusive); a client's malformed or
+    absurdly large one is its BlobUploadInvalid."""
     match = _RANGE_RE.match(value)
     if match is None or int(match[1]) > int(match[2]):
         raise BlobUploadInvalid(f"invalid Content-Range {value!r}: expected <first>-<last>")

@@ -242,6 +242,7 @@ class FakeTokenServer:
     mode: str = "ok"  # ok | no-token | post-unsupported | refuse
     seen: list[Seen] = field(default_factory=list)
     issued: int = 0
+    expires_in: Any = 300  # what it says of its tokens' lifetime, sane or not
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -273,4 +274,4 @@ class FakeTokenServer:
         self.issued += 1
         token = f"token-{self.issued}"
         self.registry.valid_tokens.add(token)
-        return web.json_response({"token": token, "expires_in": 300})
+        return web.json_response({"token": token, "expires_in": self.expires_in})

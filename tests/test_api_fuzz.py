@@ -9,21 +9,26 @@ this machine is ever contacted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+import structlog
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxyd.log import OUTPUT, configure
 from tests.conftest import host, oci_code, origin, until_stored
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
@@ -376,6 +381,17 @@ async def test_an_unsatisfiable_range_on_a_stored_blob_is_an_oci_code(running):
     assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
 
 
+async def test_a_range_of_thousands_of_digits_is_judged_not_an_internal_error(running):
+    huge = "9" * 5000  # past the 4,300 digits Python's int() reads
+    status, headers, body = await send(running, blob_request(Range=f"bytes={huge}-"))
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{len(IMAGE.blobs[IMAGE.layer])}"
+    assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
+    status, _, body = await send(running, blob_request(Range=f"bytes=0-{huge}"))
+    assert status == 206
+    assert body == IMAGE.blobs[IMAGE.layer]
+
+
 async def test_a_range_in_an_unknown_unit_is_ignored(running):
     status, _, body = await send(running, blob_request(Range="items=0-1"))
     assert status == 200
@@ -485,6 +501,17 @@ async def test_a_manifest_without_announced_digest_is_named_by_its_sha256(
         (401, {"WWW-Authenticate": 'Bearer realm="not a url"'}, b"", 502, "UNAVAILABLE"),
         (403, {}, b"", 403, "DENIED"),
         (429, {"Retry-After": "7"}, b"", 429, "TOOMANYREQUESTS"),
+        pytest.param(
+            429,
+            {"Retry-After": "\u00b2"},
+            b"",
+            429,
+            "TOOMANYREQUESTS",
+            id="retry-after-superscript",
+        ),
+        pytest.param(
+            429, {"Retry-After": "9" * 5000}, b"", 429, "TOOMANYREQUESTS", id="retry-after-huge"
+        ),
         (500, {}, b"boom", 502, "UNAVAILABLE"),
         (302, {"Location": "/v2/team/app/manifests/v1"}, b"", 502, "UNAVAILABLE"),
         pytest.param(
@@ -508,3 +535,101 @@ async def test_whatever_upstream_answers_the_client_gets_an_oci_answer(
     assert response.status == expected
     if code is not None:
         assert await oci_code(response) == code
+
+
+# -- the log of a fuzz run: no traceback; requests refused before routing counted -----
+
+
+@pytest.fixture
+def json_log() -> Iterator[None]:
+    """The log as `proxyd serve` writes it to a pipe: JSON lines on stderr. Loggers
+    are not cached meanwhile, so later tests' capture_logs still sees every one."""
+    root = logging.getLogger()
+    handlers, level, json_access = root.handlers[:], root.level, OUTPUT.json_access
+    configure("info", "json")
+    structlog.configure(cache_logger_on_first_use=False)
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root.handlers[:], root.level, OUTPUT.json_access = handlers, level, json_access
+
+
+def log_events(capfd: Any) -> list[dict[str, Any]]:
+    """The log written since the last call: every line must be one JSON event."""
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    return [json.loads(line) for line in err.split("\n") if line]  # a path may hold U+2028
+
+
+async def send_raw(run: Running, data: bytes) -> bytes:
+    """What proxyd answers to `data` on a connection of its own, until it closes the
+    connection or one second passes (a head it waits for more of)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", run.client.server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(1):
+                return await reader.read(1 << 16)
+        return b""
+    finally:
+        writer.close()
+
+
+WELL_FORMED_HEAD = b"GET /v2/team/app/manifests/v1 HTTP/1.1\r\nHost: proxyd\r\nAccept: */*\r\n\r\n"
+TRICKY_BYTES = st.sampled_from([b"\r", b"\n", b"\0", b"\t", b" ", b":", b"\x7f", b"\xff", b"\x16"])
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    """Bytes that are mostly not HTTP: a head with bytes changed anywhere before its
+    blank line, or something else altogether (a TLS handshake, binary noise)."""
+    if draw(st.booleans()):
+        data = bytearray(WELL_FORMED_HEAD)
+        for _ in range(draw(st.integers(1, 4))):
+            at = draw(st.integers(0, len(data) - 5))
+            if draw(st.booleans()):
+                data[at : at + draw(st.integers(0, 1))] = draw(TRICKY_BYTES)
+            else:
+                del data[at]
+        return bytes(data)
+    start = draw(st.sampled_from([b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\0", b"\xff"]))
+    return start + draw(st.binary(max_size=64))
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+async def test_a_fuzz_run_logs_no_traceback_and_no_error(running, json_log, capfd, data):
+    case = data.draw(requests(running.upstream_host), label="request")
+    await send(running, case)
+    raw = data.draw(raw_requests(), label="raw")
+    await send_raw(running, raw)
+    events = log_events(capfd)
+    assert [e for e in events if "exception" in e or e["level"] in ("error", "critical")] == []
+
+
+async def test_a_request_refused_before_routing_is_one_access_line_and_one_count(
+    running, json_log, capfd
+):
+    log_events(capfd)
+    answer = await send_raw(running, bytes.fromhex("16030100a5010000a10303") + bytes(32))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    assert status_line.split(" ")[1] == "400"
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+
+    events = log_events(capfd)
+    (line,) = [e for e in events if e["logger"] == "proxyd.access"]
+    assert [e for e in events if e["level"] != "info"] == []
+    assert line["event"] == "request" and line["logger"] == "proxyd.access"
+    assert (line["status"], line["method"], line["path"]) == (400, "UNKNOWN", None)
+    assert line["rejected"] == "Received HTTPS traffic on an HTTP port"
+    assert line["request_id"] == headers["x-request-id"]
+    metrics = (await (await running.client.get("/metrics")).text()).splitlines()
+    assert 'proxyd_requests_total{method="UNKNOWN",route="rejected",status="400"} 1.0' in metrics

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from proxyd.breaker import Breakers, parse_retry_after
+import pytest
+
+from proxyd.breaker import MAX_RETRY_AFTER, Breakers, parse_retry_after
 from tests.conftest import host, origin
 from tests.fakes import FakeRegistry, make_image
 
@@ -64,6 +66,21 @@ def test_retry_after_is_seconds_or_an_http_date():
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=lambda: 1445412470.0) == 10.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("9" * 5000, MAX_RETRY_AFTER),  # past Python's 4,300-digit int(): no matter
+        ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_RETRY_AFTER),
+        ("\u00b2", None),  # a superscript two: str.isdigit says yes, float() says no
+        ("\u0663", None),  # an Arabic-Indic three: not an HTTP digit
+        ("Mon, 01 Jan 99999 00:00:00 GMT", None),
+        ("Thu, 01 Jan 1970 00:00:00 +9999", None),
+    ],
+)
+def test_any_retry_after_is_bounded_seconds_or_none(value, seconds):
+    assert parse_retry_after(value, now=lambda: 0.0) == seconds
 
 
 def chain(upstream_server: object, mirror_server: object, *extra: str) -> str:

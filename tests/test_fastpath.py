@@ -5,6 +5,8 @@ they may not answer must reach aiohttp untouched."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +341,23 @@ async def test_a_tag_answer_is_remembered_for_a_second_at_most(make_proxyd, star
     clock.advance(1.1)
     assert await tag_once_more(proxyd) == (200, "hit")  # asked the small cache
     assert fast(proxyd).answered == 0
+
+
+async def test_a_hot_answer_never_overtakes_a_request_aiohttp_took_first(served):
+    """Thousands of races on one connection: a request for aiohttp, then a remembered
+    hit microseconds later, landing at every point of the first one's handling."""
+    proxyd, _, path = served
+    racer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.racer",
+        str(proxyd.server.port),
+        "/v2/",
+        path,
+        "3000",
+        "300",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
+    out, _ = await asyncio.wait_for(racer.communicate(), 60)
+    assert json.loads(out) == {"tries": 3000, "out_of_order": 0, "wrong": 0}

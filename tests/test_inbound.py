@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from proxyd import inbound
 from proxyd.cli import main
 from proxyd.config import ConfigError, build_registry, load_settings
+from proxyd.errors import Unauthorized
 from proxyd.inbound import InboundAuth, basic_credentials, need, parse_htpasswd
 from tests.conftest import host, oci_code, origin
 from tests.fakes import FakeRegistry, digest_of, make_image
@@ -75,6 +76,55 @@ def test_htpasswd_takes_bcrypt_only(tmp_path):
     ]:
         with pytest.raises(ValueError, match=said.replace("$", r"\$")):
             parse_htpasswd(line, "h")
+
+
+GOOD_HASH = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(rounds=4)).decode()
+
+
+@pytest.mark.parametrize(
+    "hashed",
+    [
+        pytest.param("$2y$04$" + "a" * 53, id="a salt bcrypt refuses"),
+        pytest.param("$2y$03$" + GOOD_HASH[7:], id="cost 3"),
+        pytest.param("$2y$32$" + GOOD_HASH[7:], id="cost 32"),
+        pytest.param("$2y$4$" + GOOD_HASH[7:], id="a one-digit cost"),
+        pytest.param(GOOD_HASH[:-1], id="a character short"),
+        pytest.param(GOOD_HASH + "x", id="a character long"),
+        pytest.param(GOOD_HASH[:10] + "!" + GOOD_HASH[11:], id="not bcrypt's base64"),
+        pytest.param("$2y$", id="the prefix alone"),
+    ],
+)
+def test_a_malformed_bcrypt_hash_is_an_error_naming_its_line(tmp_path, capsys, hashed):
+    with pytest.raises(ValueError, match="line 2: the bcrypt hash of 'carol' is malformed"):
+        parse_htpasswd(f"alice:{GOOD_HASH}\ncarol:{hashed}\n", "h")
+    path = tmp_path / "htpasswd"
+    path.write_text(f"carol:{hashed}\n")
+    with pytest.raises(ConfigError, match="malformed"):
+        build_registry(load_settings(None, htpasswd=path))  # as `proxyd serve` starts
+    config = tmp_path / "proxyd.toml"
+    config.write_text("")
+    assert main(["check-config", "--config", str(config), "--htpasswd", str(path)]) == 2
+    assert "malformed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefix", ["$2y$", "$2b$", "$2a$"])
+def test_every_bcrypt_hash_htpasswd_and_bcrypt_make_is_well_formed(prefix):
+    for rounds in (4, 5, 10):
+        hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=rounds)).decode()
+        assert inbound.well_formed_bcrypt(prefix + hashed[4:])
+
+
+async def test_only_the_first_72_bytes_of_a_password_count_as_bcrypt_reads_them(tmp_path):
+    """As distribution checks it, and as `htpasswd -B` hashed it: a longer password is
+    checked, never a failed request (bcrypt 5 refuses to read past 72 bytes)."""
+    long_password = "p" * 80
+    hashed = bcrypt.hashpw(long_password[:72].encode(), bcrypt.gensalt(rounds=4)).decode()
+    auth = InboundAuth(parse_htpasswd(f"alice:{hashed}", "h"), "all")
+    header = basic("alice", long_password)["Authorization"]
+    assert await auth.authenticate("GET", "/v2/", header) == "alice"
+    for wrong in ("q" * 80, "p" * 71, "x" * 5000):
+        with pytest.raises(Unauthorized):
+            await auth.authenticate("GET", "/v2/", basic("alice", wrong)["Authorization"])
 
 
 @pytest.mark.parametrize(
@@ -207,6 +257,8 @@ async def test_all_mode_asks_for_credentials_everywhere(make_proxyd, upstream, t
         assert challenge_of(await proxyd.get(path)) == REFUSED, path
         assert challenge_of(await proxyd.get(path, headers=basic("bob", "nope"))) == REFUSED
         assert (await proxyd.get(path, headers=basic("bob", "builder"))).status == 200, path
+        long_password = basic("bob", "builder" + "x" * 100)  # more than bcrypt reads
+        assert challenge_of(await proxyd.get(path, headers=long_password)) == REFUSED, path
     assert (await proxyd.get("/healthz")).status == 200
     assert fake.requests("/manifests/")  # only the authenticated pull went upstream
     assert len(fake.requests("/manifests/")) == 1

@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxyd.config import ConfigError, build_registry, load_settings
-from proxyd.errors import Unauthorized
+from proxyd.errors import BlobUploadInvalid, Unauthorized
 from proxyd.hosts import Capability
 from proxyd.server.keys import UPLOADER
 from proxyd.uploads import confirmed_offset, parse_content_range, upstream_suffix
@@ -927,6 +927,31 @@ def test_offsets_follow_the_registrys_range_with_its_zero_byte_ambiguity():
     assert parse_content_range("bytes 10-19/*") == (10, 19)
     with pytest.raises(Exception, match="Content-Range"):
         parse_content_range("9-0")
+
+
+HUGE = "9" * 5000  # past the 4,300 digits Python's int() reads
+
+
+def test_a_range_of_thousands_of_digits_confirms_nothing_and_is_a_clients_400():
+    assert confirmed_offset(f"0-{HUGE}", 12) == 12  # an upstream's: as if it sent none
+    assert confirmed_offset(f"0-1{'0' * 18}", 12) == 12  # past an exabyte
+    assert confirmed_offset(f"0-{'9' * 18}", 12) == 10**18
+    for value in (f"0-{HUGE}", f"{HUGE}-{HUGE}", "0-\u0661"):
+        with pytest.raises(BlobUploadInvalid, match="Content-Range"):
+            parse_content_range(value)
+
+
+async def test_a_chunk_with_a_content_range_of_thousands_of_digits_is_a_400(
+    make_proxyd, start_fake
+):
+    upstream = UploadRegistry()
+    server = await serve(start_fake, upstream)
+    proxyd = await make_proxyd(push_config(server))
+    location = (await start(proxyd)).headers["Location"]
+    wrong = await proxyd.patch(location, data=b"abc", headers={"Content-Range": f"0-{HUGE}"})
+    assert wrong.status == 400
+    assert errors(await wrong.json())[0] == "BLOB_UPLOAD_INVALID"
+    assert upstream.requests("PATCH") == []
 
 
 def test_check_config_says_where_pushes_go(tmp_path, capsys):

@@ -60,3 +60,53 @@ def test_every_wellformed_range_inside_the_blob_is_served_exactly(size, data):
     first = data.draw(st.integers(0, size - 1))
     last = data.draw(st.integers(first, size - 1))
     assert parse_range(f"bytes={first}-{last}", size) == (first, last)
+
+
+HUGE = "9" * 5000  # past Python's 4,300-digit limit for int()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (f"bytes=0-{HUGE}", (0, 99)),  # the end is clamped
+        (f"bytes=-{HUGE}", (0, 99)),  # all of it
+        (f"bytes=10-{'0' * 5000}12", (10, 12)),  # leading zeros are no size
+        (f"bytes={HUGE}-1", None),  # the end before the start: ignored
+        (f"bytes=2{'0' * 30}-1{'0' * 30}", None),  # also where both are past BEYOND
+        ("bytes=\u0663-", None),  # an Arabic-Indic 3: not a DIGIT
+    ],
+)
+def test_positions_of_any_length_are_read_exactly(header, expected):
+    assert parse_range(header, 100) == expected
+
+
+@pytest.mark.parametrize("header", [f"bytes={HUGE}-", f"bytes={HUGE}-{HUGE}9"])
+def test_a_start_of_thousands_of_digits_is_past_the_end(header):
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, 100)
+
+
+def exact(first: int | None, last: int | None, size: int) -> tuple[int, int] | str | None:
+    """RFC 9110's reading of `bytes=first-last`, in unbounded integers."""
+    if first is None:
+        assert last is not None
+        return "416" if last == 0 or size == 0 else (max(size - last, 0), size - 1)
+    if last is not None and last < first:
+        return None
+    return "416" if first >= size else (first, min(size - 1 if last is None else last, size - 1))
+
+
+positions = st.one_of(st.integers(0, 10**6), st.integers(0, 10**40), st.none())
+
+
+@settings(max_examples=500, deadline=None)
+@given(first=positions, last=positions, size=st.integers(0, 10**12))
+def test_a_range_is_read_as_unbounded_integers_would_read_it(first, last, size):
+    if first is None and last is None:
+        return
+    header = f"bytes={'' if first is None else first}-{'' if last is None else last}"
+    try:
+        got: tuple[int, int] | str | None = parse_range(header, size)
+    except RangeNotSatisfiable:
+        got = "416"
+    assert got == exact(first, last, size)

@@ -143,6 +143,27 @@ async def test_an_htpasswd_file_that_no_longer_parses_keeps_the_users(tmp_path):
     assert any(e["event"] == "config.reload_failed" for e in logs)
 
 
+async def test_a_malformed_bcrypt_hash_on_reload_keeps_the_users_proxyd_had(tmp_path):
+    """SIGHUP with a hash bcrypt cannot check: the reload fails, and every request goes
+    on being checked against the users read before (none of them fails)."""
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
+    config = tmp_path / "proxyd.toml"
+    config.write_text(f'htpasswd = "{htpasswd}"')
+    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    assert registry.inbound_users is not None
+    auth = InboundAuth(registry.inbound_users, "all")
+    reloader = Reloader(registry, interval=0)
+    reloader.on_users = auth.replace_users
+    htpasswd.write_text(htpasswd.read_text() + "carol:$2y$04$" + "a" * 53 + "\n")
+    with capture_logs() as logs:
+        assert not await reloader.reload(users=True)
+    assert list(registry.inbound_users or {}) == ["alice"]
+    (event,) = [e for e in logs if e["event"] == "config.reload_failed"]
+    assert "the bcrypt hash of 'carol' is malformed" in event["error"]
+    alice = basic("alice", "wonderland")["Authorization"]
+    assert await auth.authenticate("GET", "/v2/", alice) == "alice"
+
+
 async def test_a_refused_request_is_sent_once_more_with_the_helpers_new_answer(
     make_proxyd, start_fake, tmp_path, secret
 ):

@@ -12,10 +12,14 @@ again, for as long as the core says the hit stands (`HotManifests.is_current`, u
 the earlier of the manifest's and the tag's deadlines).
 
 It only ever answers the simplest case and hands everything else to aiohttp
-untouched: one complete `GET` or `HEAD` in the data received, HTTP/1.1, keep-alive,
-no body, on a connection that is idle (nothing queued, nothing in progress, nothing
-half-parsed), with only headers known to change nothing about the answer. Access
-log, metrics and response headers are the same as the handler's.
+untouched: one plainly well-formed `GET` or `HEAD` head in the data received, with
+only headers known to change nothing about the answer (proxyd/server/simplehead.py
+reads it, strictly: when in doubt, aiohttp decides), on a connection that is idle
+(aiohttp waiting for its next request, every earlier answer written, nothing
+half-parsed). Access log, metrics and response headers are the same as the
+handler's. The connections of `ProxydRunner` also answer the requests aiohttp
+refuses before routing (proxyd/server/rejections.py), with or without remembered
+answers.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
@@ -33,26 +38,13 @@ from aiohttp.web_protocol import RequestHandler
 from proxyd.hot import HotManifests
 from proxyd.manifests import Manifest
 from proxyd.metrics import Metrics
-from proxyd.server.keys import Access
-from proxyd.server.middleware import AccessLine, new_request_id
+from proxyd.server.keys import METRICS, Access
+from proxyd.server.middleware import AccessLine, AccessLogger, counting_into, new_request_id
+from proxyd.server.rejections import RejectingRequestHandler, RejectingServer
+from proxyd.server.simplehead import accept_key, simple_head
 
 log = structlog.get_logger("proxyd.server")
 MAX_ANSWERS = 4096
-# Request headers that cannot change the answer to a manifest by digest (Accept may
-# choose a tag's answer: tag answers are kept per Accept lines). Anything else
-# (conditions, ranges, credentials, bodies, upgrades) goes through aiohttp.
-HARMLESS = frozenset(
-    {
-        b"host",
-        b"user-agent",
-        b"accept",
-        b"accept-encoding",
-        b"accept-language",
-        b"docker-distribution-api-version",
-        b"x-request-id",
-        b"connection",
-    }
-)
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 
 
@@ -105,7 +97,7 @@ class FastAnswers:
         target = raw_target.encode("utf-8", "surrogateescape")
         accepted = None
         if accept is not None:
-            accepted = _accepted([a.encode("utf-8", "surrogateescape") for a in accept])
+            accepted = accept_key(a.encode("utf-8", "surrogateescape") for a in accept)
         self._drop(target, accepted)
         size = len(manifest.body)
         if size > hot.max_bytes:
@@ -152,38 +144,17 @@ class FastAnswers:
     def answer(self, data: bytes) -> bytes | None:
         """The whole response to `data`, or None to let aiohttp handle it."""
         start = time.perf_counter()
-        end = data.find(b"\r\n\r\n")
-        if end != len(data) - 4 or end < 0:
-            return None  # not exactly one complete head (a body, a pipeline, a part)
-        line_end = data.find(b"\r\n")
-        request_line = data[:line_end].split(b" ")
-        if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
+        request = simple_head(data)
+        if request is None:
             return None
-        method, target = request_line[0], request_line[1]
-        if method != b"GET" and method != b"HEAD":
-            return None
+        method, target = request.method, request.target
         remembered = self._answers.get(target)
         tags = self._tag_answers.get(target) if remembered is None else None
         if (remembered is None and tags is None) or self.hot is None:
             return None
-        request_id = b""
-        accept: list[bytes] = []
-        if line_end != end:
-            for line in data[line_end + 2 : end].split(b"\r\n"):
-                name, colon, value = line.partition(b":")
-                name = name.lower()
-                if not colon or name not in HARMLESS:
-                    return None
-                if name == b"connection":
-                    if value.strip().lower() != b"keep-alive":
-                        return None
-                elif name == b"x-request-id":
-                    request_id = value.strip()[:64]
-                elif name == b"accept":
-                    accept.append(value.strip())
         accepted = None
         if tags is not None:
-            accepted = _accepted(accept)
+            accepted = request.accept
             remembered = tags.get(accepted)
             if remembered is None:
                 return None
@@ -191,15 +162,14 @@ class FastAnswers:
         if not self.hot.is_current(remembered.generation, remembered.fresh_until):
             self._drop(target, accepted)
             return None
-        if not request_id:
-            request_id = new_request_id().encode()
+        request_id = request.request_id or new_request_id()
         head = method == b"HEAD"
         self.answered += 1
         response = b"".join(
             (
                 remembered.head_lines,
                 b"X-Request-Id: ",
-                request_id,
+                request_id.encode(),
                 b"\r\nDate: ",
                 self._http_date(),
                 b"\r\n\r\n",
@@ -210,7 +180,7 @@ class FastAnswers:
         seconds = time.perf_counter() - start
         self._account(remembered, method, sent, seconds)
         access_line = remembered.head_line if head else remembered.get_line
-        access_line.write(seconds, request_id.decode("latin-1"))
+        access_line.write(seconds, request_id)
         return response
 
     def _account(self, answer: _Answer, method: bytes, sent: int, seconds: float) -> None:
@@ -243,12 +213,7 @@ class FastAnswers:
         return self._date
 
 
-def _accepted(lines: list[bytes]) -> bytes:
-    """A request's Accept lines as one key: in order, as the client sent them."""
-    return b"\n".join(lines)
-
-
-class FastRequestHandler(RequestHandler):
+class FastRequestHandler(RejectingRequestHandler):
     """aiohttp's connection protocol, answering remembered hits itself when the
     connection is idle and the request is one it may answer."""
 
@@ -261,8 +226,7 @@ class FastRequestHandler(RequestHandler):
         if (
             self._at_boundary
             and self._fast.enabled
-            and not self._messages
-            and not self._request_in_progress
+            and self._idle()
             and self._payload_parser is None
             and not self._upgraded
             and not self._close
@@ -288,25 +252,21 @@ class FastRequestHandler(RequestHandler):
             and not self._upgraded
         )
 
+    def _idle(self) -> bool:
+        """Whether aiohttp is waiting for the next request, every earlier answer
+        written. An empty queue is not enough: aiohttp takes a request off it and
+        starts handling it a loop turn later (the handler runs as a task of its own),
+        and an answer written in between would overtake that request's."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
 
-class FastServer(web.Server):
+
+class FastServer(RejectingServer):
     """aiohttp's Server, making connections that know the remembered answers."""
 
     def __init__(self, handler: Any, *, fast: FastAnswers, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._fast = fast
-
-    @classmethod
-    def adopting(cls, server: web.Server, fast: FastAnswers) -> FastServer:
-        """The same server as the one aiohttp's runner built, with fast connections."""
-        return cls(
-            server.request_handler,
-            fast=fast,
-            request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation,
-            loop=server._loop,
-            **server._kwargs,
-        )
 
     def __call__(self) -> RequestHandler:
         return FastRequestHandler(self, self._fast, loop=self._loop, **self._kwargs)
@@ -316,7 +276,7 @@ class FastServer(web.Server):
 # an aiohttp that differs runs without remembered answers instead of failing.
 NEEDED_PROTOCOL_STATE = (
     "_messages",
-    "_request_in_progress",
+    "_waiter",
     "_payload_parser",
     "_upgraded",
     "_close",
@@ -336,18 +296,31 @@ def aiohttp_fits() -> bool:
 
 
 class ProxydRunner(web.AppRunner):
-    """aiohttp's AppRunner for proxyd's app: its connections answer remembered hits."""
+    """aiohttp's AppRunner for proxyd's app: its connections answer remembered hits
+    and the requests aiohttp refuses (proxyd/server/rejections.py), and its access
+    log counts every request in the app's metrics."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        access_log_class: type[AbstractAccessLogger] = AccessLogger,
+        **kwargs: Any,
+    ) -> None:
+        if access_log_class is AccessLogger:
+            access_log_class = counting_into(app[METRICS])
+        super().__init__(app, access_log_class=access_log_class, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         fast = self.app[FAST]
-        if not fast.enabled:
-            return server
-        if not (aiohttp_fits() and hasattr(server, "_kwargs") and hasattr(server, "_loop")):
+        adoptable = hasattr(server, "_kwargs") and hasattr(server, "_loop")
+        if not (adoptable and aiohttp_fits()):
+            if fast.enabled:
+                log.warning("fastpath.off", reason="this aiohttp's connection protocol differs")
             fast.enabled = False
-            log.warning("fastpath.off", reason="this aiohttp's connection protocol differs")
-            return server
-        return FastServer.adopting(server, fast)
+            return RejectingServer.adopting(server) if adoptable else server
+        return FastServer.adopting(server, fast=fast)
 
 
 FAST = web.AppKey("fast", FastAnswers)

@@ -37,6 +37,7 @@ class Access:
     aborted: bool = False  # a stream cut short after its headers were sent
     sent: int | None = None  # body bytes of a stream; else the response's Content-Length
     request_id: str = ""
+    rejected: str | None = None  # why aiohttp's parser refused it, before routing
 
 
 ACCESS = web.RequestKey("access", Access)

@@ -5,6 +5,7 @@ proxyd where `auth_required` says so."""
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from aiohttp.web_request import BaseRequest
 from proxyd.errors import EndpointUnknown, ProxydError, Unsupported
 from proxyd.inbound import CHALLENGE
 from proxyd.log import ACCESS_LOGGER, HOLE, AccessTemplate
+from proxyd.metrics import Metrics
 from proxyd.server.keys import ACCESS, INBOUND, METRICS, USER, Access
 
 log = structlog.get_logger(ACCESS_LOGGER)
@@ -42,10 +44,24 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids) & 0xFFFFFFFF:08x}"
 
 
+# A client's X-Request-Id is echoed in the response and written in the log: only as a
+# short token (UUIDs, hex, base64, W3C trace ids fit), else the request gets its own.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:=+/-]{1,64}")
+
+
+def safe_request_id(header: str) -> bool:
+    return _CLIENT_ID.fullmatch(header) is not None
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's request id where it is a safe token, else a fresh one."""
+    return header if header is not None and safe_request_id(header) else new_request_id()
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id to every log event of the request and render errors."""
-    request_id = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
+    request_id = request_id_from(request.headers.get("X-Request-Id"))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     request[ACCESS] = Access(request_id=request_id)
@@ -83,29 +99,48 @@ class AccessLogger(AbstractAccessLogger):
     """One `request` event per request, written once the response is sent, so the
     byte count and duration are the real ones."""
 
+    metrics: Metrics | None = None  # see `counting_into`; else the routed app's
+
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        access = request.get(ACCESS) or Access()
+        access = request.get(ACCESS)
+        routed = access is not None and not access.rejected  # else request.app asserts
+        if access is None:
+            access = Access()
+        metrics = self.metrics
+        if metrics is None and routed and isinstance(request, web.Request):
+            metrics = request.app.get(METRICS)
         sent = access.sent if access.sent is not None else response.content_length or 0
         if request.method == "HEAD":
             sent = 0
-        app = getattr(request, "app", None)
-        if app is not None and METRICS in app:
-            metrics = app[METRICS]
+        if metrics is not None:
             metrics.requests.labels(access.route, request.method, str(response.status)).inc()
             metrics.request_seconds.labels(access.route).observe(time)
             source = "store" if access.cache in ("hit", "stale", "revalidated") else "upstream"
             metrics.bytes_served.labels(source).inc(sent)
-        if request.path in QUIET_PATHS and response.status == 200:
+        path = request.path if routed else None  # aiohttp's stand-in for none is "/"
+        if path in QUIET_PATHS and response.status == 200:
             return  # probes every few seconds would drown the log
-        log_request(request.method, request.path, access, response.status, sent, time)
+        log_request(request.method, path, access, response.status, sent, time)
 
     @property
     def enabled(self) -> bool:
         return True
 
 
+def counting_into(metrics: Metrics) -> type[AccessLogger]:
+    """An AccessLogger that counts every request in `metrics`, the ones refused before
+    routing included (they have no app to find the metrics in). aiohttp makes one
+    logger per connection, from the class it is given."""
+
+    class CountingAccessLogger(AccessLogger):
+        pass
+
+    CountingAccessLogger.metrics = metrics
+    return CountingAccessLogger
+
+
 def log_request(
-    method: str, path: str, access: Access, status: int, sent: int, seconds: float
+    method: str, path: str | None, access: Access, status: int, sent: int, seconds: float
 ) -> None:
     """The access-log event; the request id comes from the context."""
     log.info("request", **_access_fields(method, path, access, status, sent, _ms(seconds)))
@@ -128,7 +163,7 @@ class AccessLine:
 
 
 def _access_fields(
-    method: str, path: str, access: Access, status: int, sent: int, duration_ms: object
+    method: str, path: str | None, access: Access, status: int, sent: int, duration_ms: object
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "method": method,
@@ -143,6 +178,8 @@ def _access_fields(
     }
     if access.aborted:
         fields["aborted"] = True
+    if access.rejected:
+        fields["rejected"] = access.rejected
     return fields
 
 
