@@ -26,12 +26,13 @@ MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 class FakeClock:
     """A proxyd.clock.Clock that stands still until `advance` moves both readings. It
-    starts at the real readings, so the wall clock compares with files' mtimes as the
-    system's would."""
+    starts at the real readings (to the whole second, so that whole-second advances add
+    up exactly: 3599 s then 1 s is an hour to the last bit), so the wall clock compares
+    with files' mtimes as the system's would."""
 
     def __init__(self) -> None:
-        self._monotonic = time.monotonic()
-        self._time = time.time()
+        self._monotonic = float(int(time.monotonic()))
+        self._time = float(int(time.time()))
 
     def monotonic(self) -> float:
         return self._monotonic
