@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from proxyd.errors import UpstreamError
+from proxyd.hosts import Target
 from proxyd.reference import Digest
-from proxyd.routing import Target
 from proxyd.store import BlobStore, BlobWriter
 from proxyd.writebehind import WriteBehind
 

@@ -100,6 +100,14 @@ class Namespace:
         return next((h for h in self.hosts_for(Capability.PUSH) if not h.is_mirror), None)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a request goes: the namespace's chain and the repository upstream."""
+
+    namespace: Namespace
+    repository: str
+
+
 def is_local(host: str) -> bool:
     hostname = urlsplit(f"//{host}").hostname or host
     return hostname in LOCAL_HOSTS

@@ -18,11 +18,11 @@ from typing import Any
 from proxyd.config import Registry
 from proxyd.download import Download
 from proxyd.errors import NameUnknown, ProxydError
+from proxyd.hosts import Target
 from proxyd.manifests import MANIFEST_TYPES, Manifest
 from proxyd.puller import Joined, Puller, StoredBlob
 from proxyd.reference import Digest, ImageReference, is_digest, parse_image_reference
 from proxyd.resolver import Resolver
-from proxyd.routing import Target
 
 PARALLEL_BLOBS = 4
 

@@ -23,14 +23,13 @@ from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.download import Download
 from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, UpstreamError
 from proxyd.flight import SingleFlight
-from proxyd.hosts import Capability
+from proxyd.hosts import Capability, Target
 from proxyd.hot import HotManifest, HotManifests
 from proxyd.hot import Key as HotKey
 from proxyd.manifests import Manifest, read_manifest, served_media_type
 from proxyd.metrics import Metrics
 from proxyd.reference import Digest
 from proxyd.refusal import expect
-from proxyd.routing import Target
 from proxyd.store import BlobStore
 from proxyd.upstream import Upstream, UpstreamClient
 from proxyd.writebehind import in_worker

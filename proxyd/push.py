@@ -27,11 +27,10 @@ from proxyd.errors import (
     Unsupported,
 )
 from proxyd.exchange import Body
-from proxyd.hosts import Capability, RegistryHost
+from proxyd.hosts import Capability, RegistryHost, Target
 from proxyd.manifests import OCI_MANIFEST, declared_media_type, read_manifest
 from proxyd.reference import Digest, is_digest, validate_tag
 from proxyd.refusal import expect
-from proxyd.routing import Target
 from proxyd.store import BlobStore, LinkKind
 from proxyd.upstream import Upstream, UpstreamClient
 

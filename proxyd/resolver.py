@@ -33,14 +33,13 @@ from proxyd.errors import (
     UpstreamError,
 )
 from proxyd.flight import SingleFlight
-from proxyd.hosts import Capability, Namespace
+from proxyd.hosts import Capability, Namespace, Target
 from proxyd.hot import HotTags
 from proxyd.manifests import OCI_INDEX, Manifest, served_media_type
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
 from proxyd.reference import Digest
 from proxyd.refusal import expect
-from proxyd.routing import Target
 from proxyd.smallcache import Entry, SmallCache
 from proxyd.upstream import Upstream, UpstreamClient, read_body
 

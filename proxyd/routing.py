@@ -7,20 +7,10 @@ mirror mode), then a registry host as the first component of the name
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from proxyd.config import Registry
 from proxyd.errors import NameInvalid, NameUnknown
-from proxyd.hosts import Namespace
+from proxyd.hosts import Namespace, Target
 from proxyd.reference import looks_like_host, normalize_repository, validate_name
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a request goes: the namespace's chain and the repository upstream."""
-
-    namespace: Namespace
-    repository: str
 
 
 def route(registry: Registry, name: str, ns: str | None) -> Target:

@@ -35,11 +35,10 @@ from proxyd.errors import (
     UpstreamError,
 )
 from proxyd.exchange import Body
-from proxyd.hosts import RegistryHost
+from proxyd.hosts import RegistryHost, Target
 from proxyd.push import OCTET_STREAM, Chunks, Pusher
 from proxyd.reference import Digest
 from proxyd.refusal import expect
-from proxyd.routing import Target
 from proxyd.uploads import (
     PENDING,
     UploadSession,

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 from proxyd.errors import BlobUploadInvalid, BlobUploadUnknown, UpstreamError
-from proxyd.hosts import RegistryHost
+from proxyd.hosts import RegistryHost, Target
 from proxyd.reference import Digest
-from proxyd.routing import Target
 from proxyd.store import BlobWriter
 
 # A chunked upload's digest arrives with its last request; until then its local copy

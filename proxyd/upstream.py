@@ -45,10 +45,9 @@ from proxyd.exchange import (
     is_replayable,
     not_refreshed,
 )
-from proxyd.hosts import Capability, Namespace, RegistryHost
+from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
-from proxyd.routing import Target
 
 log = structlog.get_logger("proxyd.upstream")
 

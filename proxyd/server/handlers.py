@@ -15,11 +15,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.download import Download
 from proxyd.errors import PreconditionFailed, Unsupported
+from proxyd.hosts import Target
 from proxyd.manifests import OCI_INDEX, Manifest
 from proxyd.puller import BlobHead, Joined, StoredBlob
 from proxyd.ranges import content_range, parse_range
 from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_path, validate_tag
-from proxyd.routing import Target, namespace_for, route
+from proxyd.routing import namespace_for, route
 from proxyd.server import push
 from proxyd.server.fastpath import FAST
 from proxyd.server.keys import ACCESS, PULLER, REGISTRY, RESOLVER

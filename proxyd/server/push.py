@@ -11,8 +11,9 @@ from urllib.parse import urlencode
 from aiohttp import hdrs, web
 
 from proxyd.errors import DigestInvalid, ProxydError, Unsupported
+from proxyd.hosts import Target
 from proxyd.reference import ApiPath, Digest, Endpoint
-from proxyd.routing import Target, route
+from proxyd.routing import route
 from proxyd.server.keys import ACCESS, PUSHER, REGISTRY, UPLOADER, USER
 from proxyd.server.middleware import API_VERSION_HEADER
 from proxyd.uploader import Started
