@@ -16,9 +16,9 @@ from typing import Any
 from proxyd import __version__, engines, healthcheck
 from proxyd.config import (
     ConfigError,
-    Registry,
+    RuntimeConfig,
     Settings,
-    build_registry,
+    build_runtime,
     check_upstream_tls,
     load_settings,
 )
@@ -174,11 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load(args: argparse.Namespace) -> Registry:
-    registry = build_registry(load_args_settings(args))
+def load(args: argparse.Namespace) -> RuntimeConfig:
+    runtime = build_runtime(load_args_settings(args))
     if args.command in ("serve", "check-config"):
-        check_upstream_tls(registry)  # the commands that connect, or say whether they could
-    return registry
+        check_upstream_tls(runtime)  # the commands that connect, or say whether they could
+    return runtime
 
 
 def load_args_settings(args: argparse.Namespace) -> Settings:
@@ -206,28 +206,28 @@ def load_args_settings(args: argparse.Namespace) -> Settings:
     return load_settings(config, **flags)
 
 
-def check_config(registry: Registry) -> int:
-    settings = registry.settings
+def check_config(runtime: RuntimeConfig) -> int:
+    settings = runtime.settings
     print(f"listen:            {settings.listen}")
     if settings.tls_cert is not None:
         clients = f", client certificates from {settings.tls_client_ca}"
         print(f"tls:               {settings.tls_cert}{clients if settings.tls_client_ca else ''}")
     print(f"cache directory:   {settings.cache_dir}")
     print(f"default namespace: {settings.default_namespace}")
-    if registry.inbound_users is not None:
+    if runtime.inbound_users is not None:
         print(
-            f"inbound users:     {len(registry.inbound_users)} from {settings.htpasswd}, "
-            f"required for {registry.auth_required}"
+            f"inbound users:     {len(runtime.inbound_users)} from {settings.htpasswd}, "
+            f"required for {runtime.auth_required}"
         )
-    for name, namespace in sorted(registry.namespaces.items()):
+    for name, namespace in sorted(runtime.namespaces.items()):
         print(f"\nnamespace {name}  (from {namespace.source})")
         for position, host in enumerate(namespace.hosts, 1):
-            auth = "credentials" if registry.credential_for(host.host) else "anonymous"
+            auth = "credentials" if runtime.credential_for(host.host) else "anonymous"
             print(f"  {position}. {host.describe()}, {auth}")
         writes = [
             name
             for name, allowed in (
-                ("pushes", registry.push_allowed(namespace)),
+                ("pushes", runtime.push_allowed(namespace)),
                 ("deletes", namespace.allow_delete),
             )
             if allowed
@@ -238,7 +238,7 @@ def check_config(registry: Registry) -> int:
             print(f"  {' and '.join(writes)} allowed {where}")
         for sentence in explain_chain(namespace):
             print(f"  {sentence}")
-    if registry.fallback is not None:
+    if runtime.fallback is not None:
         print("\nany other namespace: hosts_dir/_default/hosts.toml")
     elif settings.allow_unconfigured_namespaces:
         print("\nany other namespace: its registry host itself (allow_unconfigured_namespaces)")
@@ -260,15 +260,15 @@ def explain_chain(namespace: Namespace) -> list[str]:
     ]
 
 
-def init(registry: Registry, engine: str, target: Path, print_only: bool) -> int:
+def init(runtime: RuntimeConfig, engine: str, target: Path, print_only: bool) -> int:
     """Render the engine's files, then print them or write them (with backups)."""
     try:
         if engine == "containerd":
-            plan = engines.plan_containerd(registry, target)
+            plan = engines.plan_containerd(runtime, target)
         elif engine == "docker":
-            plan = engines.plan_docker(registry, target, engines.read_existing(target))
+            plan = engines.plan_docker(runtime, target, engines.read_existing(target))
         else:
-            plan = engines.plan_podman(registry, target)
+            plan = engines.plan_podman(runtime, target)
         changed = False  # the next steps are news only once a file changed
         if print_only:
             _print_plan(plan)
@@ -309,45 +309,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":  # the settings alone, no registry; exit 0 or 1, never 2
         return healthcheck.main(lambda: load_args_settings(args), args)
     try:
-        registry = load(args)
+        runtime = load(args)
     except ConfigError as exc:
         print(f"proxyd: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        return check_config(registry)
+        return check_config(runtime)
     if args.command == "init":
-        return init(registry, args.engine, args.target, args.print_only)
+        return init(runtime, args.engine, args.target, args.print_only)
     if args.command == "prefetch":
-        return prefetch_command(registry, args.images, args.platform)
+        return prefetch_command(runtime, args.images, args.platform)
     if args.command == "cache":
-        return cache_command(registry, args.cache_command, dry_run=getattr(args, "dry_run", False))
+        return cache_command(runtime, args.cache_command, dry_run=getattr(args, "dry_run", False))
     from proxyd.server.daemon import serve  # aiohttp and the app: for this command only
 
-    return serve(registry)
+    return serve(runtime)
 
 
-def prefetch_command(registry: Registry, images: list[str], platforms: list[str]) -> int:
+def prefetch_command(runtime: RuntimeConfig, images: list[str], platforms: list[str]) -> int:
     from proxyd.core import open_core
     from proxyd.inventory import human_bytes
     from proxyd.log import configure
     from proxyd.prefetch import BarProgress, LogProgress, Progress, prefetch
 
-    settings = registry.settings
+    settings = runtime.settings
     configure(settings.log_level, settings.log_format)
     bars = sys.stderr.isatty()
 
     async def run() -> int:
-        async with open_core(registry, clear_tmp=False) as core:  # beside a serving daemon
+        async with open_core(runtime, clear_tmp=False) as core:  # beside a serving daemon
             progress: Progress
             if bars:
                 with BarProgress() as progress:
                     summary = await prefetch(
-                        core.resolver, registry, images, platforms=platforms, progress=progress
+                        core.resolver, runtime, images, platforms=platforms, progress=progress
                     )
             else:
                 progress = LogProgress()
                 summary = await prefetch(
-                    core.resolver, registry, images, platforms=platforms, progress=progress
+                    core.resolver, runtime, images, platforms=platforms, progress=progress
                 )
         for failure in summary.failures:
             print(f"proxyd: {failure}", file=sys.stderr)
@@ -361,12 +361,12 @@ def prefetch_command(registry: Registry, images: list[str], platforms: list[str]
     return asyncio.run(run())
 
 
-def cache_command(registry: Registry, action: str, *, dry_run: bool) -> int:
+def cache_command(runtime: RuntimeConfig, action: str, *, dry_run: bool) -> int:
     from proxyd.evict import Evictor
     from proxyd.inventory import describe, hit_ratio, human_bytes, scrape_metrics, take_inventory
     from proxyd.store import BlobStore
 
-    settings = registry.settings
+    settings = runtime.settings
     store = BlobStore(settings.cache_dir)
     if not store.is_initialised():
         print(f"proxyd: {settings.cache_dir} holds no cache yet", file=sys.stderr)

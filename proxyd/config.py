@@ -1,9 +1,9 @@
 """proxyd's settings: flags, then `PROXYD_*` environment variables, then the TOML file,
 then the embedded defaults (written out in config/proxyd.toml).
 
-`Settings` is the validated whole; `Registry` is what the server runs on: every
-namespace's host chain, layered as containerd does (explicit namespaces in the TOML
-file, then the hosts directory, then the built-in default for docker.io), and the
+`Settings` is what was configured, validated; `RuntimeConfig` is what proxyd runs on:
+every namespace's host chain, layered as containerd does (explicit namespaces in the
+TOML file, then the hosts directory, then the built-in default for docker.io), and the
 credentials for each host (the TOML file's over the docker config's). Reading
 hosts.toml tables is `proxyd.hostsfile`'s, reading docker's config `proxyd.credentials`';
 this module layers them and turns their errors into `ConfigError`.
@@ -225,8 +225,9 @@ def _explain(exc: ValidationError, config_file: Path | None) -> str:
 
 
 @dataclass
-class Registry:
-    """The runtime view of the configuration: chains and credentials."""
+class RuntimeConfig:
+    """The configuration as proxyd runs it: every namespace's chain built, the
+    credentials and inbound users read (and read again by `proxyd.reload`)."""
 
     settings: Settings
     namespaces: dict[str, Namespace]
@@ -279,7 +280,7 @@ class Registry:
         return self.settings.auth_required or "push"
 
 
-def build_registry(settings: Settings) -> Registry:
+def build_runtime(settings: Settings) -> RuntimeConfig:
     """Layer the sources; the first that names a namespace wins (containerd's rule)."""
     namespaces: dict[str, Namespace] = {}
     fallback = None
@@ -315,7 +316,7 @@ def build_registry(settings: Settings) -> Registry:
     if inbound_users is None and settings.auth_required is not None:
         raise ConfigError("auth_required needs htpasswd: the file of users clients log in as")
     _check_serving_tls(settings)
-    return Registry(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
+    return RuntimeConfig(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
 
 
 def load_credentials(settings: Settings) -> dict[str, Credential]:
@@ -360,18 +361,18 @@ def _check_serving_tls(settings: Settings) -> None:
         raise ConfigError(f"cannot serve HTTPS: {exc}") from None
 
 
-def check_upstream_tls(registry: Registry) -> None:
+def check_upstream_tls(runtime: RuntimeConfig) -> None:
     """Every https host's `ca` and `client` files can be read and used, so a wrong
     path is a message at start rather than a failed pull later. (Separate from
     `build_registry`, which reads a configuration without touching those files.)"""
-    checks = [(ns.source, h) for ns in registry.namespaces.values() for h in ns.hosts]
-    if registry.fallback is not None:
-        source = str(registry.fallback.directory / "hosts.toml")
+    checks = [(ns.source, h) for ns in runtime.namespaces.values() for h in ns.hosts]
+    if runtime.fallback is not None:
+        source = str(runtime.fallback.directory / "hosts.toml")
         probe = build_namespace(
             "fallback.invalid",
-            registry.fallback.settings,
+            runtime.fallback.settings,
             source=source,
-            base_dir=registry.fallback.directory,
+            base_dir=runtime.fallback.directory,
         )
         checks += [(source, h) for h in probe.hosts]
     for source, host in checks:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import Registry
+from proxyd.config import RuntimeConfig
 from proxyd.evict import Evictor
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
@@ -28,7 +28,7 @@ from proxyd.upstream import UpstreamClient
 
 @dataclass
 class Core:
-    registry: Registry
+    runtime: RuntimeConfig
     store: BlobStore
     small: SmallCache
     evictor: Evictor
@@ -43,14 +43,14 @@ class Core:
 
 @asynccontextmanager
 async def open_core(
-    registry: Registry,
+    runtime: RuntimeConfig,
     metrics: Metrics | None = None,
     *,
     clear_tmp: bool = True,
     clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Core]:
     """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open."""
-    settings = registry.settings
+    settings = runtime.settings
     metrics = metrics or Metrics()
     store = BlobStore(settings.cache_dir)
     store.open(clear_tmp=clear_tmp)
@@ -74,7 +74,7 @@ async def open_core(
         clock=clock.monotonic,
     )
     async with UpstreamClient(
-        registry,
+        runtime,
         user_agent=settings.user_agent,
         offline=settings.offline,
         breakers=breakers,
@@ -95,12 +95,12 @@ async def open_core(
             upstream,
             small,
             offline=settings.offline,
-            tags_can_move=lambda ns: registry.push_allowed(ns) or ns.allow_delete,
+            tags_can_move=lambda ns: runtime.push_allowed(ns) or ns.allow_delete,
             metrics=metrics,
             clock=clock,
         )
         pusher = Pusher(
-            registry,
+            runtime,
             store,
             upstream,
             max_manifest_size=settings.max_manifest_size,
@@ -111,7 +111,7 @@ async def open_core(
             UploadTracker(settings.upload_ttl, clock=clock.monotonic),
             on_commit=evictor.committed,
         )
-        reloader = Reloader(registry, interval=settings.credential_refresh, clock=clock)
+        reloader = Reloader(runtime, interval=settings.credential_refresh, clock=clock)
         upstream.on_refused = reloader.refused
         evictor.start()  # without limits it only measures the store, for the metrics
         uploader.start()
@@ -119,7 +119,7 @@ async def open_core(
         try:
             await small.open()
             yield Core(
-                registry,
+                runtime,
                 store,
                 small,
                 evictor,

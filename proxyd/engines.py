@@ -1,7 +1,7 @@
 """`proxyd init containerd|docker|podman`: the engine's own configuration files that make
 it pull through proxyd.
 
-The renderers are pure (a `Registry` and existing file text in, new file text out), so
+The renderers are pure (a `RuntimeConfig` and existing file text in, new file text out), so
 every rule is tested without touching `/etc`. `write_file` is the one place that
 writes: it never overwrites silently (the old file is copied to `FILE.bak-<UTC time>`
 first), leaves a file whose content would not change untouched, and replaces a file
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from proxyd.config import Registry, split_listen
+from proxyd.config import RuntimeConfig, split_listen
 from proxyd.hosts import Namespace, RegistryHost
 from proxyd.reference import DOCKER_HUB, looks_like_host
 
@@ -87,15 +87,15 @@ def mirror_url(listen: str, *, tls: bool = False) -> str:
     return f"{'https' if tls else 'http'}://{client_address(listen)}"
 
 
-def serves_tls(registry: Registry) -> bool:
-    return registry.settings.tls_cert is not None
+def serves_tls(runtime: RuntimeConfig) -> bool:
+    return runtime.settings.tls_cert is not None
 
 
-def _trust_note(registry: Registry, engine: str, where: str) -> str:
+def _trust_note(runtime: RuntimeConfig, engine: str, where: str) -> str:
     clients = (
-        f"; proxyd also requires a client certificate from {registry.settings.tls_client_ca}, "
+        f"; proxyd also requires a client certificate from {runtime.settings.tls_client_ca}, "
         f"which {engine} must present"
-        if registry.settings.tls_client_ca is not None
+        if runtime.settings.tls_client_ca is not None
         else ""
     )
     return (
@@ -174,26 +174,26 @@ def render_hosts_toml(namespace: Namespace | None, listen: str, *, tls: bool = F
     return "\n".join(lines) + "\n"
 
 
-def plan_containerd(registry: Registry, root: Path) -> Plan:
+def plan_containerd(runtime: RuntimeConfig, root: Path) -> Plan:
     """`root/<namespace>/hosts.toml` for every configured namespace, and
     `root/_default/hosts.toml` when proxyd serves namespaces it was not told of."""
-    hosts_dir = registry.settings.hosts_dir
+    hosts_dir = runtime.settings.hosts_dir
     if hosts_dir is not None and _same_path(hosts_dir, root):
         raise InitError(
             f"proxyd reads its own host chains from {root} (hosts_dir): writing proxyd "
             "there as a mirror would make proxyd its own mirror. Give containerd another "
             "config_path, or proxyd another hosts_dir."
         )
-    listen = registry.settings.listen
-    tls = serves_tls(registry)
+    listen = runtime.settings.listen
+    tls = serves_tls(runtime)
     files = [
         Rendered(
             containerd_directory(root, name) / "hosts.toml",
-            render_hosts_toml(registry.namespaces[name], listen, tls=tls),
+            render_hosts_toml(runtime.namespaces[name], listen, tls=tls),
         )
-        for name in sorted(registry.namespaces)
+        for name in sorted(runtime.namespaces)
     ]
-    if registry.fallback is not None or registry.settings.allow_unconfigured_namespaces:
+    if runtime.fallback is not None or runtime.settings.allow_unconfigured_namespaces:
         files.append(
             Rendered(
                 root / CONTAINERD_DEFAULT_DIR / "hosts.toml",
@@ -209,7 +209,7 @@ def plan_containerd(registry: Registry, root: Path) -> Plan:
     notes = []
     if tls:
         where = f'ca = "CA.pem" in each [host."{mirror_url(listen, tls=tls)}"] table'
-        notes.append(_trust_note(registry, "containerd", where))
+        notes.append(_trust_note(runtime, "containerd", where))
     return Plan(tuple(files), notes=tuple(notes), next_steps=next_steps)
 
 
@@ -243,26 +243,26 @@ def render_daemon_json(existing: str | None, mirror: str, *, where: str = "daemo
     return json.dumps(data, indent=2) + "\n"
 
 
-def plan_docker(registry: Registry, path: Path, existing: str | None) -> Plan:
-    settings = registry.settings
+def plan_docker(runtime: RuntimeConfig, path: Path, existing: str | None) -> Plan:
+    settings = runtime.settings
     if settings.default_namespace != DOCKER_HUB:
         raise InitError(
             "docker sends a mirror Docker Hub pulls without naming the registry, so proxyd "
             f"would route them to its default namespace {settings.default_namespace!r}; "
             f'set default_namespace = "{DOCKER_HUB}" to use proxyd as docker\'s mirror'
         )
-    mirror = mirror_url(settings.listen, tls=serves_tls(registry))
+    mirror = mirror_url(settings.listen, tls=serves_tls(runtime))
     notes = []
-    others = sorted(n for n in registry.namespaces if n != DOCKER_HUB)
+    others = sorted(n for n in runtime.namespaces if n != DOCKER_HUB)
     if others:
         notes.append(
             "docker uses a mirror for Docker Hub only: pulls from "
             f"{', '.join(others)} go to those registries directly, not through proxyd."
         )
     host, _ = split_listen(client_address(settings.listen))
-    if serves_tls(registry):
+    if serves_tls(runtime):
         where = f"/etc/docker/certs.d/{client_address(settings.listen)}/ca.crt"
-        notes.append(_trust_note(registry, "docker", where))
+        notes.append(_trust_note(runtime, "docker", where))
     elif host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
         notes.append(
             "No insecure-registries entry is needed: docker allows plain HTTP to "
@@ -279,26 +279,26 @@ def plan_docker(registry: Registry, path: Path, existing: str | None) -> Plan:
 # -- podman / CRI-O ------------------------------------------------------------------
 
 
-def podman_mirror_location(registry: Registry, namespace: str) -> str | None:
+def podman_mirror_location(runtime: RuntimeConfig, namespace: str) -> str | None:
     """Where podman should ask proxyd for `namespace`, or None when it cannot say.
 
     podman sends a mirror the repository alone, so the default namespace is proxyd's
     root; another namespace must be the first path component, which proxyd routes by
     only when it looks like a registry host and which clients refuse with a port.
     """
-    address = client_address(registry.settings.listen)
-    if namespace == registry.settings.default_namespace:
+    address = client_address(runtime.settings.listen)
+    if namespace == runtime.settings.default_namespace:
         return address
     if looks_like_host(namespace) and ":" not in namespace and namespace == namespace.lower():
         return f"{address}/{namespace}"
     return None
 
 
-def render_registries_conf(registry: Registry) -> tuple[str, tuple[str, ...]]:
+def render_registries_conf(runtime: RuntimeConfig) -> tuple[str, tuple[str, ...]]:
     """A registries.conf drop-in with proxyd as the mirror of each namespace, and
     notes for the namespaces it cannot cover."""
-    tls = serves_tls(registry)
-    mirror = mirror_url(registry.settings.listen, tls=tls)
+    tls = serves_tls(runtime)
+    mirror = mirror_url(runtime.settings.listen, tls=tls)
     lines = [
         f"# Written by `proxyd init podman`: pull through proxyd at {mirror}.",
         "# podman, skopeo, buildah and CRI-O ask the mirror first and the registry itself",
@@ -307,12 +307,12 @@ def render_registries_conf(registry: Registry) -> tuple[str, tuple[str, ...]]:
     ]
     notes = []
     if tls:
-        where = f"/etc/containers/certs.d/{client_address(registry.settings.listen)}/ca.crt"
-        notes.append(_trust_note(registry, "podman", where))
-    default = registry.settings.default_namespace
-    ordered = sorted(registry.namespaces, key=lambda n: (n != default, n))
+        where = f"/etc/containers/certs.d/{client_address(runtime.settings.listen)}/ca.crt"
+        notes.append(_trust_note(runtime, "podman", where))
+    default = runtime.settings.default_namespace
+    ordered = sorted(runtime.namespaces, key=lambda n: (n != default, n))
     for name in ordered:
-        location = podman_mirror_location(registry, name)
+        location = podman_mirror_location(runtime, name)
         if location is None:
             notes.append(
                 f"{name}: not written; podman can name it to proxyd only as a path prefix, "
@@ -321,7 +321,7 @@ def render_registries_conf(registry: Registry) -> tuple[str, tuple[str, ...]]:
             )
             continue
         lines += ["", "[[registry]]", f"location = {_toml_string(name)}"]
-        if _upstream(registry.namespaces[name]).scheme == "http":
+        if _upstream(runtime.namespaces[name]).scheme == "http":
             lines.append("insecure = true")
         lines += [
             "",
@@ -329,7 +329,7 @@ def render_registries_conf(registry: Registry) -> tuple[str, tuple[str, ...]]:
             f"location = {_toml_string(location)}",
             *(() if tls else ("insecure = true",)),
         ]
-    if registry.fallback is not None or registry.settings.allow_unconfigured_namespaces:
+    if runtime.fallback is not None or runtime.settings.allow_unconfigured_namespaces:
         notes.append(
             "registries.conf has no catch-all mirror: only the namespaces above are "
             "pulled through proxyd."
@@ -337,8 +337,8 @@ def render_registries_conf(registry: Registry) -> tuple[str, tuple[str, ...]]:
     return "\n".join(lines) + "\n", tuple(notes)
 
 
-def plan_podman(registry: Registry, path: Path) -> Plan:
-    text, notes = render_registries_conf(registry)
+def plan_podman(runtime: RuntimeConfig, path: Path) -> Plan:
+    text, notes = render_registries_conf(runtime)
     return Plan(
         (Rendered(path, text),),
         notes=notes,

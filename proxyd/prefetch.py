@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd.config import Registry
+from proxyd.config import RuntimeConfig
 from proxyd.download import Download
 from proxyd.errors import NameUnknown, ProxydError
 from proxyd.hosts import Target
@@ -61,7 +61,7 @@ def platform_matches(descriptor: dict[str, Any], wanted: list[str]) -> bool:
 
 async def prefetch(
     resolver: Resolver,
-    registry: Registry,
+    runtime: RuntimeConfig,
     references: list[str],
     *,
     platforms: list[str],
@@ -72,8 +72,8 @@ async def prefetch(
     started = clock()
     for text in references:
         try:
-            image = parse_image_reference(text, registry.settings.default_namespace)
-            namespace = registry.namespace(image.namespace)
+            image = parse_image_reference(text, runtime.settings.default_namespace)
+            namespace = runtime.namespace(image.namespace)
             if namespace is None:
                 raise NameUnknown(f"namespace {image.namespace!r} is not configured in proxyd")
             target = Target(namespace, image.repository)

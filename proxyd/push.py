@@ -18,7 +18,7 @@ from typing import Literal
 
 import structlog
 
-from proxyd.config import Registry
+from proxyd.config import RuntimeConfig
 from proxyd.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -51,14 +51,14 @@ class PushedManifest:
 class Pusher:
     def __init__(
         self,
-        registry: Registry,
+        runtime: RuntimeConfig,
         store: BlobStore,
         upstream: UpstreamClient,
         *,
         max_manifest_size: int,
         on_tag_changed: Callable[[Target, str], Awaitable[None]] | None = None,
     ) -> None:
-        self.registry = registry
+        self.runtime = runtime
         self.store = store
         self.upstream = upstream
         self.max_manifest_size = max_manifest_size
@@ -69,7 +69,7 @@ class Pusher:
     def push_host(self, target: Target) -> RegistryHost:
         """The host pushes to `target` go to; Unsupported when there is none."""
         namespace = target.namespace
-        if not self.registry.push_allowed(namespace):
+        if not self.runtime.push_allowed(namespace):
             raise Unsupported(
                 f"pushes to {namespace.name} are not allowed; set allow_push "
                 f'(allow_push = true in [namespaces."{namespace.name}"], '

@@ -20,7 +20,7 @@ import structlog
 
 from proxyd.background import stop_loop
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import ConfigError, Registry, load_credentials, load_users
+from proxyd.config import ConfigError, RuntimeConfig, load_credentials, load_users
 from proxyd.flight import SingleFlight
 
 log = structlog.get_logger("proxyd.reload")
@@ -29,11 +29,13 @@ REFUSED_PAUSE = 60.0  # seconds: refusals ask for a new read at most this often
 
 
 class Reloader:
-    def __init__(self, registry: Registry, *, interval: float, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.registry = registry
+    def __init__(
+        self, runtime: RuntimeConfig, *, interval: float, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self.runtime = runtime
         self.clock = clock
         # Periodic reads only where there is something that can change on its own.
-        self.interval = interval if registry.settings.docker_config is not None else 0.0
+        self.interval = interval if runtime.settings.docker_config is not None else 0.0
         self.on_users: Callable[[dict[str, bytes]], None] | None = None
         self._wake = asyncio.Event()
         self._users_asked = False
@@ -57,9 +59,9 @@ class Reloader:
         since the last read: read them again now, one read shared by the requests
         refused meanwhile, at most one a minute. True when `host`'s credentials changed:
         the request is worth sending once more."""
-        if self.registry.settings.docker_config is None:
+        if self.runtime.settings.docker_config is None:
             return False  # the TOML file's credentials are read at start only
-        before = self.registry.credential_for(host)
+        before = self.runtime.credential_for(host)
         if "read" not in self._refusal:
             now = self.clock.monotonic()
             if now - self._refused_at < REFUSED_PAUSE:
@@ -71,7 +73,7 @@ class Reloader:
         except Exception as exc:  # the request goes on with its 401, not with this
             log.error("config.reload_failed", error=repr(exc))
             return False
-        return self.registry.credential_for(host) != before
+        return self.runtime.credential_for(host) != before
 
     async def _loop(self) -> None:
         while True:
@@ -87,7 +89,7 @@ class Reloader:
     async def reload(self, *, users: bool) -> bool:
         """Read the credentials (and, if asked, the users) again and use them; False
         when a reading failed and nothing changed."""
-        settings = self.registry.settings
+        settings = self.runtime.settings
         try:
             # Helpers may take seconds (HELPER_TIMEOUT each): off the event loop.
             credentials = await asyncio.to_thread(load_credentials, settings)
@@ -98,8 +100,8 @@ class Reloader:
             log.warning("config.reload_failed", error=str(exc))
             return False
         if fresh_users is not None:
-            self.registry.inbound_users = fresh_users
-        changed = self.registry.replace_credentials(credentials)
+            self.runtime.inbound_users = fresh_users
+        changed = self.runtime.replace_credentials(credentials)
         if changed or users:
             said = {} if fresh_users is None else {"users": len(fresh_users)}
             log.info("config.reloaded", credentials_changed=changed, **said)

@@ -7,24 +7,24 @@ mirror mode), then a registry host as the first component of the name
 
 from __future__ import annotations
 
-from proxyd.config import Registry
+from proxyd.config import RuntimeConfig
 from proxyd.errors import NameInvalid, NameUnknown
 from proxyd.hosts import Namespace, Target
 from proxyd.reference import looks_like_host, normalize_repository, validate_name
 
 
-def route(registry: Registry, name: str, ns: str | None) -> Target:
+def route(runtime: RuntimeConfig, name: str, ns: str | None) -> Target:
     if ns:
-        namespace = registry.namespace(ns)
+        namespace = runtime.namespace(ns)
         if namespace is None:
             raise NameUnknown(f"namespace {ns!r} is not configured in proxyd")
         return _target(namespace, name)
     first, _, rest = name.partition("/")
     if rest and looks_like_host(first):
-        namespace = registry.namespace(first)
+        namespace = runtime.namespace(first)
         if namespace is not None:
             return _target(namespace, rest)
-    default = registry.namespace(registry.settings.default_namespace)
+    default = runtime.namespace(runtime.settings.default_namespace)
     if default is None:  # build_registry refuses such a configuration
         raise NameUnknown("no default namespace is configured")
     try:
@@ -40,10 +40,10 @@ def _target(namespace: Namespace, name: str) -> Target:
     return Target(namespace, repository)
 
 
-def namespace_for(registry: Registry, ns: str | None) -> Namespace:
+def namespace_for(runtime: RuntimeConfig, ns: str | None) -> Namespace:
     """The namespace of a registry-wide call (the catalog): `ns`, else the default."""
-    name = ns or registry.settings.default_namespace
-    namespace = registry.namespace(name)
+    name = ns or runtime.settings.default_namespace
+    namespace = runtime.namespace(name)
     if namespace is None:
         raise NameUnknown(f"namespace {name!r} is not configured in proxyd")
     return namespace

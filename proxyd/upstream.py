@@ -26,7 +26,7 @@ from proxyd import clienterrors
 from proxyd.auth import Authorizer
 from proxyd.breaker import Breakers, parse_retry_after
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import Registry
+from proxyd.config import RuntimeConfig
 from proxyd.errors import (
     NoCapableHost,
     Offline,
@@ -76,7 +76,7 @@ class UpstreamClient:
 
     def __init__(
         self,
-        registry: Registry,
+        runtime: RuntimeConfig,
         *,
         user_agent: str,
         offline: bool = False,
@@ -84,7 +84,7 @@ class UpstreamClient:
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.registry = registry
+        self.runtime = runtime
         self.clock = clock  # the authorizer's, for token lifetimes
         self.user_agent = user_agent
         self.offline = offline
@@ -104,7 +104,7 @@ class UpstreamClient:
         )
         authorizer = Authorizer(
             self._session,
-            self.registry.credential_for,
+            self.runtime.credential_for,
             user_agent=self.user_agent,
             on_fetch=lambda host: self.metrics.token_fetches.labels(host).inc(),
             clock=self.clock.monotonic,

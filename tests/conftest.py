@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import build_registry, load_settings
+from proxyd.config import build_runtime, load_settings
 from proxyd.server import AccessLogger, create_app
 from proxyd.server.fastpath import ProxydRunner
 from tests.fakes import FakeRegistry, FakeTokenServer
@@ -85,7 +85,7 @@ def make_proxyd(aiohttp_client: Any, tmp_path: Path, cache_dir: Path) -> MakePro
         path.write_text(config)
         flags.setdefault("cache_dir", cache_dir)
         settings = load_settings(path, **flags)
-        app = create_app(build_registry(settings), clock=clock)
+        app = create_app(build_runtime(settings), clock=clock)
         server = ProxydTestServer(app, host="127.0.0.1")
         await server.start_server(access_log_class=AccessLogger)  # as `proxyd serve` does
         client: TestClient[Any, Any] = await aiohttp_client(server)

@@ -162,47 +162,47 @@ def test_any_quoted_parameter_value_round_trips_through_escaping(params):
 
 # -- which challenge the authorizer answers ---------------------------------------------
 
-REGISTRY = make_host("https://registry.example", HostSettings(), is_mirror=False)
+RUNTIME = make_host("https://registry.example", HostSettings(), is_mirror=False)
 BASIC_PASSWORD = base64.b64encode(b"alice:wonderland").decode()
 
 
 def authorizer(credential: Credential | None) -> Authorizer:
     """No session: every test here stays clear of token servers."""
-    return Authorizer(None, lambda host: credential if host == REGISTRY.host else None)  # type: ignore[arg-type]
+    return Authorizer(None, lambda host: credential if host == RUNTIME.host else None)  # type: ignore[arg-type]
 
 
 async def test_bearer_is_preferred_over_basic_whatever_the_order():
     credential = Credential(username="alice", password="wonderland", registry_token="tok")
     auth = authorizer(credential)
-    assert auth.learn(REGISTRY, ['Basic realm="r"', 'Bearer realm="https://auth.example/t"'])
-    assert await auth.authorization(REGISTRY, "repository:app:pull") == "Bearer tok"
+    assert auth.learn(RUNTIME, ['Basic realm="r"', 'Bearer realm="https://auth.example/t"'])
+    assert await auth.authorization(RUNTIME, "repository:app:pull") == "Bearer tok"
 
 
 async def test_basic_is_answered_with_the_hosts_credentials():
     auth = authorizer(Credential(username="alice", password="wonderland"))
-    assert auth.learn(REGISTRY, ['Basic realm="registry"'])
-    assert await auth.authorization(REGISTRY, "repository:app:pull") == f"Basic {BASIC_PASSWORD}"
+    assert auth.learn(RUNTIME, ['Basic realm="registry"'])
+    assert await auth.authorization(RUNTIME, "repository:app:pull") == f"Basic {BASIC_PASSWORD}"
 
 
 def test_basic_without_credentials_cannot_succeed_on_a_retry():
-    assert not authorizer(None).learn(REGISTRY, ['Basic realm="registry"'])
+    assert not authorizer(None).learn(RUNTIME, ['Basic realm="registry"'])
 
 
 def test_bearer_without_a_realm_falls_back_to_basic():
     credential = Credential(username="alice", password="wonderland")
     auth = authorizer(credential)
-    assert auth.learn(REGISTRY, ['Bearer service="reg"', 'Basic realm="r"'])
+    assert auth.learn(RUNTIME, ['Bearer service="reg"', 'Basic realm="r"'])
 
 
 @pytest.mark.parametrize("values", [[], ["Negotiate"], ['Bearer service="no-realm"'], ["???"]])
 def test_a_challenge_proxyd_cannot_answer_gives_no_retry(values):
     auth = authorizer(Credential(username="alice", password="wonderland"))
-    assert not auth.learn(REGISTRY, values)
+    assert not auth.learn(RUNTIME, values)
 
 
 async def test_a_host_never_challenged_gets_no_authorization():
     auth = authorizer(Credential(username="alice", password="wonderland"))
-    assert await auth.authorization(REGISTRY, "repository:app:pull") is None
+    assert await auth.authorization(RUNTIME, "repository:app:pull") is None
 
 
 async def test_credentials_are_never_sent_to_a_host_they_do_not_belong_to():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxyd.cli import main
-from proxyd.config import ConfigError, build_registry, default_cache_dir, load_settings
+from proxyd.config import ConfigError, build_runtime, default_cache_dir, load_settings
 from proxyd.credentials import Credential, CredentialsError, read_docker_config
 
 
@@ -147,7 +147,7 @@ def test_an_unknown_capability_in_the_file_is_a_config_error_once_chains_are_bui
         '[namespaces."docker.io".host."https://m.example"]\ncapabilities = ["fly"]\n',
     )
     with pytest.raises(ConfigError, match="unknown capability 'fly'"):
-        build_registry(load_settings(path))
+        build_runtime(load_settings(path))
 
 
 # -- secrets stay secret ------------------------------------------------------------------
@@ -186,7 +186,7 @@ def hosts_dir(tmp_path):
 
 
 def test_built_in_docker_hub_is_present_without_any_configuration():
-    registry = build_registry(load_settings(None))
+    registry = build_runtime(load_settings(None))
     namespace = registry.namespace("docker.io")
     assert namespace is not None
     assert namespace.source == "built-in"
@@ -194,7 +194,7 @@ def test_built_in_docker_hub_is_present_without_any_configuration():
 
 
 def test_hosts_dir_namespaces_are_loaded_with_their_file_as_source(hosts_dir):
-    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
     namespace = registry.namespace("quay.io")
     assert namespace is not None
     assert [h.origin for h in namespace.hosts] == ["https://quay-mirror.example", "https://quay.io"]
@@ -206,7 +206,7 @@ def test_config_file_namespaces_win_over_the_hosts_dir(tmp_path, hosts_dir):
         tmp_path / "proxyd.toml",
         '[namespaces."ghcr.io"]\n[namespaces."ghcr.io".host."https://from-file.example"]\n',
     )
-    registry = build_registry(load_settings(path, hosts_dir=hosts_dir))
+    registry = build_runtime(load_settings(path, hosts_dir=hosts_dir))
     namespace = registry.namespace("ghcr.io")
     assert namespace is not None
     assert namespace.source == "config file"
@@ -219,7 +219,7 @@ def test_relative_paths_in_a_hosts_dir_resolve_against_its_namespace_directory(t
         root / "quay.io" / "hosts.toml",
         'ca = "ca.crt"\n[host."https://m.example"]\nca = "m.crt"\n',
     )
-    registry = build_registry(load_settings(None, hosts_dir=root))
+    registry = build_runtime(load_settings(None, hosts_dir=root))
     namespace = registry.namespace("quay.io")
     assert namespace is not None
     assert [h.ca for h in namespace.hosts] == [
@@ -233,7 +233,7 @@ def test_relative_paths_resolve_against_a_host_port_directory_spelled_with_under
 ):
     root = tmp_path / "certs.d"
     write(root / "r.example_5000" / "hosts.toml", 'ca = "ca.crt"\n')
-    registry = build_registry(
+    registry = build_runtime(
         load_settings(None, hosts_dir=root, default_namespace="r.example:5000")
     )
     namespace = registry.namespace("r.example:5000")
@@ -244,7 +244,7 @@ def test_relative_paths_resolve_against_a_host_port_directory_spelled_with_under
 
 def test_default_hosts_toml_serves_any_unconfigured_namespace(hosts_dir):
     write(hosts_dir / "_default" / "hosts.toml", '[host."https://any-mirror.example"]\n')
-    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
     namespace = registry.namespace("registry.example.com")
     assert namespace is not None
     assert namespace.source == str(hosts_dir / "_default" / "hosts.toml")
@@ -257,7 +257,7 @@ def test_default_hosts_toml_serves_any_unconfigured_namespace(hosts_dir):
 
 def test_default_hosts_toml_also_serves_docker_hub_through_registry_1(hosts_dir):
     write(hosts_dir / "_default" / "hosts.toml", '[host."https://any-mirror.example"]\n')
-    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
     namespace = registry.namespace("docker.io")
     assert namespace is not None
     assert [h.host for h in namespace.hosts] == ["any-mirror.example", "registry-1.docker.io"]
@@ -265,19 +265,19 @@ def test_default_hosts_toml_also_serves_docker_hub_through_registry_1(hosts_dir)
 
 def test_relative_paths_in_the_default_hosts_toml_resolve_against_its_directory(hosts_dir):
     write(hosts_dir / "_default" / "hosts.toml", 'ca = "ca.crt"\n')
-    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
     namespace = registry.namespace("registry.example.com")
     assert namespace is not None
     assert namespace.hosts[-1].ca == (str(hosts_dir / "_default" / "ca.crt"),)
 
 
 def test_an_unconfigured_namespace_is_refused_by_default():
-    registry = build_registry(load_settings(None))
+    registry = build_runtime(load_settings(None))
     assert registry.namespace("ghcr.io") is None
 
 
 def test_allow_unconfigured_namespaces_routes_to_the_registry_host_itself():
-    registry = build_registry(load_settings(None, allow_unconfigured_namespaces=True))
+    registry = build_runtime(load_settings(None, allow_unconfigured_namespaces=True))
     namespace = registry.namespace("ghcr.io")
     assert namespace is not None
     assert namespace.source == "default host"
@@ -286,17 +286,17 @@ def test_allow_unconfigured_namespaces_routes_to_the_registry_host_itself():
 
 @pytest.mark.parametrize("name", ["", "not a host", "../etc", "a/b", "host:port"])
 def test_a_name_that_is_no_host_never_becomes_a_namespace(name):
-    registry = build_registry(load_settings(None, allow_unconfigured_namespaces=True))
+    registry = build_runtime(load_settings(None, allow_unconfigured_namespaces=True))
     assert registry.namespace(name) is None
 
 
 def test_a_default_namespace_that_is_not_configured_is_a_config_error():
     with pytest.raises(ConfigError, match=r"default_namespace 'ghcr\.io' is not configured"):
-        build_registry(load_settings(None, default_namespace="ghcr.io"))
+        build_runtime(load_settings(None, default_namespace="ghcr.io"))
 
 
 def test_a_default_namespace_may_come_from_the_hosts_dir(hosts_dir):
-    registry = build_registry(load_settings(None, hosts_dir=hosts_dir, default_namespace="ghcr.io"))
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir, default_namespace="ghcr.io"))
     assert registry.settings.default_namespace == "ghcr.io"
 
 
@@ -304,7 +304,7 @@ def test_a_broken_hosts_dir_is_a_config_error(tmp_path):
     root = tmp_path / "certs.d"
     write(root / "ghcr.io" / "hosts.toml", "server = \n")
     with pytest.raises(ConfigError, match=r"ghcr\.io"):
-        build_registry(load_settings(None, hosts_dir=root))
+        build_runtime(load_settings(None, hosts_dir=root))
 
 
 def test_credentials_in_the_config_file_win_over_docker_config(tmp_path):
@@ -313,7 +313,7 @@ def test_credentials_in_the_config_file_win_over_docker_config(tmp_path):
         {"r.example": {"auth": b64("docker:pw")}, "s.example": {"auth": b64("docker:pw")}},
     )
     path = write(tmp_path / "proxyd.toml", '[credentials."r.example"]\nusername = "file"\n')
-    registry = build_registry(load_settings(path, docker_config=docker))
+    registry = build_runtime(load_settings(path, docker_config=docker))
     r, s = registry.credential_for("r.example"), registry.credential_for("s.example")
     assert r is not None and r.username == "file"
     assert s is not None and s.username == "docker"
@@ -325,7 +325,7 @@ def test_a_docker_config_proxyd_cannot_read_is_a_config_error_with_the_readers_m
 ):
     docker = write(tmp_path / "config.json", '{"auths": {"r.example": {"auth": "@@@@"}}}')
     with pytest.raises(ConfigError) as raised:
-        build_registry(load_settings(None, docker_config=docker))
+        build_runtime(load_settings(None, docker_config=docker))
     with pytest.raises(CredentialsError) as read:
         read_docker_config(docker)
     assert str(raised.value) == str(read.value)
@@ -406,7 +406,7 @@ def test_the_written_out_default_config_is_the_embedded_default():
     embedded = load_settings(None)
     assert written.model_dump(exclude={"namespaces"}) == embedded.model_dump(exclude={"namespaces"})
     chains = [
-        {name: ns.hosts for name, ns in build_registry(settings).namespaces.items()}
+        {name: ns.hosts for name, ns in build_runtime(settings).namespaces.items()}
         for settings in (written, embedded)
     ]
     assert chains[0] == chains[1]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from proxyd import engines
-from proxyd.config import build_registry, load_settings
+from proxyd.config import build_runtime, load_settings
 from proxyd.hostsfile import build_namespace, load_hosts_dir
 from tests.peers.proxyd import PROJECT_ROOT
 
@@ -38,7 +38,7 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
 def proxyd_accepts(tmp_path: Path, text: str, **flags: Any) -> Any:
     path = tmp_path / "proxyd.toml"
     path.write_text(text)
-    return build_registry(load_settings(path, **flags))
+    return build_runtime(load_settings(path, **flags))
 
 
 @pytest.fixture(autouse=True)

@@ -15,17 +15,17 @@ import pytest
 
 from proxyd import engines
 from proxyd.cli import main
-from proxyd.config import Registry, build_registry, load_settings
+from proxyd.config import RuntimeConfig, build_runtime, load_settings
 from proxyd.hosts import Capability
 from proxyd.hostsfile import build_namespace, parse_hosts_toml
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
-def registry_from(tmp_path: Path, config: str, **flags: object) -> Registry:
+def registry_from(tmp_path: Path, config: str, **flags: object) -> RuntimeConfig:
     path = tmp_path / "proxyd.toml"
     path.write_text(config)
-    return build_registry(load_settings(path, **flags))
+    return build_runtime(load_settings(path, **flags))
 
 
 SEVERAL = """

@@ -17,7 +17,7 @@ from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.reference import Digest
 from proxyd.server import fastpath
 from proxyd.server.fastpath import FAST, FastAnswers
-from proxyd.server.keys import PULLER, REGISTRY
+from proxyd.server.keys import PULLER, RUNTIME
 from tests.conftest import FakeClock, host, origin
 from tests.fakes import FakeImage, FakeRegistry, make_image
 from tests.test_inbound import basic, write_htpasswd
@@ -191,7 +191,7 @@ async def test_a_body_that_looks_like_a_request_is_not_answered(served):
 
 async def test_a_delete_through_this_proxyd_ends_remembered_answers_at_once(served):
     proxyd, image, path = served
-    namespace = proxyd.server.app[REGISTRY].settings.default_namespace
+    namespace = proxyd.server.app[RUNTIME].settings.default_namespace
     store = proxyd.server.app[PULLER].store
     store.unlink(namespace, "team/app", Digest.parse(image.digest), "_manifests")
     conn = await Connection.open(proxyd)

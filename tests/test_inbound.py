@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from proxyd import inbound
 from proxyd.cli import main
-from proxyd.config import ConfigError, build_registry, load_settings
+from proxyd.config import ConfigError, build_runtime, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.inbound import InboundAuth, basic_credentials, need, parse_htpasswd
 from tests.conftest import host, oci_code, origin
@@ -100,7 +100,7 @@ def test_a_malformed_bcrypt_hash_is_an_error_naming_its_line(tmp_path, capsys, h
     path = tmp_path / "htpasswd"
     path.write_text(f"carol:{hashed}\n")
     with pytest.raises(ConfigError, match="malformed"):
-        build_registry(load_settings(None, htpasswd=path))  # as `proxyd serve` starts
+        build_runtime(load_settings(None, htpasswd=path))  # as `proxyd serve` starts
     config = tmp_path / "proxyd.toml"
     config.write_text("")
     assert main(["check-config", "--config", str(config), "--htpasswd", str(path)]) == 2
@@ -191,13 +191,13 @@ def test_htpasswd_from_the_flag_and_the_environment(tmp_path, monkeypatch, capsy
     assert f"inbound users:     2 from {path}, required for push" in capsys.readouterr().out
     monkeypatch.setenv("PROXYD_HTPASSWD", str(path))
     monkeypatch.setenv("PROXYD_AUTH_REQUIRED", "all")
-    registry = build_registry(load_settings(None))
+    registry = build_runtime(load_settings(None))
     assert registry.inbound_users is not None and registry.auth_required == "all"
 
 
 def test_bad_inbound_settings_are_configuration_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="auth_required needs htpasswd"):
-        build_registry(load_settings(None, auth_required="all"))
+        build_runtime(load_settings(None, auth_required="all"))
     md5 = tmp_path / "md5"
     md5.write_text("alice:$apr1$x$y\n")
     for path in (md5, tmp_path / "missing"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proxyd.config import build_registry, load_settings
+from proxyd.config import build_runtime, load_settings
 from proxyd.core import open_core
 from proxyd.prefetch import Progress, platform_matches, prefetch
 from proxyd.reference import Digest
@@ -42,7 +42,7 @@ async def run(tmp_path: Path, server: object, refs: list[str], platforms: list[s
         f'default_namespace = "{host(server)}"\n'
         f'[namespaces."{host(server)}"]\nserver = "{origin(server)}"\n'
     )
-    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path / "cache"))
     async with open_core(registry) as core:
         return await prefetch(
             core.resolver, registry, refs, platforms=platforms, progress=Progress()

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from proxyd.config import ConfigError, build_registry, load_settings
+from proxyd.config import ConfigError, build_runtime, load_settings
 from proxyd.errors import BlobUploadInvalid, Unauthorized
 from proxyd.hosts import Capability
 from proxyd.server.keys import UPLOADER
@@ -288,7 +288,7 @@ async def test_allow_push_comes_from_the_flag_the_environment_or_the_namespace(
     monkeypatch.delenv("PROXYD_ALLOW_PUSH")
     config = tmp_path / "proxyd.toml"
     config.write_text('[namespaces."ghcr.io"]\nallow_push = true\nallow_delete = true\n')
-    registry = build_registry(load_settings(config))
+    registry = build_runtime(load_settings(config))
     ghcr, hub = registry.namespace("ghcr.io"), registry.namespace("docker.io")
     assert ghcr is not None and hub is not None
     assert registry.push_allowed(ghcr) and ghcr.allow_delete
@@ -726,7 +726,7 @@ async def test_once_the_challenge_is_known_a_streamed_body_goes_out_once(start_f
     server = await serve(start_fake, upstream)
     config = tmp_path / "c.toml"
     config.write_text(push_config(server))
-    registry = build_registry(load_settings(config, cache_dir=tmp_path))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path))
     namespace = registry.namespace(host(server))
     assert namespace is not None
     sent = 0
@@ -788,7 +788,7 @@ async def test_a_streamed_body_is_not_sent_again_even_when_credentials_changed(
     server = await serve(start_fake, upstream)
     config = tmp_path / "c.toml"
     config.write_text(push_config(server))
-    registry = build_registry(load_settings(config, cache_dir=tmp_path))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path))
     namespace = registry.namespace(host(server))
     assert namespace is not None
     asked: list[str] = []
@@ -864,7 +864,7 @@ async def test_a_streamed_body_to_a_fresh_host_pings_for_its_challenge_first(sta
     server = await serve(start_fake, upstream)
     config = tmp_path / "c.toml"
     config.write_text(push_config(server))
-    registry = build_registry(load_settings(config, cache_dir=tmp_path))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path))
     namespace = registry.namespace(host(server))
     assert namespace is not None
     upstream.uploads["0123456789abcdef"] = _Upload("team/app", state="s")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from proxyd.config import Registry, build_registry, load_settings
+from proxyd.config import RuntimeConfig, build_runtime, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.inbound import InboundAuth
 from proxyd.reload import REFUSED_PAUSE, Reloader
@@ -50,15 +50,15 @@ def secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def registry_with_helper(tmp_path: Path, *extra: str) -> Registry:
+def registry_with_helper(tmp_path: Path, *extra: str) -> RuntimeConfig:
     docker_config = tmp_path / "config.json"
     docker_config.write_text(json.dumps({"auths": {HOST: {}}, "credsStore": "rotating"}))
     config = tmp_path / "proxyd.toml"
     config.write_text("\n".join([f'docker_config = "{docker_config}"', *extra]))
-    return build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    return build_runtime(load_settings(config, cache_dir=tmp_path / "cache"))
 
 
-def password(registry: Registry) -> str | None:
+def password(registry: RuntimeConfig) -> str | None:
     credential = registry.credential_for(HOST)
     return credential.password if credential else None
 
@@ -100,7 +100,7 @@ async def test_credentials_are_read_again_every_credential_refresh_seconds(tmp_p
 def test_without_a_docker_config_nothing_is_read_on_a_timer(tmp_path):
     config = tmp_path / "proxyd.toml"
     config.write_text("credential_refresh = 5")
-    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path / "cache"))
     assert Reloader(registry, interval=5).interval == 0
 
 
@@ -110,7 +110,7 @@ async def test_sighup_reads_the_htpasswd_file_again(tmp_path):
     htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
     config = tmp_path / "proxyd.toml"
     config.write_text(f'htpasswd = "{htpasswd}"\nauth_required = "all"')
-    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path / "cache"))
     assert registry.inbound_users is not None
     auth = InboundAuth(registry.inbound_users, "all")
     alice = basic("alice", "wonderland")["Authorization"]
@@ -135,7 +135,7 @@ async def test_an_htpasswd_file_that_no_longer_parses_keeps_the_users(tmp_path):
     htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
     config = tmp_path / "proxyd.toml"
     config.write_text(f'htpasswd = "{htpasswd}"')
-    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path / "cache"))
     htpasswd.write_text("carol:plaintext\n")
     with capture_logs() as logs:
         assert not await Reloader(registry, interval=0).reload(users=True)
@@ -149,7 +149,7 @@ async def test_a_malformed_bcrypt_hash_on_reload_keeps_the_users_proxyd_had(tmp_
     htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
     config = tmp_path / "proxyd.toml"
     config.write_text(f'htpasswd = "{htpasswd}"')
-    registry = build_registry(load_settings(config, cache_dir=tmp_path / "cache"))
+    registry = build_runtime(load_settings(config, cache_dir=tmp_path / "cache"))
     assert registry.inbound_users is not None
     auth = InboundAuth(registry.inbound_users, "all")
     reloader = Reloader(registry, interval=0)

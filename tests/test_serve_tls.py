@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from proxyd import cli, engines, tls
-from proxyd.config import ConfigError, build_registry, load_settings
+from proxyd.config import ConfigError, build_runtime, load_settings
 from tests.peers.proxyd import ProxydProcess, https_status, proxyd_config
 
 
@@ -129,7 +129,7 @@ def test_serve_with_a_missing_key_exits_2_with_a_message(tmp_path, certs: Certs,
 
 
 def load(tmp_path: Path, **flags: object) -> None:
-    build_registry(load_settings(None, cache_dir=tmp_path / "cache", **flags))
+    build_runtime(load_settings(None, cache_dir=tmp_path / "cache", **flags))
 
 
 def test_tls_cert_without_a_key_is_a_config_error(tmp_path, certs: Certs):
@@ -188,7 +188,7 @@ def test_the_server_context_is_tls_1_2_or_later_and_trusts_only_the_client_ca(ce
 
 
 def test_init_writes_https_mirror_urls_when_proxyd_serves_tls(tmp_path, certs: Certs):
-    registry = build_registry(
+    registry = build_runtime(
         load_settings(None, cache_dir=tmp_path / "c", tls_cert=certs.cert, tls_key=certs.key)
     )
     containerd = engines.plan_containerd(registry, tmp_path / "certs.d")
@@ -208,7 +208,7 @@ def test_init_writes_https_mirror_urls_when_proxyd_serves_tls(tmp_path, certs: C
 
 
 def test_init_mentions_the_client_certificate_when_proxyd_requires_one(tmp_path, certs: Certs):
-    registry = build_registry(
+    registry = build_runtime(
         load_settings(
             None,
             cache_dir=tmp_path / "c",
@@ -222,6 +222,6 @@ def test_init_mentions_the_client_certificate_when_proxyd_requires_one(tmp_path,
 
 
 def test_init_keeps_plain_http_without_tls(tmp_path):
-    registry = build_registry(load_settings(None, cache_dir=tmp_path / "c"))
+    registry = build_runtime(load_settings(None, cache_dir=tmp_path / "c"))
     hosts = tomllib.loads(engines.plan_containerd(registry, tmp_path / "d").files[0].text)
     assert list(hosts["host"]) == ["http://127.0.0.1:5000"]

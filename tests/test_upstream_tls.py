@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxyd import cli
-from proxyd.config import ConfigError, build_registry, check_upstream_tls, load_settings
+from proxyd.config import ConfigError, build_runtime, check_upstream_tls, load_settings
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 
@@ -278,7 +278,7 @@ def write_config(tmp_path: Path, host_lines: list[str]) -> Path:
 def test_unusable_tls_files_are_a_config_error_at_load(tmp_path, pki, lines, expected):
     trustme.CA().issue_cert("x.example").private_key_pem.write_to_path(tmp_path / "other.key")
     path = write_config(tmp_path, [line.format(tmp=tmp_path) for line in lines])
-    registry = build_registry(load_settings(path, cache_dir=tmp_path / "cache"))
+    registry = build_runtime(load_settings(path, cache_dir=tmp_path / "cache"))
     with pytest.raises(ConfigError, match=expected) as caught:
         check_upstream_tls(registry)
     assert "https://r.example" in str(caught.value)
@@ -288,7 +288,7 @@ def test_tls_files_of_a_mirror_are_checked_too(tmp_path, pki):
     path = write_config(
         tmp_path, ['[namespaces."r.example".host."https://m.example"]', 'ca = "/no/such/ca.pem"']
     )
-    registry = build_registry(load_settings(path))
+    registry = build_runtime(load_settings(path))
     with pytest.raises(ConfigError, match=r"https://m\.example: cannot read CA file /no/such"):
         check_upstream_tls(registry)
 
@@ -297,7 +297,7 @@ def test_tls_files_of_the_default_hosts_toml_are_checked(tmp_path):
     hosts_dir = tmp_path / "certs.d"
     (hosts_dir / "_default").mkdir(parents=True)
     (hosts_dir / "_default" / "hosts.toml").write_text('ca = "ca.crt"\n')
-    registry = build_registry(load_settings(None, hosts_dir=hosts_dir))
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
     with pytest.raises(ConfigError, match=r"_default/hosts\.toml: cannot read CA file .*ca\.crt"):
         check_upstream_tls(registry)
 
@@ -309,7 +309,7 @@ def test_files_of_plain_http_hosts_and_skip_verify_cas_are_not_needed(tmp_path):
         '[namespaces."s.example"]\nserver = "https://s.example"\nca = "/no/ca.pem"\n'
         "skip_verify = true\n"
     )
-    check_upstream_tls(build_registry(load_settings(path)))
+    check_upstream_tls(build_runtime(load_settings(path)))
 
 
 def test_check_config_reports_an_unreadable_ca_and_exits_2(tmp_path, capsys):
@@ -325,4 +325,4 @@ def test_a_key_inside_the_certificate_file_is_accepted(tmp_path, pki: PKI):
     both = tmp_path / "both.pem"
     both.write_bytes(pki.client_pem.read_bytes() + pki.client_key.read_bytes())
     path = write_config(tmp_path, [f'client = "{both}"'])
-    check_upstream_tls(build_registry(load_settings(path)))
+    check_upstream_tls(build_runtime(load_settings(path)))

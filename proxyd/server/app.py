@@ -8,7 +8,7 @@ from functools import partial
 from aiohttp import web
 
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import Registry
+from proxyd.config import RuntimeConfig
 from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
@@ -19,25 +19,25 @@ from proxyd.server.keys import (
     METRICS,
     PULLER,
     PUSHER,
-    REGISTRY,
     RELOADER,
     RESOLVER,
+    RUNTIME,
     UPLOADER,
 )
 from proxyd.server.middleware import add_request_id, inbound_auth, request_context
 
 
-def create_app(registry: Registry, *, clock: Clock = SYSTEM_CLOCK) -> web.Application:
+def create_app(runtime: RuntimeConfig, *, clock: Clock = SYSTEM_CLOCK) -> web.Application:
     """`clock`: the one the core and inbound auth read (a test's, to advance time)."""
     app = web.Application(middlewares=[request_context, inbound_auth], client_max_size=1 << 20)
-    app[REGISTRY] = registry
-    if registry.inbound_users is not None and registry.auth_required is not None:
+    app[RUNTIME] = runtime
+    if runtime.inbound_users is not None and runtime.auth_required is not None:
         app[INBOUND] = InboundAuth(
-            registry.inbound_users, registry.auth_required, clock=clock.monotonic
+            runtime.inbound_users, runtime.auth_required, clock=clock.monotonic
         )
     app[METRICS] = Metrics()
     # Remembered answers skip the middlewares: not where every pull must authenticate.
-    every_pull_authenticates = INBOUND in app and registry.auth_required == "all"
+    every_pull_authenticates = INBOUND in app and runtime.auth_required == "all"
     app[FAST] = FastAnswers(app[METRICS], enabled=not every_pull_authenticates)
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(partial(_core, clock=clock))
@@ -56,7 +56,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def _core(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
-    async with open_core(app[REGISTRY], app[METRICS], clock=clock) as core:
+    async with open_core(app[RUNTIME], app[METRICS], clock=clock) as core:
         app[PULLER] = core.puller
         app[RESOLVER] = core.resolver
         app[FAST].hot = core.puller.hot

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from proxyd import systemd, tls
-from proxyd.config import Registry, split_listen
+from proxyd.config import RuntimeConfig, split_listen
 from proxyd.server.app import create_app
 from proxyd.server.fastpath import ProxydRunner
 from proxyd.server.keys import RELOADER
@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 SHUTDOWN_GRACE = 5.0  # seconds; twice this stays under the unit's TimeoutStopSec=20s
 
 
-def serve(registry: Registry) -> int:
+def serve(runtime: RuntimeConfig) -> int:
     """The daemon's exit status: 0 after a stop by signal, 1 when it could not start."""
     from proxyd.log import configure
 
-    settings = registry.settings
+    settings = runtime.settings
     configure(settings.log_level, settings.log_format)
     import structlog
 
@@ -40,20 +40,20 @@ def serve(registry: Registry) -> int:
         "starting",
         listen=settings.listen,
         cache_dir=str(settings.cache_dir),
-        namespaces=sorted(registry.namespaces),
+        namespaces=sorted(runtime.namespaces),
     )
     try:
-        return asyncio.run(_serve_batched(registry, log))
+        return asyncio.run(_serve_batched(runtime, log))
     except KeyboardInterrupt:  # before the signal handlers were set: nothing to clean up
         return 130
 
 
-async def _serve_batched(registry: Registry, log: BoundLogger) -> int:
+async def _serve_batched(runtime: RuntimeConfig, log: BoundLogger) -> int:
     """Serve with log lines written in batches (see proxyd.log)."""
     from proxyd.log import OUTPUT
 
     async with OUTPUT.batched():
-        return await _serve(registry, log)
+        return await _serve(runtime, log)
 
 
 def freeze_startup_heap() -> None:
@@ -66,14 +66,14 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-async def _serve(registry: Registry, log: BoundLogger) -> int:
+async def _serve(runtime: RuntimeConfig, log: BoundLogger) -> int:
     """Set up the app, listen (on the sockets systemd passed, else on `listen`), tell
     systemd READY=1, serve until SIGTERM or SIGINT (SIGHUP reads credentials and users
     again: proxyd.reload), then STOPPING=1 and a graceful shutdown: the listener closes
     at once, requests in flight get SHUTDOWN_GRACE seconds to finish (aiohttp waits that
     long twice: for handlers, then for connections), then are cut; downloads they
     started are cancelled and their temporary files removed."""
-    settings = registry.settings
+    settings = runtime.settings
     try:
         inherited = systemd.listen_fds()
     except ValueError as exc:
@@ -89,7 +89,7 @@ async def _serve(registry: Registry, log: BoundLogger) -> int:
             log.error("cannot serve HTTPS", error=str(exc))
             return 1
     runner = ProxydRunner(
-        create_app(registry),
+        create_app(runtime),
         access_log=logging.getLogger("proxyd.access"),
         access_log_class=AccessLogger,
         shutdown_timeout=SHUTDOWN_GRACE,

@@ -23,7 +23,7 @@ from proxyd.reference import ApiPath, Digest, Endpoint, is_digest, parse_api_pat
 from proxyd.routing import namespace_for, route
 from proxyd.server import push
 from proxyd.server.fastpath import FAST
-from proxyd.server.keys import ACCESS, PULLER, REGISTRY, RESOLVER
+from proxyd.server.keys import ACCESS, PULLER, RESOLVER, RUNTIME
 from proxyd.server.middleware import API_VERSION_HEADER
 
 log = structlog.get_logger("proxyd.server")
@@ -40,7 +40,7 @@ async def base(request: web.Request) -> web.Response:
 
 async def api(request: web.Request) -> web.StreamResponse:
     path = parse_api_path(request.path)
-    target = route(request.app[REGISTRY], path.name, request.query.get("ns"))
+    target = route(request.app[RUNTIME], path.name, request.query.get("ns"))
     access = request[ACCESS]
     access.route = path.endpoint.value
     access.namespace = target.namespace.name
@@ -73,7 +73,7 @@ async def referrers(request: web.Request, target: Target, digest: Digest) -> web
 
 async def catalog(request: web.Request) -> web.Response:
     """`/v2/_catalog`, forwarded to the namespace's upstream where it allows it."""
-    namespace = namespace_for(request.app[REGISTRY], request.query.get("ns"))
+    namespace = namespace_for(request.app[RUNTIME], request.query.get("ns"))
     access = request[ACCESS]
     access.route, access.namespace = "catalog", namespace.name
     params = {k: request.query[k] for k in ("n", "last") if k in request.query}

@@ -12,7 +12,7 @@ import asyncio
 
 from aiohttp import web
 
-from proxyd.server.keys import PULLER, REGISTRY
+from proxyd.server.keys import PULLER, RUNTIME
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -21,7 +21,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
-    if REGISTRY not in app or PULLER not in app:
+    if RUNTIME not in app or PULLER not in app:
         return _unready("starting: the configuration or the store is not set up yet")
     problem = await asyncio.to_thread(app[PULLER].store.probe_writable)
     if problem is not None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxyd.config import Registry
+from proxyd.config import RuntimeConfig
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
@@ -15,7 +15,7 @@ from proxyd.reload import Reloader
 from proxyd.resolver import Resolver
 from proxyd.uploader import Uploader
 
-REGISTRY = web.AppKey("registry", Registry)
+RUNTIME = web.AppKey("runtime", RuntimeConfig)
 PULLER = web.AppKey("puller", Puller)
 RESOLVER = web.AppKey("resolver", Resolver)
 METRICS = web.AppKey("metrics", Metrics)

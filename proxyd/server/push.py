@@ -14,7 +14,7 @@ from proxyd.errors import DigestInvalid, ProxydError, Unsupported
 from proxyd.hosts import Target
 from proxyd.reference import ApiPath, Digest, Endpoint
 from proxyd.routing import route
-from proxyd.server.keys import ACCESS, PUSHER, REGISTRY, UPLOADER, USER
+from proxyd.server.keys import ACCESS, PUSHER, RUNTIME, UPLOADER, USER
 from proxyd.server.middleware import API_VERSION_HEADER
 from proxyd.uploader import Started
 from proxyd.uploads import UploadSession
@@ -52,7 +52,7 @@ async def start_upload(request: web.Request, target: Target, path: ApiPath) -> w
     mount_from = None
     if query.get("from"):
         try:
-            mount_from = route(request.app[REGISTRY], query["from"], query.get("ns"))
+            mount_from = route(request.app[RUNTIME], query["from"], query.get("ns"))
         except ProxydError:
             mount_from = None  # not a repository proxyd knows: upstream gets no source
     started = await request.app[UPLOADER].start_upload(
