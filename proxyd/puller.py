@@ -6,7 +6,7 @@ A stored copy is served only once upstream confirmed that the repository holds i
 blob through a `Download` shared by every request for its digest; a manifest
 checked in memory, answered at once, and written to the store behind the answer
 (while on its way there, this process answers it from memory). Manifests just
-served stay in memory (`proxyd.hot`), so a hit reads no file.
+served stay in memory (`proxyd.memory`), so a hit reads no file.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from proxyd.download import Download
 from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, UpstreamError
 from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability, Target
-from proxyd.hot import HotManifest, HotManifests
-from proxyd.hot import Key as HotKey
 from proxyd.manifests import Manifest, read_manifest, served_media_type
+from proxyd.memory import Key as MemoryKey
+from proxyd.memory import ManifestMemory, RememberedManifest
 from proxyd.metrics import Metrics
 from proxyd.reference import Digest
 from proxyd.refusal import expect
@@ -84,12 +84,12 @@ class Puller:
         self.store = store
         self.upstream = upstream
         self.max_manifest_size = max_manifest_size
-        self.hot = HotManifests(store, manifest_memory, clock=clock.monotonic)
+        self.manifest_memory = ManifestMemory(store, manifest_memory, clock=clock.monotonic)
         self.on_commit = on_commit  # a blob of this size was stored (eviction watches)
         self.metrics = metrics or Metrics()
         self._flights: SingleFlight[Manifest] = SingleFlight(on_join=self.metrics.coalesced.inc)
         self._downloads: dict[Digest, Download] = {}
-        self._storing: dict[HotKey, _Storing] = {}  # manifests on their way to the disk
+        self._storing: dict[MemoryKey, _Storing] = {}  # manifests on their way to the disk
         self._stores: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -103,30 +103,32 @@ class Puller:
     # -- manifests ----------------------------------------------------------------------
 
     async def manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
-        hot = self.remembered(target, digest) or self._stored_manifest(target, digest)
-        if hot is not None:
+        kept = self.remembered(target, digest) or self._stored_manifest(target, digest)
+        if kept is not None:
             self.metrics.cache.labels("manifest", "hit").inc()
-            body = hot.body
-            return Manifest(digest, hot.media_type, len(body), body, "hit", None, hot.fresh_until)
+            body = kept.body
+            return Manifest(digest, kept.media_type, len(body), body, "hit", None, kept.fresh_until)
         self.metrics.cache.labels("manifest", "miss").inc()
         key = ("manifest", target.namespace.name, target.repository, digest)
         return await self._flights.run(key, lambda: self._fetch_manifest(target, digest, accept))
 
-    def remembered(self, target: Target, digest: Digest) -> HotManifest | None:
+    def remembered(self, target: Target, digest: Digest) -> RememberedManifest | None:
         """The manifest from memory, while it may be served without asking the store."""
-        return self.hot.get(_hot_key(target, digest))
+        return self.manifest_memory.get(_memory_key(target, digest))
 
     def remember(self, target: Target, manifest: Manifest) -> None:
         """Keep a confirmed manifest in memory (a tag's answer: its link made or on its
         way to the store)."""
-        self.hot.put(_hot_key(target, manifest.digest), manifest.media_type, manifest.body)
+        self.manifest_memory.put(
+            _memory_key(target, manifest.digest), manifest.media_type, manifest.body
+        )
 
-    def _stored_manifest(self, target: Target, digest: Digest) -> HotManifest | None:
+    def _stored_manifest(self, target: Target, digest: Digest) -> RememberedManifest | None:
         """The manifest from the store, or on its way there; remembered when found."""
-        key = _hot_key(target, digest)
+        key = _memory_key(target, digest)
         storing = self._on_its_way(key)
         if storing is not None:
-            return self.hot.put(key, storing.media_type, storing.body)
+            return self.manifest_memory.put(key, storing.media_type, storing.body)
         media_type = self.store.linked(
             target.namespace.name, target.repository, digest, "_manifests"
         )
@@ -134,7 +136,7 @@ class Puller:
         if media_type is None or body is None:
             return None
         self.store.use(digest)
-        return self.hot.put(key, media_type, body)
+        return self.manifest_memory.put(key, media_type, body)
 
     async def _fetch_manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
         async with self.upstream.ask(
@@ -162,7 +164,7 @@ class Puller:
     def keep_manifest(self, target: Target, digest: Digest, body: bytes, media_type: str) -> None:
         """`commit_manifest`, unless this repository's copy is stored or on its way."""
         ns, repo = target.namespace.name, target.repository
-        if self._on_its_way(_hot_key(target, digest)) is None and (
+        if self._on_its_way(_memory_key(target, digest)) is None and (
             self.store.size(digest) is None
             or self.store.linked(ns, repo, digest, "_manifests") is None
         ):
@@ -177,14 +179,14 @@ class Puller:
         delete through proxyd meanwhile wins: neither memory nor link outlive it."""
         if not digest.matches(body):
             raise DigestMismatch(str(digest), str(Digest.of(body, digest.algorithm)))
-        key = _hot_key(target, digest)
+        key = _memory_key(target, digest)
         storing = _Storing(media_type, body, self.store.removals)
         self._storing[key] = storing
         task = asyncio.create_task(self._store_manifest(key, digest, storing))
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
 
-    def _on_its_way(self, key: HotKey) -> _Storing | None:
+    def _on_its_way(self, key: MemoryKey) -> _Storing | None:
         """A manifest being stored for this repository, unless a removal since (a
         delete through proxyd, an eviction) means it must not be served from memory."""
         storing = self._storing.get(key)
@@ -192,7 +194,7 @@ class Puller:
             return None
         return storing
 
-    async def _store_manifest(self, key: HotKey, digest: Digest, storing: _Storing) -> None:
+    async def _store_manifest(self, key: MemoryKey, digest: Digest, storing: _Storing) -> None:
         try:
             await in_worker(self.store.put, digest, storing.body)
             if self.store.removals == storing.removals:
@@ -333,5 +335,5 @@ class Puller:
             raise failure
 
 
-def _hot_key(target: Target, digest: Digest) -> HotKey:
+def _memory_key(target: Target, digest: Digest) -> MemoryKey:
     return (target.namespace.name, target.repository, str(digest))

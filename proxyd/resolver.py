@@ -34,8 +34,8 @@ from proxyd.errors import (
 )
 from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability, Namespace, Target
-from proxyd.hot import HotTags
 from proxyd.manifests import OCI_INDEX, Manifest, served_media_type
+from proxyd.memory import TagMemory
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
 from proxyd.reference import Digest
@@ -46,7 +46,9 @@ from proxyd.upstream import Upstream, UpstreamClient, read_body
 log = structlog.get_logger("proxyd.resolver")
 T = TypeVar("T")
 
-MAX_HOT_TAGS = 4096  # fresh tag answers remembered (their manifests count in manifest_memory)
+MAX_REMEMBERED_TAGS = (
+    4096  # fresh tag answers remembered (their manifests count in manifest_memory)
+)
 
 
 @dataclass
@@ -81,8 +83,9 @@ class Resolver:
         self.metrics = metrics or Metrics()
         # A tag is answered from memory only while its manifest is: without manifest
         # memory there is nothing to remember tags with.
-        self.hot_tags: HotTags[Digest] = HotTags(
-            max_entries=MAX_HOT_TAGS if puller.hot.max_bytes > 0 else 0, clock=clock.monotonic
+        self.tag_memory: TagMemory[Digest] = TagMemory(
+            max_entries=MAX_REMEMBERED_TAGS if puller.manifest_memory.max_bytes > 0 else 0,
+            clock=clock.monotonic,
         )
         self._flights: SingleFlight[Any] = SingleFlight(on_join=self.metrics.coalesced.inc)
 
@@ -127,22 +130,22 @@ class Resolver:
         await self.small.put(_tag_changed_key(target, tag), {})
 
     def _remembered_tag(self, target: Target, key: str) -> Manifest | None:
-        remembered = self.hot_tags.get(key)
+        remembered = self.tag_memory.get(key)
         if remembered is None:
             return None
         digest, until = remembered
-        hot = self.puller.remembered(target, digest)
-        if hot is None:
+        kept = self.puller.remembered(target, digest)
+        if kept is None:
             return None
         self.metrics.cache.labels("tag", "hit").inc()
-        body = hot.body
-        fresh_until = min(until, hot.fresh_until)  # the tag and its manifest both stand
-        return Manifest(digest, hot.media_type, len(body), body, "hit", None, fresh_until)
+        body = kept.body
+        fresh_until = min(until, kept.fresh_until)  # the tag and its manifest both stand
+        return Manifest(digest, kept.media_type, len(body), body, "hit", None, fresh_until)
 
     def _remember_tag(self, target: Target, key: str, manifest: Manifest, fresh_for: float) -> None:
         """A fresh answer (its bytes verified, the repository's link made or on its way)."""
         self.puller.remember(target, manifest)
-        self.hot_tags.put(key, manifest.digest, fresh_for)
+        self.tag_memory.put(key, manifest.digest, fresh_for)
 
     async def _refresh_tag(
         self, target: Target, tag: str, accept: list[str], key: str, entry: Entry | None

@@ -59,7 +59,7 @@ async def _core(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
     async with open_core(app[RUNTIME], app[METRICS], clock=clock) as core:
         app[PULLER] = core.puller
         app[RESOLVER] = core.resolver
-        app[FAST].hot = core.puller.hot
+        app[FAST].manifest_memory = core.puller.manifest_memory
         app[PUSHER] = core.pusher
         app[UPLOADER] = core.uploader
         app[RELOADER] = core.reloader

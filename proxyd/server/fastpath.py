@@ -8,7 +8,7 @@ answering it does. So after the handler has served a hit, its answer is remember
 here, rendered to bytes under the request target it answered (and, for a tag, the
 Accept lines it was asked with: they choose the answer), and the connection's
 protocol (`FastRequestHandler`) writes it straight back when the same request comes
-again, for as long as the core says the hit stands (`HotManifests.is_current`, until
+again, for as long as the core says the hit stands (`ManifestMemory.is_current`, until
 the earlier of the manifest's and the tag's deadlines).
 
 It only ever answers the simplest case and hands everything else to aiohttp
@@ -35,8 +35,8 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
-from proxyd.hot import HotManifests
 from proxyd.manifests import Manifest
+from proxyd.memory import ManifestMemory
 from proxyd.metrics import Metrics
 from proxyd.server.keys import METRICS, Access
 from proxyd.server.middleware import AccessLine, AccessLogger, counting_into, new_request_id
@@ -67,7 +67,7 @@ class FastAnswers:
     def __init__(self, metrics: Metrics, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self.answered = 0  # requests answered here, for tests and curiosity
-        self.hot: HotManifests | None = None  # set once the core is open
+        self.manifest_memory: ManifestMemory | None = None  # set once the core is open
         self._answers: dict[bytes, _Answer] = {}  # manifests by digest, by target
         self._tag_answers: dict[bytes, dict[bytes, _Answer]] = {}  # by target, Accept
         self._count = 0  # answers remembered
@@ -91,8 +91,8 @@ class FastAnswers:
         """After the handler served `manifest` as a hit for `raw_target` (the request
         line's target as sent; `path` is its decoded path, as the access log has it).
         `accept`: for a tag, the Accept lines it was asked with."""
-        hot = self.hot
-        if not self.enabled or hot is None or manifest.fresh_until is None:
+        memory = self.manifest_memory
+        if not self.enabled or memory is None or manifest.fresh_until is None:
             return
         target = raw_target.encode("utf-8", "surrogateescape")
         accepted = None
@@ -100,9 +100,9 @@ class FastAnswers:
             accepted = accept_key(a.encode("utf-8", "surrogateescape") for a in accept)
         self._drop(target, accepted)
         size = len(manifest.body)
-        if size > hot.max_bytes:
+        if size > memory.max_bytes:
             return  # not kept in memory by the core either (manifest_memory = 0: none)
-        if self._count >= MAX_ANSWERS or self._bytes + size > hot.max_bytes:
+        if self._count >= MAX_ANSWERS or self._bytes + size > memory.max_bytes:
             self._answers.clear()  # they are rendered again from the next hits
             self._tag_answers.clear()
             self._count = self._bytes = 0
@@ -117,7 +117,7 @@ class FastAnswers:
             access.route,
             AccessLine("GET", path, access, 200, size),
             AccessLine("HEAD", path, access, 200, 0),
-            hot.generation,
+            memory.generation,
             manifest.fresh_until,
             "manifest" if accepted is None else "tag",
         )
@@ -150,7 +150,7 @@ class FastAnswers:
         method, target = request.method, request.target
         remembered = self._answers.get(target)
         tags = self._tag_answers.get(target) if remembered is None else None
-        if (remembered is None and tags is None) or self.hot is None:
+        if (remembered is None and tags is None) or self.manifest_memory is None:
             return None
         accepted = None
         if tags is not None:
@@ -159,7 +159,7 @@ class FastAnswers:
             if remembered is None:
                 return None
         assert remembered is not None
-        if not self.hot.is_current(remembered.generation, remembered.fresh_until):
+        if not self.manifest_memory.is_current(remembered.generation, remembered.fresh_until):
             self._drop(target, accepted)
             return None
         request_id = request.request_id or new_request_id()

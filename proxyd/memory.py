@@ -8,9 +8,9 @@ eviction or a delete in another process is honoured within `recheck`, and one re
 by this process at once (the store counts its removals; any removal empties this).
 
 A fresh tag answer otherwise costs a read of the small-response cache (a thread hop
-to SQLite, or a round trip to Redis). `HotTags` remembers which digest it resolved to,
+to SQLite, or a round trip to Redis). `TagMemory` remembers which digest it resolved to,
 for `recheck` seconds and never past the answer's own freshness; the bytes are taken
-from `HotManifests`, so a tag is answered from memory only while its manifest is.
+from `ManifestMemory`, so a tag is answered from memory only while its manifest is.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ D = TypeVar("D")  # what a remembered tag points at: its digest
 
 
 @dataclass(frozen=True, slots=True)
-class HotManifest:
+class RememberedManifest:
     media_type: str
     body: bytes
     fresh_until: float  # monotonic time until which no recheck is needed
 
 
-class HotManifests:
+class ManifestMemory:
     """A byte-bounded LRU of confirmed manifest hits."""
 
     def __init__(
@@ -51,11 +51,11 @@ class HotManifests:
         self.recheck = recheck
         self.clock = clock
         self.generation = 0  # changes whenever remembered hits are dropped
-        self._entries: OrderedDict[Key, HotManifest] = OrderedDict()
+        self._entries: OrderedDict[Key, RememberedManifest] = OrderedDict()
         self._bytes = 0
         self._removals_seen = store.removals
 
-    def get(self, key: Key) -> HotManifest | None:
+    def get(self, key: Key) -> RememberedManifest | None:
         if self.store.removals != self._removals_seen:
             self.clear()
         entry = self._entries.get(key)
@@ -67,8 +67,8 @@ class HotManifests:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: Key, media_type: str, body: bytes) -> HotManifest:
-        entry = HotManifest(media_type, body, self.clock() + self.recheck)
+    def put(self, key: Key, media_type: str, body: bytes) -> RememberedManifest:
+        entry = RememberedManifest(media_type, body, self.clock() + self.recheck)
         if len(body) > self.max_bytes:
             return entry
         self._drop(key)
@@ -97,7 +97,7 @@ class HotManifests:
             self._bytes -= len(entry.body)
 
 
-class HotTags(Generic[D]):
+class TagMemory(Generic[D]):
     """An entry-bounded LRU: a tag answer's key (tag, Accept set) to its digest, kept
     as the caller has it (proxyd's core: parsed, so a hit parses nothing)."""
 

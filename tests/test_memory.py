@@ -1,4 +1,4 @@
-"""Manifests kept in memory after a hit (proxyd/hot.py): served without reading the
+"""Manifests kept in memory after a hit (proxyd/memory.py): served without reading the
 store for `recheck` seconds, bounded in bytes, and dropped when the store removes
 anything; and fresh tag answers, remembered by digest for as long."""
 
@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 from proxyd.evict import Plan, apply
-from proxyd.hot import HotManifests, HotTags
+from proxyd.memory import ManifestMemory, TagMemory
 from proxyd.reference import Digest
 from proxyd.store import BlobStore, StoredFile
 
@@ -23,11 +23,11 @@ class Clock:
         return self.now
 
 
-def hot_manifests(tmp_path: Path, max_bytes: int = 1000) -> tuple[HotManifests, Clock]:
+def hot_manifests(tmp_path: Path, max_bytes: int = 1000) -> tuple[ManifestMemory, Clock]:
     store = BlobStore(tmp_path)
     store.open()
     clock = Clock()
-    return HotManifests(store, max_bytes, recheck=1.0, clock=clock), clock
+    return ManifestMemory(store, max_bytes, recheck=1.0, clock=clock), clock
 
 
 def test_a_remembered_hit_is_served_until_its_recheck_is_due(tmp_path):
@@ -74,7 +74,7 @@ def test_an_eviction_drops_every_remembered_hit(tmp_path):
 
 def test_a_tag_is_remembered_for_a_second_and_never_past_its_freshness():
     clock = Clock()
-    tags = HotTags(recheck=1.0, clock=clock)
+    tags = TagMemory(recheck=1.0, clock=clock)
     tags.put("tag a", KEY[2], fresh_for=60)
     tags.put("tag b", KEY[2], fresh_for=0.3)
     tags.put("tag c", KEY[2], fresh_for=0)  # already old: not remembered
@@ -90,7 +90,7 @@ def test_a_tag_is_remembered_for_a_second_and_never_past_its_freshness():
 
 
 def test_remembered_tags_are_bounded_and_the_least_recently_used_goes_first():
-    tags = HotTags(max_entries=2, clock=Clock())
+    tags = TagMemory(max_entries=2, clock=Clock())
     tags.put("tag a", "sha256:a", fresh_for=60)
     tags.put("tag b", "sha256:b", fresh_for=60)
     assert tags.get("tag a") is not None
@@ -100,6 +100,6 @@ def test_remembered_tags_are_bounded_and_the_least_recently_used_goes_first():
         False,
         True,
     ]
-    off = HotTags(max_entries=0, clock=Clock())
+    off = TagMemory(max_entries=0, clock=Clock())
     off.put("tag a", "sha256:a", fresh_for=60)
     assert off.get("tag a") is None
