@@ -23,8 +23,8 @@ import structlog
 from proxyd import clienterrors
 from proxyd.credentials import Credential
 from proxyd.errors import TokenError, Unauthorized
-from proxyd.flight import SingleFlight
 from proxyd.hosts import RegistryHost
+from proxyd.singleflight import SingleFlight
 
 log = structlog.get_logger("proxyd.auth")
 

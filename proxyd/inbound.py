@@ -43,7 +43,7 @@ import bcrypt
 import structlog
 
 from proxyd.errors import Unauthorized
-from proxyd.flight import SingleFlight
+from proxyd.singleflight import SingleFlight
 
 log = structlog.get_logger("proxyd.inbound")
 

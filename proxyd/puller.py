@@ -19,10 +19,10 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from proxyd.background import in_worker
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.download import Download
 from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, UpstreamError
-from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability, Target
 from proxyd.manifests import Manifest, read_manifest, served_media_type
 from proxyd.memory import Key as MemoryKey
@@ -30,9 +30,9 @@ from proxyd.memory import ManifestMemory, RememberedManifest
 from proxyd.metrics import Metrics
 from proxyd.reference import Digest
 from proxyd.refusal import expect
+from proxyd.singleflight import SingleFlight
 from proxyd.store import BlobStore
 from proxyd.upstream import Upstream, UpstreamClient
-from proxyd.writebehind import in_worker
 
 log = structlog.get_logger("proxyd.puller")
 

@@ -32,7 +32,6 @@ from proxyd.errors import (
     TooManyRequests,
     UpstreamError,
 )
-from proxyd.flight import SingleFlight
 from proxyd.hosts import Capability, Namespace, Target
 from proxyd.manifests import OCI_INDEX, Manifest, served_media_type
 from proxyd.memory import TagMemory
@@ -40,6 +39,7 @@ from proxyd.metrics import Metrics
 from proxyd.puller import Puller
 from proxyd.reference import Digest
 from proxyd.refusal import expect
+from proxyd.singleflight import SingleFlight
 from proxyd.smallcache import Entry, SmallCache
 from proxyd.upstream import Upstream, UpstreamClient, read_body
 

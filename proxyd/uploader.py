@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
-from proxyd.background import stop_loop
+from proxyd.background import in_worker, stop_loop
 from proxyd.errors import (
     BlobUploadInvalid,
     BlobUploadUnknown,
@@ -47,7 +47,6 @@ from proxyd.uploads import (
     parse_content_range,
 )
 from proxyd.upstream import Upstream
-from proxyd.writebehind import in_worker
 
 log = structlog.get_logger("proxyd.uploader")
 

@@ -21,35 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any, TypeVar
 
+from proxyd.background import settle
 from proxyd.store import BlobWriter, Buffer
 
 HIGH_WATER = 1 << 20  # bytes queued behind the batch in flight before the reader waits
-T = TypeVar("T")
-
-
-async def settle(job: asyncio.Future[T]) -> T:
-    """The result of a worker-thread job, waiting for its end even when cancelled
-    meanwhile (a thread cannot be stopped: what it holds must stay open until it ends).
-    A cancellation is re-raised once the job ended."""
-    cancelled = False
-    while not job.done():
-        try:
-            await asyncio.wait([job])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not job.cancelled():
-            job.exception()  # retrieved: the cancellation is what the caller sees
-        raise asyncio.CancelledError
-    return job.result()
-
-
-async def in_worker(work: Callable[..., T], *args: Any) -> T:
-    """`work(*args)` in a worker thread, waited for to its end even when cancelled
-    (see `settle`): what it holds stays its own until it returns."""
-    return await settle(asyncio.get_running_loop().run_in_executor(None, work, *args))
 
 
 class WriteBehind:

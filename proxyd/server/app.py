@@ -12,7 +12,7 @@ from proxyd.config import RuntimeConfig
 from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
-from proxyd.server import handlers, health
+from proxyd.server import health, pull
 from proxyd.server.fastpath import FAST, FastAnswers
 from proxyd.server.keys import (
     INBOUND,
@@ -44,10 +44,10 @@ def create_app(runtime: RuntimeConfig, *, clock: Clock = SYSTEM_CLOCK) -> web.Ap
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
     app.router.add_get("/readyz", health.readyz)
-    app.router.add_route("GET", "/v2/_catalog", handlers.catalog)
-    app.router.add_route("GET", "/v2/", handlers.base)
-    app.router.add_route("GET", "/v2", handlers.base)
-    app.router.add_route("*", "/v2/{tail:.+}", handlers.api)
+    app.router.add_route("GET", "/v2/_catalog", pull.catalog)
+    app.router.add_route("GET", "/v2/", pull.base)
+    app.router.add_route("GET", "/v2", pull.base)
+    app.router.add_route("*", "/v2/{tail:.+}", pull.api)
     return app
 
 
