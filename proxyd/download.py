@@ -4,7 +4,9 @@ A download writes a temporary file while hashing it (through a write-behind, in 
 worker thread), and each client streams from that file as bytes reach it, or from
 the chunks still queued for it. The blob's last byte is held back until the digest
 is verified, so a client never receives a complete wrong body; a mismatch cuts every
-reader short and keeps nothing.
+reader short and keeps nothing. A range ends on the same terms: its own last byte
+waits for the digest too, so no answer, whole or partial, ends clean on bytes the
+digest has not vouched for.
 """
 
 from __future__ import annotations
@@ -172,7 +174,10 @@ class Download:
 
     async def chunks(self, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, stop) of the blob as they arrive; raises if the download
-        fails. Until the digest is verified, the blob's last byte is withheld."""
+        fails. Until the digest is verified, the blob's last byte is withheld, and so
+        is `stop`'s last byte: a range short of the end completes only once the whole
+        blob is verified (holding back the blob's last byte alone would protect only
+        the ranges that include it)."""
         self._users += 1
         offset = start
         try:
@@ -186,7 +191,7 @@ class Download:
                     raise UpstreamError(f"download of {self.digest} failed: {self.error}")
                 available = self._releasable()
                 if stop is not None:
-                    available = min(available, stop)
+                    available = min(available, stop if self.verified else stop - 1)
                 if offset < available:
                     if offset < self.written:
                         on_disk = min(available, self.written)

@@ -517,9 +517,11 @@ async def test_a_range_is_served_from_a_download_in_flight_before_it_ends(make_p
     whole = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")  # held before its last byte
     part = await proxyd.get(f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=100-199"})
     assert part.status == 206
-    assert await asyncio.wait_for(part.read(), 5) == blob[100:200]
+    # All but the range's last byte before the blob ends; that one waits for the digest.
+    assert await asyncio.wait_for(part.content.readexactly(99), 5) == blob[100:199]
     assert upstream.gate is not None
     upstream.gate.set()
+    assert await part.read() == blob[199:200]
     assert await whole.read() == blob
     assert len(upstream.requests(f"/blobs/{image.layer}")) == 1
 
@@ -533,6 +535,25 @@ async def test_a_range_to_the_end_of_a_corrupt_blob_is_cut_short(make_proxyd, st
     assert part.status == 206
     with pytest.raises(aiohttp.ClientPayloadError):
         await part.read()
+
+
+async def test_a_range_short_of_the_end_of_a_corrupt_blob_is_cut_short_too(
+    make_proxyd, start_fake
+):
+    """Holding back the blob's last byte protects only the ranges that include it: a
+    range that stops before it must wait for the digest as well."""
+    upstream = FakeRegistry(corrupt=True)  # the first byte is wrong
+    image = upstream.add(make_image())
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server))
+    size = len(image.blobs[image.layer])
+    for span in (f"0-{size - 2}", "0-0"):
+        part = await proxyd.get(
+            f"/v2/team/app/blobs/{image.layer}", headers={"Range": f"bytes={span}"}
+        )
+        assert part.status == 206
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await part.read()
 
 
 async def test_every_answer_names_its_request_streamed_blobs_included(make_proxyd, start_fake):
