@@ -93,6 +93,21 @@ class Namespace:
     def hosts_for(self, capability: Capability) -> list[RegistryHost]:
         return [h for h in self.hosts if capability in h.capabilities]
 
+    def confirmers(self) -> list[RegistryHost]:
+        """The hosts trusted to say that a repository holds a digest, which lets proxyd
+        serve its stored copy there: those trusted with names (`resolve`), as containerd
+        trusts only them with tags. A pull-only mirror serves verified bytes by digest
+        but never vouches for a repository: one answering 200 to every HEAD would hand
+        out any blob proxyd holds. In a namespace whose hosts all lack `resolve`, the
+        upstream server itself, when it serves pulls: the registry answering for its
+        own repositories."""
+        trusted = self.hosts_for(Capability.RESOLVE)
+        return trusted or [h for h in self.hosts_for(Capability.PULL) if not h.is_mirror]
+
+    def vouches(self, host: RegistryHost) -> bool:
+        """Whether `host`'s answer about a repository counts as its confirmation."""
+        return host in self.confirmers()
+
     @property
     def push_host(self) -> RegistryHost | None:
         """Where pushes go: the upstream server, when it has the push capability. A

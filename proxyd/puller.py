@@ -1,8 +1,12 @@
 """Content by digest: manifests and blobs named by their digest, which any host with
 `pull` may serve, since proxyd verifies every byte against the name.
 
-A stored copy is served only once upstream confirmed that the repository holds it
-(a link in the store). Otherwise the content is fetched, verified and stored: a
+A stored copy is served only once a host trusted with the repository's names (one
+with `resolve`, `Namespace.confirmers`) said that the repository holds it: a link in
+the store, written only for verified content. A pull-only mirror may serve the bytes
+(they are checked against the digest) but its word about a repository counts for
+nothing: a blob it served is linked once a confirmer answers a `HEAD`, after the
+bytes are out. Otherwise the content is fetched, verified and stored: a
 blob through a `Download` shared by every request for its digest; a manifest
 checked in memory, answered at once, and written to the store behind the answer
 (while on its way there, this process answers it from memory). Manifests just
@@ -22,8 +26,8 @@ import structlog
 from proxyd.background import in_worker
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.download import Download
-from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, UpstreamError
-from proxyd.hosts import Capability, Target
+from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, ProxydError, UpstreamError
+from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import Manifest, read_manifest, served_media_type
 from proxyd.memory import Key as MemoryKey
 from proxyd.memory import ManifestMemory, RememberedManifest
@@ -214,9 +218,17 @@ class Puller:
         repository was not confirmed for."""
         size = self.store.use(digest)
         if size is not None:
-            await self._confirm(target, digest)
-            self.metrics.cache.labels("blob", "hit").inc()
-            return StoredBlob(digest, self.store.path(digest), size)
+            try:
+                await self._confirm(target, digest)
+            except BlobUnknown:
+                # No confirmer vouches for the repository; a pull-only mirror may still
+                # hold the blob there, as containerd would pull it: a miss, asked of
+                # the pull chain, never proxyd's copy.
+                if head or not self._mirrors_may_hold(target.namespace):
+                    raise
+            else:
+                self.metrics.cache.labels("blob", "hit").inc()
+                return StoredBlob(digest, self.store.path(digest), size)
         download = self._downloads.get(digest)
         if not head and download is not None and download.verified:
             if download.target != target:
@@ -236,17 +248,55 @@ class Puller:
         await download.answered()
         return download
 
+    @staticmethod
+    def _mirrors_may_hold(namespace: Namespace) -> bool:
+        """Whether a host that serves pulls does not confirm (a pull-only mirror)."""
+        confirmers = namespace.confirmers()
+        return any(h not in confirmers for h in namespace.hosts_for(Capability.PULL))
+
     async def _confirm(self, target: Target, digest: Digest) -> None:
-        """Upstream must have said this repository holds the digest before we serve it."""
+        """A confirmer must have said this repository holds the digest before we serve
+        it: asked with a `HEAD` of the repository's blob, unless linked already."""
         if self.store.linked(target.namespace.name, target.repository, digest) is None:
             await self._head_blob(target, digest)
 
     async def _head_blob(self, target: Target, digest: Digest) -> BlobHead:
-        async with self.upstream.ask(target, Capability.PULL, "HEAD", f"blobs/{digest}") as up:
+        """A `HEAD` of the repository's blob, asked of the confirmers alone: whether a
+        repository holds a digest is theirs to say (a mirror's 200 would unlock what
+        proxyd holds, or make a client skip the upload of a blob the upstream lacks)."""
+        namespace = target.namespace
+        async with self.upstream.ask(
+            target, Capability.RESOLVE, "HEAD", f"blobs/{digest}", hosts=namespace.confirmers()
+        ) as up:
             await expect(up, f"blob {digest}", not_found=BlobUnknown)
             length = up.response.content_length
-        self.store.link(target.namespace.name, target.repository, digest)
+        self.store.link(namespace.name, target.repository, digest)
         return BlobHead(digest, length, up.host.host)
+
+    def _link_served(self, target: Target, digest: Digest) -> None:
+        """Link a verified download's repository, its host having vouched for it; a
+        failure (a full disk) costs the link, never the download."""
+        try:
+            self.store.link(target.namespace.name, target.repository, digest)
+        except OSError as exc:
+            log.warning("blob.not_linked", digest=str(digest), error=str(exc))
+
+    async def _confirm_served(
+        self, target: Target, digest: Digest, served_by: RegistryHost
+    ) -> None:
+        """A verified download from a host that does not vouch for the repository (a
+        pull-only mirror): linked once a confirmer says so, off the clients' way (they
+        have their bytes). A failure costs the link, never the download."""
+        try:
+            await self._confirm(target, digest)
+        except (ProxydError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.info(
+                "blob.unconfirmed",
+                digest=str(digest),
+                repository=target.repository,
+                served_by=served_by.host,
+                error=exc.message if isinstance(exc, ProxydError) else str(exc),
+            )
 
     def _start_download(self, target: Target, digest: Digest) -> Download:
         download = Download(digest, target)
@@ -262,7 +312,7 @@ class Puller:
         digest = download.digest
         try:
             try:
-                await self._fetch(target, download)
+                served_by = await self._fetch(target, download)
             except BaseException as exc:
                 download.error = exc  # its readers stop at their next read
                 self._forget(download)  # a request from now on starts afresh
@@ -279,7 +329,13 @@ class Puller:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
-            await self._store(download)
+            if target.namespace.vouches(served_by):  # linked before a reader resumes
+                self._link_served(target, digest)
+                await self._store(download)
+            else:
+                await asyncio.gather(
+                    self._store(download), self._confirm_served(target, digest, served_by)
+                )
         finally:
             if download.host:
                 self.metrics.bytes_fetched.labels(download.host).inc(download.received)
@@ -291,7 +347,9 @@ class Puller:
         if self._downloads.get(download.digest) is download:
             del self._downloads[download.digest]
 
-    async def _fetch(self, target: Target, download: Download) -> None:
+    async def _fetch(self, target: Target, download: Download) -> RegistryHost:
+        """Stream the blob into `download` until its digest is verified; the host that
+        served it."""
         digest = download.digest
         # The temporary file is made while upstream is asked, at the loop's next turn
         # (the request is on its way by then), instead of on the way to the first byte.
@@ -307,10 +365,8 @@ class Puller:
                     await download.write(chunk)
         finally:
             early.cancel()  # the request failed before the loop turned: nothing to make
-        # Upstream's 200 confirmed the repository holds it (written here, after the body,
-        # to keep it off the way to the first byte).
-        self.store.link(target.namespace.name, target.repository, digest)
         await download.verify()
+        return up.host
 
     async def _store(self, download: Download) -> None:
         """The clients have their verified bytes; now the fsync and the rename, in a
@@ -320,6 +376,7 @@ class Puller:
         assert writer is not None, "a verified download has its writer"
         digest = download.digest
         failure: BaseException | None = None
+        stored_before = self.store.size(digest) is not None  # fetched again for a mirror
         try:
             await in_worker(writer.persist)
         except BaseException as exc:
@@ -327,7 +384,8 @@ class Puller:
         writer.close()  # after a rename this leaves the file in place
         if writer.committed:
             download.stored = self.store.path(digest)
-            self.on_commit(writer.written)
+            if not stored_before:
+                self.on_commit(writer.written)
             log.info("blob.stored", digest=str(digest), size=writer.written, host=download.host)
         elif not isinstance(failure, asyncio.CancelledError):
             log.warning("blob.not_stored", digest=str(digest), error=str(failure))

@@ -135,10 +135,12 @@ class UpstreamClient:
         *,
         accept: Iterable[str] = (),
         params: dict[str, str] | None = None,
+        hosts: list[RegistryHost] | None = None,
     ) -> AbstractAsyncContextManager[Upstream]:
         """A pull's request about `target`'s repository. A manifest asked for with no
         Accept accepts every manifest type proxyd knows (a registry would otherwise
-        answer only Docker's schema 2, or refuse)."""
+        answer only Docker's schema 2, or refuse). `hosts`: the chain to ask instead of
+        the hosts with `capability` (the confirmers of a repository)."""
         accepted = list(accept)
         if not accepted and suffix.startswith("manifests/"):
             accepted = list(MANIFEST_TYPES)
@@ -150,6 +152,7 @@ class UpstreamClient:
             suffix,
             headers=[("Accept", value) for value in accepted],
             params=params,
+            hosts=hosts,
         )
 
     @asynccontextmanager
@@ -166,14 +169,16 @@ class UpstreamClient:
         actions: str = "pull",
         scopes: Iterable[str] = (),
         data: Body = None,
+        hosts: list[RegistryHost] | None = None,
     ) -> AsyncIterator[Upstream]:
         """Yield the first acceptable response of the chain; raise when none is.
 
         `scopes` are token scopes needed besides the repository's (a cross-repository
-        mount reads another repository); `data` is the request body."""
+        mount reads another repository); `data` is the request body; `hosts`, when
+        given, the chain instead of the namespace's hosts with `capability`."""
         if self.offline:
             raise Offline(f"offline: {method} {repository}/{suffix} needs {namespace.name}")
-        hosts = namespace.hosts_for(capability)
+        hosts = namespace.hosts_for(capability) if hosts is None else hosts
         if not hosts:
             raise NoCapableHost(
                 f"namespace {namespace.name!r} has no host with the "

@@ -95,6 +95,7 @@ class FakeRegistry:
     redirect_loop: bool = False  # API requests are 307'd back to themselves, forever
     corrupt_manifests: bool = False  # flip a byte of manifest bodies (digest header kept)
     drop_manifests_after: int | None = None  # cut manifest bodies after this many bytes
+    claims_every_blob: bool = False  # 200 to a HEAD of any blob, held or not (a lying mirror)
 
     def add(self, image: FakeImage) -> FakeImage:
         self.images.append(image)
@@ -167,6 +168,8 @@ class FakeRegistry:
             for digest, blob in image.blobs.items():
                 if rest == f"{image.repository}/blobs/{digest}":
                     return await self._blob(request, blob)
+        if self.claims_every_blob and request.method == "HEAD" and "/blobs/" in rest:
+            return web.Response(headers={"Content-Length": "12000"})
         code = "MANIFEST_UNKNOWN" if "/manifests/" in rest else "BLOB_UNKNOWN"
         return web.json_response({"errors": [{"code": code, "message": "not here"}]}, status=404)
 

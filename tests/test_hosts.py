@@ -80,6 +80,24 @@ def test_server_capabilities_may_be_narrowed_at_the_top_level():
     assert namespace.hosts[-1].capabilities == Capability.PULL
 
 
+def test_only_hosts_trusted_with_names_confirm_what_a_repository_holds():
+    a, b, local, server = chain(CONTAINERD_EXAMPLE).hosts
+    namespace = chain(CONTAINERD_EXAMPLE)
+    assert namespace.confirmers() == [a, local, server]
+    assert not namespace.vouches(b), "a pull-only mirror vouched for a repository"
+
+
+def test_without_a_resolve_host_the_upstream_server_confirms_but_no_mirror_does():
+    namespace = chain(
+        'server = "https://reg.example"\ncapabilities = ["pull"]\n'
+        '[host."https://mirror.example"]\ncapabilities = ["pull"]\n',
+        "reg.example",
+    )
+    mirror, server = namespace.hosts
+    assert namespace.confirmers() == [server]
+    assert not namespace.vouches(mirror)
+
+
 def test_ca_may_be_one_path_or_a_list():
     one = chain('[host."https://m.example"]\nca = "/etc/ca.pem"\n').hosts[0]
     many = chain('[host."https://m.example"]\nca = ["/etc/a.pem", "/etc/b.pem"]\n').hosts[0]

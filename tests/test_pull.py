@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import host, oci_code, origin, until_logged, until_stored
+from tests.conftest import host, oci_code, origin, until, until_logged, until_stored
 from tests.fakes import FakeImage, FakeRegistry, FakeTokenServer, make_image
 
 
@@ -410,9 +410,15 @@ async def test_mirror_serves_pulls_but_tags_resolve_only_where_allowed(make_prox
         )
     )
     assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
-    assert (await proxyd.get(f"/v2/team/app/blobs/{image.layer}")).status == 200
-    assert [s.path for s in upstream.seen] == ["/v2/team/app/manifests/v1"]
+    blob = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await blob.read() == image.blobs[image.layer]
     assert [s.path for s in mirror.seen] == [f"/v2/team/app/blobs/{image.layer}"]
+    # The upstream confirms the repository holds what the mirror served (a HEAD, after).
+    await until(lambda: len(upstream.seen) == 2)
+    assert [(s.method, s.path) for s in upstream.seen] == [
+        ("GET", "/v2/team/app/manifests/v1"),
+        ("HEAD", f"/v2/team/app/blobs/{image.layer}"),
+    ]
 
 
 async def test_all_hosts_rate_limited_is_429_with_retry_after(make_proxyd, start_fake):
@@ -537,9 +543,7 @@ async def test_a_range_to_the_end_of_a_corrupt_blob_is_cut_short(make_proxyd, st
         await part.read()
 
 
-async def test_a_range_short_of_the_end_of_a_corrupt_blob_is_cut_short_too(
-    make_proxyd, start_fake
-):
+async def test_a_range_short_of_the_end_of_a_corrupt_blob_is_cut_short_too(make_proxyd, start_fake):
     """Holding back the blob's last byte protects only the ranges that include it: a
     range that stops before it must wait for the digest as well."""
     upstream = FakeRegistry(corrupt=True)  # the first byte is wrong
