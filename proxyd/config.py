@@ -89,6 +89,12 @@ class CacheSettings(BaseModel):
         ByteSize(32 << 20),
         description="memory for the manifests and tags served last: a hit reads no file; 0: off",
     )
+    redis_timeout: float = Field(
+        1.0,
+        gt=0,
+        description="seconds a Redis call may take; then Redis counts as unreachable "
+        "(lookups are misses) until it answers again",
+    )
 
 
 class Settings(BaseSettings):
@@ -128,6 +134,26 @@ class Settings(BaseSettings):
     )
     max_manifest_size: int = Field(MAX_MANIFEST_SIZE, gt=0, description="bytes")
     user_agent: str = Field("proxyd/0.1", description="User-Agent sent upstream")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client may take to send a request's line and headers, "
+        "from their first byte; a slower one is disconnected",
+    )
+    keepalive_timeout: float = Field(
+        60.0, gt=0, description="seconds a client connection may idle between requests"
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="client connections served at once; one more is answered 503 "
+        "(Retry-After: 1) and closed",
+    )
+    min_transfer_rate: ByteSize = Field(
+        ByteSize(1024),
+        description="bytes per second an upstream body must average over each minute; "
+        "a slower one is cut, as the host's failure; 0: no bound",
+    )
     namespaces: dict[str, NamespaceSettings] = Field(
         default_factory=dict, description="host chains by namespace (hosts.toml tables)"
     )

@@ -55,7 +55,12 @@ async def open_core(
     store = BlobStore(settings.cache_dir)
     store.open(clear_tmp=clear_tmp)
     small = (
-        SmallCache.redis(settings.cache.redis_url, clock=clock.time)
+        SmallCache.redis(
+            settings.cache.redis_url,
+            clock=clock.time,
+            timeout=settings.cache.redis_timeout,
+            monotonic=clock.monotonic,
+        )
         if settings.cache.backend == "redis"
         else SmallCache.sqlite(store.small_cache_path, clock=clock.time)
     )

@@ -27,6 +27,8 @@ ProxydError                      (500 UNKNOWN)
 ├── TooManyRequests              429 TOOMANYREQUESTS (carries Retry-After)
 ├── ManifestTooLarge             413 SIZE_INVALID
 ├── Offline                      503 UNAVAILABLE (offline, and nothing cached)
+├── Overloaded                   503 UNAVAILABLE (max_connections reached: a connection
+│                                    refused before its request is read)
 └── UpstreamError                502 UNAVAILABLE: no host of the chain could answer
     ├── NoCapableHost            502 UNAVAILABLE: the chain has no host for the request
     ├── TokenError               502 UNAVAILABLE: a token server failed or sent no token
@@ -151,6 +153,11 @@ class ManifestTooLarge(ProxydError):
 
 
 class Offline(ProxydError):
+    code = "UNAVAILABLE"
+    status = 503
+
+
+class Overloaded(ProxydError):
     code = "UNAVAILABLE"
     status = 503
 

@@ -101,6 +101,13 @@ class Metrics:
             ["host"],
             registry=r,
         )
+        self.connections_dropped = Counter(
+            "proxyd_connections_dropped",
+            "Client connections proxyd closed on a bound, by reason (max_connections, "
+            "header_timeout).",
+            ["reason"],
+            registry=r,
+        )
         self.cache_bytes = Gauge(
             "proxyd_cache_size_bytes",
             "Bytes in the blob store (known after a scan).",

@@ -159,7 +159,7 @@ class Puller:
     async def read_manifest(self, up: Upstream) -> bytes:
         """An upstream's manifest body, at most max_manifest_size bytes."""
         return await read_manifest(
-            up.response.content.iter_any(),
+            up.chunks(),
             length=up.response.content_length,
             limit=self.max_manifest_size,
             source=f"from {up.host.host}",
@@ -361,7 +361,7 @@ class Puller:
                 download.host = up.host.host
                 download.open(self.store)  # made already, unless that failed
                 download.answer()
-                async for chunk in up.response.content.iter_any():
+                async for chunk in up.chunks():
                     await download.write(chunk)
         finally:
             early.cancel()  # the request failed before the loop turned: nothing to make

@@ -6,7 +6,12 @@ stores JSON records. Storage is aiohttp-client-cache's `SQLiteCache` (a file in 
 cache directory) or `RedisCache`, so several replicas behind one address share tag
 state. Records are JSON, never pickle: a shared Redis must not be able to run code
 in proxyd. A storage failure is logged and treated as a miss; the cache never fails
-a request.
+a request, and never holds one up for long: with a `timeout` (Redis's, one second by
+default) a call that has not answered by then is a failure, and the storage then
+counts as unreachable, every call a miss at once, until it answers again (a call
+sent on the side every `RETRY_EVERY` seconds, which no request waits for). A Redis
+frozen in the middle of a call (SIGSTOP, a stalled network) costs the requests in
+flight that second, and nothing after.
 
 Records are rewritten whenever upstream is asked again, so `stored_at` is their last
 use as far as upstream knows; `prune` removes those older than a cutoff (eviction's
@@ -15,12 +20,13 @@ use as far as upstream knows; `prune` removes those older than a cutoff (evictio
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp_client_cache.backends.base import BaseCache
@@ -56,6 +62,9 @@ SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
 
 
 Pruner = Callable[[Any, float], Awaitable[int]]
+T = TypeVar("T")
+
+RETRY_EVERY = 2.0  # seconds between the calls that find out whether storage is back
 
 
 PRUNE_SQLITE = (  # CASE, not OR: json_extract raises on what is not JSON
@@ -92,11 +101,18 @@ class SmallCache:
         clock: Callable[[], float] = time.time,
         pragmas: tuple[str, ...] = (),
         pruner: Pruner | None = None,
+        *,
+        timeout: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._storage = storage
         self._clock = clock
         self._pragmas = pragmas
         self._pruner = pruner
+        self._timeout = timeout  # seconds a call may take; None: as long as it takes
+        self._monotonic = monotonic
+        self._retry_at: float | None = None  # unreachable: calls are misses until then
+        self._probes: set[asyncio.Task[None]] = set()
 
     @classmethod
     def sqlite(
@@ -111,11 +127,71 @@ class SmallCache:
         return cls(storage, clock, pragmas=pragmas, pruner=_prune_sqlite)
 
     @classmethod
-    def redis(cls, url: str, clock: Callable[[], float] = time.time) -> SmallCache:
+    def redis(
+        cls,
+        url: str,
+        clock: Callable[[], float] = time.time,
+        *,
+        timeout: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> SmallCache:
+        """Every call bounded by `timeout`: a whole call by SmallCache, and each
+        command's socket by redis-py (pruning's many commands, each)."""
         from aiohttp_client_cache.backends.redis import RedisCache
 
-        storage = RedisCache("proxyd", "small_responses", address=url, serializer=_JSON())
-        return cls(storage, clock, pruner=_prune_redis)
+        storage = RedisCache(
+            "proxyd",
+            "small_responses",
+            address=url,
+            serializer=_JSON(),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return cls(storage, clock, pruner=_prune_redis, timeout=timeout, monotonic=monotonic)
+
+    @property
+    def reachable(self) -> bool:
+        """False from a failed call until a call succeeds again."""
+        return self._retry_at is None
+
+    async def _call(
+        self, operation: str, call: Callable[[], Awaitable[T]]
+    ) -> tuple[bool, T | None]:
+        """(True, the result) of `call()`, or (False, None) when it failed, timed out,
+        or storage is unreachable (logged when it became so). While unreachable, a
+        call due at RETRY_EVERY goes on the side and its caller does not wait."""
+        if self._retry_at is not None:
+            if self._monotonic() >= self._retry_at and not self._probes:
+                task = asyncio.create_task(self._probe(operation, call))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+            return False, None
+        try:
+            async with asyncio.timeout(self._timeout):
+                return True, await call()
+        except Exception as exc:  # storage down: a miss, never a failed request
+            self._unreachable(operation, exc)
+            return False, None
+
+    async def _probe(self, operation: str, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await call()
+        except Exception:
+            self._retry_at = self._monotonic() + RETRY_EVERY
+            return
+        self._retry_at = None
+        log.info("smallcache.reachable", operation=operation)
+
+    def _unreachable(self, operation: str, exc: BaseException) -> None:
+        """Log a failed call; with a timeout (a storage across the network), the
+        storage counts as unreachable from now on. A local file's failure (SQLite's)
+        stays the one call's."""
+        error = str(exc) or type(exc).__name__  # a timeout has no message
+        if self._retry_at is None:
+            log.warning("smallcache.unavailable", operation=operation, error=error)
+        if self._timeout is not None:
+            self._retry_at = self._monotonic() + RETRY_EVERY
 
     async def open(self) -> None:
         """Set up the storage; a failure leaves it as it is (logged), still usable."""
@@ -132,10 +208,8 @@ class SmallCache:
         return self._clock()
 
     async def get(self, key: str) -> Entry | None:
-        try:
-            raw = await self._storage.read(key)
-        except Exception as exc:  # storage down: a miss, never a failed request
-            log.warning("smallcache.unavailable", operation="read", error=str(exc))
+        answered, raw = await self._call("read", lambda: self._storage.read(key))
+        if not answered:
             return None
         record = _JSON.loads(raw) if isinstance(raw, bytes | str) else raw
         if not isinstance(record, dict) or not isinstance(record.get("value"), dict):
@@ -147,23 +221,26 @@ class SmallCache:
 
     async def put(self, key: str, value: dict[str, Any]) -> None:
         record = {"value": value, "stored_at": self._clock()}
-        try:
-            await self._storage.write(key, _JSON.dumps(record))
-        except Exception as exc:
-            log.warning("smallcache.unavailable", operation="write", error=str(exc))
+        await self._call("write", lambda: self._storage.write(key, _JSON.dumps(record)))
 
     async def prune(self, older_than: float) -> int:
         """Remove the records stored before `older_than` (seconds since the epoch) and
-        any that are not proxyd's; how many went (0 when the storage failed: logged)."""
-        if self._pruner is None:
+        any that are not proxyd's; how many went (0 when the storage failed: logged).
+        Not bounded as a whole (a large Redis hash takes many commands), only each
+        command, by the storage's own socket timeout."""
+        pruner = self._pruner
+        if pruner is None or self._retry_at is not None:
             return 0
         try:
-            return await self._pruner(self._storage, older_than)
+            return await pruner(self._storage, older_than)
         except Exception as exc:
-            log.warning("smallcache.unavailable", operation="prune", error=str(exc))
+            self._unreachable("prune", exc)
             return 0
 
     async def close(self) -> None:
+        for probe in list(self._probes):
+            probe.cancel()
+        await asyncio.gather(*self._probes, return_exceptions=True)
         try:
             await self._storage.close()  # type: ignore[no-untyped-call]
         except Exception as exc:

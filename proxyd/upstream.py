@@ -15,7 +15,7 @@ breaker (the client may have gone away).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
@@ -48,6 +48,7 @@ from proxyd.exchange import (
 from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
+from proxyd.pace import MinimumRate, TooSlow
 
 log = structlog.get_logger("proxyd.upstream")
 
@@ -69,6 +70,32 @@ class Upstream:
     host: RegistryHost
     response: aiohttp.ClientResponse
     failures: list[HostFailure]
+    min_rate: int = 0  # bytes a second the body must average over each window (pace.py)
+    clock: Callable[[], float] = time.monotonic
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; a body slower than `min_rate` raises TooSlow (a
+        TimeoutError: `request` makes it the host's failure, as a stall)."""
+        return _Paced(self.response.content, MinimumRate(self.min_rate, self.clock))
+
+
+class _Paced:
+    """A response body's chunks, each judged by its pace as it arrives. (An iterator,
+    not a generator: a reader may stop early, with nothing left to finalise.)"""
+
+    def __init__(self, content: aiohttp.StreamReader, pace: MinimumRate) -> None:
+        self._content = content
+        self._pace = pace
+
+    def __aiter__(self) -> _Paced:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._content.readany()
+        if not chunk:
+            raise StopAsyncIteration
+        self._pace.arrived(len(chunk))
+        return chunk
 
 
 class UpstreamClient:
@@ -88,6 +115,7 @@ class UpstreamClient:
         self.clock = clock  # the authorizer's, for token lifetimes
         self.user_agent = user_agent
         self.offline = offline
+        self.min_rate = int(runtime.settings.min_transfer_rate)  # of every body (pace.py)
         self.breakers = breakers or Breakers()
         self.metrics = metrics or Metrics()
         self._session: aiohttp.ClientSession | None = None
@@ -225,7 +253,7 @@ class UpstreamClient:
             self.breakers.succeeded(host.host)
             self.metrics.circuit_open.labels(host.host).set(0)
             try:
-                yield Upstream(host, response, failures)
+                yield Upstream(host, response, failures, self.min_rate, self.clock.monotonic)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The body broke or stalled after the headers: still this host's failure.
                 self._failed(failures, HostFailure(host, _describe(exc)), trip=True)
@@ -269,16 +297,14 @@ class UpstreamClient:
 
 
 async def read_body(up: Upstream, limit: int) -> bytes:
-    """Up to `limit` bytes of a small body. A body that breaks or stalls is the host's
-    failure: `request` turns it into UpstreamError (502, or a stale answer)."""
-    content = up.response.content
-    body = await content.read(limit)
-    while len(body) < limit and not content.at_eof():
-        more = await content.read(limit - len(body))
-        if not more:
+    """Up to `limit` bytes of a small body. A body that breaks, stalls or drips is the
+    host's failure: `request` turns it into UpstreamError (502, or a stale answer)."""
+    body = bytearray()
+    async for chunk in up.chunks():
+        body += chunk[: limit - len(body)]
+        if len(body) >= limit:
             break
-        body += more
-    return body
+    return bytes(body)
 
 
 def _leading_number(value: str | None) -> float | None:
@@ -292,7 +318,7 @@ def _leading_number(value: str | None) -> float | None:
 
 
 def _reason_class(reason: str) -> str:
-    if reason == "timed out":
+    if reason == "timed out" or reason.startswith("too slow"):
         return "timeout"
     if "circuit open" in reason:
         return "circuit_open"
@@ -309,6 +335,8 @@ def _moves_on(host: RegistryHost, status: int) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TooSlow):
+        return str(exc)
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, aiohttp.TooManyRedirects):

@@ -18,8 +18,8 @@ reads it, strictly: when in doubt, aiohttp decides), on a connection that is idl
 (aiohttp waiting for its next request, every earlier answer written, nothing
 half-parsed). Access log, metrics and response headers are the same as the
 handler's. The connections of `ProxydRunner` also answer the requests aiohttp
-refuses before routing (proxyd/server/rejections.py), with or without remembered
-answers.
+refuses before routing (proxyd/server/rejections.py) and keep to the connection
+bounds (proxyd/server/limits.py), with or without remembered answers.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from aiohttp.web_protocol import RequestHandler
 from proxyd.manifests import Manifest
 from proxyd.memory import ManifestMemory
 from proxyd.metrics import Metrics
-from proxyd.server.keys import METRICS, Access
+from proxyd.server import limits
+from proxyd.server.keys import METRICS, RUNTIME, Access
+from proxyd.server.limits import LimitedRequestHandler, LimitedServer, Limits
 from proxyd.server.middleware import AccessLine, AccessLogger, counting_into, new_request_id
-from proxyd.server.rejections import RejectingRequestHandler, RejectingServer
 from proxyd.server.simplehead import accept_key, simple_head
 
 log = structlog.get_logger("proxyd.server")
@@ -213,11 +214,11 @@ class FastAnswers:
         return self._date
 
 
-class FastRequestHandler(RejectingRequestHandler):
+class FastRequestHandler(LimitedRequestHandler):
     """aiohttp's connection protocol, answering remembered hits itself when the
     connection is idle and the request is one it may answer."""
 
-    def __init__(self, manager: web.Server, fast: FastAnswers, **kwargs: Any) -> None:
+    def __init__(self, manager: LimitedServer, fast: FastAnswers, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
         self._at_boundary = True  # the parser holds no part of a request
@@ -261,7 +262,7 @@ class FastRequestHandler(RejectingRequestHandler):
         return waiter is not None and not waiter.done()
 
 
-class FastServer(RejectingServer):
+class FastServer(LimitedServer):
     """aiohttp's Server, making connections that know the remembered answers."""
 
     def __init__(self, handler: Any, *, fast: FastAnswers, **kwargs: Any) -> None:
@@ -297,7 +298,8 @@ def aiohttp_fits() -> bool:
 
 class ProxydRunner(web.AppRunner):
     """aiohttp's AppRunner for proxyd's app: its connections answer remembered hits
-    and the requests aiohttp refuses (proxyd/server/rejections.py), and its access
+    and the requests aiohttp refuses (proxyd/server/rejections.py), keep to the
+    connection bounds of the app's settings (proxyd/server/limits.py), and its access
     log counts every request in the app's metrics."""
 
     def __init__(
@@ -309,18 +311,23 @@ class ProxydRunner(web.AppRunner):
     ) -> None:
         if access_log_class is AccessLogger:
             access_log_class = counting_into(app[METRICS])
+        settings = app[RUNTIME].settings
+        kwargs.setdefault("keepalive_timeout", settings.keepalive_timeout)  # aiohttp's: 1 h
+        self._limits = Limits.of(settings)
         super().__init__(app, access_log_class=access_log_class, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        fast = self.app[FAST]
+        fast, metrics = self.app[FAST], self.app[METRICS]
         adoptable = hasattr(server, "_kwargs") and hasattr(server, "_loop")
-        if not (adoptable and aiohttp_fits()):
+        if not (adoptable and aiohttp_fits() and limits.aiohttp_fits()):
             if fast.enabled:
                 log.warning("fastpath.off", reason="this aiohttp's connection protocol differs")
             fast.enabled = False
-            return RejectingServer.adopting(server) if adoptable else server
-        return FastServer.adopting(server, fast=fast)
+            if not adoptable:
+                return server
+            return limits.adopt(server, self._limits, metrics)
+        return FastServer.adopting(server, fast=fast, limits=self._limits, metrics=metrics)
 
 
 FAST = web.AppKey("fast", FastAnswers)

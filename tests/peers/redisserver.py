@@ -3,12 +3,14 @@
 ``RedisServer(dir).start()`` runs ``redis-server`` on a free port with persistence
 off (``--save "" --appendonly no``) and its working directory and log in ``dir``,
 then waits until it answers ``PING``.  ``stop()`` (or leaving the ``with`` block)
-terminates it.  ``command("HLEN", key)`` sends one command and returns the reply's
+terminates it; ``freeze()`` and ``resume()`` stop and continue it (SIGSTOP,
+SIGCONT).  ``command("HLEN", key)`` sends one command and returns the reply's
 first line, enough for tests to look at what proxyd stored.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -71,8 +73,20 @@ class RedisServer(Listening):
 
     def stop(self) -> None:
         if self._proc is not None:
+            self.resume()  # a stopped process would take SIGTERM only once continued
             stop_process(self._proc)
             self._proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its sockets (the kernel still accepts connections)
+        but answers nothing, as a Redis stuck on a swapped-out page or a full disk."""
+        assert self._proc is not None, "a started redis-server"
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the frozen server answers again."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> Self:
         return self.start()
