@@ -4,7 +4,12 @@ upstream secrets (containerd's `NewDockerAuthorizer`).
 It learns each host's challenge from a 401 (`AddResponses`), fetches and caches
 bearer tokens per (host, realm, service, scope) until they expire, and from then on
 authorizes requests to that host before sending them. Credentials are looked up by
-the exact host they belong to; nothing here ever attaches them elsewhere.
+the exact host they belong to; nothing here ever attaches them elsewhere. The realm
+may be on another host (Docker Hub's is auth.docker.io), as containerd allows, but
+only where proxyd.targets allows (http or https, no link-local address), and the
+token server's redirects are followed within the realm's own origin only: the
+credentials in a token request are never carried to another one (a 307 would send
+the password again, as aiohttp's and Go's clients do).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import structlog
 
-from proxyd import clienterrors
+from proxyd import clienterrors, targets
 from proxyd.credentials import Credential
 from proxyd.errors import TokenError, Unauthorized
 from proxyd.hosts import RegistryHost
@@ -32,6 +38,7 @@ DEFAULT_TOKEN_LIFETIME = 60  # seconds, when the token server gives no expires_i
 MAX_TOKEN_LIFETIME = 86400  # seconds: however long a token server says a token lasts
 CLIENT_ID = "proxyd"
 _TOKEN_FALLBACK_STATUSES = (400, 401, 404, 405)  # POST unsupported: try GET (as containerd)
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,10 @@ class Authorizer:
         user_agent: str = "proxyd",
         clock: Callable[[], float] = time.monotonic,
         on_fetch: Callable[[str], None] = lambda host: None,
+        allow_link_local: bool = False,
     ) -> None:
         self._session = session
+        self._allow_link_local = allow_link_local  # realms there (proxyd.targets)
         self._credentials = credentials
         self._user_agent = user_agent
         self._clock = clock
@@ -202,6 +211,10 @@ class Authorizer:
                 status, body = await self._call(
                     "GET", realm, ssl, params=self._query(service, scope)
                 )
+        except targets.RefusedTarget as exc:
+            raise TokenError(
+                f"token server {realm} for {host.host}: {clienterrors.describe(exc)}"
+            ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenError(
                 f"token server {realm} for {host.host} is unreachable: {clienterrors.describe(exc)}"
@@ -223,16 +236,49 @@ class Authorizer:
         return query
 
     async def _call(
-        self, method: str, url: str, ssl: Any, authorization: str = "", **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        ssl: Any,
+        authorization: str = "",
+        *,
+        data: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
+        """One token request, its redirects followed by hand within the realm's origin:
+        307 and 308 repeat it, the others turn a POST into a GET without its form. A
+        redirect to another origin is refused (RefusedTarget) rather than followed with
+        the credentials or without them."""
         timeout = aiohttp.ClientTimeout(total=30)
-        headers = {"User-Agent": self._user_agent}
-        if authorization:
-            headers["Authorization"] = authorization
-        async with self._session.request(
-            method, url, headers=headers, timeout=timeout, ssl=ssl, **kwargs
-        ) as resp:
-            return resp.status, await resp.content.read(1 << 20)
+        realm_origin = _origin(url)
+        for _hop in range(targets.MAX_REDIRECTS + 1):
+            targets.check(url, allow_link_local=self._allow_link_local)
+            if _origin(url) != realm_origin:
+                raise targets.RefusedTarget(
+                    url,
+                    "refused: the token server redirected to another origin (proxyd sends "
+                    "credentials to the realm's origin only)",
+                )
+            headers = {"User-Agent": self._user_agent}
+            if authorization:
+                headers["Authorization"] = authorization
+            async with self._session.request(
+                method,
+                url,
+                headers=headers,
+                timeout=timeout,
+                ssl=ssl,
+                data=data,
+                params=params,
+                allow_redirects=False,
+            ) as resp:
+                location = resp.headers.get("Location")
+                if resp.status not in _REDIRECTS or not location:
+                    return resp.status, await resp.content.read(1 << 20)
+                url, params = urljoin(str(resp.url), location), None  # the whole URL now
+                if resp.status not in (307, 308):
+                    method, data = "GET", None
+        raise targets.RefusedTarget(url, f"refused: more than {targets.MAX_REDIRECTS} redirects")
 
     def _parse(self, body: bytes, realm: str) -> _Token:
         try:
@@ -256,3 +302,8 @@ def token_lifetime(expires_in: object) -> float:
     if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
         seconds = float(min(expires_in, MAX_TOKEN_LIFETIME))  # NaN is not > 0
     return max(seconds - 10, seconds / 2)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"

@@ -46,6 +46,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientHttpProxyError):
         return f"the proxy answered {exc.status} {exc.message}".rstrip()
     if isinstance(exc, aiohttp.InvalidURL):
+        if exc.description:  # proxyd.targets says why it does not follow a URL
+            return f"{exc.url}: {exc.description}"
         return f"an invalid URL: {exc.url}"
     if isinstance(exc, aiohttp.ClientResponseError):
         return f"the answer is not valid HTTP ({exc.message})"

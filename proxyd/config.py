@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import (
@@ -148,6 +149,11 @@ class Settings(BaseSettings):
         ge=1,
         description="client connections served at once; one more is answered 503 "
         "(Retry-After: 1) and closed",
+    )
+    allow_link_local: bool = Field(
+        False,
+        description="follow a registry's redirects and token realms to link-local "
+        "addresses (169.254.0.0/16, fe80::/10), where cloud metadata services answer",
     )
     min_transfer_rate: ByteSize = Field(
         ByteSize(1024),
@@ -283,6 +289,21 @@ class RuntimeConfig:
             return None
         self._synthesised[name] = built
         return built
+
+    def configured_hostnames(self) -> set[str]:
+        """The host names of every host the configuration names (namespaces, and the
+        mirrors of hosts_dir/_default): the user's choice, resolved as they are
+        (proxyd.targets)."""
+        hosts = [h for ns in self.namespaces.values() for h in ns.hosts]
+        if self.fallback is not None:
+            probe = build_namespace(
+                "fallback.invalid",
+                self.fallback.settings,
+                source="hosts_dir/_default",
+                base_dir=self.fallback.directory,
+            )
+            hosts += [h for h in probe.hosts if h.host != "fallback.invalid"]
+        return {urlsplit(f"//{h.host}").hostname or h.host for h in hosts}
 
     def credential_for(self, host: str) -> Credential | None:
         return self.credentials.get(host)

@@ -5,7 +5,8 @@ The authorizer supplies the Authorization for the host and the scope; a 401 is
 answered once (the challenge learnt, fresh credentials), and a second is the host
 refusing them. Redirects (blob storage, CDNs) are followed here rather than by
 aiohttp, so the registry's Authorization and client certificate never reach another
-origin. When the host refuses credentials, proxyd's may be out of date (a rotated
+origin; and they go only where proxyd.targets allows (http or https, no link-local
+address). When the host refuses credentials, proxyd's may be out of date (a rotated
 secret): `on_refused` reads them again, and a request they changed goes once more.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
@@ -23,12 +24,12 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from proxyd import tls
+from proxyd import targets, tls
 from proxyd.auth import Authorizer
 from proxyd.errors import Unauthorized
 from proxyd.hosts import RegistryHost
 
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = targets.MAX_REDIRECTS
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -45,11 +46,13 @@ class Exchange:
         *,
         user_agent: str,
         on_refused: Refused,
+        allow_link_local: bool = False,
     ) -> None:
         self.session = session
         self.authorizer = authorizer
         self.user_agent = user_agent
         self._on_refused = on_refused
+        self._allow_link_local = allow_link_local  # redirects there (proxyd.targets)
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
         self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
 
@@ -125,6 +128,7 @@ class Exchange:
                 if response.status in _REDIRECTS and "Location" in response.headers and replayable:
                     response.release()
                     url = _redirect_target(url, response.headers["Location"])
+                    targets.check(url, allow_link_local=self._allow_link_local)
                     continue
                 break
             else:

@@ -49,6 +49,7 @@ from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
 from proxyd.pace import MinimumRate, TooSlow
+from proxyd.targets import LinkLocalFilter
 
 log = structlog.get_logger("proxyd.upstream")
 
@@ -123,7 +124,13 @@ class UpstreamClient:
         self.on_refused: Refused = not_refreshed  # the reloader's, once the core has one
 
     async def __aenter__(self) -> UpstreamClient:
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
+        resolver = None
+        if not self.runtime.settings.allow_link_local:
+            trusted = self.runtime.configured_hostnames()
+            resolver = LinkLocalFilter(aiohttp.DefaultResolver(), trusted.__contains__)
+        connector = aiohttp.TCPConnector(
+            limit=256, limit_per_host=64, ttl_dns_cache=60, resolver=resolver
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -136,12 +143,14 @@ class UpstreamClient:
             user_agent=self.user_agent,
             on_fetch=lambda host: self.metrics.token_fetches.labels(host).inc(),
             clock=self.clock.monotonic,
+            allow_link_local=self.runtime.settings.allow_link_local,
         )
         self._exchange = Exchange(
             self._session,
             authorizer,
             user_agent=self.user_agent,
             on_refused=lambda host: self.on_refused(host),
+            allow_link_local=self.runtime.settings.allow_link_local,
         )
         return self
 
