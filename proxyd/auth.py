@@ -2,9 +2,10 @@
 upstream secrets (containerd's `NewDockerAuthorizer`).
 
 It learns each host's challenge from a 401 (`AddResponses`), fetches and caches
-bearer tokens per (host, realm, service, scopes) until they expire, and from then on
-authorizes requests to that host before sending them. Credentials are looked up by
-the exact host they belong to; nothing here ever attaches them elsewhere.
+bearer tokens per (host, realm, service, scopes) until they expire (a bounded LRU),
+and from then on authorizes requests to that host before sending them. Credentials
+are looked up by the exact host they belong to; nothing here ever attaches them
+elsewhere.
 
 A token is asked for the scopes of the request at hand (its repository's, plus a
 mount source's pull), as the token spec says: a `GET` repeats `scope` once per scope
@@ -21,6 +22,7 @@ import base64
 import json
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,7 @@ log = structlog.get_logger("proxyd.auth")
 
 DEFAULT_TOKEN_LIFETIME = 60  # seconds, when the token server gives no expires_in
 MAX_TOKEN_LIFETIME = 86400  # seconds: however long a token server says a token lasts
+MAX_CACHED_TOKENS = 1024  # one per (host, realm, service, scopes) in use: an LRU beyond
 CLIENT_ID = "proxyd"
 _TOKEN_FALLBACK_STATUSES = (400, 401, 404, 405)  # POST unsupported: try GET (as containerd)
 
@@ -112,20 +115,35 @@ class _Token:
 
 
 class _TokenCache:
-    """Tokens by (host, realm, service, scopes), until they expire."""
+    """Tokens by (host, realm, service, scopes), at most `limit` of them: the least
+    recently used goes first, and an expired one before any that still works. Scopes
+    come from client requests (every repository asked for), so without a bound the
+    cache would grow with them."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self._limit = limit
         self._clock = clock
-        self._tokens: dict[tuple[str, ...], _Token] = {}
+        self._tokens: OrderedDict[tuple[str, ...], _Token] = OrderedDict()
 
     def get(self, key: tuple[str, ...]) -> _Token | None:
         token = self._tokens.get(key)
-        if token is None or token.expires_at <= self._clock():
+        if token is None:
             return None
+        if token.expires_at <= self._clock():
+            del self._tokens[key]
+            return None
+        self._tokens.move_to_end(key)
         return token
 
     def put(self, key: tuple[str, ...], token: _Token) -> None:
         self._tokens[key] = token
+        self._tokens.move_to_end(key)
+        if len(self._tokens) > self._limit:
+            now = self._clock()
+            for stale in [k for k, t in self._tokens.items() if t.expires_at <= now]:
+                del self._tokens[stale]
+        while len(self._tokens) > self._limit:
+            self._tokens.popitem(last=False)
 
     def drop_host(self, host: str) -> None:
         for key in [k for k in self._tokens if k[0] == host]:
@@ -143,13 +161,14 @@ class Authorizer:
         user_agent: str = "proxyd",
         clock: Callable[[], float] = time.monotonic,
         on_fetch: Callable[[str], None] = lambda host: None,
+        max_tokens: int = MAX_CACHED_TOKENS,
     ) -> None:
         self._session = session
         self._credentials = credentials
         self._user_agent = user_agent
         self._clock = clock
         self._challenges: dict[str, Challenge] = {}
-        self._tokens = _TokenCache(clock)
+        self._tokens = _TokenCache(max_tokens, clock)
         self._flights: SingleFlight[_Token] = SingleFlight()
         self._on_fetch = on_fetch
 

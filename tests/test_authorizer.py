@@ -22,7 +22,7 @@ from multidict import MultiDict
 from proxyd.auth import Authorizer
 from proxyd.config import Credential
 from proxyd.hosts import Capability, RegistryHost
-from tests.conftest import host, origin
+from tests.conftest import FakeClock, host, origin
 from tests.fakes import FakeRegistry, make_image
 from tests.test_pull import upstream_config
 
@@ -149,6 +149,40 @@ async def test_concurrent_requests_for_one_scope_share_one_token_fetch(start):
         answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
     assert set(answers) == {"Bearer t1"}
     assert tokens.fetches == 1
+
+
+# -- the token cache -----------------------------------------------------------------------
+
+
+async def test_the_token_cache_keeps_the_most_recently_used_tokens_up_to_its_bound(start):
+    tokens = TokenEndpoint()
+    authorizer, target, session = await challenged(start, tokens, max_tokens=2)
+    async with session:
+        for repository in ("a", "b", "a", "c"):  # c pushes out b, the least recently used
+            await authorizer.authorization(target, f"repository:{repository}:pull")
+        assert tokens.fetches == 3
+        assert await authorizer.authorization(target, "repository:a:pull") == "Bearer t1"
+        assert await authorizer.authorization(target, "repository:c:pull") == "Bearer t3"
+        assert tokens.fetches == 3
+        await authorizer.authorization(target, "repository:b:pull")
+        assert tokens.fetches == 4
+
+
+async def test_expired_tokens_make_room_before_any_that_still_work(start):
+    clock = FakeClock()
+    tokens = TokenEndpoint(expires_in=3600)
+    authorizer, target, session = await challenged(
+        start, tokens, max_tokens=2, clock=clock.monotonic
+    )
+    async with session:
+        await authorizer.authorization(target, "repository:kept:pull")  # the least recent
+        tokens.expires_in = 100  # kept for 90 s
+        await authorizer.authorization(target, "repository:brief:pull")
+        clock.advance(95)
+        await authorizer.authorization(target, "repository:new:pull")
+        assert tokens.fetches == 3
+        assert await authorizer.authorization(target, "repository:kept:pull") == "Bearer t1"
+        assert tokens.fetches == 3
 
 
 # -- 401s through proxyd -------------------------------------------------------------------
