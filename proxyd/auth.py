@@ -5,7 +5,8 @@ It learns each host's challenge from a 401 (`AddResponses`), fetches and caches
 bearer tokens per (host, realm, service, scopes) until they expire (a bounded LRU),
 and from then on authorizes requests to that host before sending them. Credentials
 are looked up by the exact host they belong to; nothing here ever attaches them
-elsewhere.
+elsewhere, and the host's configured headers go to its token realm only when that is
+on the host's own origin (containerd's `WithAuthHeader` sends them to any realm).
 
 A token is asked for the scopes of the request at hand (its repository's, plus a
 mount source's pull), as the token spec says: a `GET` repeats `scope` once per scope
@@ -26,9 +27,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
+from multidict import CIMultiDict
 
 from proxyd import clienterrors
 from proxyd.credentials import Credential
@@ -266,6 +269,7 @@ class Authorizer:
         service = params.get("service", "")
         secret = credential and (credential.identity_token or credential.password)
         log.debug("token.fetch", host=host.host, realm=realm, scope=scopes, oauth=bool(secret))
+        headers = _token_headers(host, realm)
         try:
             if credential is not None and secret:
                 form = {"service": service, "client_id": CLIENT_ID}
@@ -279,32 +283,48 @@ class Authorizer:
                         username=credential.username or "",
                         password=credential.password or "",
                     )
-                status, body = await self._call("POST", realm, ssl, data=form)
+                status, body = await self._call("POST", realm, ssl, headers, data=form)
                 if status in _TOKEN_FALLBACK_STATUSES:
                     basic = basic_authorization(credential.username or "", secret)
                     status, body = await self._call(
-                        "GET", realm, ssl, basic, params=_query(service, scopes)
+                        "GET", realm, ssl, headers, basic, params=_query(service, scopes)
                     )
             else:
-                status, body = await self._call("GET", realm, ssl, params=_query(service, scopes))
+                status, body = await self._call(
+                    "GET", realm, ssl, headers, params=_query(service, scopes)
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenError(
                 f"token server {realm} for {host.host} is unreachable: {clienterrors.describe(exc)}"
             ) from exc
         if status in (401, 403):
+            asking = " ".join(scopes) or "no scope"
+            if not secret:  # the GET went without credentials
+                raise Unauthorized(
+                    f"token server {realm} for {host.host} refused an anonymous token"
+                    f" ({asking}; answered {status}) and proxyd has no credentials for it"
+                )
             raise Unauthorized(
                 f"token server {realm} refused proxyd's credentials for {host.host}"
-                f" ({' '.join(scopes) or 'no scope'})"
+                f" ({asking}; answered {status})"
             )
         if status != 200:
             raise TokenError(f"token server {realm} for {host.host} answered {status}")
         return self._parse(body, realm)
 
     async def _call(
-        self, method: str, url: str, ssl: Any, authorization: str = "", **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        ssl: Any,
+        extra: Iterable[tuple[str, str]],
+        authorization: str = "",
+        **kwargs: Any,
     ) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=30)
-        headers = {"User-Agent": self._user_agent}
+        headers: CIMultiDict[str] = CIMultiDict([("User-Agent", self._user_agent)])
+        for name, value in extra:
+            headers.add(name, value)
         if authorization:
             headers["Authorization"] = authorization
         async with self._session.request(
@@ -328,6 +348,23 @@ class Authorizer:
 def _query(service: str, scopes: tuple[str, ...]) -> list[tuple[str, str]]:
     """token.md: `scope` repeated, one scope each."""
     return [*([("service", service)] if service else []), *(("scope", s) for s in scopes)]
+
+
+def _token_headers(host: RegistryHost, realm: str) -> tuple[tuple[str, str], ...]:
+    """The host's configured headers (hosts.toml `header`) go to a realm on the host's
+    own origin, as containerd's `WithAuthHeader` sends them; to a realm on another
+    origin, none: they are configured for the registry and may be its secrets."""
+    return host.headers if _origin(realm) == _origin(host.origin) else ()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """scheme, host and port, with the scheme's default port made explicit."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return ("", url, None)
+    return (parts.scheme.lower(), (parts.hostname or "").lower(), port)
 
 
 def token_lifetime(expires_in: object) -> float:

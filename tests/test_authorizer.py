@@ -22,7 +22,7 @@ from multidict import MultiDict
 from proxyd.auth import Authorizer
 from proxyd.config import Credential
 from proxyd.hosts import Capability, RegistryHost
-from tests.conftest import FakeClock, host, origin
+from tests.conftest import FakeClock, host, oci_code, origin
 from tests.fakes import FakeRegistry, make_image
 from tests.test_pull import upstream_config
 
@@ -149,6 +149,40 @@ async def test_concurrent_requests_for_one_scope_share_one_token_fetch(start):
         answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
     assert set(answers) == {"Bearer t1"}
     assert tokens.fetches == 1
+
+
+# -- headers configured for the host -------------------------------------------------------
+
+
+async def test_host_headers_go_to_a_token_realm_on_the_hosts_own_origin(start):
+    """containerd's hosts.go passes a host's `header` to its authorizer (WithAuthHeader),
+    which sends them with every token request."""
+    tokens = TokenEndpoint()
+    server = await start(tokens)
+    target = registry_host(server, ("X-Api-Key", "s3cret"))
+    async with aiohttp.ClientSession() as session:
+        authorizer = Authorizer(session, lambda name: None, user_agent="proxyd-test")
+        authorizer.learn(target, [f'Bearer realm="{origin(server)}/token"'])
+        await authorizer.authorization(target, "repository:team/app:pull")
+    [(_method, _query, headers)] = tokens.asked
+    assert headers["X-Api-Key"] == "s3cret"
+    assert headers["User-Agent"] == "proxyd-test"
+
+
+async def test_host_headers_never_go_to_a_token_realm_on_another_origin(start):
+    """proxyd's rule, where containerd sends them anyway: a registry's headers may be its
+    secrets, and Docker Hub's realm (auth.docker.io) is another host than its registry."""
+    tokens = TokenEndpoint()
+    server = await start(tokens)
+    target = RegistryHost(
+        "http", "registry.invalid", "/v2", Capability.all(), False, (("X-Api-Key", "s3cret"),)
+    )
+    async with aiohttp.ClientSession() as session:
+        authorizer = Authorizer(session, lambda name: None)
+        authorizer.learn(target, [f'Bearer realm="{origin(server)}/token"'])
+        await authorizer.authorization(target, "repository:team/app:pull")
+    [(_method, _query, headers)] = tokens.asked
+    assert "X-Api-Key" not in headers
 
 
 # -- the token cache -----------------------------------------------------------------------
@@ -283,3 +317,28 @@ async def test_the_retry_asks_for_the_scope_the_challenge_names(make_proxyd, sta
         "repository:team/app:pull",
     ]
     assert len([s for s in upstream.seen if "Authorization" not in s.headers]) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("credentials", [True, False], ids=["alice", "anonymous"])
+async def test_a_token_server_refusing_is_a_401_naming_realm_and_host_never_a_loop(
+    make_proxyd, start, start_fake, status, credentials
+):
+    upstream = FakeRegistry()
+    tokens = TokenEndpoint(status=status)
+    realm = f"{origin(await start(tokens))}/token"
+    upstream.bearer_realm = realm
+    upstream.add(make_image())
+    server = await start_fake(upstream)
+    lines = [f'[credentials."{host(server)}"]', 'username = "alice"', 'password = "wonderland"']
+    proxyd = await make_proxyd(upstream_config(server, *(lines if credentials else [])))
+
+    response = await proxyd.get("/v2/team/app/manifests/v1")
+
+    assert response.status == 401
+    assert await oci_code(response) == "UNAUTHORIZED"
+    message = (await response.json())["errors"][0]["message"]
+    assert realm in message and host(server) in message, message
+    assert ("anonymous" in message) is not credentials, message
+    assert tokens.fetches <= 2  # a POST, and the GET it falls back to
+    assert len(upstream.seen) == 1
