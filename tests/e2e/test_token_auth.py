@@ -72,13 +72,14 @@ def rotate_signing_key(tokens: TokenServer, registry: Registry) -> None:
 
 async def pull_both_twice(proxyd, images: dict[str, PushedImage]) -> None:
     """Each repository's manifest, then its blobs, in turns: every blob request goes
-    upstream (the store has none), so each is a chance to use a cached token."""
+    upstream (a GET, or a HEAD confirming the repository holds a blob proxyd already
+    stored), so each is a chance to use a cached token."""
     for repository, pushed in images.items():
         response = await proxyd.get(f"/v2/{repository}/manifests/{pushed.tag}", headers=ACCEPT)
         assert response.status == 200, await response.text()
-    for _round in range(2):
+    for turn in range(2):
         for repository, pushed in images.items():
-            digest = pushed.blob_digests[_round]
+            digest = pushed.blob_digests[turn]
             response = await proxyd.get(f"/v2/{repository}/blobs/{digest}")
             assert response.status == 200, await response.text()
             await response.read()
