@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     breaker_cooldown: float = Field(
         30.0, gt=0, description="seconds a failing host is skipped before a probe"
     )
+    retry_max_wait: float = Field(
+        10.0,
+        ge=0,
+        description="seconds one request may spend asking hosts again (408, 429, and "
+        "5xx or a dropped connection from the last host); a longer Retry-After is not "
+        "waited for: the host is skipped for that kind of request until it ends",
+    )
     allow_push: NamespaceList = Field(
         default_factory=list,
         description="namespaces whose pushes are forwarded upstream (or allow_push = true "
