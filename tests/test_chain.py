@@ -13,6 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxyd import config
+from proxyd.config import build_runtime, load_settings
 from proxyd.hosts import Capability, RegistryHost
 from tests.conftest import FakeClock, host, oci_code, origin
 from tests.fakes import FakeRegistry, make_image
@@ -399,3 +401,36 @@ def test_docker_hub_is_its_own_registry_at_registry_1():
     assert registry_host("registry-1.docker.io").is_proxy("ghcr.io")
     assert registry_host("mirror.example:5000").is_proxy("docker.io")
     assert registry_host("docker.io").is_proxy("registry-1.docker.io")
+
+
+# -- what a client may invent ------------------------------------------------------------
+
+
+def test_namespaces_built_for_names_clients_send_are_bounded(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "MAX_SYNTHESISED_NAMESPACES", 2)
+    runtime = build_runtime(
+        load_settings(None, cache_dir=tmp_path, allow_unconfigured_namespaces=True)
+    )
+    first = runtime.namespace("a.example")
+    runtime.namespace("b.example")
+    assert runtime.namespace("a.example") is first  # kept, and now the most recent
+    runtime.namespace("c.example")  # b, the least recently used, goes
+    assert runtime.namespace("a.example") is first
+    runtime.namespace("d.example")
+    runtime.namespace("e.example")
+    again = runtime.namespace("a.example")
+    assert again is not first  # dropped meanwhile, built again when asked
+    assert again == first
+
+
+async def test_every_registry_a_client_names_shares_one_tls_context():
+    from proxyd.upstream import UpstreamClient
+
+    runtime = build_runtime(load_settings(None, allow_unconfigured_namespaces=True))
+    async with UpstreamClient(runtime, user_agent="test") as client:
+        contexts = set()
+        for name in ("a.example", "b.example", "c.example"):
+            namespace = runtime.namespace(name)
+            assert namespace is not None
+            contexts.add(id(client.exchange._ssl_for(namespace.hosts[0], same_origin=True)))
+    assert len(contexts) == 1
