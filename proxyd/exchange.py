@@ -51,7 +51,7 @@ class Exchange:
         self.authorizer = authorizer
         self.user_agent = user_agent
         self._on_refused = on_refused
-        self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
+        self._ssl: dict[tuple[object, ...], Any] = {}
         self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
 
     async def send(
@@ -173,7 +173,9 @@ class Exchange:
         certificate only to the host itself."""
         if host.scheme != "https":
             return True
-        key = (host, same_origin)
+        # Keyed by what the context is made of, not by the host: every registry a
+        # client may name (allow_unconfigured_namespaces) shares the default context.
+        key = (host.ca, host.client if same_origin else (), host.skip_verify)
         if key not in self._ssl:
             try:
                 self._ssl[key] = tls.upstream_context(host, same_origin=same_origin)
