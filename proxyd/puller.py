@@ -363,9 +363,9 @@ class Puller:
                 download.answer()
                 async for chunk in up.chunks():
                     await download.write(chunk)
+                await download.verify()  # in the block: a mismatch is this host's failure
         finally:
             early.cancel()  # the request failed before the loop turned: nothing to make
-        await download.verify()
         return up.host
 
     async def _store(self, download: Download) -> None:

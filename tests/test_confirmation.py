@@ -69,7 +69,7 @@ async def test_a_mirror_answering_every_head_unlocks_no_private_blob(
     )
     secret = private.layer
     assert await (await proxyd.get(f"/v2/priv/a/blobs/{secret}")).read() == private.blobs[secret]
-    await until_stored(cache_dir, secret)
+    await until(lambda: fetched_from(proxyd, server, len(private.blobs[secret])))  # stored
 
     for repository in ("pub/b", "other/c"):  # upstream holds pub/b, not the secret in it
         for method in ("GET", "HEAD"):
