@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import (
@@ -25,6 +26,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    SecretBytes,
     ValidationError,
     field_validator,
 )
@@ -91,6 +93,50 @@ class CacheSettings(BaseModel):
     )
 
 
+class ClusterSettings(BaseModel):
+    """A fleet of proxyds sharing what they hold through one Redis (README, "Running a
+    fleet"). Without a `[cluster]` table proxyd works alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="the Redis the fleet coordinates through (may be the small cache's)",
+    )
+    advertise: str = Field(
+        description="the URL this node's peers reach it at (http://NODE_IP:5000)"
+    )
+    secret_file: Path = Field(
+        description="a file holding the secret every node of the fleet shares, which "
+        "peer requests carry (at least 16 bytes)"
+    )
+    fanout: int = Field(
+        4, ge=1, le=1000, description="at most this many peers stream one blob from this node"
+    )
+    ttl: float = Field(
+        5.0,
+        ge=0.1,
+        description="seconds this node's entries in Redis live unless refreshed (every "
+        "third of it): a node gone stops counting within this",
+    )
+    timeout: float = Field(
+        1.0, gt=0, description="seconds any one Redis call may take; then the node works alone"
+    )
+
+    @field_validator("advertise")
+    @classmethod
+    def _check_advertise(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"advertise must be an http(s) URL, got {value!r}")
+        if parts.path.strip("/") or parts.query or parts.fragment:
+            raise ValueError(f"advertise is an origin (scheme, host, port), got {value!r}")
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+PEER_SECRET_MIN = 16  # bytes: a guessable secret would open every node's store
+
+
 class Settings(BaseSettings):
     """Every setting; each top-level one is also `--flag-name` and `PROXYD_FLAG_NAME`."""
 
@@ -133,6 +179,9 @@ class Settings(BaseSettings):
     )
     credentials: dict[str, Credential] = Field(default_factory=dict)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    cluster: ClusterSettings | None = Field(
+        None, description="a fleet of proxyds sharing blobs and uploads through Redis"
+    )
     offline: bool = Field(False, description="serve from the cache alone, never ask upstream")
     breaker_failures: int = Field(
         3, ge=1, description="consecutive failures after which a host is skipped"
@@ -234,6 +283,7 @@ class RuntimeConfig:
     credentials: dict[str, Credential]
     fallback: HostsFile | None = None  # hosts_dir/_default
     inbound_users: dict[str, bytes] | None = None  # from `htpasswd`: user -> bcrypt hash
+    peer_secret: SecretBytes | None = None  # from [cluster] secret_file
     _synthesised: dict[str, Namespace] = field(default_factory=dict)
 
     def namespace(self, name: str) -> Namespace | None:
@@ -316,7 +366,34 @@ def build_runtime(settings: Settings) -> RuntimeConfig:
     if inbound_users is None and settings.auth_required is not None:
         raise ConfigError("auth_required needs htpasswd: the file of users clients log in as")
     _check_serving_tls(settings)
-    return RuntimeConfig(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
+    return RuntimeConfig(
+        settings,
+        namespaces,
+        credentials,
+        fallback,
+        inbound_users=inbound_users,
+        peer_secret=load_peer_secret(settings.cluster),
+    )
+
+
+def load_peer_secret(cluster: ClusterSettings | None) -> SecretBytes | None:
+    """The fleet's shared secret from `secret_file` (surrounding whitespace dropped, as
+    a file written by `echo` or a Kubernetes Secret ends in a newline)."""
+    if cluster is None:
+        return None
+    path = cluster.secret_file
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"cluster.secret_file: cannot read {path}: {exc.strerror or exc}"
+        ) from None
+    if len(secret) < PEER_SECRET_MIN:
+        raise ConfigError(
+            f"cluster.secret_file: {path} holds {len(secret)} bytes; the fleet's secret needs "
+            f"at least {PEER_SECRET_MIN} (e.g. `openssl rand -hex 32 > {path}`)"
+        )
+    return SecretBytes(secret)
 
 
 def load_credentials(settings: Settings) -> dict[str, Credential]:
