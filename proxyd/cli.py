@@ -337,7 +337,8 @@ def prefetch_command(runtime: RuntimeConfig, images: list[str], platforms: list[
     bars = sys.stderr.isatty()
 
     async def run() -> int:
-        async with open_core(runtime, clear_tmp=False) as core:  # beside a serving daemon
+        # beside a serving daemon: its tmp/ and its place in the fleet are its own
+        async with open_core(runtime, clear_tmp=False, join_fleet=False) as core:
             progress: Progress
             if bars:
                 with BarProgress() as progress:

@@ -14,6 +14,7 @@ from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import RuntimeConfig
 from proxyd.evict import Evictor
+from proxyd.fleet import Fleet
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
 from proxyd.push import Pusher
@@ -39,6 +40,7 @@ class Core:
     uploader: Uploader
     metrics: Metrics
     reloader: Reloader
+    fleet: Fleet | None = None  # with [cluster]
 
 
 @asynccontextmanager
@@ -47,9 +49,12 @@ async def open_core(
     metrics: Metrics | None = None,
     *,
     clear_tmp: bool = True,
+    join_fleet: bool = True,
     clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Core]:
-    """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open."""
+    """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open;
+    `join_fleet=False` too: with `[cluster]` the daemon is the fleet's node, and a second
+    process under its address would take its place in the directory."""
     settings = runtime.settings
     metrics = metrics or Metrics()
     store = BlobStore(settings.cache_dir)
@@ -73,6 +78,14 @@ async def open_core(
         cooldown=settings.breaker_cooldown,
         clock=clock.monotonic,
     )
+    fleet = None
+    if join_fleet and settings.cluster is not None and runtime.peer_secret is not None:
+        fleet = Fleet.build(
+            settings.cluster,
+            runtime.peer_secret.get_secret_value(),
+            metrics=metrics,
+            user_agent=settings.user_agent,
+        )
     async with UpstreamClient(
         runtime,
         user_agent=settings.user_agent,
@@ -118,6 +131,8 @@ async def open_core(
         reloader.start()
         try:
             await small.open()
+            if fleet is not None:
+                await fleet.start()
             yield Core(
                 runtime,
                 store,
@@ -130,8 +145,11 @@ async def open_core(
                 uploader,
                 metrics,
                 reloader,
+                fleet,
             )
         finally:
+            if fleet is not None:
+                await fleet.close()
             await reloader.stop()
             await evictor.stop()
             await uploader.close()

@@ -236,6 +236,16 @@ class Puller:
         await download.answered()
         return download
 
+    def held_or_downloading(self, digest: Digest) -> StoredBlob | Download | None:
+        """This node's copy of `digest` for a peer of the fleet: stored, or a download
+        in flight (streamed as it arrives, its last byte held until verified); None
+        when there is neither. Never asks upstream and confirms no repository: a peer
+        asks by digest and confirms its repository with its own upstream."""
+        size = self.store.use(digest)
+        if size is not None:
+            return StoredBlob(digest, self.store.path(digest), size)
+        return self._downloads.get(digest)
+
     async def _confirm(self, target: Target, digest: Digest) -> None:
         """Upstream must have said this repository holds the digest before we serve it."""
         if self.store.linked(target.namespace.name, target.repository, digest) is None:
