@@ -1,6 +1,7 @@
 """The core objects of a running proxyd, built once from the configuration and closed
 in order: the store, the small-response cache, eviction, the upstream client, the
-puller, the resolver, the pusher and the uploader, and the reloader of credentials. The HTTP app and
+puller, the resolver, the pusher and the uploader, the reloader of credentials, and
+with `[cluster]` this node's part in the fleet (its upload sessions then in Redis). The HTTP app and
 `proxyd prefetch` both run on it. One clock reaches every component that reads the
 time (proxyd.clock), so a test can advance it for the whole core."""
 
@@ -15,6 +16,7 @@ from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import RuntimeConfig
 from proxyd.evict import Evictor
 from proxyd.fleet import Fleet
+from proxyd.fleetuploads import SharedUploads
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
 from proxyd.push import Pusher
@@ -23,7 +25,7 @@ from proxyd.resolver import Resolver
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from proxyd.uploader import Uploader
-from proxyd.uploads import UploadTracker
+from proxyd.uploads import UploadSessions, UploadTracker
 from proxyd.upstream import UpstreamClient
 
 
@@ -119,11 +121,14 @@ async def open_core(
             max_manifest_size=settings.max_manifest_size,
             on_tag_changed=resolver.tag_changed,
         )
-        uploader = Uploader(
-            pusher,
-            UploadTracker(settings.upload_ttl, clock=clock.monotonic),
-            on_commit=evictor.committed,
+        sessions: UploadSessions = (
+            UploadTracker(settings.upload_ttl, clock=clock.monotonic)
+            if fleet is None
+            else SharedUploads(
+                fleet.redis, ttl=settings.upload_ttl, namespaces=runtime.namespace, clock=clock.time
+            )
         )
+        uploader = Uploader(pusher, sessions, on_commit=evictor.committed)
         reloader = Reloader(runtime, interval=settings.credential_refresh, clock=clock)
         upstream.on_refused = reloader.refused
         evictor.start()  # without limits it only measures the store, for the metrics
