@@ -68,9 +68,12 @@ class ProxydProcess(Listening):
         env: Mapping[str, str] | None = None,
         cache_dir: Path | None = None,
         tls: ssl.SSLContext | None = None,
+        advertise: bool = False,
     ) -> None:
         """``tls``: proxyd serves HTTPS (its ``extra_args`` give ``--tls-cert`` …);
-        ``url`` is then ``https://…`` and readiness is awaited with this client context."""
+        ``url`` is then ``https://…`` and readiness is awaited with this client context.
+        ``advertise``: a fleet node (``[cluster]``), told its own URL as its peers
+        reach it (``PROXYD_CLUSTER__ADVERTISE``), which is known once its port is."""
         self.workdir = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp_path / "proxyd.toml"
@@ -81,6 +84,7 @@ class ProxydProcess(Listening):
         self.extra_args = tuple(extra_args)
         self._extra_env = dict(env or {})
         self.tls = tls
+        self.advertise = advertise
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -126,6 +130,8 @@ class ProxydProcess(Listening):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
+        if self.advertise:
+            env["PROXYD_CLUSTER__ADVERTISE"] = self.url
         return env | self._extra_env
 
     def start(self, timeout: float = START_TIMEOUT) -> Self:
