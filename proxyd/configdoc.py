@@ -15,7 +15,8 @@ from pydantic import BaseModel, ByteSize
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from proxyd.config import CacheSettings, ClusterSettings, Settings
+from proxyd.clustersettings import ClusterSettings
+from proxyd.config import CacheSettings, Settings
 from proxyd.hostsfile import NamespaceSettings
 
 BEGIN, END = "<!-- settings -->", "<!-- /settings -->"

@@ -153,10 +153,10 @@ async def open_core(
                 fleet,
             )
         finally:
-            if fleet is not None:
-                await fleet.close()
             await reloader.stop()
             await evictor.stop()
             await uploader.close()
             await puller.close()
+            if fleet is not None:  # after its users: the uploads' expiry, the downloads
+                await fleet.close()
             await small.close()

@@ -294,15 +294,18 @@ class Directory:
         failed this node for it)."""
         args = [self.me, self.boot, self.fanout, _ms(self.ttl), self._keep_ms]
         args += [node_key(""), *avoid]
+        sources = self.redis.metrics.fleet_sources
         try:
             kind, peer, depth = await self.redis.run_script(
                 "source", self._source, blob_keys(digest), args
             )
         except RedisUnreachable:
+            sources.labels("alone").inc()
             return ALONE
         name, url = _text(kind), _text(peer)
         if name not in ("fetch", "peer", "upstream"):
             raise AssertionError(f"the source script answered {name!r}")
+        sources.labels(name).inc()
         return Source(name, url or None, int(depth))  # type: ignore[arg-type]
 
     @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from proxyd.config import ClusterSettings
+from proxyd.clustersettings import ClusterSettings
 from proxyd.directory import Directory
 from proxyd.fleetredis import FleetRedis
 from proxyd.metrics import Metrics

@@ -152,8 +152,8 @@ class Metrics:
         )
         self.fleet_sources = Counter(
             "proxyd_fleet_sources",
-            "Where the directory sent this node for a blob: upstream (it won the fetch, "
-            "or every peer failed), peer, alone (Redis unreachable).",
+            "Where the directory sent this node for a blob: fetch (the fleet's one fetch "
+            "from upstream), peer, upstream (its peers avoided), alone (Redis unreachable).",
             ["source"],
             registry=r,
         )

@@ -219,6 +219,7 @@ async def test_redis_unreachable_leaves_each_node_alone_logged_once():
     ]
     assert metrics.fleet_redis_up._value.get() == 0
     assert metrics.fleet_redis_errors.labels("source")._value.get() == 2
+    assert metrics.fleet_sources.labels("alone")._value.get() == 2
 
 
 async def test_a_redis_that_stalls_is_waited_for_no_longer_than_the_timeout(
@@ -237,6 +238,7 @@ async def test_a_redis_that_stalls_is_waited_for_no_longer_than_the_timeout(
         assert redis_server.command("CLIENT", "UNPAUSE") == "+OK"
     with capture_logs() as back:
         assert (await node.source(BLOB)).kind == "fetch"
+    assert metrics.fleet_sources.labels("fetch")._value.get() == 1
     assert [e["event"] for e in logs + back if e["event"].startswith("fleet.")] == [
         "fleet.redis_unavailable",
         "fleet.redis_back",
