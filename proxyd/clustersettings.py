@@ -66,6 +66,11 @@ def load_peer_secret(cluster: ClusterSettings | None) -> SecretBytes | None:
         raise ValueError(
             f"cluster.secret_file: cannot read {path}: {exc.strerror or exc}"
         ) from None
+    if not all(0x21 <= byte <= 0x7E for byte in secret):
+        raise ValueError(
+            f"cluster.secret_file: {path} holds characters a header cannot carry: the "
+            "fleet's secret is printable ASCII without spaces (e.g. `openssl rand -hex 32`)"
+        )
     if len(secret) < PEER_SECRET_MIN:
         raise ValueError(
             f"cluster.secret_file: {path} holds {len(secret)} bytes; the fleet's secret needs "

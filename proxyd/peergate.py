@@ -23,7 +23,7 @@ SCHEME = "Bearer "
 
 def authorization(secret: bytes) -> str:
     """The header value a peer request carries."""
-    return SCHEME + secret.decode("ascii", "surrogateescape")
+    return SCHEME + secret.decode("ascii")  # printable ASCII (proxyd.clustersettings)
 
 
 class PeerGate:
@@ -37,7 +37,7 @@ class PeerGate:
         """Unauthorized unless `header` carries the fleet's secret."""
         given = b""
         if header is not None and header.startswith(SCHEME):
-            given = header[len(SCHEME) :].encode("utf-8", "surrogateescape")
+            given = header[len(SCHEME) :].encode("utf-8", "replace")
         if not hmac.compare_digest(given, self._secret):
             raise Unauthorized(
                 "peer requests need the fleet's secret ([cluster] secret_file)"

@@ -489,7 +489,11 @@ def test_advertise_is_an_http_origin(tmp_path, advertise):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "cannot read"), ("short\n", "holds 5 bytes; the fleet's secret needs at least 16")],
+    [
+        (None, "cannot read"),
+        ("short\n", "holds 5 bytes; the fleet's secret needs at least 16"),
+        ("short of a header " * 2, "printable ASCII without spaces"),
+    ],
 )
 def test_a_peer_secret_that_cannot_serve_is_a_config_error(tmp_path, content, message):
     secret = tmp_path / "peer-secret"

@@ -100,6 +100,8 @@ async def test_a_peer_with_the_secret_gets_a_blob_this_node_holds(node, cache_di
     assert whole.headers["Docker-Content-Digest"] == layer
     assert part.status == 206
     assert await part.read() == LAYER[10:]
+    head = await node.head(f"/_proxyd/peers/blobs/{layer}", headers=with_secret())
+    assert (head.status, head.headers["Content-Length"]) == (200, str(len(LAYER)))
     metrics = node.server.app[METRICS]
     assert metrics.peer_sent_bytes._value.get() == 2 * len(LAYER) - 10
 

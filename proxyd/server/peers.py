@@ -33,6 +33,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
         hdrs.CONTENT_TYPE: "application/octet-stream",
         "Docker-Content-Digest": str(digest),
     }
+    if request.method == hdrs.METH_HEAD:
+        if found.size is not None:  # a download's, once its upstream answered
+            headers[hdrs.CONTENT_LENGTH] = str(found.size)
+        return web.Response(headers=headers)
     sent = request.app[METRICS].peer_sent_bytes
     with gate.stream(digest):
         if isinstance(found, Download):
@@ -44,6 +48,5 @@ async def blob(request: web.Request) -> web.StreamResponse:
         access.cache = "hit"
         stored = await pull.serve_stored(request, found, {**headers, pull.CACHE_HEADER: "hit"})
         await stored.prepare(request)  # sends the file while this peer holds its place
-        if request.method != hdrs.METH_HEAD:
-            sent.inc(stored.content_length or 0)
+        sent.inc(stored.content_length or 0)
         return stored
