@@ -507,3 +507,19 @@ def test_a_peer_secret_that_cannot_serve_is_a_config_error(tmp_path, content, me
         build_runtime(load_settings(path))
     assert message in str(err.value)
     assert "short" not in str(err.value)  # the secret itself is never said
+
+
+def test_check_config_says_which_fleet_node_this_is_and_never_the_secrets(tmp_path, capsys):
+    secret = write(tmp_path / "peer-secret", "0123456789abcdef0123")
+    path = write(
+        tmp_path / "proxyd.toml",
+        '[cluster]\nredis_url = "redis://:hunter2-password@10.0.0.2:6379/1"\n'
+        f'advertise = "http://10.0.0.5:5000"\nsecret_file = "{secret}"\n',
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "fleet:             this node is http://10.0.0.5:5000, coordinating through "
+        "redis://10.0.0.2:6379/1, streaming a blob to 4 peers at most" in out
+    )
+    assert "hunter2" not in out and "0123456789abcdef" not in out
