@@ -119,12 +119,12 @@ async def test_holders_serve_nodes_that_come_later_once_the_tree_is_gone(
 async def test_a_node_that_dies_stops_counting_within_its_ttl(
     fleet: Fleet, redis_server: RedisServer
 ):
-    fleet.ttl = 0.3
+    fleet.ttl = 1.0
     a, b = await fleet.nodes(2)
     assert (await a.source(BLOB)).kind == "fetch"
     assert (await b.source(BLOB)).peer == a.me
     ttl_ms = int(redis_server.command("PTTL", node_key(a.me)).lstrip(":"))
-    assert 0 < ttl_ms <= 300
+    assert 0 < ttl_ms <= 1000
 
     # a dies (no heartbeat, no goodbye); b renews its own.
     async def a_is_gone() -> bool:
@@ -185,18 +185,18 @@ async def test_a_node_avoiding_a_bad_peer_is_sent_elsewhere_or_upstream(fleet: F
 async def test_the_right_to_fetch_is_renewed_while_the_fetch_runs(
     fleet: Fleet, redis_server: RedisServer
 ):
-    fleet.ttl = 0.3
+    fleet.ttl = 1.0
     a, b = await fleet.nodes(2)
     assert (await a.source(BLOB)).kind == "fetch"
     fetch_key = blob_keys(BLOB)[3]
 
-    redis_server.command("PEXPIRE", fetch_key, "60000")  # a renewal sets it back to 300 ms
+    redis_server.command("PEXPIRE", fetch_key, "60000")  # a renewal sets it back to 1 s
 
     async with a.fetching(BLOB):
 
         async def renewed() -> bool:
             await a.heartbeat()
-            return int(redis_server.command("PTTL", fetch_key).lstrip(":")) <= 300
+            return int(redis_server.command("PTTL", fetch_key).lstrip(":")) <= 1000
 
         await until(renewed, within=5.0)
         assert (await b.source(BLOB)).peer == a.me
@@ -226,9 +226,10 @@ async def test_a_redis_that_stalls_is_waited_for_no_longer_than_the_timeout(
     fleet: Fleet, redis_server: RedisServer
 ):
     metrics = Metrics()
-    node = await fleet.node(1, timeout=0.2, metrics=metrics)
+    node = await fleet.node(1, metrics=metrics)
     assert metrics.fleet_redis_up._value.get() == 1
     assert redis_server.command("CLIENT", "PAUSE", "10000", "WRITE") == "+OK"
+    node.redis.timeout = 0.3  # the other calls keep 2 s, for a loaded machine
     try:
         with capture_logs() as logs:
             async with asyncio.timeout(5):
@@ -236,6 +237,7 @@ async def test_a_redis_that_stalls_is_waited_for_no_longer_than_the_timeout(
         assert metrics.fleet_redis_up._value.get() == 0
     finally:
         assert redis_server.command("CLIENT", "UNPAUSE") == "+OK"
+        node.redis.timeout = 2.0
     with capture_logs() as back:
         assert (await node.source(BLOB)).kind == "fetch"
     assert metrics.fleet_sources.labels("fetch")._value.get() == 1
