@@ -2,9 +2,19 @@
 upstream secrets (containerd's `NewDockerAuthorizer`).
 
 It learns each host's challenge from a 401 (`AddResponses`), fetches and caches
-bearer tokens per (host, realm, service, scope) until they expire, and from then on
-authorizes requests to that host before sending them. Credentials are looked up by
-the exact host they belong to; nothing here ever attaches them elsewhere.
+bearer tokens per (host, realm, service, scopes) until they expire (a bounded LRU),
+and from then on authorizes requests to that host before sending them. Credentials
+are looked up by the exact host they belong to; nothing here ever attaches them
+elsewhere, and the host's configured headers go to its token realm only when that is
+on the host's own origin (containerd's `WithAuthHeader` sends them to any realm).
+
+A token is asked for the scopes of the request at hand (its repository's, plus a
+mount source's pull), as the token spec says: a `GET` repeats `scope` once per scope
+(distribution docs/spec/auth/token.md), an OAuth2 `POST` sends one `scope` holding
+the space-separated list (oauth.md), as containerd's auth/fetch.go does. A 401 that
+refuses a token proxyd sent, or says why (`error="invalid_token"`), drops the host's
+cached tokens, as containerd's `AddResponses` drops the host's handler: the retry
+fetches a new one instead of sending the refused one again.
 """
 
 from __future__ import annotations
@@ -13,12 +23,15 @@ import base64
 import json
 import re
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
+from multidict import CIMultiDict
 
 from proxyd import clienterrors
 from proxyd.credentials import Credential
@@ -30,6 +43,7 @@ log = structlog.get_logger("proxyd.auth")
 
 DEFAULT_TOKEN_LIFETIME = 60  # seconds, when the token server gives no expires_in
 MAX_TOKEN_LIFETIME = 86400  # seconds: however long a token server says a token lasts
+MAX_CACHED_TOKENS = 1024  # one per (host, realm, service, scopes) in use: an LRU beyond
 CLIENT_ID = "proxyd"
 _TOKEN_FALLBACK_STATUSES = (400, 401, 404, 405)  # POST unsupported: try GET (as containerd)
 
@@ -77,6 +91,22 @@ def parse_www_authenticate(values: list[str]) -> list[Challenge]:
     return challenges
 
 
+def challenge_scopes(www_authenticate: list[str]) -> tuple[str, ...]:
+    """The scopes a bearer challenge names (`scope` is a space-separated list): what the
+    host says the request it refused needs, which a retry of that request asks for
+    besides its own."""
+    for challenge in parse_www_authenticate(www_authenticate):
+        if challenge.scheme == "bearer" and "realm" in challenge.params:
+            return tuple(challenge.params.get("scope", "").split())
+    return ()
+
+
+def scope_list(*scopes: Iterable[str]) -> tuple[str, ...]:
+    """Scopes sorted, each once (containerd's GetTokenScopes): the same set is the same
+    token request and the same cache entry, however it was put together."""
+    return tuple(sorted({scope for group in scopes for scope in group if scope}))
+
+
 def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
@@ -85,6 +115,42 @@ def basic_authorization(username: str, password: str) -> str:
 class _Token:
     value: str
     expires_at: float
+
+
+class _TokenCache:
+    """Tokens by (host, realm, service, scopes), at most `limit` of them: the least
+    recently used goes first, and an expired one before any that still works. Scopes
+    come from client requests (every repository asked for), so without a bound the
+    cache would grow with them."""
+
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._tokens: OrderedDict[tuple[str, ...], _Token] = OrderedDict()
+
+    def get(self, key: tuple[str, ...]) -> _Token | None:
+        token = self._tokens.get(key)
+        if token is None:
+            return None
+        if token.expires_at <= self._clock():
+            del self._tokens[key]
+            return None
+        self._tokens.move_to_end(key)
+        return token
+
+    def put(self, key: tuple[str, ...], token: _Token) -> None:
+        self._tokens[key] = token
+        self._tokens.move_to_end(key)
+        if len(self._tokens) > self._limit:
+            now = self._clock()
+            for stale in [k for k, t in self._tokens.items() if t.expires_at <= now]:
+                del self._tokens[stale]
+        while len(self._tokens) > self._limit:
+            self._tokens.popitem(last=False)
+
+    def drop_host(self, host: str) -> None:
+        for key in [k for k in self._tokens if k[0] == host]:
+            del self._tokens[key]
 
 
 class Authorizer:
@@ -98,19 +164,29 @@ class Authorizer:
         user_agent: str = "proxyd",
         clock: Callable[[], float] = time.monotonic,
         on_fetch: Callable[[str], None] = lambda host: None,
+        max_tokens: int = MAX_CACHED_TOKENS,
     ) -> None:
         self._session = session
         self._credentials = credentials
         self._user_agent = user_agent
         self._clock = clock
         self._challenges: dict[str, Challenge] = {}
-        self._tokens: dict[tuple[str, ...], _Token] = {}
+        self._tokens = _TokenCache(max_tokens, clock)
         self._flights: SingleFlight[_Token] = SingleFlight()
         self._on_fetch = on_fetch
 
-    def learn(self, host: RegistryHost, www_authenticate: list[str]) -> bool:
-        """Remember a host's challenge from a 401; True when a retry could succeed."""
+    def learn(
+        self, host: RegistryHost, www_authenticate: list[str], *, refused: bool = False
+    ) -> bool:
+        """Remember a host's challenge from a 401; True when a retry could succeed.
+
+        `refused`: the 401 answered credentials proxyd sent. Then, or when the bearer
+        challenge says why (`error=`: RFC 6750's invalid_token, insufficient_scope),
+        the host's cached tokens are dropped (containerd's AddResponses drops the
+        host's handler): a retry must not send the refused token again."""
         challenges = parse_www_authenticate(www_authenticate)
+        if refused or any(c.scheme == "bearer" and c.params.get("error") for c in challenges):
+            self._tokens.drop_host(host.host)
         for challenge in sorted(challenges, key=lambda c: c.scheme != "bearer"):
             if challenge.scheme == "bearer" and "realm" in challenge.params:
                 self._challenges[host.host] = challenge
@@ -120,13 +196,15 @@ class Authorizer:
                 return self._credentials(host.host) is not None
         return False
 
-    def forget(self, host: RegistryHost, scope: str) -> None:
-        """Drop cached tokens for a scope the host has just refused."""
-        for key in [k for k in self._tokens if k[0] == host.host and scope in k[-1].split()]:
-            del self._tokens[key]
+    async def authorization(
+        self, host: RegistryHost, scope: str, ssl: Any = True, *, also: Iterable[str] = ()
+    ) -> str | None:
+        """The Authorization header value for a request to `host`, if it needs one.
 
-    async def authorization(self, host: RegistryHost, scope: str, ssl: Any = True) -> str | None:
-        """The Authorization header value for a request to `host`, if it needs one."""
+        `scope` is the request's scope list (space-separated: its repository's, a mount
+        source's); `also`, for the retry of a request the host refused, the scopes its
+        challenge named. The token answers for the request's scopes and is kept under
+        them; a challenge from another request never widens it."""
         challenge = self._challenges.get(host.host)
         if challenge is None:
             return None
@@ -137,11 +215,15 @@ class Authorizer:
             return basic_authorization(credential.username, credential.password or "")
         if credential is not None and credential.registry_token:
             return f"Bearer {credential.registry_token}"
-        scopes = {scope} if scope else set()
-        if challenge.params.get("scope"):
-            scopes.update(challenge.params["scope"].split())
         try:
-            token = await self._token(host, challenge, " ".join(sorted(scopes)), credential, ssl)
+            token = await self._token(
+                host,
+                challenge,
+                scope_list(scope.split()),
+                scope_list(scope.split(), also),
+                credential,
+                ssl,
+            )
         except TokenError:
             # Learn afresh next time: the registry may have moved its realm or dropped auth.
             self._challenges.pop(host.host, None)
@@ -152,26 +234,32 @@ class Authorizer:
         self,
         host: RegistryHost,
         challenge: Challenge,
-        scope: str,
+        scopes: tuple[str, ...],
+        asked: tuple[str, ...],
         credential: Credential | None,
         ssl: Any,
     ) -> _Token:
-        key = (host.host, challenge.params["realm"], challenge.params.get("service", ""), scope)
-        cached = self._tokens.get(key)
-        if cached is not None and cached.expires_at > self._clock():
+        """The token for `scopes`, fetched for `asked` (`scopes` and what a challenge
+        added). A retry asking more than the request never takes a cached token: the
+        cached one may be the token just refused for lacking the rest."""
+        where = (host.host, challenge.params["realm"], challenge.params.get("service", ""))
+        key = (*where, " ".join(scopes))
+        cached = self._tokens.get(key) if asked == scopes else None
+        if cached is not None:
             return cached
 
         async def fetch() -> _Token:
-            token = await self._fetch(challenge.params, scope, credential, ssl, host)
-            self._tokens[key] = token
+            token = await self._fetch(challenge.params, asked, credential, ssl, host)
+            self._tokens.put(key, token)
             return token
 
-        return await self._flights.run(key, fetch)  # one token request, however many wait
+        # One token request, however many wait for the same scopes.
+        return await self._flights.run((*where, " ".join(asked)), fetch)
 
     async def _fetch(
         self,
         params: dict[str, str],
-        scope: str,
+        scopes: tuple[str, ...],
         credential: Credential | None,
         ssl: Any,
         host: RegistryHost,
@@ -180,10 +268,13 @@ class Authorizer:
         realm = params["realm"]
         service = params.get("service", "")
         secret = credential and (credential.identity_token or credential.password)
-        log.debug("token.fetch", host=host.host, realm=realm, scope=scope, oauth=bool(secret))
+        log.debug("token.fetch", host=host.host, realm=realm, scope=scopes, oauth=bool(secret))
+        headers = _token_headers(host, realm)
         try:
             if credential is not None and secret:
-                form = {"service": service, "scope": scope, "client_id": CLIENT_ID}
+                form = {"service": service, "client_id": CLIENT_ID}
+                if scopes:
+                    form["scope"] = " ".join(scopes)  # oauth.md: one parameter, a list
                 if credential.identity_token:
                     form.update(grant_type="refresh_token", refresh_token=credential.identity_token)
                 else:
@@ -192,41 +283,48 @@ class Authorizer:
                         username=credential.username or "",
                         password=credential.password or "",
                     )
-                status, body = await self._call("POST", realm, ssl, data=form)
+                status, body = await self._call("POST", realm, ssl, headers, data=form)
                 if status in _TOKEN_FALLBACK_STATUSES:
                     basic = basic_authorization(credential.username or "", secret)
                     status, body = await self._call(
-                        "GET", realm, ssl, params=self._query(service, scope), authorization=basic
+                        "GET", realm, ssl, headers, basic, params=_query(service, scopes)
                     )
             else:
                 status, body = await self._call(
-                    "GET", realm, ssl, params=self._query(service, scope)
+                    "GET", realm, ssl, headers, params=_query(service, scopes)
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenError(
                 f"token server {realm} for {host.host} is unreachable: {clienterrors.describe(exc)}"
             ) from exc
         if status in (401, 403):
+            asking = " ".join(scopes) or "no scope"
+            if not secret:  # the GET went without credentials
+                raise Unauthorized(
+                    f"token server {realm} for {host.host} refused an anonymous token"
+                    f" ({asking}; answered {status}) and proxyd has no credentials for it"
+                )
             raise Unauthorized(
                 f"token server {realm} refused proxyd's credentials for {host.host}"
-                f" ({scope or 'no scope'})"
+                f" ({asking}; answered {status})"
             )
         if status != 200:
             raise TokenError(f"token server {realm} for {host.host} answered {status}")
         return self._parse(body, realm)
 
-    @staticmethod
-    def _query(service: str, scope: str) -> dict[str, str]:
-        query = {"service": service} if service else {}
-        if scope:
-            query["scope"] = scope
-        return query
-
     async def _call(
-        self, method: str, url: str, ssl: Any, authorization: str = "", **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        ssl: Any,
+        extra: Iterable[tuple[str, str]],
+        authorization: str = "",
+        **kwargs: Any,
     ) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=30)
-        headers = {"User-Agent": self._user_agent}
+        headers: CIMultiDict[str] = CIMultiDict([("User-Agent", self._user_agent)])
+        for name, value in extra:
+            headers.add(name, value)
         if authorization:
             headers["Authorization"] = authorization
         async with self._session.request(
@@ -245,6 +343,28 @@ class Authorizer:
                 f"authorization server {realm} did not include a token in the response"
             )
         return _Token(value, self._clock() + token_lifetime(data.get("expires_in")))
+
+
+def _query(service: str, scopes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """token.md: `scope` repeated, one scope each."""
+    return [*([("service", service)] if service else []), *(("scope", s) for s in scopes)]
+
+
+def _token_headers(host: RegistryHost, realm: str) -> tuple[tuple[str, str], ...]:
+    """The host's configured headers (hosts.toml `header`) go to a realm on the host's
+    own origin, as containerd's `WithAuthHeader` sends them; to a realm on another
+    origin, none: they are configured for the registry and may be its secrets."""
+    return host.headers if _origin(realm) == _origin(host.origin) else ()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """scheme, host and port, with the scheme's default port made explicit."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return ("", url, None)
+    return (parts.scheme.lower(), (parts.hostname or "").lower(), port)
 
 
 def token_lifetime(expires_in: object) -> float:

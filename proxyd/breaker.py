@@ -1,16 +1,25 @@
-"""Per-host circuit breakers: a host that keeps failing is skipped for a cool-down,
-so a dead mirror does not add its timeout to every request; then one request probes
-it again. A 429 with Retry-After closes the host for as long as it asked.
+"""When to leave a host alone, and for how long.
+
+Three memories, each for its own reason. A circuit breaker per host: a host that keeps
+failing (connections, timeouts, 5xx, broken bodies) is skipped for a cool-down, so a
+dead mirror does not add its timeout to every request; then one request probes it
+again. Pauses per host and kind of request: a rate limit (429 with Retry-After) stops
+only what was limited (Docker Hub limits manifest GETs, never blobs), and a bad answer
+(wrong bytes, a body cut short) keeps that request away from that host a while, so the
+next one goes to the next host. Every memory is bounded: clients can name registries
+(`allow_unconfigured_namespaces`), and nothing they invent may grow proxyd without end.
 """
 
 from __future__ import annotations
 
 import email.utils
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_RETRY_AFTER = 3600.0
+MAX_REMEMBERED = 4096  # hosts with failures, or (host, kind) pauses: the oldest go first
 
 
 @dataclass
@@ -31,7 +40,7 @@ class Breakers:
         self.threshold = failures
         self.cooldown = cooldown
         self._clock = clock
-        self._hosts: dict[str, _State] = {}
+        self._hosts: OrderedDict[str, _State] = OrderedDict()
 
     def allow(self, host: str) -> bool:
         """Whether to try `host` now; after a cool-down one caller gets to probe."""
@@ -51,18 +60,52 @@ class Breakers:
     def succeeded(self, host: str) -> None:
         self._hosts.pop(host, None)
 
-    def failed(self, host: str, retry_after: float | None = None) -> None:
-        state = self._hosts.setdefault(host, _State())
+    def failed(self, host: str) -> None:
+        state = self._hosts.get(host)
+        if state is None:
+            state = self._hosts[host] = _State()
+            if len(self._hosts) > MAX_REMEMBERED:
+                self._hosts.popitem(last=False)
         state.failures += 1
-        now = self._clock()
-        if retry_after is not None:
-            state.open_until = max(state.open_until, now + min(retry_after, MAX_RETRY_AFTER))
-        elif state.failures >= self.threshold:
-            state.open_until = now + self.cooldown
+        if state.failures >= self.threshold:
+            state.open_until = self._clock() + self.cooldown
         state.probe_until = 0.0
 
     def open_hosts(self) -> list[str]:
         return [host for host, state in self._hosts.items() if state.open_until != 0.0]
+
+
+class Pauses:
+    """Keys (a host and what was asked of it) left alone until a moment passes."""
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_entries: int = MAX_REMEMBERED
+    ) -> None:
+        self._clock = clock
+        self._max = max_entries
+        self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def pause(self, key: tuple[str, str], seconds: float) -> None:
+        """Leave `key` alone for `seconds` (at most MAX_RETRY_AFTER) from now."""
+        until = self._clock() + min(max(seconds, 0.0), MAX_RETRY_AFTER)
+        self._until[key] = max(until, self._until.get(key, 0.0))
+        self._until.move_to_end(key)
+        while len(self._until) > self._max:
+            self._until.popitem(last=False)
+
+    def remaining(self, key: tuple[str, str]) -> float | None:
+        """Seconds `key` stays paused; None when it is not (any more)."""
+        until = self._until.get(key)
+        if until is None:
+            return None
+        left = until - self._clock()
+        if left <= 0:
+            del self._until[key]
+            return None
+        return left
+
+    def clear(self, key: tuple[str, str]) -> None:
+        self._until.pop(key, None)
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:

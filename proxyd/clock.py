@@ -10,10 +10,13 @@ Redis read each other's records) and eviction compares it with blob files' mtime
 
 Components take the reading they need as a plain callable (`clock=clock.monotonic`),
 so on the system clock a reading is the `time` function itself, with nothing between.
+A wait the core makes on purpose (a retry after `Retry-After`) is `sleep()` on the same
+clock: a test's clock moves forward instead of waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time as _time
 from typing import Protocol
 
@@ -27,12 +30,17 @@ class Clock(Protocol):
         """Seconds since the epoch, as other processes and the filesystem read them."""
         ...
 
+    async def sleep(self, seconds: float) -> None:
+        """Until `seconds` have passed on this clock."""
+        ...
+
 
 class SystemClock:
     """The operating system's clocks."""
 
     monotonic = staticmethod(_time.monotonic)
     time = staticmethod(_time.time)
+    sleep = staticmethod(asyncio.sleep)
 
 
 SYSTEM_CLOCK: Clock = SystemClock()

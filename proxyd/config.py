@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +47,10 @@ from proxyd.inbound import AuthRequired, load_htpasswd
 from proxyd.reference import DOCKER_HUB, HOST_RE
 
 MAX_MANIFEST_SIZE = 4 * 1048 * 1048  # containerd's MaxManifestSize
+# Namespaces built for names clients send (ns=, a path prefix) under `_default` or
+# allow_unconfigured_namespaces: the most recently used are kept, so a client naming
+# ever new registries cannot grow proxyd's memory; one dropped is built again when asked.
+MAX_SYNTHESISED_NAMESPACES = 1024
 
 
 class ConfigError(Exception):
@@ -145,6 +150,13 @@ class Settings(BaseSettings):
     breaker_cooldown: float = Field(
         30.0, gt=0, description="seconds a failing host is skipped before a probe"
     )
+    retry_max_wait: float = Field(
+        10.0,
+        ge=0,
+        description="seconds one request may spend asking hosts again (408, 429, and "
+        "5xx or a dropped connection from the last host); a longer Retry-After is not "
+        "waited for: the host is skipped for that kind of request until it ends",
+    )
     allow_push: NamespaceList = Field(
         default_factory=list,
         description="namespaces whose pushes are forwarded upstream (or allow_push = true "
@@ -240,13 +252,17 @@ class RuntimeConfig:
     fallback: HostsFile | None = None  # hosts_dir/_default
     inbound_users: dict[str, bytes] | None = None  # from `htpasswd`: user -> bcrypt hash
     peer_secret: SecretBytes | None = None  # from [cluster] secret_file
-    _synthesised: dict[str, Namespace] = field(default_factory=dict)
+    _synthesised: OrderedDict[str, Namespace] = field(default_factory=OrderedDict)
 
     def namespace(self, name: str) -> Namespace | None:
         """The chain for `name`: configured, else `_default`, else (when allowed)
         containerd's default host; None when proxyd must not route there."""
-        found = self.namespaces.get(name) or self._synthesised.get(name)
+        found = self.namespaces.get(name)
         if found is not None:
+            return found
+        found = self._synthesised.get(name)
+        if found is not None:
+            self._synthesised.move_to_end(name)
             return found
         if not HOST_RE.fullmatch(name):
             return None
@@ -262,6 +278,8 @@ class RuntimeConfig:
         else:
             return None
         self._synthesised[name] = built
+        if len(self._synthesised) > MAX_SYNTHESISED_NAMESPACES:
+            self._synthesised.popitem(last=False)
         return built
 
     def credential_for(self, host: str) -> Credential | None:

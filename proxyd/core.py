@@ -95,6 +95,8 @@ async def open_core(
         breakers=breakers,
         metrics=metrics,
         clock=clock,
+        retry_max_wait=settings.retry_max_wait,
+        max_manifest_size=settings.max_manifest_size,
     ) as upstream:
         puller = Puller(
             store,

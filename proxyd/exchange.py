@@ -2,11 +2,12 @@
 followed by hand, and the host's TLS settings.
 
 The authorizer supplies the Authorization for the host and the scope; a 401 is
-answered once (the challenge learnt, fresh credentials), and a second is the host
-refusing them. Redirects (blob storage, CDNs) are followed here rather than by
-aiohttp, so the registry's Authorization and client certificate never reach another
-origin. When the host refuses credentials, proxyd's may be out of date (a rotated
-secret): `on_refused` reads them again, and a request they changed goes once more.
+answered once (the challenge learnt, a refused token dropped, a token asked for the
+scopes the challenge names), and a second is the host refusing them. Redirects
+(blob storage, CDNs) are followed here rather than by aiohttp, so the registry's
+Authorization and client certificate never reach another origin. When the host
+refuses credentials, proxyd's may be out of date (a rotated secret): `on_refused`
+reads them again, and a request they changed goes once more.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
 it is sent after the host's challenge is known (a `GET /v2/` first, as clients
@@ -24,7 +25,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from proxyd import tls
-from proxyd.auth import Authorizer
+from proxyd.auth import Authorizer, challenge_scopes
 from proxyd.errors import Unauthorized
 from proxyd.hosts import RegistryHost
 
@@ -50,7 +51,7 @@ class Exchange:
         self.authorizer = authorizer
         self.user_agent = user_agent
         self._on_refused = on_refused
-        self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
+        self._ssl: dict[tuple[object, ...], Any] = {}
         self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
 
     async def send(
@@ -104,8 +105,9 @@ class Exchange:
         own_tls = self._ssl_for(host, same_origin=True)
         if not replayable and await self.authorizer.authorization(host, scope, own_tls) is None:
             await self._ping(host, timeout)
+        wanted: tuple[str, ...] = ()  # the scopes a 401 named, for the retry
         for attempt in (1, 2):
-            authorization = await self.authorizer.authorization(host, scope, own_tls)
+            authorization = await self.authorizer.authorization(host, scope, own_tls, also=wanted)
             url = host.url(path)
             for _hop in range(MAX_REDIRECTS + 1):
                 same_origin = _origin(url) == host.origin
@@ -134,9 +136,9 @@ class Exchange:
                 return response
             challenge = response.headers.getall("WWW-Authenticate", [])
             response.release()
-            learned = attempt == 1 and self.authorizer.learn(host, challenge)
+            refused = bool(authorization)  # never sent again: containerd's AddResponses
+            learned = self.authorizer.learn(host, challenge, refused=refused) and attempt == 1
             if not learned or not replayable:
-                self.authorizer.forget(host, scope)
                 if learned:
                     raise Unauthorized(
                         f"{host.host} asked for credentials for {scope} once the body was "
@@ -147,6 +149,7 @@ class Exchange:
                     if authorization
                     else f"{host.host} requires credentials for {scope} and proxyd has none"
                 )
+            wanted = challenge_scopes(challenge)
         raise AssertionError("unreachable")
 
     async def _ping(self, host: RegistryHost, limits: aiohttp.ClientTimeout) -> None:
@@ -170,7 +173,9 @@ class Exchange:
         certificate only to the host itself."""
         if host.scheme != "https":
             return True
-        key = (host, same_origin)
+        # Keyed by what the context is made of, not by the host: every registry a
+        # client may name (allow_unconfigured_namespaces) shares the default context.
+        key = (host.ca, host.client if same_origin else (), host.skip_verify)
         if key not in self._ssl:
             try:
                 self._ssl[key] = tls.upstream_context(host, same_origin=same_origin)

@@ -72,6 +72,15 @@ class RegistryHost:
         """`suffix` is below the API root: `team/app/manifests/v1`."""
         return f"{self.origin}{self.path.rstrip('/')}/{suffix}"
 
+    def is_proxy(self, namespace: str) -> bool:
+        """Whether this host serves `namespace` on another registry's behalf, and so must
+        be told which registry a request is for (`?ns=`): containerd's
+        `RegistryHost.isProxy`, every host but the namespace's own (docker.io's own
+        being registry-1.docker.io)."""
+        if namespace == DOCKER_HUB and self.host == "registry-1.docker.io":
+            return False
+        return namespace != self.host
+
     def describe(self) -> str:
         role = "mirror" if self.is_mirror else "upstream"
         return f"{self.origin}{self.path} ({role}: {', '.join(self.capabilities.names())})"

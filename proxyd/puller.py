@@ -315,12 +315,12 @@ class Puller:
                 download.answer()
                 async for chunk in up.response.content.iter_any():
                     await download.write(chunk)
+                await download.verify()  # in the block: a mismatch is this host's failure
         finally:
             early.cancel()  # the request failed before the loop turned: nothing to make
         # Upstream's 200 confirmed the repository holds it (written here, after the body,
         # to keep it off the way to the first byte).
         self.store.link(target.namespace.name, target.repository, digest)
-        await download.verify()
 
     async def _store(self, download: Download) -> None:
         """The clients have their verified bytes; now the fsync and the rename, in a

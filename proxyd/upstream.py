@@ -1,19 +1,35 @@
 """One request through a namespace's host chain (containerd's resolver/fetcher loop).
 
-Hosts are tried in order among those with the needed capability. Connection errors,
-timeouts, 5xx, 429, and a mirror's 404/401/403 move on to the next host; the
-upstream server's answer is final. Each host's exchange (credentials, a 401 answered
-once, redirects followed without the registry's credentials) is `proxyd.exchange`'s;
-this module owns the order, the failures, the circuit breakers and the metrics.
+Hosts are tried in order among those with the needed capability; the upstream server,
+last, gives the final answer. A mirror's failure moves on to the next host: a
+connection error, a timeout, any status above 399 (containerd's rule), a manifest over
+max_manifest_size. Some answers are first asked again of the same host, as containerd
+asks them (`proxyd.retries`: 408, 429, 5xx and dropped connections of the last host,
+HEAD of a manifest refused with 405 asked as GET), within one time budget per request
+(`retry_max_wait`), waiting on the core's clock.
+
+What each host did is remembered (`proxyd.breaker`): a circuit breaker per host for
+real failures (connections, timeouts, 5xx, a body that broke off or did not match its
+digest), counted once a body has been read to its end, not when the headers arrive; a
+rate limit per host and kind of request (`GET manifests`, `GET blobs`, ...) for its
+Retry-After, so a manifest 429 never stops blob pulls; and a bad answer per host and
+path, so the next request for that content goes to the next host.
+
+Each request names its namespace to every host that serves it on another registry's
+behalf (`?ns=`, containerd's isProxy), so a chained mirror (another proxyd,
+distribution, Harbor, Spegel) resolves in the right registry. Each host's exchange
+(credentials, a 401 answered once, redirects followed without the registry's
+credentials) is `proxyd.exchange`'s.
 
 A request body (`data`, for pushes) given as bytes is replayable and travels like any
 request. A streamed body (an async iterable) can be sent once only: it goes to one
-host, and a failure while sending it does not count against the host's circuit
-breaker (the client may have gone away).
+host, is never retried, and a failure while sending it does not count against the
+host's circuit breaker (the client may have gone away).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,12 +38,14 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
-from proxyd import clienterrors
+from proxyd import clienterrors, retries
 from proxyd.auth import Authorizer
-from proxyd.breaker import Breakers, parse_retry_after
+from proxyd.breaker import Breakers, Pauses, parse_retry_after
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import RuntimeConfig
+from proxyd.config import MAX_MANIFEST_SIZE, RuntimeConfig
 from proxyd.errors import (
+    DigestMismatch,
+    ManifestTooLarge,
     NoCapableHost,
     Offline,
     ProxydError,
@@ -52,6 +70,7 @@ from proxyd.metrics import Metrics
 log = structlog.get_logger("proxyd.upstream")
 
 RATELIMIT_WARN_FRACTION = 0.1  # warn when a host's announced pulls left fall below this
+DEFAULT_RETRY_MAX_WAIT = 10.0  # seconds; the retry_max_wait setting's default
 
 
 @dataclass
@@ -83,12 +102,18 @@ class UpstreamClient:
         breakers: Breakers | None = None,
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        retry_max_wait: float = DEFAULT_RETRY_MAX_WAIT,
+        max_manifest_size: int = MAX_MANIFEST_SIZE,
     ) -> None:
         self.runtime = runtime
-        self.clock = clock  # the authorizer's, for token lifetimes
+        self.clock = clock  # token lifetimes, retry waits, rate limits
         self.user_agent = user_agent
         self.offline = offline
-        self.breakers = breakers or Breakers()
+        self.breakers = breakers or Breakers(clock=clock.monotonic)
+        self.retry_max_wait = retry_max_wait
+        self.max_manifest_size = max_manifest_size  # a mirror's larger manifest moves on
+        self.rate_limits = Pauses(clock=clock.monotonic)  # (host, kind of request)
+        self.bad_answers = Pauses(clock=clock.monotonic)  # (host, path)
         self.metrics = metrics or Metrics()
         self._session: aiohttp.ClientSession | None = None
         self._exchange: Exchange | None = None
@@ -186,15 +211,22 @@ class UpstreamClient:
         replayable = is_replayable(data)
         if not replayable:
             hosts = hosts[:1]  # a stream is sent once: to one host
+        kind = f"{method} {_area(suffix)}"
+        deadline = self.clock.monotonic() + self.retry_max_wait
         failures: list[HostFailure] = []
-        for host in hosts:
-            if not self.breakers.allow(host.host):
-                failures.append(HostFailure(host, "skipped: circuit open after failures"))
+        for index, host in enumerate(hosts):
+            last = index == len(hosts) - 1
+            skipped = self._skipped(host, kind, path, last=last)
+            if skipped is not None:
+                failures.append(skipped)
                 continue
+            ask = retries.Ask(
+                host, method, suffix, path, headers, _with_ns(params, namespace, host), scope, data
+            )
             started = time.perf_counter()
             try:
-                response = await self.exchange.send(
-                    host, method, path, headers, params, scope, data
+                response = await retries.send(
+                    self.exchange, ask, last=last, deadline=deadline, clock=self.clock
                 )
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
                 self._failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
@@ -205,40 +237,113 @@ class UpstreamClient:
                 self._failed(failures, HostFailure(host, exc.message, 401), trip=False)
                 continue
             self._observe(host, response, time.perf_counter() - started)
-            if _moves_on(host, response.status):
-                failure = HostFailure(
-                    host,
-                    f"answered {response.status}",
-                    response.status,
-                    response.headers.get("Retry-After"),
-                )
+            moved_on = self._moves_on(host, suffix, response)
+            if moved_on is not None:
                 response.release()
-                self._failed(
-                    failures, failure, trip=response.status >= 500 or response.status == 429
-                )
+                if moved_on.status == 429:
+                    limited = f"{response.method} {_area(suffix)}"  # GET, after a HEAD's 405
+                    self._rate_limited(host, limited, moved_on.retry_after)
+                self._failed(failures, moved_on, trip=(moved_on.status or 0) >= 500)
                 continue
-            self.breakers.succeeded(host.host)
-            self.metrics.circuit_open.labels(host.host).set(0)
             try:
                 yield Upstream(host, response, failures)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The body broke or stalled after the headers: still this host's failure.
-                self._failed(failures, HostFailure(host, _describe(exc)), trip=True)
+                reason = _describe(exc)
+                self._bad_answer(host, path, failures, reason)
                 raise UpstreamError(
-                    f"{host.origin}: the answer to {method} {path} broke off: {_describe(exc)}"
+                    f"{host.origin}: the answer to {method} {path} broke off: {reason}"
                 ) from exc
+            except DigestMismatch as exc:
+                self._bad_answer(host, path, failures, exc.message)
+                raise
+            except ManifestTooLarge as exc:
+                if host.is_mirror:  # the next request goes to the next host
+                    self._bad_answer(host, path, failures, exc.message, trip=False)
+                raise
+            except Exception:
+                self._answered(host, path)  # the host answered; the caller refused it
+                raise
             finally:
                 response.release()
+            self._answered(host, path)
             return
         raise _chain_error(namespace, failures)
+
+    def _skipped(
+        self, host: RegistryHost, kind: str, path: str, *, last: bool
+    ) -> HostFailure | None:
+        """Why `host` is not asked now: rate limited for this kind of request, a bad
+        answer to this very request lately (unless no other host is left), or a
+        circuit open after failures."""
+        limited = self.rate_limits.remaining((host.host, kind))
+        if limited is not None:
+            seconds = math.ceil(limited)
+            return HostFailure(
+                host, f"skipped: rate limited for {kind} ({seconds} s more)", 429, str(seconds)
+            )
+        if not last and self.bad_answers.remaining((host.host, path)) is not None:
+            return HostFailure(host, "skipped: its last answer to this request was bad")
+        if not self.breakers.allow(host.host):
+            return HostFailure(host, "skipped: circuit open after failures")
+        return None
+
+    def _moves_on(
+        self, host: RegistryHost, suffix: str, response: aiohttp.ClientResponse
+    ) -> HostFailure | None:
+        """Why this answer sends the request on to the next host, if it does."""
+        status = response.status
+        if status >= 500 or status in (408, 429) or (host.is_mirror and status > 399):
+            return HostFailure(
+                host, f"answered {status}", status, response.headers.get("Retry-After")
+            )
+        length = response.content_length
+        if (
+            host.is_mirror
+            and status < 300
+            and response.method in ("GET", "HEAD")
+            and suffix.startswith("manifests/")
+            and length is not None
+            and length > self.max_manifest_size
+        ):
+            return HostFailure(
+                host, f"sent a {length}-byte manifest; the limit is {self.max_manifest_size}"
+            )
+        return None
+
+    def _rate_limited(self, host: RegistryHost, kind: str, retry_after: str | None) -> None:
+        """A 429 that stood: this kind of request leaves the host alone as it asked."""
+        seconds = parse_retry_after(retry_after)
+        if seconds:
+            self.rate_limits.pause((host.host, kind), seconds)
+            log.warning("upstream.rate_limited", host=host.host, kind=kind, seconds=seconds)
+
+    def _bad_answer(
+        self,
+        host: RegistryHost,
+        path: str,
+        failures: list[HostFailure],
+        reason: str,
+        *,
+        trip: bool = True,
+    ) -> None:
+        """`host` answered `path` with a body that failed (broke off, stalled, did not
+        match its digest): its failure, and the next request for `path` goes to the next
+        host for a breaker cool-down."""
+        self.bad_answers.pause((host.host, path), self.breakers.cooldown)
+        self._failed(failures, HostFailure(host, reason), trip=trip)
+
+    def _answered(self, host: RegistryHost, path: str) -> None:
+        self.breakers.succeeded(host.host)
+        self.bad_answers.clear((host.host, path))
+        self.metrics.circuit_open.labels(host.host).set(0)
 
     def _failed(self, failures: list[HostFailure], failure: HostFailure, *, trip: bool) -> None:
         """Record a host's failure; `trip` counts it towards the host's circuit breaker."""
         failures.append(failure)
         host = failure.host.host
         if trip:
-            wait = parse_retry_after(failure.retry_after) if failure.status == 429 else None
-            self.breakers.failed(host, wait)
+            self.breakers.failed(host)
             self.metrics.circuit_open.labels(host).set(int(self.breakers.is_open(host)))
         reason = str(failure.status) if failure.status else _reason_class(failure.reason)
         self.metrics.upstream_errors.labels(host, reason).inc()
@@ -293,14 +398,25 @@ def _reason_class(reason: str) -> str:
         return "circuit_open"
     if "token" in reason:
         return "token"
+    if "does not match its digest" in reason:
+        return "digest"
+    if "limit" in reason:  # a manifest over max_manifest_size
+        return "too_large"
     return "connection"
 
 
-def _moves_on(host: RegistryHost, status: int) -> bool:
-    """Whether this answer sends the request on to the next host of the chain."""
-    if status >= 500 or status == 429:
-        return True
-    return host.is_mirror and status in (401, 403, 404)
+def _area(suffix: str) -> str:
+    """The kind of request a registry may limit apart: manifests, blobs, tags, ..."""
+    return suffix.split("/", 1)[0] or "base"
+
+
+def _with_ns(
+    params: dict[str, str] | None, namespace: Namespace, host: RegistryHost
+) -> dict[str, str] | None:
+    """`ns=` for a host that serves the namespace on another registry's behalf."""
+    if not host.is_proxy(namespace.name):
+        return params
+    return {**(params or {}), "ns": namespace.name}
 
 
 def _describe(exc: BaseException) -> str:

@@ -25,14 +25,15 @@ MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 class FakeClock:
-    """A proxyd.clock.Clock that stands still until `advance` moves both readings. It
-    starts at the real readings (to the whole second, so that whole-second advances add
-    up exactly: 3599 s then 1 s is an hour to the last bit), so the wall clock compares
-    with files' mtimes as the system's would."""
+    """A proxyd.clock.Clock that stands still until `advance` (or proxyd's `sleep`) moves
+    both readings. It starts at the real readings (to the whole second, so that
+    whole-second advances add up exactly: 3599 s then 1 s is an hour to the last bit),
+    so the wall clock compares with files' mtimes as the system's would."""
 
     def __init__(self) -> None:
         self._monotonic = float(int(time.monotonic()))
         self._time = float(int(time.time()))
+        self.slept: list[float] = []
 
     def monotonic(self) -> float:
         return self._monotonic
@@ -44,6 +45,13 @@ class FakeClock:
         assert seconds >= 0, "a clock does not go back"
         self._monotonic += seconds
         self._time += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        """A wait proxyd makes on purpose (a retry): the clock moves on at once, and
+        the wait is kept in `slept` for the test to read."""
+        self.slept.append(seconds)
+        self.advance(seconds)
+        await asyncio.sleep(0)
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]], within: float = 10.0) -> None:

@@ -95,6 +95,17 @@ class FakeRegistry:
     redirect_loop: bool = False  # API requests are 307'd back to themselves, forever
     corrupt_manifests: bool = False  # flip a byte of manifest bodies (digest header kept)
     drop_manifests_after: int | None = None  # cut manifest bodies after this many bytes
+    # Failures for a while, as containerd's retry rules (core/remotes/docker/resolver.go,
+    # retryRequest and doWithTransportRetries) expect of registries:
+    script: list[int] = field(default_factory=list)  # answer the next API requests so
+    # (one status each, with `retry_after` when set), then serve normally
+    disconnect_first: int = 0  # close these many API requests' connections unanswered
+    no_manifest_head: bool = False  # 405 to HEAD of a manifest (resolver.go: "registries
+    # which have not properly implemented the HEAD method for manifests endpoint")
+    pull_limit: int | None = None  # Docker Hub's pull limit: see `_hub_limit`
+    pulls: int = 0  # manifest GETs counted against pull_limit
+    pad_manifests: int = 0  # append this many spaces to manifest bodies (a huge manifest)
+    chunked_manifests: bool = False  # send manifest bodies without a Content-Length
 
     def add(self, image: FakeImage) -> FakeImage:
         self.images.append(image)
@@ -136,13 +147,21 @@ class FakeRegistry:
             await asyncio.sleep(3600)
         if self.redirect_loop and request.path != "/v2/":
             raise web.HTTPTemporaryRedirect(request.path_qs)
-        if self.status is not None:
+        status = self.status
+        if status is None and self.script and request.path != "/v2/":
+            status = self.script.pop(0)
+        if status is not None:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             return web.json_response(
                 {"errors": [{"code": "UNKNOWN", "message": "told to fail"}]},
-                status=self.status,
+                status=status,
                 headers=headers,
             )
+        if self.disconnect_first and request.path != "/v2/":
+            self.disconnect_first -= 1
+            assert request.transport is not None
+            request.transport.abort()  # the client sees the connection closed unanswered
+            return web.Response()
         if request.path == "/v2/":
             return self._authorized(request) or web.json_response({})
         denied = self._authorized(request)
@@ -155,13 +174,19 @@ class FakeRegistry:
                 return web.json_response({"name": image.repository, "tags": tags})
             for reference in (image.tag, image.digest):
                 if rest == f"{image.repository}/manifests/{reference}":
+                    if self.no_manifest_head and request.method == "HEAD":
+                        return web.Response(status=405)
+                    limited, limit_headers = self._hub_limit(request)
+                    if limited is not None:
+                        return limited
                     if self._odd_manifests:
-                        return await self._manifest(request, image)
+                        return await self._manifest(request, image, limit_headers)
                     return web.Response(
                         body=image.manifest,
                         headers={
                             "Content-Type": OCI_MANIFEST,
                             "Docker-Content-Digest": image.digest,
+                            **limit_headers,
                         },
                     )
             for digest, blob in image.blobs.items():
@@ -196,19 +221,58 @@ class FakeRegistry:
         await response.write_eof()
         return response
 
+    def _hub_limit(self, request: web.Request) -> tuple[web.Response | None, dict[str, str]]:
+        """Docker Hub's pull limit, as https://docs.docker.com/docker-hub/usage/pulls/
+        describes it: a pull is a GET of a manifest (HEAD requests are not counted);
+        over the limit, Hub answers a manifest GET 429 ("You have reached your pull rate
+        limit"); manifest answers carry `ratelimit-limit: 100;w=21600` and
+        `ratelimit-remaining: N;w=21600`, on GET and HEAD alike. Blobs are never
+        limited. (None, no headers) without a `pull_limit`."""
+        if self.pull_limit is None:
+            return None, {}
+        over = request.method == "GET" and self.pulls >= self.pull_limit
+        if request.method == "GET" and not over:
+            self.pulls += 1
+        headers = {
+            "RateLimit-Limit": f"{self.pull_limit};w=21600",
+            "RateLimit-Remaining": f"{self.pull_limit - self.pulls};w=21600",
+        }
+        if not over:
+            return None, headers
+        if self.retry_after:
+            headers["Retry-After"] = self.retry_after
+        message = "You have reached your pull rate limit."
+        refusal = web.json_response(
+            {"errors": [{"code": "TOOMANYREQUESTS", "message": message}]},
+            status=429,
+            headers=headers,
+        )
+        return refusal, headers
+
     @property
     def _odd_manifests(self) -> bool:
-        return bool(self.drip or self.corrupt_manifests or self.drop_manifests_after is not None)
+        return bool(
+            self.drip
+            or self.corrupt_manifests
+            or self.drop_manifests_after is not None
+            or self.pad_manifests
+            or self.chunked_manifests
+        )
 
-    async def _manifest(self, request: web.Request, image: FakeImage) -> web.StreamResponse:
-        """A manifest sent by the misbehaviour knobs: dripped, corrupted or cut short."""
-        body = image.manifest
+    async def _manifest(
+        self, request: web.Request, image: FakeImage, extra: dict[str, str]
+    ) -> web.StreamResponse:
+        """A manifest sent by the misbehaviour knobs: dripped, corrupted, cut short,
+        padded, chunked."""
+        body = image.manifest + b" " * self.pad_manifests
         if self.corrupt_manifests:
             body = body[:-2] + bytes([body[-2] ^ 0x01]) + body[-1:]
+        digest = digest_of(body) if self.pad_manifests else image.digest
         response = web.StreamResponse(
-            headers={"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": image.digest}
+            headers={"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": digest, **extra}
         )
-        response.content_length = len(body)
+        if not self.chunked_manifests:
+            response.content_length = len(body)
         await response.prepare(request)
         if request.method == "HEAD":
             return response

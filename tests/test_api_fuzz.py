@@ -29,7 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxyd.log import OUTPUT, configure
-from tests.conftest import host, oci_code, origin, until, until_stored
+from tests.conftest import FakeClock, host, oci_code, origin, until, until_stored
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 IMAGE = make_image()
@@ -419,7 +419,8 @@ async def odd_upstream(
     server = await aiohttp_server(app, host="127.0.0.1")
     return await make_proxyd(
         f'default_namespace = "{host(server)}"\n'
-        f'[namespaces."{host(server)}"]\nserver = "{origin(server)}"\n'
+        f'[namespaces."{host(server)}"]\nserver = "{origin(server)}"\n',
+        clock=FakeClock(),  # a 429's or 5xx's retry waits on it, not on the test
     )
 
 

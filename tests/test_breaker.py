@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxyd.breaker import MAX_RETRY_AFTER, Breakers, parse_retry_after
+from proxyd.breaker import MAX_REMEMBERED, MAX_RETRY_AFTER, Breakers, Pauses, parse_retry_after
 from tests.conftest import host, origin
 from tests.fakes import FakeRegistry, make_image
 
@@ -50,14 +50,35 @@ def test_a_success_forgets_earlier_failures():
     assert breakers.allow("mirror")
 
 
-def test_retry_after_closes_a_host_for_as_long_as_it_asked():
+def test_a_pause_leaves_one_kind_of_request_to_a_host_alone_for_as_long_as_asked():
+    """A 429's Retry-After no longer closes the whole host: it pauses what was limited."""
     clock = Clock()
-    breakers = Breakers(failures=5, cooldown=30, clock=clock)
-    breakers.failed("hub", retry_after=120)
+    pauses = Pauses(clock=clock)
+    pauses.pause(("hub", "GET manifests"), 120)
     clock.now += 100
-    assert not breakers.allow("hub")
+    assert pauses.remaining(("hub", "GET manifests")) == 20
+    assert pauses.remaining(("hub", "GET blobs")) is None
     clock.now += 21
-    assert breakers.allow("hub")
+    assert pauses.remaining(("hub", "GET manifests")) is None
+
+
+def test_a_pause_is_at_most_an_hour_and_the_oldest_is_forgotten_first():
+    clock = Clock()
+    pauses = Pauses(clock=clock, max_entries=2)
+    pauses.pause(("a", "GET manifests"), 10**9)
+    assert pauses.remaining(("a", "GET manifests")) == MAX_RETRY_AFTER
+    pauses.pause(("b", "GET manifests"), 10)
+    pauses.pause(("c", "GET manifests"), 10)
+    assert pauses.remaining(("a", "GET manifests")) is None
+    assert pauses.remaining(("c", "GET manifests")) == 10
+
+
+def test_the_breakers_remember_a_bounded_number_of_hosts():
+    breakers = Breakers(failures=1, cooldown=30, clock=Clock())
+    for index in range(MAX_REMEMBERED + 1):
+        breakers.failed(f"host-{index}.invalid")
+    assert breakers.allow("host-0.invalid")  # forgotten: the oldest went first
+    assert not breakers.allow(f"host-{MAX_REMEMBERED}.invalid")
 
 
 def test_retry_after_is_seconds_or_an_http_date():
@@ -110,12 +131,14 @@ async def test_a_hanging_mirror_stops_costing_its_timeout(make_proxyd, start_fak
 
 
 async def test_a_rate_limited_mirror_is_left_alone_for_its_retry_after(make_proxyd, start_fake):
+    """Per kind of request: the GET's 429 pauses GETs, the revalidating HEAD's its own
+    (Docker Hub limits manifest GETs only, so a HEAD may still answer there)."""
     upstream, mirror = FakeRegistry(), FakeRegistry(status=429, retry_after="600")
     upstream.add(make_image())
     proxyd = await make_proxyd(chain(await start_fake(upstream), await start_fake(mirror)))
-    for _ in range(3):
+    for _ in range(4):
         assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 200
-    assert len(mirror.seen) == 1
+    assert [s.method for s in mirror.seen] == ["GET", "HEAD"]
 
 
 async def test_when_every_host_is_skipped_the_answer_is_immediate_and_names_them(
@@ -134,7 +157,8 @@ async def test_when_every_host_is_skipped_the_answer_is_immediate_and_names_them
         )
     )
     assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 502
+    assert len(upstream.seen) == 2  # a 503 of the last host is asked once more
     skipped = await proxyd.get("/v2/team/app/manifests/v1")
     assert skipped.status == 502
     assert "circuit open" in (await skipped.json())["errors"][0]["message"]
-    assert len(upstream.seen) == 1
+    assert len(upstream.seen) == 2

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import host, oci_code, origin, until_logged, until_stored
+from tests.conftest import FakeClock, host, oci_code, origin, until_logged, until_stored
 from tests.fakes import FakeImage, FakeRegistry, FakeTokenServer, make_image
 
 
@@ -418,7 +418,7 @@ async def test_mirror_serves_pulls_but_tags_resolve_only_where_allowed(make_prox
 async def test_all_hosts_rate_limited_is_429_with_retry_after(make_proxyd, start_fake):
     upstream = FakeRegistry(status=429, retry_after="7")
     server = await start_fake(upstream)
-    proxyd = await make_proxyd(upstream_config(server))
+    proxyd = await make_proxyd(upstream_config(server), clock=FakeClock())  # waits 7 s on it
     response = await proxyd.get("/v2/team/app/manifests/v1")
     assert response.status == 429
     assert response.headers["Retry-After"] == "7"

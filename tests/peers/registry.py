@@ -279,6 +279,15 @@ class Registry(Listening):
             if str(e.get("msg", "")).startswith("response completed") and "http.request.method" in e
         ]
 
+    def refusals(self) -> list[str]:
+        """The URIs of requests refused for want of authorization, in order: distribution
+        logs those as ``error authorizing context: <why>``, not as completed requests."""
+        return [
+            str(e.get("http.request.uri", ""))
+            for e in self.log_lines()
+            if str(e.get("msg", "")).startswith("error authorizing context")
+        ]
+
     def blob_gets(self, *, status: int | None = 200) -> list[RegistryRequest]:
         """``GET …/blobs/sha256:…`` requests (by default only those answered 200)."""
         return [
@@ -292,12 +301,13 @@ class Registry(Listening):
 
         distribution writes a request's log line just after answering it; a marked
         ``GET /v2/`` sent now is logged after all of them, so once it shows up the
-        log is complete up to this moment.
+        log is complete up to this moment.  (With ``auth.token`` the marker is answered
+        401 and logged as a refusal: its line is looked for in every line.)
         """
         marker = f"/v2/?log-barrier={secrets.token_hex(6)}"
         http_request("GET", f"{self.url}{marker}")
         deadline = time.monotonic() + timeout
-        while not any(r.uri == marker for r in self.requests()):
+        while not any(e.get("http.request.uri") == marker for e in self.log_lines()):
             if time.monotonic() > deadline:
                 raise PeerError(f"docker-registry did not log {marker} within {timeout}s")
             time.sleep(0.02)
