@@ -13,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxyd.manifests import MANIFEST_TYPES
+from proxyd.server.fastpath import FAST
 from proxyd.server.keys import RESOLVER
 from tests.conftest import FakeClock, host, oci_code, origin, until
 from tests.fakes import (
@@ -24,6 +25,7 @@ from tests.fakes import (
     make_list,
 )
 from tests.peers.redisserver import RedisServer
+from tests.test_fastpath import Connection, get
 
 DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 # The Accept lines each engine sends for a tag (as one line or several, as they do).
@@ -297,3 +299,23 @@ async def test_replicas_sharing_redis_serve_every_engine_from_one_resolution(
             response = await pull_tag(replica, lines)
             assert response.headers["Docker-Content-Digest"] == listed.digest, name
     assert [s.method for s in upstream.requests()] == ["GET"]
+
+
+async def test_answers_remembered_on_the_connection_follow_the_same_rule(make_proxyd, start_fake):
+    """The connection's remembered answers (proxyd/server/fastpath.py) are kept by the
+    exact Accept lines; each engine's lines get the answer the tag's record gives them."""
+    upstream = NegotiatingRegistry()
+    listed = upstream.tags["v1"] = make_list()
+    proxyd = await make_proxyd(config(await start_fake(upstream)))
+    await pull_tag(proxyd, ENGINES["skopeo"])
+    await pull_tag(proxyd, SCHEMA2_ONLY)
+    conn = await Connection.open(proxyd)
+    for lines in (ENGINES["skopeo"], SCHEMA2_ONLY, ENGINES["containerd"], SCHEMA2_ONLY):
+        wanted = listed.amd64_digest if lines == SCHEMA2_ONLY else listed.digest
+        for _ in range(2):  # the handler's answer, then (remembered) the connection's
+            await conn.send(get("/v2/team/app/manifests/v1", *(f"Accept: {a}" for a in lines)))
+            status, headers, _ = await conn.response()
+            assert (status, headers["docker-content-digest"]) == (200, wanted), lines
+    conn.close()
+    assert proxyd.server.app[FAST].answered == 5
+    assert len(upstream.requests()) == 2
