@@ -6,7 +6,9 @@ They are kept in the small-response cache and served by one policy
 (`_through_cache`): a fresh answer is served as is; an old one is revalidated (a
 `HEAD` for a tag: unchanged costs no body) or fetched again, once however many
 clients ask; when every host fails, the old answer is served marked stale; offline,
-answers of any age are served. A tag's manifest is stored by digest through the
+answers of any age are served. A tag has one record whatever the client accepts,
+holding every answer upstream gave for it (proxyd.tagrecord); a client gets the first
+it may take (proxyd.negotiation). A tag's manifest is stored by digest through the
 `Puller`, which this room builds on (never the other way round).
 """
 
@@ -105,7 +107,7 @@ class Resolver:
         ttl = target.namespace.tag_ttl
 
         async def refresh(entry: Entry | None, fresh: bool) -> _Resolved:
-            resolved = await self._refresh_tag(target, tag, client, key, entry, fresh)
+            resolved = await self._refresh_tag(target, tag, client, entry, fresh)
             if remember:
                 age = self.small.now() - resolved.stored_at
                 self._remember_tag(target, key, resolved, ttl - age)
@@ -158,26 +160,20 @@ class Resolver:
         fresh_until = min(until, kept.fresh_until)  # the tag and its manifest both stand
         return Manifest(chosen.digest, kept.media_type, len(body), body, "hit", None, fresh_until)
 
-    def _remember_tag(
-        self, target: Target, key: str, resolved: _Resolved, fresh_for: float
-    ) -> None:
-        """A fresh answer (its bytes verified, the repository's link made or on its way)."""
+    def _remember_tag(self, target: Target, key: str, resolved: _Resolved, ttl: float) -> None:
+        """A fresh answer (its bytes verified, the repository's link made or on its way),
+        for at most `ttl` seconds more."""
         self.puller.remember(target, resolved.manifest)
-        self.tag_memory.put(key, resolved.record.light(), fresh_for)
+        self.tag_memory.put(key, resolved.record.light(), ttl)
 
     async def _refresh_tag(
-        self,
-        target: Target,
-        tag: str,
-        client: Accept,
-        key: str,
-        entry: Entry | None,
-        fresh: bool,
+        self, target: Target, tag: str, client: Accept, entry: Entry | None, fresh: bool
     ) -> _Resolved:
         """Upstream asked about the tag for `client`: a record that is old is first
         revalidated (one HEAD, with the Accept of the answer it compares); a record
         still fresh, or confirmed, that holds nothing this client may take gets the
         client's own answer beside the others."""
+        key = _tag_key(target, tag)
         record = self._record(target, entry) if entry is not None else None
         stored_at = entry.stored_at if entry is not None else 0.0
         if record is not None and not fresh:
