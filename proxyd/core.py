@@ -121,7 +121,7 @@ async def open_core(
             store,
             upstream,
             max_manifest_size=settings.max_manifest_size,
-            on_tag_changed=resolver.tag_changed,
+            on_repository_changed=resolver.repository_changed,
         )
         sessions: UploadSessions = (
             UploadTracker(settings.upload_ttl, clock=clock.monotonic)

@@ -333,6 +333,8 @@ class Namespace:
     server: str | None
     hosts: tuple[Host, ...] = ()
     tag_ttl: float | None = None  # seconds a resolved tag is fresh (proxyd's default: 60)
+    allow_push: bool = False  # pushes (uploads, manifest PUT) through proxyd
+    allow_delete: bool = False  # manifest and blob DELETE through proxyd
 
 
 def _toml_value(value: Any) -> str:
@@ -384,6 +386,9 @@ def proxyd_config(
             lines.append(f"server = {_toml_value(ns.server)}")
         if ns.tag_ttl is not None:
             lines.append(f"tag_ttl = {_toml_value(ns.tag_ttl)}")
+        for setting in ("allow_push", "allow_delete"):
+            if getattr(ns, setting):
+                lines.append(f"{setting} = true")
         for host in ns.hosts:
             lines.append(f"\n[namespaces.{_toml_key(ns.name)}.host.{_toml_key(host.url)}]")
             lines.append(f"capabilities = {_toml_value(host.capabilities)}")
