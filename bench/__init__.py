@@ -15,6 +15,6 @@ Modules, by role:
 - ``fixtures``: the test image and the large random blobs, pushed upstream.
 - ``clients``: the measuring clients (time to first byte, concurrent GETs, load).
 - ``loadgen``: a bounded aiohttp load generator process (when ``wrk`` is missing).
-- ``pulls``, ``blobs``, ``hits``, ``memory``: the six workloads.
+- ``pulls``, ``blobs``, ``hits``, ``memory``, ``tags``: the seven workloads.
 - ``results``: samples, statistics and the targets; ``report``: table, JSON, Markdown.
 """

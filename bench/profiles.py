@@ -26,6 +26,7 @@ class Profile:
     crowd_clients: int
     concurrency: int  # manifest hits
     load_seconds: float
+    tag_ttl: float  # proxyd's, in the tag workload: its first round must fit in it
     deadline: float  # seconds the whole run may take before it stops itself
 
     @property
@@ -57,6 +58,7 @@ FULL = Profile(
     crowd_clients=50,
     concurrency=32,
     load_seconds=5.0,
+    tag_ttl=60.0,  # proxyd's default
     deadline=3600.0,
 )
 
@@ -74,6 +76,7 @@ SMOKE = Profile(
     crowd_clients=50,
     concurrency=32,
     load_seconds=2.0,
+    tag_ttl=20.0,
     deadline=170.0,
 )
 

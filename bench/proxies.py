@@ -40,6 +40,7 @@ class RunningProxy:
     host: str  # 127.0.0.1:PORT
     pid: int
     _stop: Callable[[], None]
+    prefetch: Callable[[str], None] | None = None  # `proxyd prefetch REF` into its cache
 
     @property
     def url(self) -> str:
@@ -63,10 +64,13 @@ class Proxy:
 class Proxyd(Proxy):
     name = "proxyd"
 
+    def __init__(self, *, tag_ttl: float | None = None) -> None:
+        self.tag_ttl = tag_ttl  # None: proxyd's default (60 s)
+
     def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
         config = proxyd_config(
             default_namespace=upstream.host,
-            namespaces=[Namespace(upstream.host, upstream.url)],
+            namespaces=[Namespace(upstream.host, upstream.url, tag_ttl=self.tag_ttl)],
             credentials={upstream.host: upstream.creds} if upstream.creds else None,
         )
         proc = ProxydProcess(config, workdir)
@@ -81,7 +85,10 @@ class Proxyd(Proxy):
         def stop() -> None:
             proc.stop()
 
-        return RunningProxy(self.name, proc.host, listening_pid(proc.port), stop)
+        def prefetch(ref: str) -> None:
+            proc.cli("prefetch", "--cache-dir", str(proc.cache_dir), "--log-format", "json", ref)
+
+        return RunningProxy(self.name, proc.host, listening_pid(proc.port), stop, prefetch)
 
 
 class DistributionProxy(Proxy):

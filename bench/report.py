@@ -100,6 +100,18 @@ def _rss(workloads: list[Workload], proxy: str) -> Verdict:
     return Verdict(met, f"peak {small:.0f} → {large:.0f} MiB")
 
 
+def _tag_economy(workloads: list[Workload], proxy: str) -> Verdict:
+    """One GET serves every engine within tag_ttl; after it, only HEADs revalidate."""
+    wl = next(iter(workloads), None)
+    row = wl.rows.get(proxy) if wl else None
+    rounds = row.extra.get("rounds", []) if row is not None and _ok(row) else []
+    if len(rounds) < 2:
+        return Verdict(None, "no data")
+    (gets, heads), (gets_after, heads_after) = rounds[0], rounds[1]
+    met = gets == 1 and heads == 0 and gets_after == 0 and heads_after >= 1
+    return Verdict(met, f"GET/HEAD within tag_ttl {gets}/{heads}, after {gets_after}/{heads_after}")
+
+
 TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], ...] = (
     ("warm_pull", f"warm pull ≤ 1.0{X} direct", "warm_pull", lambda w, p: _ratio_target(w, p, 1.0)),
     (
@@ -126,6 +138,12 @@ TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], .
         f"peak RSS ≤ {RSS_LIMIT_MIB:.0f} MiB and flat in blob size (+≤{RSS_FLAT_MIB:.0f} MiB)",
         "peak_rss",
         _rss,
+    ),
+    (
+        "tag_requests",
+        "one tag for every engine: 1 upstream GET within tag_ttl, then only HEADs",
+        "tag_requests",
+        _tag_economy,
     ),
 )
 

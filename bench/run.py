@@ -1,4 +1,4 @@
-"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the six
+"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the seven
 workloads against the direct upstream, proxyd, distribution's proxy mode and
 drayage, print the table and the targets, and write ``bench/results/*.json``.
 
@@ -29,7 +29,7 @@ from types import FrameType
 
 import pytest
 
-from bench import blobs, fixtures, hits, memory, pulls, report
+from bench import blobs, fixtures, hits, memory, pulls, report, tags
 from bench.context import Context
 from bench.machine import describe
 from bench.profiler import Profiler, summary
@@ -56,6 +56,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Workload]]] = {
     "concurrent_cold": lambda c: [blobs.concurrent_cold(c)],
     "manifest_hits": lambda c: [hits.manifest_hits(c)],
     "peak_rss": memory.peak_rss,
+    "tag_requests": lambda c: [tags.tag_requests(c)],
 }
 
 

@@ -7,6 +7,7 @@
   client included, pulls through that same relay, so the ratios stay fair.
 - ``slow``: the plain registry behind a relay that sends each body at a fixed rate.
 - ``crowd``: the plain registry behind a paced relay that counts the GETs it relays.
+- ``counted``: the plain registry behind a relay that only counts (the tag workload).
 - ``hop``: not an upstream of a proxy but a stand-in for one: a relay that only moves
   bytes, in front of ``slow``, for what one more process on the way costs here.
 
@@ -94,8 +95,14 @@ class RelayProcess:
 
     def gets(self, suffix: str) -> int:
         """How many GETs of a path ending in ``suffix`` it relayed so far."""
+        return self.count("GET", suffix)
+
+    def count(self, method: str, suffix: str) -> int:
+        """How many requests of ``method`` for a path ending in ``suffix`` it relayed."""
         return sum(
-            n for key, n in self.counts().items() if key.startswith("GET ") and key.endswith(suffix)
+            n
+            for key, n in self.counts().items()
+            if key.startswith(f"{method} ") and key.endswith(suffix)
         )
 
     def stop(self) -> None:
@@ -143,6 +150,9 @@ class Upstreams(contextlib.ExitStack):
         crowd = RelayProcess(self.workdir / "crowd", self.plain.url, rate=self.crowd_rate)
         self.callback(crowd.stop)
         self.crowd = Upstream("crowd", crowd.url, relay=crowd)
+        counted = RelayProcess(self.workdir / "counted", self.plain.url)
+        self.callback(counted.stop)
+        self.counted = Upstream("counted", counted.url, relay=counted)
         return self
 
 

@@ -219,6 +219,13 @@ def check_config(runtime: RuntimeConfig) -> int:
             f"inbound users:     {len(runtime.inbound_users)} from {settings.htpasswd}, "
             f"required for {runtime.auth_required}"
         )
+    if settings.cluster is not None:
+        cluster = settings.cluster
+        print(
+            f"fleet:             this node is {cluster.advertise}, coordinating through "
+            f"{_redis_host(cluster.redis_url)}, streaming a blob to {cluster.fanout} peers at "
+            "most; the secret read"
+        )
     for name, namespace in sorted(runtime.namespaces.items()):
         print(f"\nnamespace {name}  (from {namespace.source})")
         for position, host in enumerate(namespace.hosts, 1):
@@ -243,6 +250,14 @@ def check_config(runtime: RuntimeConfig) -> int:
     elif settings.allow_unconfigured_namespaces:
         print("\nany other namespace: its registry host itself (allow_unconfigured_namespaces)")
     return 0
+
+
+def _redis_host(url: str) -> str:
+    """A Redis URL without its password, as check-config may print it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 def explain_chain(namespace: Namespace) -> list[str]:
@@ -337,7 +352,8 @@ def prefetch_command(runtime: RuntimeConfig, images: list[str], platforms: list[
     bars = sys.stderr.isatty()
 
     async def run() -> int:
-        async with open_core(runtime, clear_tmp=False) as core:  # beside a serving daemon
+        # beside a serving daemon: its tmp/ and its place in the fleet are its own
+        async with open_core(runtime, clear_tmp=False, join_fleet=False) as core:
             progress: Progress
             if bars:
                 with BarProgress() as progress:

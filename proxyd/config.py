@@ -27,6 +27,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    SecretBytes,
     ValidationError,
     field_validator,
 )
@@ -39,6 +40,7 @@ from pydantic_settings import (
 )
 
 from proxyd import tls
+from proxyd.clustersettings import ClusterSettings, load_peer_secret
 from proxyd.credentials import Credential, CredentialsError, read_docker_config
 from proxyd.hosts import Namespace
 from proxyd.hostsfile import HostsFile, NamespaceSettings, build_namespace, load_hosts_dir
@@ -170,6 +172,9 @@ class Settings(BaseSettings):
     )
     credentials: dict[str, Credential] = Field(default_factory=dict)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    cluster: ClusterSettings | None = Field(
+        None, description="a fleet of proxyds sharing blobs and uploads through Redis"
+    )
     offline: bool = Field(False, description="serve from the cache alone, never ask upstream")
     breaker_failures: int = Field(
         3, ge=1, description="consecutive failures after which a host is skipped"
@@ -278,6 +283,7 @@ class RuntimeConfig:
     credentials: dict[str, Credential]
     fallback: HostsFile | None = None  # hosts_dir/_default
     inbound_users: dict[str, bytes] | None = None  # from `htpasswd`: user -> bcrypt hash
+    peer_secret: SecretBytes | None = None  # from [cluster] secret_file
     _synthesised: OrderedDict[str, Namespace] = field(default_factory=OrderedDict)
 
     def namespace(self, name: str) -> Namespace | None:
@@ -381,7 +387,21 @@ def build_runtime(settings: Settings) -> RuntimeConfig:
     if inbound_users is None and settings.auth_required is not None:
         raise ConfigError("auth_required needs htpasswd: the file of users clients log in as")
     _check_serving_tls(settings)
-    return RuntimeConfig(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
+    return RuntimeConfig(
+        settings,
+        namespaces,
+        credentials,
+        fallback,
+        inbound_users=inbound_users,
+        peer_secret=_peer_secret(settings.cluster),
+    )
+
+
+def _peer_secret(cluster: ClusterSettings | None) -> SecretBytes | None:
+    try:
+        return load_peer_secret(cluster)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_credentials(settings: Settings) -> dict[str, Credential]:

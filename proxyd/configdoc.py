@@ -15,11 +15,12 @@ from pydantic import BaseModel, ByteSize
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from proxyd.clustersettings import ClusterSettings
 from proxyd.config import CacheSettings, Settings
 from proxyd.hostsfile import NamespaceSettings
 
 BEGIN, END = "<!-- settings -->", "<!-- /settings -->"
-_SKIP_TOP = {"namespaces", "credentials", "cache"}
+_SKIP_TOP = {"namespaces", "credentials", "cache", "cluster"}
 
 
 def _default(field: FieldInfo) -> str:
@@ -76,6 +77,7 @@ def render() -> str:
         *header,
         *_rows(Settings, "", "PROXYD_"),
         *_rows(CacheSettings, "cache.", "PROXYD_CACHE__"),
+        *_rows(ClusterSettings, "cluster.", "PROXYD_CLUSTER__"),
     ]
     per_namespace = [
         "| key | default | meaning |",

@@ -1,6 +1,7 @@
 """The core objects of a running proxyd, built once from the configuration and closed
 in order: the store, the small-response cache, eviction, the upstream client, the
-puller, the resolver, the pusher and the uploader, and the reloader of credentials. The HTTP app and
+puller, the resolver, the pusher and the uploader, the reloader of credentials, and
+with `[cluster]` this node's part in the fleet (its upload sessions then in Redis). The HTTP app and
 `proxyd prefetch` both run on it. One clock reaches every component that reads the
 time (proxyd.clock), so a test can advance it for the whole core."""
 
@@ -14,6 +15,8 @@ from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import RuntimeConfig
 from proxyd.evict import Evictor
+from proxyd.fleet import Fleet
+from proxyd.fleetuploads import SharedUploads
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
 from proxyd.push import Pusher
@@ -22,7 +25,7 @@ from proxyd.resolver import Resolver
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from proxyd.uploader import Uploader
-from proxyd.uploads import UploadTracker
+from proxyd.uploads import UploadSessions, UploadTracker
 from proxyd.upstream import UpstreamClient
 
 
@@ -39,6 +42,7 @@ class Core:
     uploader: Uploader
     metrics: Metrics
     reloader: Reloader
+    fleet: Fleet | None = None  # with [cluster]
 
 
 @asynccontextmanager
@@ -47,9 +51,12 @@ async def open_core(
     metrics: Metrics | None = None,
     *,
     clear_tmp: bool = True,
+    join_fleet: bool = True,
     clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Core]:
-    """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open."""
+    """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open;
+    `join_fleet=False` too: with `[cluster]` the daemon is the fleet's node, and a second
+    process under its address would take its place in the directory."""
     settings = runtime.settings
     metrics = metrics or Metrics()
     store = BlobStore(settings.cache_dir)
@@ -78,6 +85,14 @@ async def open_core(
         cooldown=settings.breaker_cooldown,
         clock=clock.monotonic,
     )
+    fleet = None
+    if join_fleet and settings.cluster is not None and runtime.peer_secret is not None:
+        fleet = Fleet.build(
+            settings.cluster,
+            runtime.peer_secret.get_secret_value(),
+            metrics=metrics,
+            user_agent=settings.user_agent,
+        )
     async with UpstreamClient(
         runtime,
         user_agent=settings.user_agent,
@@ -111,13 +126,16 @@ async def open_core(
             store,
             upstream,
             max_manifest_size=settings.max_manifest_size,
-            on_tag_changed=resolver.tag_changed,
+            on_repository_changed=resolver.repository_changed,
         )
-        uploader = Uploader(
-            pusher,
-            UploadTracker(settings.upload_ttl, clock=clock.monotonic),
-            on_commit=evictor.committed,
+        sessions: UploadSessions = (
+            UploadTracker(settings.upload_ttl, clock=clock.monotonic)
+            if fleet is None
+            else SharedUploads(
+                fleet.redis, ttl=settings.upload_ttl, namespaces=runtime.namespace, clock=clock.time
+            )
         )
+        uploader = Uploader(pusher, sessions, on_commit=evictor.committed)
         reloader = Reloader(runtime, interval=settings.credential_refresh, clock=clock)
         upstream.on_refused = reloader.refused
         evictor.start()  # without limits it only measures the store, for the metrics
@@ -125,6 +143,8 @@ async def open_core(
         reloader.start()
         try:
             await small.open()
+            if fleet is not None:
+                await fleet.start()
             yield Core(
                 runtime,
                 store,
@@ -137,10 +157,13 @@ async def open_core(
                 uploader,
                 metrics,
                 reloader,
+                fleet,
             )
         finally:
             await reloader.stop()
             await evictor.stop()
             await uploader.close()
             await puller.close()
+            if fleet is not None:  # after its users: the uploads' expiry, the downloads
+                await fleet.close()
             await small.close()

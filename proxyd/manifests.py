@@ -15,11 +15,13 @@ from proxyd.reference import Digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MANIFEST_TYPES = (  # what proxyd accepts upstream when the client named nothing
     OCI_INDEX,
     OCI_MANIFEST,
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
     "application/vnd.docker.distribution.manifest.v1+json",
     "application/vnd.oci.artifact.manifest.v1+json",

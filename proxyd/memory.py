@@ -8,9 +8,11 @@ eviction or a delete in another process is honoured within `recheck`, and one re
 by this process at once (the store counts its removals; any removal empties this).
 
 A fresh tag answer otherwise costs a read of the small-response cache (a thread hop
-to SQLite, or a round trip to Redis). `TagMemory` remembers which digest it resolved to,
-for `recheck` seconds and never past the answer's own freshness; the bytes are taken
-from `ManifestMemory`, so a tag is answered from memory only while its manifest is.
+to SQLite, or a round trip to Redis). `TagMemory` remembers a tag's answers (digest,
+media type, the Accept that produced each: the resolver picks the one a client may
+take, as from the record itself), for `recheck` seconds and never past the record's
+own freshness; the bytes are taken from `ManifestMemory`, so a tag is answered from
+memory only while its manifest is.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from proxyd.store import BlobStore
 
 RECHECK = 1.0  # seconds a remembered hit is served before the disk is asked again
 Key = tuple[str, str, str]  # namespace, repository, digest
-D = TypeVar("D")  # what a remembered tag points at: its digest
+D = TypeVar("D")  # what a remembered tag holds: its answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +100,8 @@ class ManifestMemory:
 
 
 class TagMemory(Generic[D]):
-    """An entry-bounded LRU: a tag answer's key (tag, Accept set) to its digest, kept
-    as the caller has it (proxyd's core: parsed, so a hit parses nothing)."""
+    """An entry-bounded LRU: a tag's key to its answers, kept as the caller has them
+    (proxyd's core: parsed, so a hit parses nothing)."""
 
     def __init__(
         self,

@@ -118,6 +118,52 @@ class Metrics:
             "Blobs in the blob store (known after a scan).",
             registry=r,
         )
+        # -- the fleet ([cluster]) --
+        self.peer_received_bytes = Counter(
+            "proxyd_peer_received_bytes",
+            "Blob bytes received from peers of the fleet.",
+            registry=r,
+        )
+        self.peer_sent_bytes = Counter(
+            "proxyd_peer_sent_bytes",
+            "Blob bytes streamed to peers of the fleet.",
+            registry=r,
+        )
+        self.upstream_saved_bytes = Counter(
+            "proxyd_upstream_saved_bytes",
+            "Bytes of verified blobs taken from a peer instead of the upstream.",
+            registry=r,
+        )
+        self.peer_failures = Counter(
+            "proxyd_peer_failures",
+            "Blob requests to peers that failed, by reason (refused, busy, missing, "
+            "unavailable, timeout, connection, digest).",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_streams = Gauge(
+            "proxyd_peer_streams",
+            "Blobs this node is streaming to peers now.",
+            registry=r,
+        )
+        self.fleet_redis_up = Gauge(
+            "proxyd_fleet_redis_up",
+            "1 while the fleet's Redis answers; 0: this node works alone.",
+            registry=r,
+        )
+        self.fleet_redis_errors = Counter(
+            "proxyd_fleet_redis_errors",
+            "Calls to the fleet's Redis that failed or timed out, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.fleet_sources = Counter(
+            "proxyd_fleet_sources",
+            "Where the directory sent this node for a blob: fetch (the fleet's one fetch "
+            "from upstream), peer, upstream (its peers avoided), alone (Redis unreachable).",
+            ["source"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         for settle in self._before_render:

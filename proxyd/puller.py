@@ -254,6 +254,16 @@ class Puller:
         confirmers = namespace.confirmers()
         return any(h not in confirmers for h in namespace.hosts_for(Capability.PULL))
 
+    def held_or_downloading(self, digest: Digest) -> StoredBlob | Download | None:
+        """This node's copy of `digest` for a peer of the fleet: stored, or a download
+        in flight (streamed as it arrives, its last byte held until verified); None
+        when there is neither. Never asks upstream and confirms no repository: a peer
+        asks by digest and confirms its repository with its own upstream."""
+        size = self.store.use(digest)
+        if size is not None:
+            return StoredBlob(digest, self.store.path(digest), size)
+        return self._downloads.get(digest)
+
     async def _confirm(self, target: Target, digest: Digest) -> None:
         """A confirmer must have said this repository holds the digest before we serve
         it: asked with a `HEAD` of the repository's blob, unless linked already."""

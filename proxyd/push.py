@@ -6,7 +6,8 @@ Policy: a namespace takes pushes only when allowed (`allow_push`), and only its
 upstream server receives them, when it has the push capability; a mirror never
 does. DELETE needs `allow_delete`. A pushed manifest is checked against its digest,
 forwarded, then stored and linked to the repository, so pulling it back through
-proxyd is served locally; a moved tag's cached answers are marked out of date.
+proxyd is served locally; a manifest written or deleted marks what the cache holds
+about its repository (tags, tag lists, referrers) out of date.
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ class Pusher:
         upstream: UpstreamClient,
         *,
         max_manifest_size: int,
-        on_tag_changed: Callable[[Target, str], Awaitable[None]] | None = None,
+        on_repository_changed: Callable[[Target], Awaitable[None]] | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = store
         self.upstream = upstream
         self.max_manifest_size = max_manifest_size
-        self.on_tag_changed = on_tag_changed  # cached resolutions of the tag are now wrong
+        # A manifest PUT or DELETE (tag or digest) moves tags, changes the tag list or
+        # a subject's referrers: what the cache holds about the repository is now wrong.
+        self.on_repository_changed = on_repository_changed
 
     # -- policy -------------------------------------------------------------------------
 
@@ -139,8 +142,8 @@ class Pusher:
             )
         else:  # kept by its digest, but not served to this repository without asking
             log.warning("manifest.digest_differs", digest=str(digest), announced=announced)
-        if not is_digest(reference) and self.on_tag_changed is not None:
-            await self.on_tag_changed(target, reference)
+        if self.on_repository_changed is not None:
+            await self.on_repository_changed(target)
         log.info(
             "manifest.pushed",
             digest=str(digest),
@@ -178,8 +181,8 @@ class Pusher:
             self.store.unlink(
                 target.namespace.name, target.repository, Digest.parse(reference), link_kind
             )
-        elif self.on_tag_changed is not None:
-            await self.on_tag_changed(target, reference)
+        if kind == "manifests" and self.on_repository_changed is not None:
+            await self.on_repository_changed(target)
         log.info("deleted", kind=kind[:-1], reference=reference, host=host.host)
         return host.host
 

@@ -6,16 +6,18 @@ They are kept in the small-response cache and served by one policy
 (`_through_cache`): a fresh answer is served as is; an old one is revalidated (a
 `HEAD` for a tag: unchanged costs no body) or fetched again, once however many
 clients ask; when every host fails, the old answer is served marked stale; offline,
-answers of any age are served. A tag's manifest is stored by digest through the
+answers of any age are served. A tag has one record whatever the client accepts,
+holding every answer upstream gave for it (proxyd.tagrecord); a client gets the first
+it may take (proxyd.negotiation). A tag's manifest is stored by digest through the
 `Puller`, which this room builds on (never the other way round).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import structlog
@@ -28,7 +30,6 @@ from proxyd.errors import (
     ManifestUnknown,
     NameUnknown,
     Offline,
-    ProxydError,
     TooManyRequests,
     UpstreamError,
 )
@@ -36,19 +37,20 @@ from proxyd.hosts import Capability, Namespace, Target
 from proxyd.manifests import OCI_INDEX, Manifest, served_media_type
 from proxyd.memory import TagMemory
 from proxyd.metrics import Metrics
+from proxyd.negotiation import Accept, upstream_accept
 from proxyd.puller import Puller
 from proxyd.reference import Digest
 from proxyd.refusal import expect
 from proxyd.singleflight import SingleFlight
 from proxyd.smallcache import Entry, SmallCache
+from proxyd.tagrecord import Answer, CachedAnswer, TagRecord
 from proxyd.upstream import Upstream, UpstreamClient, read_body
 
 log = structlog.get_logger("proxyd.resolver")
 T = TypeVar("T")
 
-MAX_REMEMBERED_TAGS = (
-    4096  # fresh tag answers remembered (their manifests count in manifest_memory)
-)
+# Fresh tags remembered (their manifests count in manifest_memory).
+MAX_REMEMBERED_TAGS = 4096
 
 
 @dataclass
@@ -77,13 +79,13 @@ class Resolver:
         self.upstream = upstream
         self.small = small
         self.offline = offline
-        # Whether a push or delete through proxyd may move a namespace's tags: only
-        # then is a cached tag checked against the tag-changed mark (one more read).
+        # Whether a push or delete through proxyd may change a namespace's repositories:
+        # only then is a cached answer checked against the mark one leaves (one read).
         self.tags_can_move = tags_can_move
         self.metrics = metrics or Metrics()
         # A tag is answered from memory only while its manifest is: without manifest
         # memory there is nothing to remember tags with.
-        self.tag_memory: TagMemory[Digest] = TagMemory(
+        self.tag_memory: TagMemory[tuple[Answer, ...]] = TagMemory(
             max_entries=MAX_REMEMBERED_TAGS if puller.manifest_memory.max_bytes > 0 else 0,
             clock=clock.monotonic,
         )
@@ -92,75 +94,122 @@ class Resolver:
     # -- tags ---------------------------------------------------------------------------
 
     async def tag(self, target: Target, tag: str, accept: list[str]) -> Manifest:
-        """The manifest `tag` points at, for a client accepting `accept`."""
-        key = _tag_key(target, tag, accept)
+        """The manifest `tag` points at, for a client accepting `accept`: the first
+        answer of the tag's record it may take (proxyd.tagrecord), else upstream's."""
+        client = Accept.parse(accept)
+        key = _tag_key(target, tag)
         # Where no push or delete through proxyd can move a tag, only its TTL ends an
         # answer, so this process may remember it; elsewhere every answer is checked
-        # against the tag-changed mark another replica may have left.
+        # against the mark such a write leaves, which another replica may have left.
         remember = not self.tags_can_move(target.namespace)
-        if remember and (remembered := self._remembered_tag(target, key)) is not None:
+        if remember and (remembered := self._remembered_tag(target, key, client)) is not None:
             return remembered
         ttl = target.namespace.tag_ttl
 
-        async def refresh(entry: Entry | None) -> Manifest:
-            manifest = await self._refresh_tag(target, tag, accept, key, entry)
+        async def refresh(entry: Entry | None, fresh: bool) -> _Resolved:
+            resolved = await self._refresh_tag(target, tag, client, entry, fresh)
             if remember:
-                self._remember_tag(target, key, manifest, ttl)
-            return manifest
+                age = self.small.now() - resolved.stored_at
+                self._remember_tag(target, key, resolved, ttl - age)
+            return resolved
 
-        def from_entry(entry: Entry, cache: str) -> Manifest:
-            manifest = self._from_entry(target, entry, cache)
+        def from_entry(entry: Entry, cache: str) -> _Resolved | None:
+            record = self._record(target, entry)
+            chosen = record.for_client(client) if record is not None else None
+            if record is None or chosen is None:
+                return None
+            resolved = _Resolved(
+                self._from_answer(target, chosen, cache), chosen, record, entry.stored_at
+            )
             if remember and cache == "hit":
-                self._remember_tag(target, key, manifest, ttl - entry.age(self.small.now()))
-            return manifest
+                self._remember_tag(target, key, resolved, ttl - entry.age(self.small.now()))
+            return resolved
 
-        return await self._through_cache(
+        resolved = await self._through_cache(
             target,
             key,
             "tag",
             f"tag {tag}",
-            changed_key=None if remember else _tag_changed_key(target, tag),
+            changed_key=None if remember else _changed_key(target),
             refresh=refresh,
             from_entry=from_entry,
+            fits=lambda resolved: resolved.answer.serves(client),
+            question=client.key,
         )
+        return resolved.manifest
 
-    async def tag_changed(self, target: Target, tag: str) -> None:
-        """A push or delete through proxyd moved the tag: answers cached before now
-        (for any Accept set, on any replica sharing the cache) are out of date."""
-        await self.small.put(_tag_changed_key(target, tag), {})
+    async def repository_changed(self, target: Target) -> None:
+        """A push or delete through proxyd changed the repository (a tag, a manifest
+        by digest, a referrer): its tags, tag lists and referrers cached before now
+        are out of date, on every replica sharing the cache."""
+        await self.small.put(_changed_key(target), {})
 
-    def _remembered_tag(self, target: Target, key: str) -> Manifest | None:
+    def _remembered_tag(self, target: Target, key: str, client: Accept) -> Manifest | None:
         remembered = self.tag_memory.get(key)
         if remembered is None:
             return None
-        digest, until = remembered
-        kept = self.puller.remembered(target, digest)
+        answers, until = remembered
+        chosen = next((a for a in answers if a.serves(client)), None)
+        if chosen is None:
+            return None
+        kept = self.puller.remembered(target, chosen.digest)
         if kept is None:
             return None
         self.metrics.cache.labels("tag", "hit").inc()
         body = kept.body
         fresh_until = min(until, kept.fresh_until)  # the tag and its manifest both stand
-        return Manifest(digest, kept.media_type, len(body), body, "hit", None, fresh_until)
+        return Manifest(chosen.digest, kept.media_type, len(body), body, "hit", None, fresh_until)
 
-    def _remember_tag(self, target: Target, key: str, manifest: Manifest, fresh_for: float) -> None:
-        """A fresh answer (its bytes verified, the repository's link made or on its way)."""
-        self.puller.remember(target, manifest)
-        self.tag_memory.put(key, manifest.digest, fresh_for)
+    def _remember_tag(self, target: Target, key: str, resolved: _Resolved, ttl: float) -> None:
+        """A fresh answer (its bytes verified, the repository's link made or on its way),
+        for at most `ttl` seconds more."""
+        self.puller.remember(target, resolved.manifest)
+        self.tag_memory.put(key, resolved.record.light(), ttl)
 
     async def _refresh_tag(
-        self, target: Target, tag: str, accept: list[str], key: str, entry: Entry | None
-    ) -> Manifest:
-        if entry is not None:
+        self, target: Target, tag: str, client: Accept, entry: Entry | None, fresh: bool
+    ) -> _Resolved:
+        """Upstream asked about the tag for `client`: a record that is old is first
+        revalidated (one HEAD, with the Accept of the answer it compares); a record
+        still fresh, or confirmed, that holds nothing this client may take gets the
+        client's own answer beside the others."""
+        key = _tag_key(target, tag)
+        record = self._record(target, entry) if entry is not None else None
+        stored_at = entry.stored_at if entry is not None else 0.0
+        if record is not None and not fresh:
+            first, suffix = record.first, f"manifests/{tag}"
+            accept = first.asked_with.values
             async with self.upstream.ask(
-                target, Capability.RESOLVE, "HEAD", f"manifests/{tag}", accept=accept
+                target, Capability.RESOLVE, "HEAD", suffix, accept=accept
             ) as up:
                 await expect(up, f"manifest {tag}", not_found=ManifestUnknown)
                 announced = up.response.headers.get("Docker-Content-Digest")
-            if announced == entry.value.get("upstream_digest", entry.value.get("digest")):
-                await self.small.put(key, entry.value)  # unchanged: no body transferred
-                return self._from_entry(target, entry, "revalidated", up.host.host)
+            if announced != str(first.upstream_digest):
+                record = None  # the tag moved: every answer it had is out of date
+            else:  # unchanged: no body transferred, and every answer stands
+                stored_at = self.small.now()
+                await self.small.put(key, record.to_value(), stored_at=stored_at)
+                chosen = record.for_client(client)
+                if chosen is not None:
+                    manifest = self._from_answer(target, chosen, "revalidated", up.host.host)
+                    return _Resolved(manifest, chosen, record, stored_at)
+        answer, host = await self._fetch_tag(target, tag, client)
+        if record is None:
+            record, stored_at = TagRecord((answer,)), self.small.now()
+        else:  # beside the others; the record's age stands (its first was not asked)
+            record = record.beside(answer)
+        await self.small.put(key, record.to_value(), stored_at=stored_at)
+        body = answer.body
+        manifest = Manifest(answer.digest, answer.media_type, len(body), body, "miss", host)
+        return _Resolved(manifest, answer, record, stored_at)
+
+    async def _fetch_tag(
+        self, target: Target, tag: str, client: Accept
+    ) -> tuple[CachedAnswer, str]:
+        """The tag's manifest as upstream answers `client`, verified and stored."""
+        asked_with = upstream_accept(client)
         async with self.upstream.ask(
-            target, Capability.RESOLVE, "GET", f"manifests/{tag}", accept=accept
+            target, Capability.RESOLVE, "GET", f"manifests/{tag}", accept=asked_with.values
         ) as up:
             await expect(up, f"manifest {tag}", not_found=ManifestUnknown)
             announced = up.response.headers.get("Docker-Content-Digest")
@@ -182,32 +231,29 @@ class Resolver:
             digest = Digest.of(body)
             self.puller.commit_manifest(target, digest, body, media_type)
             log.info("manifest.converted", original=str(upstream_digest), converted=str(digest))
-        await self.small.put(
-            key,
-            {
-                "digest": str(digest),
-                "upstream_digest": str(upstream_digest),
-                "media_type": media_type,
-                "body": base64.b64encode(body).decode(),
-            },
-        )
-        return Manifest(digest, media_type, len(body), body, "miss", up.host.host)
+        return CachedAnswer(digest, media_type, asked_with, upstream_digest, body), up.host.host
 
-    def _from_entry(
-        self, target: Target, entry: Entry, cache: str, host: str | None = None
-    ) -> Manifest:
-        """A cached tag resolution; its bytes are checked against its digest, since the
-        record may come from a shared cache, and land in this replica's store."""
+    def _record(self, target: Target, entry: Entry) -> TagRecord | None:
+        """The entry's tag record; None (logged) for one this proxyd does not read."""
         try:
-            digest = Digest.parse(str(entry.value["digest"]))
-            body = base64.b64decode(str(entry.value["body"]), validate=True)
-            media_type = str(entry.value["media_type"])
-        except (KeyError, ValueError, ProxydError):
-            raise UpstreamError("a cached tag record is damaged") from None
-        if not digest.matches(body):
-            raise DigestMismatch(str(digest), "a cached tag record with other bytes")
-        self.puller.keep_manifest(target, digest, body, media_type)
-        return Manifest(digest, media_type, len(body), body, cache, host)
+            return TagRecord.from_value(entry.value)
+        except ValueError as exc:
+            log.warning(
+                "cache.record_ignored",
+                namespace=target.namespace.name,
+                repository=target.repository,
+                reason=str(exc),
+            )
+            return None
+
+    def _from_answer(
+        self, target: Target, answer: CachedAnswer, cache: str, host: str | None = None
+    ) -> Manifest:
+        """A cached answer (its bytes were checked as the record was read), now also
+        in this replica's store."""
+        self.puller.keep_manifest(target, answer.digest, answer.body, answer.media_type)
+        body = answer.body
+        return Manifest(answer.digest, answer.media_type, len(body), body, cache, host)
 
     # -- tag lists, referrers, the catalog ----------------------------------------------
 
@@ -218,7 +264,8 @@ class Resolver:
             key,
             "tags",
             "the tag list",
-            refresh=lambda _: self._fetch_tags(target, params, key),
+            changed_key=self._changed_key_where_writable(target),
+            refresh=lambda _, __: self._fetch_tags(target, params, key),
             from_entry=lambda entry, cache: Listing(
                 entry.value["body"], entry.value.get("link"), cache
             ),
@@ -243,7 +290,8 @@ class Resolver:
             key,
             "referrers",
             f"the referrers of {digest}",
-            refresh=lambda _: self._fetch_referrers(target, digest, artifact_type, key),
+            changed_key=self._changed_key_where_writable(target),
+            refresh=lambda _, __: self._fetch_referrers(target, digest, artifact_type, key),
             from_entry=lambda entry, cache: Listing(entry.value["body"], None, cache),
         )
 
@@ -306,57 +354,91 @@ class Resolver:
 
     # -- the small-response policy ------------------------------------------------------
 
+    def _changed_key_where_writable(self, target: Target) -> str | None:
+        """The mark a write through proxyd leaves, where one can (see tag())."""
+        return _changed_key(target) if self.tags_can_move(target.namespace) else None
+
     async def _through_cache(
         self,
         target: Target,
         key: str,
         kind: str,
         what: str,
-        refresh: Callable[[Entry | None], Awaitable[T]],
-        from_entry: Callable[[Entry, str], T],
+        refresh: Callable[[Entry | None, bool], Awaitable[T]],
+        from_entry: Callable[[Entry, str], T | None],
         changed_key: str | None = None,
+        fits: Callable[[T], bool] | None = None,
+        question: str = "",
     ) -> T:
         """A fresh entry is served; an old one is revalidated or refetched (once,
         however many ask); when every host fails, an old entry is served marked
-        stale. --offline serves entries of any age."""
-        entry = await self.small.get(key)
-        if entry is not None:
-            fresh = entry.age(self.small.now()) < target.namespace.tag_ttl
-            if fresh and changed_key is not None:
-                changed = await self.small.get(changed_key)
-                fresh = changed is None or changed.stored_at < entry.stored_at
-            if fresh or self.offline:
-                self.metrics.cache.labels(kind, "hit" if fresh else "stale").inc()
-                return from_entry(entry, "hit" if fresh else "stale")
-        if self.offline:
-            raise Offline(f"offline, and {what} of {target.repository} is not cached")
-        try:
-            result: T = await self._flights.run(key, lambda: refresh(entry))
-            self.metrics.cache.labels(kind, "revalidated" if entry else "miss").inc()
-            return result
-        except (UpstreamError, TooManyRequests) as exc:
-            if entry is None:
-                raise
-            self.metrics.cache.labels(kind, "stale").inc()
-            log.warning(
-                "cache.stale",
-                namespace=target.namespace.name,
-                repository=target.repository,
-                what=what,
-                age_s=round(entry.age(self.small.now())),
-                error=exc.message,
-            )
-            return from_entry(entry, "stale")
+        stale. --offline serves entries of any age.
+
+        An entry may hold nothing for this client (`from_entry` gives None: a tag
+        answered only in a type it cannot take): then upstream is asked as for a
+        missing one. Clients asking at once share one upstream request whatever they
+        accept; one that cannot take the answer (`fits`) asks again, sharing only with
+        those asking its own `question`."""
+        result: T | None = None
+        for flight in (key, f"{key} {question}"):
+            entry = await self.small.get(key)
+            fresh = False
+            if entry is not None:
+                fresh = entry.age(self.small.now()) < target.namespace.tag_ttl
+                if fresh and changed_key is not None:
+                    changed = await self.small.get(changed_key)
+                    fresh = changed is None or changed.stored_at < entry.stored_at
+                if fresh or self.offline:
+                    served = from_entry(entry, "hit" if fresh else "stale")
+                    if served is not None:
+                        self.metrics.cache.labels(kind, "hit" if fresh else "stale").inc()
+                        return served
+            if self.offline:
+                raise Offline(f"offline, and {what} of {target.repository} is not cached")
+            try:
+                result = await self._flights.run(flight, partial(refresh, entry, fresh))
+            except (UpstreamError, TooManyRequests) as exc:
+                stale = from_entry(entry, "stale") if entry is not None else None
+                if entry is None or stale is None:
+                    raise
+                self.metrics.cache.labels(kind, "stale").inc()
+                log.warning(
+                    "cache.stale",
+                    namespace=target.namespace.name,
+                    repository=target.repository,
+                    what=what,
+                    age_s=round(entry.age(self.small.now())),
+                    error=exc.message,
+                )
+                return stale
+            if fits is None or fits(result):
+                break
+        assert result is not None
+        self.metrics.cache.labels(
+            kind, "revalidated" if entry is not None and not fresh else "miss"
+        ).inc()
+        return result
 
 
-def _tag_changed_key(target: Target, tag: str) -> str:
-    return f"tag-changed {target.namespace.name} {target.repository} {tag}"
+@dataclass(frozen=True)
+class _Resolved:
+    """A tag's answer for one client, with the record it came from and the time that
+    record was last confirmed by upstream."""
+
+    manifest: Manifest
+    answer: CachedAnswer
+    record: TagRecord
+    stored_at: float
 
 
-def _tag_key(target: Target, tag: str, accept: list[str]) -> str:
-    """What a tag resolves to depends on what the client accepts (index or manifest)."""
-    accepted = ",".join(sorted({a.strip() for v in accept for a in v.split(",")})) or "*"
-    return f"tag {target.namespace.name} {target.repository} {tag} {accepted}"
+def _changed_key(target: Target) -> str:
+    return f"repository-changed {target.namespace.name} {target.repository}"
+
+
+def _tag_key(target: Target, tag: str) -> str:
+    """One record per tag, whatever the client accepts (older releases put the Accept
+    set in the key; those records are never read)."""
+    return f"tag {target.namespace.name} {target.repository} {tag}"
 
 
 def _announced(header: str, up: Upstream) -> Digest:

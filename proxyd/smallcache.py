@@ -219,8 +219,10 @@ class SmallCache:
             return None
         return Entry(record["value"], float(stored_at))
 
-    async def put(self, key: str, value: dict[str, Any]) -> None:
-        record = {"value": value, "stored_at": self._clock()}
+    async def put(self, key: str, value: dict[str, Any], stored_at: float | None = None) -> None:
+        """Store `value` as fetched now, or at `stored_at` (an answer added to a record
+        whose age stands: it was not confirmed again)."""
+        record = {"value": value, "stored_at": self._clock() if stored_at is None else stored_at}
         await self._call("write", lambda: self._storage.write(key, _JSON.dumps(record)))
 
     async def prune(self, older_than: float) -> int:

@@ -42,7 +42,7 @@ from proxyd.refusal import expect
 from proxyd.uploads import (
     PENDING,
     UploadSession,
-    UploadTracker,
+    UploadSessions,
     confirmed_offset,
     parse_content_range,
 )
@@ -67,7 +67,7 @@ class Uploader:
     def __init__(
         self,
         pusher: Pusher,
-        tracker: UploadTracker,
+        tracker: UploadSessions,
         *,
         on_commit: Callable[[int], None] = lambda size: None,
     ) -> None:
@@ -84,7 +84,7 @@ class Uploader:
 
     async def close(self) -> None:
         await stop_loop(self._expiry)
-        self.uploads.close_all()
+        await self.uploads.close_all()
 
     async def _expire_forever(self) -> None:
         every = min(60.0, self.uploads.ttl / 4)
@@ -94,7 +94,7 @@ class Uploader:
 
     async def expire(self) -> int:
         """Drop uploads idle longer than the TTL, and cancel them upstream."""
-        idle = self.uploads.expired()
+        idle = await self.uploads.expired()
         for session in idle:
             log.info(
                 "upload.expired",
@@ -150,7 +150,7 @@ class Uploader:
                 )
                 return Started(None, wanted, host.host)
             await _upload_answered(up, (202,))
-            session = self._open(target, host, up, user, digest)
+            session = await self._open(target, host, up, user, digest)
         if digest is None:
             return Started(session, None, host.host)
         # A whole blob in one POST: upstream gets it as the upload's only PUT, which
@@ -158,10 +158,10 @@ class Uploader:
         try:
             await self.finish_upload(target, session.uuid, user, digest, body, length)
         finally:
-            self.uploads.close(session)  # the client never saw it: nothing to resume
+            await self.uploads.close(session)  # the client never saw it: nothing to resume
         return Started(None, digest, host.host)
 
-    def _open(
+    async def _open(
         self,
         target: Target,
         host: RegistryHost,
@@ -172,9 +172,10 @@ class Uploader:
         location = up.response.headers.get("Location")
         if not location:
             raise UpstreamError(f"{host.host} started an upload without a Location")
-        session = self.uploads.open(target, host, location, user)
+        session = await self.uploads.open(target, host, location, user)
         session.offset = confirmed_offset(up.response.headers.get("Range"), 0)
         session.writer = self.store.writer(digest or PENDING)
+        await self.uploads.release(session)  # its state saved, wherever sessions live
         return session
 
     def _mount_source(self, target: Target, digest: Digest, named: Target | None) -> str | None:
@@ -202,7 +203,7 @@ class Uploader:
     ) -> UploadSession:
         """`PATCH`: one more chunk, with `Content-Range` or streamed."""
         self.pusher.push_host(target)
-        session = self.uploads.claim(uuid, target, user)
+        session = await self.uploads.claim(uuid, target, user)
         try:
             headers = [("Content-Type", OCTET_STREAM)]
             expected: int | None = None
@@ -232,10 +233,10 @@ class Uploader:
                 session.drop_copy()
             return session
         except BaseException as exc:
-            self._failed(session, exc)
+            await self._failed(session, exc)
             raise
         finally:
-            self.uploads.release(session)
+            await self.uploads.release(session)
 
     async def finish_upload(
         self,
@@ -249,7 +250,7 @@ class Uploader:
         """`PUT ?digest=`: the last chunk (if any), and upstream checks the whole.
         Returns the host that took it."""
         self.pusher.push_host(target)
-        session = self.uploads.claim(uuid, target, user)
+        session = await self.uploads.claim(uuid, target, user)
         try:
             headers = [("Content-Type", OCTET_STREAM)]
             if length is not None:
@@ -277,15 +278,15 @@ class Uploader:
             )
             return session.host.host
         except BaseException as exc:
-            self._failed(session, exc)
+            await self._failed(session, exc)
             raise
         finally:
-            self.uploads.release(session)
+            await self.uploads.release(session)
 
     async def _keep(self, session: UploadSession, digest: Digest, last_chunk: int) -> None:
         """Commit the local copy when it is the whole blob upstream accepted."""
         writer, session.writer = session.writer, None
-        self.uploads.close(session)
+        await self.uploads.close(session)
         if writer is None:
             return
         try:
@@ -302,7 +303,7 @@ class Uploader:
     async def status(self, target: Target, uuid: str, user: str | None) -> UploadSession:
         """`GET`: how much upstream holds (asked, so a resumed upload starts right)."""
         self.pusher.push_host(target)
-        session = self.uploads.claim(uuid, target, user)
+        session = await self.uploads.claim(uuid, target, user)
         try:
             async with self.pusher.send(target, session.host, "GET", session.suffix) as up:
                 await _upload_answered(up, (200, 204))
@@ -313,33 +314,33 @@ class Uploader:
             session.offset = offset
             return session
         except BlobUploadUnknown:
-            self.uploads.close(session)
+            await self.uploads.close(session)
             raise
         finally:
-            self.uploads.release(session)
+            await self.uploads.release(session)
 
     async def cancel(self, target: Target, uuid: str, user: str | None) -> None:
         """`DELETE`: cancel upstream and forget it (already gone upstream is fine)."""
         self.pusher.push_host(target)
-        session = self.uploads.claim(uuid, target, user)
+        session = await self.uploads.claim(uuid, target, user)
         try:
             async with self.pusher.send(target, session.host, "DELETE", session.suffix) as up:
                 await _upload_answered(up, (200, 202, 204, 404))
-            self.uploads.close(session)
+            await self.uploads.close(session)
         finally:
-            self.uploads.release(session)
+            await self.uploads.release(session)
 
     def _moved(self, session: UploadSession, up: Upstream) -> None:
         location = up.response.headers.get("Location")
         if location:
             session.move(location)
 
-    def _failed(self, session: UploadSession, exc: BaseException) -> None:
+    async def _failed(self, session: UploadSession, exc: BaseException) -> None:
         """After a failed request the local copy may hold bytes upstream does not.
         An upload upstream no longer knows (or refused to finish) is over."""
         session.drop_copy()
         if isinstance(exc, BlobUploadUnknown | DigestInvalid | SizeInvalid):
-            self.uploads.close(session)
+            await self.uploads.close(session)
         elif not isinstance(exc, RangeNotSatisfiable | BlobUploadInvalid):
             session.offset = None  # ask upstream before trusting it again
 

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 from proxyd.errors import BlobUploadInvalid, BlobUploadUnknown, UpstreamError
@@ -45,6 +46,7 @@ class UploadSession:
     offset: int | None = 0  # bytes upstream holds; None: unknown until asked
     writer: BlobWriter | None = None  # the local copy, while it matches upstream
     busy: bool = False  # a request is working on it
+    closed: bool = False  # over (finished, cancelled, expired): never to be written back
     suffix: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
@@ -111,8 +113,31 @@ def parse_content_range(value: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+class UploadSessions(Protocol):
+    """Where the sessions live: in this process (`UploadTracker`), or in Redis for the
+    replicas behind one address (`proxyd.fleetuploads`). Each session is used by one
+    request at a time: `claim` it, then `release` (or `close`) it; `release` saves
+    what the request changed (the request that opened it releases it too)."""
+
+    ttl: float
+
+    async def open(
+        self, target: Target, host: RegistryHost, location: str, user: str | None
+    ) -> UploadSession: ...
+
+    async def claim(self, uuid: str, target: Target, user: str | None) -> UploadSession: ...
+
+    async def release(self, session: UploadSession) -> None: ...
+
+    async def close(self, session: UploadSession) -> None: ...
+
+    async def expired(self) -> list[UploadSession]: ...
+
+    async def close_all(self) -> None: ...
+
+
 class UploadTracker:
-    """The sessions by UUID; each is used by one request at a time."""
+    """The sessions by UUID, in this process; each is used by one request at a time."""
 
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
@@ -122,7 +147,10 @@ class UploadTracker:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(
+    def holds(self, uuid: str) -> bool:
+        return uuid in self._sessions
+
+    async def open(
         self, target: Target, host: RegistryHost, location: str, user: str | None
     ) -> UploadSession:
         session = UploadSession(
@@ -143,7 +171,7 @@ class UploadTracker:
         session.last_used = self.clock()
         return session
 
-    def claim(self, uuid: str, target: Target, user: str | None) -> UploadSession:
+    async def claim(self, uuid: str, target: Target, user: str | None) -> UploadSession:
         """`find`, and mark it busy until `release`."""
         session = self.find(uuid, target, user)
         if session.busy:
@@ -151,23 +179,27 @@ class UploadTracker:
         session.busy = True
         return session
 
-    def release(self, session: UploadSession) -> None:
+    async def release(self, session: UploadSession) -> None:
         session.busy = False
         session.last_used = self.clock()
 
-    def close(self, session: UploadSession) -> None:
+    async def close(self, session: UploadSession) -> None:
+        self.forget(session)
+
+    def forget(self, session: UploadSession) -> None:
         """Forget the session and discard its local copy (unless committed)."""
+        session.closed = True
         self._sessions.pop(session.uuid, None)
         session.drop_copy()
 
-    def expired(self) -> list[UploadSession]:
+    async def expired(self) -> list[UploadSession]:
         """Remove and return the sessions idle longer than the TTL."""
         deadline = self.clock() - self.ttl
         idle = [s for s in self._sessions.values() if not s.busy and s.last_used < deadline]
         for session in idle:
-            self.close(session)
+            self.forget(session)
         return idle
 
-    def close_all(self) -> None:
+    async def close_all(self) -> None:
         for session in list(self._sessions.values()):
-            self.close(session)
+            self.forget(session)

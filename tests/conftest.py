@@ -22,6 +22,17 @@ from proxyd.server.fastpath import ProxydRunner
 from tests.fakes import FakeRegistry, FakeTokenServer
 
 MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
+# Lines a test leaves for the end of the output (the conformance suite's summary).
+SUMMARY_LINES = pytest.StashKey[list[str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SUMMARY_LINES] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    for line in config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)
 
 
 class FakeClock:

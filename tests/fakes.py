@@ -342,3 +342,120 @@ class FakeTokenServer:
         token = f"token-{self.issued}"
         self.registry.valid_tokens.add(token)
         return web.json_response({"token": token, "expires_in": self.expires_in})
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@dataclass(frozen=True)
+class FakeList:
+    """A tag's manifest list (or index) and the platform manifests it names."""
+
+    media_type: str
+    body: bytes
+    amd64: bytes  # the linux/amd64 manifest (Docker schema 2)
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.body)
+
+    @property
+    def amd64_digest(self) -> str:
+        return digest_of(self.amd64)
+
+
+def make_list(media_type: str = DOCKER_LIST, seed: str = "1") -> FakeList:
+    """A list of two Docker schema 2 manifests, linux/amd64 and linux/arm64."""
+    platforms = {}
+    for arch in ("amd64", "arm64"):
+        platforms[arch] = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": DOCKER_MANIFEST,
+                "config": {
+                    "mediaType": "application/vnd.docker.container.image.v1+json",
+                    "digest": digest_of(f"config {arch} {seed}".encode()),
+                    "size": 10,
+                },
+                "layers": [],
+            }
+        ).encode()
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": [
+                {
+                    "mediaType": DOCKER_MANIFEST,
+                    "digest": digest_of(manifest),
+                    "size": len(manifest),
+                    "platform": {"architecture": arch, "os": "linux"},
+                }
+                for arch, manifest in platforms.items()
+            ],
+        }
+    ).encode()
+    return FakeList(media_type, body, platforms["amd64"])
+
+
+@dataclass
+class NegotiatingRegistry:
+    """Tags of `team/app` holding manifest lists, answered as distribution 2.8 answers
+    them (registry/handlers/manifests.go, GetManifest): the list itself to an Accept
+    that names its type (by exact name: distribution reads no wildcards, no q); a
+    Docker list's linux/amd64 manifest to one naming schema 2 but not lists; and
+    404 MANIFEST_UNKNOWN otherwise (distribution would make schema 1; not here)."""
+
+    tags: dict[str, FakeList] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    status: int | None = None  # answer every manifest request with this status
+    gate: asyncio.Event | None = None  # manifest GETs wait for it before answering
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    def requests(self, method: str = "") -> list[Seen]:
+        return [s for s in self.seen if "/manifests/" in s.path and s.method.startswith(method)]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Seen(request.method, request.path, dict(request.query), request.headers))
+        if request.path == "/v2/":
+            return web.json_response({})
+        if self.status is not None:
+            return web.json_response({"errors": [{"code": "UNKNOWN"}]}, status=self.status)
+        if self.gate is not None and request.method == "GET":
+            await self.gate.wait()
+        reference = request.path.removeprefix("/v2/team/app/manifests/")
+        accepted = {
+            item.split(";")[0].strip()
+            for value in request.headers.getall("Accept", [])
+            for item in value.split(",")
+        }
+        chosen = self._answer(reference, accepted)
+        if chosen is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+        media_type, body = chosen
+        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest_of(body)}
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(len(body))})
+        return web.Response(body=body, headers=headers)
+
+    def _answer(self, reference: str, accepted: set[str]) -> tuple[str, bytes] | None:
+        listed = self.tags.get(reference)
+        if listed is None:
+            by_digest = {d: t for t in self.tags.values() for d in (t.digest, t.amd64_digest)}
+            found = by_digest.get(reference)
+            if found is None:
+                return None
+            if reference == found.amd64_digest:
+                return DOCKER_MANIFEST, found.amd64
+            return found.media_type, found.body
+        if listed.media_type in accepted:
+            return listed.media_type, listed.body
+        if listed.media_type == DOCKER_LIST and DOCKER_MANIFEST in accepted:
+            return DOCKER_MANIFEST, listed.amd64
+        return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
 from bench.context import shuffled
-from bench.report import _crowd, _ratio_target
+from bench.report import _crowd, _ratio_target, _tag_economy
 from bench.results import DIRECT, Row, Workload
 
 
@@ -53,3 +53,16 @@ def test_the_crowd_target_needs_one_upstream_get_in_every_repetition():
     assert _crowd([wl], "proxyd").met is True
     wl.row("proxyd").extra["upstream_gets"] = [1, 2, 1]
     assert _crowd([wl], "proxyd").met is False
+
+
+def test_the_tag_target_needs_one_get_within_the_ttl_and_only_heads_after_it():
+    wl = Workload("tag_requests", "tag_requests", "req", "lower")
+    row = wl.row("proxyd")
+    row.samples.append(1)
+    row.extra["rounds"] = [[1, 0], [0, 1]]
+    assert _tag_economy([wl], "proxyd").met is True
+    for rounds in ([[2, 0], [0, 1]], [[1, 1], [0, 1]], [[1, 0], [1, 1]], [[1, 0], [0, 0]]):
+        row.extra["rounds"] = rounds
+        assert _tag_economy([wl], "proxyd").met is False, rounds
+    row.extra["rounds"] = [[1, 0]]  # the second round did not run
+    assert _tag_economy([wl], "proxyd").met is None

@@ -198,7 +198,7 @@ class TestTheSmallResponsePolicy:
         assert stale.headers["X-Proxyd-Cache"] == "stale"
         assert (await stale.json())["tags"] == ["v1"]
 
-    async def test_a_tag_cached_for_one_accept_set_does_not_answer_another(
+    async def test_a_tag_answer_does_not_serve_a_client_whose_accept_does_not_admit_its_type(
         self, backend, make_proxyd, start_fake
     ):
         upstream = FakeRegistry()
@@ -215,8 +215,9 @@ class TestTheSmallResponsePolicy:
         self, backend, make_proxyd, start_fake
     ):
         """Where tags can move through proxyd, every answer is checked against the
-        tag-changed mark another replica may have left (two reads); elsewhere only the
-        TTL ends an answer, and this process remembers it (no read at all)."""
+        mark a write through proxyd leaves, which another replica may have left (two
+        reads); elsewhere only the TTL ends an answer, and this process remembers it
+        (no read at all)."""
         upstream = FakeRegistry()
         image = upstream.add(make_image())
         server = await start_fake(upstream)

@@ -429,3 +429,97 @@ def test_check_config_explains_each_chain_in_words(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "by digest are asked of mirror.example, then registry-1.docker.io;" in out
     assert "tags are resolved by registry-1.docker.io, and stay fresh for 60 s." in out
+
+
+# -- [cluster] ----------------------------------------------------------------------------
+
+
+def test_without_a_cluster_table_proxyd_is_no_fleet():
+    settings = load_settings(None)
+    assert settings.cluster is None
+    assert build_runtime(settings).peer_secret is None
+
+
+def test_a_cluster_table_with_its_address_from_the_environment(tmp_path, monkeypatch):
+    secret = write(tmp_path / "peer-secret", "0123456789abcdef0123\n")
+    path = write(
+        tmp_path / "proxyd.toml",
+        f'[cluster]\nredis_url = "redis://10.0.0.2:6379/1"\nsecret_file = "{secret}"\nfanout = 2\n',
+    )
+    monkeypatch.setenv("PROXYD_CLUSTER__ADVERTISE", "http://10.0.0.5:5000/")
+
+    settings = load_settings(path)
+    runtime = build_runtime(settings)
+
+    assert settings.cluster is not None
+    assert settings.cluster.redis_url == "redis://10.0.0.2:6379/1"
+    assert settings.cluster.advertise == "http://10.0.0.5:5000"
+    assert (settings.cluster.fanout, settings.cluster.ttl, settings.cluster.timeout) == (2, 5, 1)
+    assert runtime.peer_secret is not None
+    assert runtime.peer_secret.get_secret_value() == b"0123456789abcdef0123"  # no newline
+    assert "0123456789abcdef" not in repr(runtime)
+
+
+def test_a_cluster_may_come_from_the_environment_alone(tmp_path, monkeypatch):
+    secret = write(tmp_path / "peer-secret", "s" * 32)
+    monkeypatch.setenv("PROXYD_CLUSTER__ADVERTISE", "http://10.0.0.5:5000")
+    monkeypatch.setenv("PROXYD_CLUSTER__SECRET_FILE", str(secret))
+    monkeypatch.setenv("PROXYD_CLUSTER__FANOUT", "8")
+    cluster = load_settings(None).cluster
+    assert cluster is not None and cluster.fanout == 8
+
+
+def test_a_cluster_needs_its_address_and_secret(tmp_path):
+    path = write(tmp_path / "proxyd.toml", "[cluster]\nfanout = 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "cluster.advertise: Field required" in str(err.value)
+    assert "cluster.secret_file: Field required" in str(err.value)
+
+
+@pytest.mark.parametrize("advertise", ["10.0.0.5:5000", "ftp://10.0.0.5", "http://n:5000/v2"])
+def test_advertise_is_an_http_origin(tmp_path, advertise):
+    path = write(
+        tmp_path / "proxyd.toml",
+        f'[cluster]\nadvertise = "{advertise}"\nsecret_file = "/s"\n',
+    )
+    with pytest.raises(ConfigError, match=r"cluster\.advertise"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read"),
+        ("short\n", "holds 5 bytes; the fleet's secret needs at least 16"),
+        ("short of a header " * 2, "printable ASCII without spaces"),
+    ],
+)
+def test_a_peer_secret_that_cannot_serve_is_a_config_error(tmp_path, content, message):
+    secret = tmp_path / "peer-secret"
+    if content is not None:
+        secret.write_text(content)
+    path = write(
+        tmp_path / "proxyd.toml",
+        f'[cluster]\nadvertise = "http://10.0.0.5:5000"\nsecret_file = "{secret}"\n',
+    )
+    with pytest.raises(ConfigError, match=r"cluster\.secret_file") as err:
+        build_runtime(load_settings(path))
+    assert message in str(err.value)
+    assert "short" not in str(err.value)  # the secret itself is never said
+
+
+def test_check_config_says_which_fleet_node_this_is_and_never_the_secrets(tmp_path, capsys):
+    secret = write(tmp_path / "peer-secret", "0123456789abcdef0123")
+    path = write(
+        tmp_path / "proxyd.toml",
+        '[cluster]\nredis_url = "redis://:hunter2-password@10.0.0.2:6379/1"\n'
+        f'advertise = "http://10.0.0.5:5000"\nsecret_file = "{secret}"\n',
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "fleet:             this node is http://10.0.0.5:5000, coordinating through "
+        "redis://10.0.0.2:6379/1, streaming a blob to 4 peers at most" in out
+    )
+    assert "hunter2" not in out and "0123456789abcdef" not in out

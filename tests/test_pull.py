@@ -180,7 +180,7 @@ async def test_bad_input_gets_oci_errors(make_proxyd, start_fake):
     proxyd = await make_proxyd(upstream_config(server))
     cases = {
         "/v2/Team/App/manifests/v1": (400, "NAME_INVALID"),
-        "/v2/team/app/manifests/-bad": (400, "TAG_INVALID"),
+        "/v2/team/app/manifests/-bad": (404, "MANIFEST_UNKNOWN"),  # see the next test
         "/v2/team/app/blobs/sha256:short": (400, "DIGEST_INVALID"),
         "/v2/team/app/blobs/md5:" + "0" * 32: (400, "DIGEST_INVALID"),
         "/v2/team/app/blobs/latest": (400, "DIGEST_INVALID"),
@@ -191,6 +191,27 @@ async def test_bad_input_gets_oci_errors(make_proxyd, start_fake):
         response = await proxyd.get(path)
         assert response.status == status, path
         assert await oci_code(response) == code, path
+    assert upstream.seen == []
+
+
+async def test_a_tag_the_grammar_refuses_is_404_to_a_pull_and_400_to_a_push(
+    make_proxyd, start_fake
+):
+    """The distribution spec: a GET or HEAD of a manifest that is not there is a 404,
+    and no manifest can have an invalid tag (the conformance suite asks for
+    `.INVALID_MANIFEST_NAME`); a PUT of one is the client's mistake, TAG_INVALID."""
+    upstream = FakeRegistry()
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(upstream_config(server, "allow_push = true"))
+    for method in ("GET", "HEAD"):
+        for tag in (".INVALID_MANIFEST_NAME", "-bad", "x" * 129):
+            response = await proxyd.request(method, f"/v2/team/app/manifests/{tag}")
+            assert response.status == 404, (method, tag)
+            if method == "GET":
+                assert await oci_code(response) == "MANIFEST_UNKNOWN"
+    pushed = await proxyd.put("/v2/team/app/manifests/.INVALID_MANIFEST_NAME", data=b"{}")
+    assert pushed.status == 400
+    assert await oci_code(pushed) == "TAG_INVALID"
     assert upstream.seen == []
 
 

@@ -28,6 +28,7 @@ from tests.conftest import FakeClock, host, origin, until
 from tests.fakes import FakeTokenServer, digest_of, make_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 @dataclass
@@ -101,7 +102,36 @@ class UploadRegistry:
             return self._blob(request, match[1], match[2])
         if match := re.fullmatch(r"(.+)/manifests/([^/]+)", rest):
             return self._manifest(request, match[1], match[2], body)
+        if match := re.fullmatch(r"(.+)/tags/list", rest):
+            return self._tags(match[1])
+        if match := re.fullmatch(r"(.+)/referrers/([^/]+)", rest):
+            return self._referrers(match[1], match[2])
         return _error(404, "UNSUPPORTED")
+
+    def _tags(self, repository: str) -> web.Response:
+        stored = self.manifests.get(repository, {})
+        tags = sorted(r for r in stored if not r.startswith("sha256:"))
+        return web.json_response({"name": repository, "tags": tags})
+
+    def _referrers(self, repository: str, subject: str) -> web.Response:
+        """The OCI 1.1 referrers API: the manifests whose `subject` is `subject`."""
+        found = []
+        for reference, (media_type, body) in self.manifests.get(repository, {}).items():
+            document = json.loads(body)
+            if (
+                reference.startswith("sha256:")
+                and document.get("subject", {}).get("digest") == subject
+            ):
+                found.append(
+                    {
+                        "mediaType": media_type,
+                        "digest": reference,
+                        "size": len(body),
+                        "artifactType": document.get("artifactType"),
+                    }
+                )
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return web.json_response(index, content_type=OCI_INDEX)
 
     def _location(self, repository: str, uuid: str) -> str:
         path = f"/v2/{repository}/blobs/uploads/{uuid}?_state={self.uploads[uuid].state}%3D"
@@ -195,8 +225,12 @@ class UploadRegistry:
             stored[reference] = stored[digest] = (media_type, body)
             return web.Response(status=201, headers={"Docker-Content-Digest": digest})
         if request.method == "DELETE":
-            if stored.pop(reference, None) is None:
+            deleted = stored.pop(reference, None)
+            if deleted is None:
                 return _error(404, "MANIFEST_UNKNOWN")
+            if reference.startswith("sha256:"):  # its tags go with it, as in distribution
+                for tag in [t for t, held in stored.items() if held == deleted]:
+                    del stored[tag]
             return web.Response(status=202)
         if reference not in stored:
             return _error(404, "MANIFEST_UNKNOWN")

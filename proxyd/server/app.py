@@ -12,9 +12,10 @@ from proxyd.config import RuntimeConfig
 from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
-from proxyd.server import health, pull
+from proxyd.server import health, peers, pull
 from proxyd.server.fastpath import FAST, FastAnswers
 from proxyd.server.keys import (
+    FLEET,
     INBOUND,
     METRICS,
     PULLER,
@@ -44,6 +45,8 @@ def create_app(runtime: RuntimeConfig, *, clock: Clock = SYSTEM_CLOCK) -> web.Ap
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
     app.router.add_get("/readyz", health.readyz)
+    if runtime.settings.cluster is not None:
+        app.router.add_get(peers.ROUTE, peers.blob)  # and HEAD
     app.router.add_route("GET", "/v2/_catalog", pull.catalog)
     app.router.add_route("GET", "/v2/", pull.base)
     app.router.add_route("GET", "/v2", pull.base)
@@ -63,6 +66,8 @@ async def _core(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
         app[PUSHER] = core.pusher
         app[UPLOADER] = core.uploader
         app[RELOADER] = core.reloader
+        if core.fleet is not None:
+            app[FLEET] = core.fleet
         if INBOUND in app:
             core.reloader.on_users = app[INBOUND].replace_users
         yield

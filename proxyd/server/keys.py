@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxyd.config import RuntimeConfig
+from proxyd.fleet import Fleet
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
@@ -23,6 +24,7 @@ RELOADER = web.AppKey("reloader", Reloader)
 PUSHER = web.AppKey("pusher", Pusher)
 UPLOADER = web.AppKey("uploader", Uploader)
 INBOUND = web.AppKey("inbound", InboundAuth)  # only where proxyd has users of its own
+FLEET = web.AppKey("fleet", Fleet)  # only with [cluster]
 
 
 @dataclass

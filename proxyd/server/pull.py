@@ -14,7 +14,7 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.download import Download
-from proxyd.errors import PreconditionFailed, Unsupported
+from proxyd.errors import ManifestUnknown, PreconditionFailed, TagInvalid, Unsupported
 from proxyd.hosts import Target
 from proxyd.manifests import OCI_INDEX, Manifest
 from proxyd.puller import BlobHead, Joined, StoredBlob
@@ -93,7 +93,7 @@ async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.R
     if is_digest(reference):
         result = await request.app[PULLER].manifest(target, Digest.parse(reference), accept)
     else:
-        result = await request.app[RESOLVER].tag(target, validate_tag(reference), accept)
+        result = await request.app[RESOLVER].tag(target, _pulled_tag(reference), accept)
     _note(request, result.host, result.cache)
     headers = {
         **API_VERSION_HEADER,
@@ -115,6 +115,16 @@ async def manifest(request: web.Request, target: Target, path: ApiPath) -> web.R
         headers[hdrs.CONTENT_LENGTH] = str(result.size)
         return web.Response(headers=headers)
     return web.Response(body=result.body, headers=headers)
+
+
+def _pulled_tag(reference: str) -> str:
+    """A tag to pull. One the grammar refuses names no manifest: a 404, as the
+    distribution spec requires of GET and HEAD of a manifest that is not there (a
+    PUT of one keeps the 400 TAG_INVALID: there it is the client's mistake)."""
+    try:
+        return validate_tag(reference)
+    except TagInvalid:
+        raise ManifestUnknown(f"no manifest can have {reference!r}: not a valid tag") from None
 
 
 async def blob(request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:

@@ -16,6 +16,7 @@ Modules, by role:
 - ``image``: builds a small OCI image layout from a seed and pushes it.
 - ``clients``: skopeo, containerd/ctr and podman, each bounded in time.
 - ``proxyd``: proxyd itself, as a subprocess.
+- ``roundrobin``: one address in front of several replicas, a request to each in turn.
 - ``dockerd``: a private docker engine and its CLI.
 - ``netns``: network namespaces, a container's or a pod's network.
 

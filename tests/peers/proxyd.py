@@ -68,9 +68,12 @@ class ProxydProcess(Listening):
         env: Mapping[str, str] | None = None,
         cache_dir: Path | None = None,
         tls: ssl.SSLContext | None = None,
+        advertise: bool = False,
     ) -> None:
         """``tls``: proxyd serves HTTPS (its ``extra_args`` give ``--tls-cert`` …);
-        ``url`` is then ``https://…`` and readiness is awaited with this client context."""
+        ``url`` is then ``https://…`` and readiness is awaited with this client context.
+        ``advertise``: a fleet node (``[cluster]``), told its own URL as its peers
+        reach it (``PROXYD_CLUSTER__ADVERTISE``), which is known once its port is."""
         self.workdir = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp_path / "proxyd.toml"
@@ -81,6 +84,7 @@ class ProxydProcess(Listening):
         self.extra_args = tuple(extra_args)
         self._extra_env = dict(env or {})
         self.tls = tls
+        self.advertise = advertise
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -126,6 +130,8 @@ class ProxydProcess(Listening):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
+        if self.advertise:
+            env["PROXYD_CLUSTER__ADVERTISE"] = self.url
         return env | self._extra_env
 
     def start(self, timeout: float = START_TIMEOUT) -> Self:
@@ -327,6 +333,8 @@ class Namespace:
     server: str | None
     hosts: tuple[Host, ...] = ()
     tag_ttl: float | None = None  # seconds a resolved tag is fresh (proxyd's default: 60)
+    allow_push: bool = False  # pushes (uploads, manifest PUT) through proxyd
+    allow_delete: bool = False  # manifest and blob DELETE through proxyd
 
 
 def _toml_value(value: Any) -> str:
@@ -378,6 +386,9 @@ def proxyd_config(
             lines.append(f"server = {_toml_value(ns.server)}")
         if ns.tag_ttl is not None:
             lines.append(f"tag_ttl = {_toml_value(ns.tag_ttl)}")
+        for setting in ("allow_push", "allow_delete"):
+            if getattr(ns, setting):
+                lines.append(f"{setting} = true")
         for host in ns.hosts:
             lines.append(f"\n[namespaces.{_toml_key(ns.name)}.host.{_toml_key(host.url)}]")
             lines.append(f"capabilities = {_toml_value(host.capabilities)}")
