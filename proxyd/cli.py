@@ -219,6 +219,8 @@ def check_config(runtime: RuntimeConfig) -> int:
             f"inbound users:     {len(runtime.inbound_users)} from {settings.htpasswd}, "
             f"required for {runtime.auth_required}"
         )
+    for source, key in runtime.ignored_keys:
+        print(f"proxyd: warning: {source}: unknown key {key!r} ignored", file=sys.stderr)
     for name, namespace in sorted(runtime.namespaces.items()):
         print(f"\nnamespace {name}  (from {namespace.source})")
         for position, host in enumerate(namespace.hosts, 1):

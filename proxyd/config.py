@@ -234,6 +234,7 @@ class RuntimeConfig:
     credentials: dict[str, Credential]
     fallback: HostsFile | None = None  # hosts_dir/_default
     inbound_users: dict[str, bytes] | None = None  # from `htpasswd`: user -> bcrypt hash
+    ignored_keys: list[tuple[str, str]] = field(default_factory=list)  # (file, key): warned
     _synthesised: dict[str, Namespace] = field(default_factory=dict)
 
     def namespace(self, name: str) -> Namespace | None:
@@ -248,7 +249,7 @@ class RuntimeConfig:
             built = build_namespace(
                 name,
                 self.fallback.settings,
-                source=str(self.fallback.directory / "hosts.toml"),
+                source=self.fallback.source,
                 base_dir=self.fallback.directory,
             )
         elif self.settings.allow_unconfigured_namespaces:
@@ -284,18 +285,20 @@ def build_runtime(settings: Settings) -> RuntimeConfig:
     """Layer the sources; the first that names a namespace wins (containerd's rule)."""
     namespaces: dict[str, Namespace] = {}
     fallback = None
+    ignored: list[tuple[str, str]] = []
     try:
         for name, ns in settings.namespaces.items():
             namespaces[name] = build_namespace(name, ns, source="config file")
         if settings.hosts_dir is not None:
             for name, hosts_file in load_hosts_dir(settings.hosts_dir).items():
+                ignored += [(hosts_file.source, key) for key in hosts_file.ignored]
                 if name == "_default":
                     fallback = hosts_file
                 elif name not in namespaces:
                     namespaces[name] = build_namespace(
                         name,
                         hosts_file.settings,
-                        source=str(hosts_file.directory / "hosts.toml"),
+                        source=hosts_file.source,
                         base_dir=hosts_file.directory,
                     )
     except ValueError as exc:
@@ -316,7 +319,14 @@ def build_runtime(settings: Settings) -> RuntimeConfig:
     if inbound_users is None and settings.auth_required is not None:
         raise ConfigError("auth_required needs htpasswd: the file of users clients log in as")
     _check_serving_tls(settings)
-    return RuntimeConfig(settings, namespaces, credentials, fallback, inbound_users=inbound_users)
+    return RuntimeConfig(
+        settings,
+        namespaces,
+        credentials,
+        fallback,
+        inbound_users=inbound_users,
+        ignored_keys=ignored,
+    )
 
 
 def load_credentials(settings: Settings) -> dict[str, Credential]:
@@ -367,7 +377,7 @@ def check_upstream_tls(runtime: RuntimeConfig) -> None:
     `build_registry`, which reads a configuration without touching those files.)"""
     checks = [(ns.source, h) for ns in runtime.namespaces.values() for h in ns.hosts]
     if runtime.fallback is not None:
-        source = str(runtime.fallback.directory / "hosts.toml")
+        source = runtime.fallback.source
         probe = build_namespace(
             "fallback.invalid",
             runtime.fallback.settings,
