@@ -4,9 +4,10 @@ followed by hand, and the host's TLS settings.
 The authorizer supplies the Authorization for the host and the scope; a 401 is
 answered once (the challenge learnt, fresh credentials), and a second is the host
 refusing them. Redirects (blob storage, CDNs) are followed here rather than by
-aiohttp, so the registry's Authorization and client certificate never reach another
-origin. When the host refuses credentials, proxyd's may be out of date (a rotated
-secret): `on_refused` reads them again, and a request they changed goes once more.
+aiohttp, so the registry's Authorization, the host's configured headers and its
+client certificate never reach another origin. When the host refuses credentials,
+proxyd's may be out of date (a rotated secret): `on_refused` reads them again, and a
+request they changed goes once more.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
 it is sent after the host's challenge is known (a `GET /v2/` first, as clients
@@ -97,9 +98,13 @@ class Exchange:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=host.connect_timeout, sock_read=host.read_timeout
         )
+        extra = tuple(extra)
         base: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent)])
         for name, value in (*host.headers, *extra):
             base.add(name, value)
+        # Another origin sees neither the host's configured headers nor its credentials
+        # (Go's client keeps configured headers across redirects, dropping Authorization).
+        bare: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent), *extra])
         replayable = is_replayable(data)
         own_tls = self._ssl_for(host, same_origin=True)
         if not replayable and await self.authorizer.authorization(host, scope, own_tls) is None:
@@ -109,7 +114,7 @@ class Exchange:
             url = host.url(path)
             for _hop in range(MAX_REDIRECTS + 1):
                 same_origin = _origin(url) == host.origin
-                headers = CIMultiDict(base)
+                headers = CIMultiDict(base if same_origin else bare)
                 if authorization and same_origin:
                     headers["Authorization"] = authorization
                 response = await self.session.request(
