@@ -5,9 +5,11 @@ The authorizer supplies the Authorization for the host and the scope; a 401 is
 answered once (the challenge learnt, fresh credentials), and a second is the host
 refusing them. Redirects (blob storage, CDNs) are followed here rather than by
 aiohttp, so the registry's Authorization, the host's configured headers and its
-client certificate never reach another origin. When the host refuses credentials,
-proxyd's may be out of date (a rotated secret): `on_refused` reads them again, and a
-request they changed goes once more.
+client certificate never reach another origin; a request may also name a URL on
+another origin itself (an upload the registry moved to object storage), and goes
+there the same way, bare. When the host refuses credentials, proxyd's may be out of
+date (a rotated secret): `on_refused` reads them again, and a request they changed
+goes once more.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
 it is sent after the host's challenge is known (a `GET /v2/` first, as clients
@@ -65,7 +67,8 @@ class Exchange:
         data: Body = None,
     ) -> aiohttp.ClientResponse:
         """The host's answer (its body unread); Unauthorized when it refuses proxyd's
-        credentials for `scope`, or has none to give."""
+        credentials for `scope`, or has none to give. `path` is below the host's API
+        root, or an absolute URL (then, on another origin, sent without credentials)."""
         send = partial(self._send, host, method, path, extra, params, scope, data)
         return await self._once_more_if_refreshed(host, send, is_replayable(data))
 
@@ -105,13 +108,21 @@ class Exchange:
         # Another origin sees neither the host's configured headers nor its credentials
         # (Go's client keeps configured headers across redirects, dropping Authorization).
         bare: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent), *extra])
+        first = path if is_absolute(path) else host.url(path)
+        foreign = _origin(first) != host.origin  # nothing of the host's goes there
         replayable = is_replayable(data)
         own_tls = self._ssl_for(host, same_origin=True)
-        if not replayable and await self.authorizer.authorization(host, scope, own_tls) is None:
+        if (
+            not foreign
+            and not replayable
+            and await self.authorizer.authorization(host, scope, own_tls) is None
+        ):
             await self._ping(host, timeout)
         for attempt in (1, 2):
-            authorization = await self.authorizer.authorization(host, scope, own_tls)
-            url = host.url(path)
+            authorization = (
+                None if foreign else await self.authorizer.authorization(host, scope, own_tls)
+            )
+            url = first
             for _hop in range(MAX_REDIRECTS + 1):
                 same_origin = _origin(url) == host.origin
                 headers = CIMultiDict(base if same_origin else bare)
@@ -121,7 +132,7 @@ class Exchange:
                     method,
                     url,
                     headers=headers,
-                    params=params if url == host.url(path) else None,
+                    params=params if url == first else None,
                     data=data,
                     allow_redirects=False,
                     timeout=timeout,
@@ -204,6 +215,11 @@ async def not_refreshed(host: str) -> bool:
     """An UpstreamClient without a reloader (used alone, as in tests): credentials
     never change."""
     return False
+
+
+def is_absolute(url: str) -> bool:
+    """An http(s) URL of its own, not a path below a host's API root."""
+    return urlsplit(url).scheme in ("http", "https")
 
 
 def is_replayable(data: Body) -> bool:

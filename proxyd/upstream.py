@@ -42,6 +42,7 @@ from proxyd.exchange import (
     Exchange,
     Refused,
     TLSSetupError,
+    is_absolute,
     is_replayable,
     not_refreshed,
 )
@@ -182,7 +183,8 @@ class UpstreamClient:
         # No repository: a registry-wide call (the catalog).
         scope = f"repository:{repository}:{actions}" if repository else "registry:catalog:*"
         scope = " ".join([scope, *scopes])
-        path = f"{repository}/{suffix}" if repository else suffix
+        # An absolute suffix is a URL of its own (an upload moved to object storage).
+        path = f"{repository}/{suffix}" if repository and not is_absolute(suffix) else suffix
         replayable = is_replayable(data)
         if not replayable:
             hosts = hosts[:1]  # a stream is sent once: to one host
