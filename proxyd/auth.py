@@ -24,6 +24,7 @@ from proxyd import clienterrors
 from proxyd.credentials import Credential
 from proxyd.errors import TokenError, Unauthorized
 from proxyd.hosts import RegistryHost
+from proxyd.proxies import DIRECT, Via
 from proxyd.singleflight import SingleFlight
 
 log = structlog.get_logger("proxyd.auth")
@@ -98,6 +99,7 @@ class Authorizer:
         user_agent: str = "proxyd",
         clock: Callable[[], float] = time.monotonic,
         on_fetch: Callable[[str], None] = lambda host: None,
+        via: Callable[[RegistryHost, str], Via] = lambda host, url: DIRECT,
     ) -> None:
         self._session = session
         self._credentials = credentials
@@ -107,6 +109,7 @@ class Authorizer:
         self._tokens: dict[tuple[str, ...], _Token] = {}
         self._flights: SingleFlight[_Token] = SingleFlight()
         self._on_fetch = on_fetch
+        self._via = via  # the host's forward proxy, to a URL
 
     def learn(self, host: RegistryHost, www_authenticate: list[str]) -> bool:
         """Remember a host's challenge from a 401; True when a retry could succeed."""
@@ -180,6 +183,7 @@ class Authorizer:
         realm = params["realm"]
         service = params.get("service", "")
         secret = credential and (credential.identity_token or credential.password)
+        via = self._via(host, realm)  # the token server is reached as the host is
         log.debug("token.fetch", host=host.host, realm=realm, scope=scope, oauth=bool(secret))
         try:
             if credential is not None and secret:
@@ -192,15 +196,20 @@ class Authorizer:
                         username=credential.username or "",
                         password=credential.password or "",
                     )
-                status, body = await self._call("POST", realm, ssl, data=form)
+                status, body = await self._call("POST", realm, ssl, data=form, via=via)
                 if status in _TOKEN_FALLBACK_STATUSES:
                     basic = basic_authorization(credential.username or "", secret)
                     status, body = await self._call(
-                        "GET", realm, ssl, params=self._query(service, scope), authorization=basic
+                        "GET",
+                        realm,
+                        ssl,
+                        params=self._query(service, scope),
+                        authorization=basic,
+                        via=via,
                     )
             else:
                 status, body = await self._call(
-                    "GET", realm, ssl, params=self._query(service, scope)
+                    "GET", realm, ssl, params=self._query(service, scope), via=via
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenError(
@@ -223,14 +232,20 @@ class Authorizer:
         return query
 
     async def _call(
-        self, method: str, url: str, ssl: Any, authorization: str = "", **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        ssl: Any,
+        authorization: str = "",
+        via: Via = DIRECT,
+        **kwargs: Any,
     ) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=30)
-        headers = {"User-Agent": self._user_agent}
+        headers = {"User-Agent": self._user_agent, **via.headers}
         if authorization:
             headers["Authorization"] = authorization
         async with self._session.request(
-            method, url, headers=headers, timeout=timeout, ssl=ssl, **kwargs
+            method, url, headers=headers, timeout=timeout, ssl=ssl, **via.arguments, **kwargs
         ) as resp:
             return resp.status, await resp.content.read(1 << 20)
 

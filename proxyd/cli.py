@@ -23,6 +23,7 @@ from proxyd.config import (
     load_settings,
 )
 from proxyd.hosts import Namespace
+from proxyd.proxies import describe_route
 
 EXAMPLES = """\
 examples:
@@ -225,7 +226,8 @@ def check_config(runtime: RuntimeConfig) -> int:
         print(f"\nnamespace {name}  (from {namespace.source})")
         for position, host in enumerate(namespace.hosts, 1):
             auth = "credentials" if runtime.credential_for(host.host) else "anonymous"
-            print(f"  {position}. {host.describe()}, {auth}")
+            way = describe_route(host.proxy, runtime.proxy_env, host.origin)
+            print(f"  {position}. {host.describe()}, {auth}{'' if way == 'direct' else ', ' + way}")
         writes = [
             name
             for name, allowed in (

@@ -12,7 +12,9 @@ this module layers them and turns their errors into `ConfigError`.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +43,7 @@ from proxyd.credentials import Credential, CredentialsError, read_docker_config
 from proxyd.hosts import Namespace
 from proxyd.hostsfile import HostsFile, NamespaceSettings, build_namespace, load_hosts_dir
 from proxyd.inbound import AuthRequired, load_htpasswd
+from proxyd.proxies import ProxyEnvironment
 from proxyd.reference import DOCKER_HUB, HOST_RE
 
 MAX_MANIFEST_SIZE = 4 * 1048 * 1048  # containerd's MaxManifestSize
@@ -234,6 +237,7 @@ class RuntimeConfig:
     credentials: dict[str, Credential]
     fallback: HostsFile | None = None  # hosts_dir/_default
     inbound_users: dict[str, bytes] | None = None  # from `htpasswd`: user -> bcrypt hash
+    proxy_env: ProxyEnvironment = field(default_factory=ProxyEnvironment)
     ignored_keys: list[tuple[str, str]] = field(default_factory=list)  # (file, key): warned
     _synthesised: dict[str, Namespace] = field(default_factory=dict)
 
@@ -281,8 +285,9 @@ class RuntimeConfig:
         return self.settings.auth_required or "push"
 
 
-def build_runtime(settings: Settings) -> RuntimeConfig:
-    """Layer the sources; the first that names a namespace wins (containerd's rule)."""
+def build_runtime(settings: Settings, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """Layer the sources; the first that names a namespace wins (containerd's rule).
+    `environ` (os.environ unless given) holds HTTP_PROXY, HTTPS_PROXY and NO_PROXY."""
     namespaces: dict[str, Namespace] = {}
     fallback = None
     ignored: list[tuple[str, str]] = []
@@ -301,6 +306,7 @@ def build_runtime(settings: Settings) -> RuntimeConfig:
                         source=hosts_file.source,
                         base_dir=hosts_file.directory,
                     )
+        proxy_env = ProxyEnvironment.from_environ(os.environ if environ is None else environ)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if DOCKER_HUB not in namespaces and fallback is None:
@@ -325,6 +331,7 @@ def build_runtime(settings: Settings) -> RuntimeConfig:
         credentials,
         fallback,
         inbound_users=inbound_users,
+        proxy_env=proxy_env,
         ignored_keys=ignored,
     )
 

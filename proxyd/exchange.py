@@ -1,5 +1,5 @@
 """One request to one host of a chain: proxyd's credentials for it, redirects
-followed by hand, and the host's TLS settings.
+followed by hand, the host's TLS settings and its forward proxy.
 
 The authorizer supplies the Authorization for the host and the scope; a 401 is
 answered once (the challenge learnt, fresh credentials), and a second is the host
@@ -9,7 +9,7 @@ client certificate never reach another origin; a request may also name a URL on
 another origin itself (an upload the registry moved to object storage), and goes
 there the same way, bare. When the host refuses credentials, proxyd's may be out of
 date (a rotated secret): `on_refused` reads them again, and a request they changed
-goes once more.
+goes once more. Every hop goes through the proxy `route` names for it.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
 it is sent after the host's challenge is known (a `GET /v2/` first, as clients
@@ -30,12 +30,14 @@ from proxyd import tls
 from proxyd.auth import Authorizer
 from proxyd.errors import Unauthorized
 from proxyd.hosts import RegistryHost
+from proxyd.proxies import Proxy, Via, via
 
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 Body = bytes | AsyncIterable[bytes] | None
 Refused = Callable[[str], Awaitable[bool]]  # the host refused: did its credentials change?
+Route = Callable[[RegistryHost, str], Proxy | None]  # a request for the host, to a URL: which proxy
 
 
 class Exchange:
@@ -48,11 +50,13 @@ class Exchange:
         *,
         user_agent: str,
         on_refused: Refused,
+        route: Route = lambda host, url: None,
     ) -> None:
         self.session = session
         self.authorizer = authorizer
         self.user_agent = user_agent
         self._on_refused = on_refused
+        self._route = route
         self._ssl: dict[tuple[RegistryHost, bool], Any] = {}
         self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
 
@@ -128,6 +132,8 @@ class Exchange:
                 headers = CIMultiDict(base if same_origin else bare)
                 if authorization and same_origin:
                     headers["Authorization"] = authorization
+                proxied = self._via(host, url)
+                headers.update(proxied.headers)
                 response = await self.session.request(
                     method,
                     url,
@@ -137,7 +143,16 @@ class Exchange:
                     allow_redirects=False,
                     timeout=timeout,
                     ssl=self._ssl_for(host, same_origin),
+                    **proxied.arguments,
                 )
+                if response.status == 407 and proxied.arguments:  # as a tunnel's 407 is
+                    response.release()
+                    raise aiohttp.ClientHttpProxyError(
+                        response.request_info,
+                        response.history,
+                        status=407,
+                        message=response.reason or "Proxy Authentication Required",
+                    )
                 if response.status in _REDIRECTS and "Location" in response.headers and replayable:
                     response.release()
                     url = _redirect_target(url, response.headers["Location"])
@@ -170,16 +185,22 @@ class Exchange:
         learn the host's challenge from `GET /v2/` (once per host)."""
         if host in self._pinged:
             return
+        proxied = self._via(host, host.origin)
         async with self.session.get(
             host.url(""),
-            headers=[("User-Agent", self.user_agent), *host.headers],
+            headers=[("User-Agent", self.user_agent), *host.headers, *proxied.headers.items()],
             allow_redirects=False,
             timeout=limits,
             ssl=self._ssl_for(host, same_origin=True),
+            **proxied.arguments,
         ) as ping:
             if ping.status == 401:
                 self.authorizer.learn(host, ping.headers.getall("WWW-Authenticate", []))
         self._pinged.add(host)
+
+    def _via(self, host: RegistryHost, url: str) -> Via:
+        """The way through the proxy a request for `host` to `url` takes (none: direct)."""
+        return via(self._route(host, url), url)
 
     def _ssl_for(self, host: RegistryHost, same_origin: bool) -> Any:
         """TLS settings of the host: its CAs apply to redirects too, its client

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxyd.proxies import HostProxy
 from proxyd.reference import DOCKER_HUB
 
 
@@ -70,6 +71,7 @@ class RegistryHost:
     skip_verify: bool = False
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT  # None: no limit of proxyd's
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    proxy: HostProxy = "environment"  # through which forward proxy (proxyd.proxies)
 
     @property
     def origin(self) -> str:

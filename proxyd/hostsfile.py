@@ -42,6 +42,7 @@ from proxyd.hosts import (
     default_server,
     is_local,
 )
+from proxyd.proxies import parse_host_proxy
 from proxyd.reference import HOST_RE
 
 
@@ -99,12 +100,23 @@ class HostSettings(BaseModel):
     read_timeout: float = Field(
         DEFAULT_READ_TIMEOUT, gt=0, description="seconds without a byte before giving up"
     )
+    proxy: str | None = Field(
+        None,
+        description="forward proxy for this host (http://[user:pass@]host:port), or "
+        '"direct"; unset: HTTPS_PROXY, HTTP_PROXY and NO_PROXY',
+    )
 
     @field_validator("dial_timeout")
     @classmethod
     def _check_dial_timeout(cls, value: str | None) -> str | None:
         if value is not None:
             parse_go_duration(value)
+        return value
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        parse_host_proxy(value)
         return value
 
     @model_validator(mode="after")
@@ -180,6 +192,7 @@ def make_host(
         skip_verify=settings.skip_verify,
         connect_timeout=settings.connect_limit,
         read_timeout=settings.read_timeout,
+        proxy=parse_host_proxy(settings.proxy),
     )
 
 

@@ -18,6 +18,7 @@ Modules, by role:
 - ``proxyd``: proxyd itself, as a subprocess.
 - ``dockerd``: a private docker engine and its CLI.
 - ``netns``: network namespaces, a container's or a pod's network.
+- ``tinyproxy``: a forward proxy (a corporate network's), whose log names each request.
 
 This module holds what they share: finding binaries, free ports, waiting for a
 server, and running commands with a deadline.
