@@ -145,7 +145,9 @@ class Exchange:
                     ssl=self._ssl_for(host, same_origin),
                     **proxied.arguments,
                 )
-                if response.status == 407 and proxied.arguments:  # as a tunnel's 407 is
+                if response.status == 407 and proxied.arguments:
+                    # The proxy's refusal, not the host's answer: a failure, as aiohttp
+                    # makes a tunnel's.
                     response.release()
                     raise aiohttp.ClientHttpProxyError(
                         response.request_info,

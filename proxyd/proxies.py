@@ -92,7 +92,7 @@ def parse_host_proxy(value: str | None) -> HostProxy:
 
 
 @dataclass(frozen=True)
-class _Exception:
+class _NoProxyEntry:
     """One NO_PROXY entry: a domain (suffix), an address or a network, and a port."""
 
     domain: str | None = None  # with its leading dot
@@ -119,7 +119,7 @@ class ProxyEnvironment:
     http: Proxy | None = None
     https: Proxy | None = None
     no_proxy: str = ""
-    _exceptions: tuple[_Exception, ...] = field(default=(), repr=False, compare=False)
+    _exceptions: tuple[_NoProxyEntry, ...] = field(default=(), repr=False, compare=False)
     _everything: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
@@ -223,9 +223,9 @@ def describe_route(choice: HostProxy, environment: ProxyEnvironment, url: str) -
     return f"through the proxy {proxy} ({variable})"
 
 
-def _parse_no_proxy(value: str) -> tuple[tuple[_Exception, ...], bool]:
+def _parse_no_proxy(value: str) -> tuple[tuple[_NoProxyEntry, ...], bool]:
     """Go's `config.init`: best effort, entries it cannot read are ignored."""
-    exceptions: list[_Exception] = []
+    exceptions: list[_NoProxyEntry] = []
     for raw in value.split(","):
         entry = raw.strip().lower()
         if not entry:
@@ -234,7 +234,7 @@ def _parse_no_proxy(value: str) -> tuple[tuple[_Exception, ...], bool]:
             return (), True
         if "/" in entry:
             try:
-                exceptions.append(_Exception(network=ipaddress.ip_network(entry, strict=False)))
+                exceptions.append(_NoProxyEntry(network=ipaddress.ip_network(entry, strict=False)))
             except ValueError:
                 pass
             else:
@@ -250,7 +250,7 @@ def _parse_no_proxy(value: str) -> tuple[tuple[_Exception, ...], bool]:
             host, port = entry, ""
         address = _ip(host)
         if address is not None:
-            exceptions.append(_Exception(address=address, port=port))
+            exceptions.append(_NoProxyEntry(address=address, port=port))
             continue
         if not host:
             continue
@@ -259,7 +259,7 @@ def _parse_no_proxy(value: str) -> tuple[tuple[_Exception, ...], bool]:
         exact_too = not host.startswith(".")
         if exact_too:
             host = f".{host}"
-        exceptions.append(_Exception(domain=_ascii(host), exact_too=exact_too, port=port))
+        exceptions.append(_NoProxyEntry(domain=_ascii(host), exact_too=exact_too, port=port))
     return tuple(exceptions), False
 
 
