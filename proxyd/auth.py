@@ -37,6 +37,7 @@ from proxyd import clienterrors
 from proxyd.credentials import Credential
 from proxyd.errors import TokenError, Unauthorized
 from proxyd.hosts import RegistryHost
+from proxyd.proxies import DIRECT, Via
 from proxyd.singleflight import SingleFlight
 
 log = structlog.get_logger("proxyd.auth")
@@ -165,6 +166,7 @@ class Authorizer:
         clock: Callable[[], float] = time.monotonic,
         on_fetch: Callable[[str], None] = lambda host: None,
         max_tokens: int = MAX_CACHED_TOKENS,
+        via: Callable[[RegistryHost, str], Via] = lambda host, url: DIRECT,
     ) -> None:
         self._session = session
         self._credentials = credentials
@@ -174,6 +176,7 @@ class Authorizer:
         self._tokens = _TokenCache(max_tokens, clock)
         self._flights: SingleFlight[_Token] = SingleFlight()
         self._on_fetch = on_fetch
+        self._via = via  # the host's forward proxy, to a URL
 
     def learn(
         self, host: RegistryHost, www_authenticate: list[str], *, refused: bool = False
@@ -268,6 +271,7 @@ class Authorizer:
         realm = params["realm"]
         service = params.get("service", "")
         secret = credential and (credential.identity_token or credential.password)
+        via = self._via(host, realm)  # the token server is reached as the host is
         log.debug("token.fetch", host=host.host, realm=realm, scope=scopes, oauth=bool(secret))
         headers = _token_headers(host, realm)
         try:
@@ -283,15 +287,21 @@ class Authorizer:
                         username=credential.username or "",
                         password=credential.password or "",
                     )
-                status, body = await self._call("POST", realm, ssl, headers, data=form)
+                status, body = await self._call("POST", realm, ssl, headers, data=form, via=via)
                 if status in _TOKEN_FALLBACK_STATUSES:
                     basic = basic_authorization(credential.username or "", secret)
                     status, body = await self._call(
-                        "GET", realm, ssl, headers, basic, params=_query(service, scopes)
+                        "GET",
+                        realm,
+                        ssl,
+                        headers,
+                        basic,
+                        params=_query(service, scopes),
+                        via=via,
                     )
             else:
                 status, body = await self._call(
-                    "GET", realm, ssl, headers, params=_query(service, scopes)
+                    "GET", realm, ssl, headers, params=_query(service, scopes), via=via
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenError(
@@ -319,16 +329,17 @@ class Authorizer:
         ssl: Any,
         extra: Iterable[tuple[str, str]],
         authorization: str = "",
+        via: Via = DIRECT,
         **kwargs: Any,
     ) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=30)
         headers: CIMultiDict[str] = CIMultiDict([("User-Agent", self._user_agent)])
-        for name, value in extra:
+        for name, value in (*via.headers.items(), *extra):
             headers.add(name, value)
         if authorization:
             headers["Authorization"] = authorization
         async with self._session.request(
-            method, url, headers=headers, timeout=timeout, ssl=ssl, **kwargs
+            method, url, headers=headers, timeout=timeout, ssl=ssl, **via.arguments, **kwargs
         ) as resp:
             return resp.status, await resp.content.read(1 << 20)
 

@@ -60,12 +60,14 @@ from proxyd.exchange import (
     Exchange,
     Refused,
     TLSSetupError,
+    is_absolute,
     is_replayable,
     not_refreshed,
 )
 from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
+from proxyd.proxies import Proxy, route, via
 
 log = structlog.get_logger("proxyd.upstream")
 
@@ -133,14 +135,21 @@ class UpstreamClient:
             user_agent=self.user_agent,
             on_fetch=lambda host: self.metrics.token_fetches.labels(host).inc(),
             clock=self.clock.monotonic,
+            via=lambda host, url: via(self._route(host, url), url),
         )
         self._exchange = Exchange(
             self._session,
             authorizer,
             user_agent=self.user_agent,
             on_refused=lambda host: self.on_refused(host),
+            route=self._route,
         )
         return self
+
+    def _route(self, host: RegistryHost, url: str) -> Proxy | None:
+        """The forward proxy of a request made for `host` (to its origin, its token
+        server, a redirect target): the host's own, or the environment's for `url`."""
+        return route(host.proxy, self.runtime.proxy_env, url)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
@@ -207,7 +216,8 @@ class UpstreamClient:
         # No repository: a registry-wide call (the catalog).
         scope = f"repository:{repository}:{actions}" if repository else "registry:catalog:*"
         scope = " ".join([scope, *scopes])
-        path = f"{repository}/{suffix}" if repository else suffix
+        # An absolute suffix is a URL of its own (an upload moved to object storage).
+        path = f"{repository}/{suffix}" if repository and not is_absolute(suffix) else suffix
         replayable = is_replayable(data)
         if not replayable:
             hosts = hosts[:1]  # a stream is sent once: to one host
