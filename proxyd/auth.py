@@ -43,6 +43,7 @@ from proxyd import clienterrors, targets
 from proxyd.credentials import Credential
 from proxyd.errors import TokenError, Unauthorized
 from proxyd.hosts import RegistryHost
+from proxyd.proxies import DIRECT, Via
 from proxyd.singleflight import SingleFlight
 
 log = structlog.get_logger("proxyd.auth")
@@ -173,6 +174,7 @@ class Authorizer:
         on_fetch: Callable[[str], None] = lambda host: None,
         max_tokens: int = MAX_CACHED_TOKENS,
         allow_link_local: bool = False,
+        via: Callable[[RegistryHost, str], Via] = lambda host, url: DIRECT,
     ) -> None:
         self._session = session
         self._allow_link_local = allow_link_local  # realms there (proxyd.targets)
@@ -183,6 +185,7 @@ class Authorizer:
         self._tokens = _TokenCache(max_tokens, clock)
         self._flights: SingleFlight[_Token] = SingleFlight()
         self._on_fetch = on_fetch
+        self._via = via  # the host's forward proxy, to a URL
 
     def learn(
         self, host: RegistryHost, www_authenticate: list[str], *, refused: bool = False
@@ -277,6 +280,7 @@ class Authorizer:
         realm = params["realm"]
         service = params.get("service", "")
         secret = credential and (credential.identity_token or credential.password)
+        via = self._via(host, realm)  # the token server is reached as the host is
         log.debug("token.fetch", host=host.host, realm=realm, scope=scopes, oauth=bool(secret))
         headers = _token_headers(host, realm)
         try:
@@ -292,15 +296,21 @@ class Authorizer:
                         username=credential.username or "",
                         password=credential.password or "",
                     )
-                status, body = await self._call("POST", realm, ssl, headers, data=form)
+                status, body = await self._call("POST", realm, ssl, headers, data=form, via=via)
                 if status in _TOKEN_FALLBACK_STATUSES:
                     basic = basic_authorization(credential.username or "", secret)
                     status, body = await self._call(
-                        "GET", realm, ssl, headers, basic, params=_query(service, scopes)
+                        "GET",
+                        realm,
+                        ssl,
+                        headers,
+                        basic,
+                        params=_query(service, scopes),
+                        via=via,
                     )
             else:
                 status, body = await self._call(
-                    "GET", realm, ssl, headers, params=_query(service, scopes)
+                    "GET", realm, ssl, headers, params=_query(service, scopes), via=via
                 )
         except targets.RefusedTarget as exc:
             raise TokenError(
@@ -332,6 +342,7 @@ class Authorizer:
         ssl: Any,
         extra: Iterable[tuple[str, str]],
         authorization: str = "",
+        via: Via = DIRECT,
         *,
         data: dict[str, str] | None = None,
         params: list[tuple[str, str]] | None = None,
@@ -342,7 +353,7 @@ class Authorizer:
         the credentials or without them."""
         timeout = aiohttp.ClientTimeout(total=30)
         headers: CIMultiDict[str] = CIMultiDict([("User-Agent", self._user_agent)])
-        for name, value in extra:
+        for name, value in (*via.headers.items(), *extra):
             headers.add(name, value)
         if authorization:
             headers["Authorization"] = authorization
@@ -364,6 +375,7 @@ class Authorizer:
                 data=data,
                 params=params,
                 allow_redirects=False,
+                **via.arguments,  # the realm's origin throughout: the same proxy
             ) as resp:
                 location = resp.headers.get("Location")
                 if resp.status not in _REDIRECTS or not location:

@@ -23,6 +23,7 @@ from proxyd.config import (
     load_settings,
 )
 from proxyd.hosts import Namespace
+from proxyd.proxies import describe_route
 
 EXAMPLES = """\
 examples:
@@ -226,11 +227,14 @@ def check_config(runtime: RuntimeConfig) -> int:
             f"{_redis_host(cluster.redis_url)}, streaming a blob to {cluster.fanout} peers at "
             "most; the secret read"
         )
+    for source, key in runtime.ignored_keys:
+        print(f"proxyd: warning: {source}: unknown key {key!r} ignored", file=sys.stderr)
     for name, namespace in sorted(runtime.namespaces.items()):
         print(f"\nnamespace {name}  (from {namespace.source})")
         for position, host in enumerate(namespace.hosts, 1):
             auth = "credentials" if runtime.credential_for(host.host) else "anonymous"
-            print(f"  {position}. {host.describe()}, {auth}")
+            way = describe_route(host.proxy, runtime.proxy_env, host.origin)
+            print(f"  {position}. {host.describe()}, {auth}{'' if way == 'direct' else ', ' + way}")
         writes = [
             name
             for name, allowed in (

@@ -12,8 +12,10 @@ this module layers them and turns their errors into `ConfigError`.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +47,7 @@ from proxyd.credentials import Credential, CredentialsError, read_docker_config
 from proxyd.hosts import Namespace
 from proxyd.hostsfile import HostsFile, NamespaceSettings, build_namespace, load_hosts_dir
 from proxyd.inbound import AuthRequired, load_htpasswd
+from proxyd.proxies import Proxy, ProxyEnvironment
 from proxyd.reference import DOCKER_HUB, HOST_RE
 
 MAX_MANIFEST_SIZE = 4 * 1048 * 1048  # containerd's MaxManifestSize
@@ -284,6 +287,8 @@ class RuntimeConfig:
     fallback: HostsFile | None = None  # hosts_dir/_default
     inbound_users: dict[str, bytes] | None = None  # from `htpasswd`: user -> bcrypt hash
     peer_secret: SecretBytes | None = None  # from [cluster] secret_file
+    proxy_env: ProxyEnvironment = field(default_factory=ProxyEnvironment)
+    ignored_keys: list[tuple[str, str]] = field(default_factory=list)  # (file, key): warned
     _synthesised: OrderedDict[str, Namespace] = field(default_factory=OrderedDict)
 
     def namespace(self, name: str) -> Namespace | None:
@@ -302,7 +307,7 @@ class RuntimeConfig:
             built = build_namespace(
                 name,
                 self.fallback.settings,
-                source=str(self.fallback.directory / "hosts.toml"),
+                source=self.fallback.source,
                 base_dir=self.fallback.directory,
             )
         elif self.settings.allow_unconfigured_namespaces:
@@ -316,8 +321,8 @@ class RuntimeConfig:
 
     def configured_hostnames(self) -> set[str]:
         """The host names of every host the configuration names (namespaces, and the
-        mirrors of hosts_dir/_default): the user's choice, resolved as they are
-        (proxyd.targets)."""
+        mirrors of hosts_dir/_default) and of their forward proxies (a host's own, the
+        environment's): the user's choice, resolved as they are (proxyd.targets)."""
         hosts = [h for ns in self.namespaces.values() for h in ns.hosts]
         if self.fallback is not None:
             probe = build_namespace(
@@ -327,7 +332,10 @@ class RuntimeConfig:
                 base_dir=self.fallback.directory,
             )
             hosts += [h for h in probe.hosts if h.host != "fallback.invalid"]
-        return {urlsplit(f"//{h.host}").hostname or h.host for h in hosts}
+        urls = [f"//{h.host}" for h in hosts]
+        proxies = [h.proxy for h in hosts] + [self.proxy_env.http, self.proxy_env.https]
+        urls += [p.url for p in proxies if isinstance(p, Proxy)]
+        return {urlsplit(url).hostname or url for url in urls}
 
     def credential_for(self, host: str) -> Credential | None:
         return self.credentials.get(host)
@@ -351,24 +359,28 @@ class RuntimeConfig:
         return self.settings.auth_required or "push"
 
 
-def build_runtime(settings: Settings) -> RuntimeConfig:
-    """Layer the sources; the first that names a namespace wins (containerd's rule)."""
+def build_runtime(settings: Settings, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """Layer the sources; the first that names a namespace wins (containerd's rule).
+    `environ` (os.environ unless given) holds HTTP_PROXY, HTTPS_PROXY and NO_PROXY."""
     namespaces: dict[str, Namespace] = {}
     fallback = None
+    ignored: list[tuple[str, str]] = []
     try:
         for name, ns in settings.namespaces.items():
             namespaces[name] = build_namespace(name, ns, source="config file")
         if settings.hosts_dir is not None:
             for name, hosts_file in load_hosts_dir(settings.hosts_dir).items():
+                ignored += [(hosts_file.source, key) for key in hosts_file.ignored]
                 if name == "_default":
                     fallback = hosts_file
                 elif name not in namespaces:
                     namespaces[name] = build_namespace(
                         name,
                         hosts_file.settings,
-                        source=str(hosts_file.directory / "hosts.toml"),
+                        source=hosts_file.source,
                         base_dir=hosts_file.directory,
                     )
+        proxy_env = ProxyEnvironment.from_environ(os.environ if environ is None else environ)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if DOCKER_HUB not in namespaces and fallback is None:
@@ -394,6 +406,8 @@ def build_runtime(settings: Settings) -> RuntimeConfig:
         fallback,
         inbound_users=inbound_users,
         peer_secret=_peer_secret(settings.cluster),
+        proxy_env=proxy_env,
+        ignored_keys=ignored,
     )
 
 
@@ -452,7 +466,7 @@ def check_upstream_tls(runtime: RuntimeConfig) -> None:
     `build_registry`, which reads a configuration without touching those files.)"""
     checks = [(ns.source, h) for ns in runtime.namespaces.values() for h in ns.hosts]
     if runtime.fallback is not None:
-        source = str(runtime.fallback.directory / "hosts.toml")
+        source = runtime.fallback.source
         probe = build_namespace(
             "fallback.invalid",
             runtime.fallback.settings,

@@ -1,14 +1,17 @@
 """One request to one host of a chain: proxyd's credentials for it, redirects
-followed by hand, and the host's TLS settings.
+followed by hand, the host's TLS settings and its forward proxy.
 
 The authorizer supplies the Authorization for the host and the scope; a 401 is
 answered once (the challenge learnt, a refused token dropped, a token asked for the
-scopes the challenge names), and a second is the host refusing them. Redirects
-(blob storage, CDNs) are followed here rather than by aiohttp, so the registry's
-Authorization and client certificate never reach another origin; and they go only
-where proxyd.targets allows (http or https, no link-local address). When the host
+scopes the challenge names), and a second is the host refusing them. Redirects (blob
+storage, CDNs) are followed here rather than by aiohttp, so the registry's
+Authorization, the host's configured headers and its client certificate never reach
+another origin; a request may also name a URL on another origin itself (an upload the
+registry moved to object storage), and goes there the same way, bare. Either goes
+only where proxyd.targets allows (http or https, no link-local address). When the host
 refuses credentials, proxyd's may be out of date (a rotated secret): `on_refused`
-reads them again, and a request they changed goes once more.
+reads them again, and a request they changed goes once more. Every hop goes through
+the proxy `route` names for it.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
 it is sent after the host's challenge is known (a `GET /v2/` first, as clients
@@ -29,12 +32,14 @@ from proxyd import targets, tls
 from proxyd.auth import Authorizer, challenge_scopes
 from proxyd.errors import Unauthorized
 from proxyd.hosts import RegistryHost
+from proxyd.proxies import Proxy, Via, via
 
 MAX_REDIRECTS = targets.MAX_REDIRECTS
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 Body = bytes | AsyncIterable[bytes] | None
 Refused = Callable[[str], Awaitable[bool]]  # the host refused: did its credentials change?
+Route = Callable[[RegistryHost, str], Proxy | None]  # a request for the host, to a URL: which proxy
 
 
 class Exchange:
@@ -48,12 +53,14 @@ class Exchange:
         user_agent: str,
         on_refused: Refused,
         allow_link_local: bool = False,
+        route: Route = lambda host, url: None,
     ) -> None:
         self.session = session
         self.authorizer = authorizer
         self.user_agent = user_agent
         self._on_refused = on_refused
         self._allow_link_local = allow_link_local  # redirects there (proxyd.targets)
+        self._route = route
         self._ssl: dict[tuple[object, ...], Any] = {}
         self._pinged: set[RegistryHost] = set()  # hosts asked GET /v2/ before a streamed body
 
@@ -68,7 +75,8 @@ class Exchange:
         data: Body = None,
     ) -> aiohttp.ClientResponse:
         """The host's answer (its body unread); Unauthorized when it refuses proxyd's
-        credentials for `scope`, or has none to give."""
+        credentials for `scope`, or has none to give. `path` is below the host's API
+        root, or an absolute URL (then, on another origin, sent without credentials)."""
         send = partial(self._send, host, method, path, extra, params, scope, data)
         return await self._once_more_if_refreshed(host, send, is_replayable(data))
 
@@ -101,32 +109,61 @@ class Exchange:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=host.connect_timeout, sock_read=host.read_timeout
         )
+        extra = tuple(extra)
         base: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent)])
         for name, value in (*host.headers, *extra):
             base.add(name, value)
+        # Another origin sees neither the host's configured headers nor its credentials
+        # (Go's client keeps configured headers across redirects, dropping Authorization).
+        bare: CIMultiDict[str] = CIMultiDict([("User-Agent", self.user_agent), *extra])
+        first = path if is_absolute(path) else host.url(path)
+        foreign = _origin(first) != host.origin  # nothing of the host's goes there
+        if foreign:  # a URL the registry named (an upload's Location)
+            targets.check(first, allow_link_local=self._allow_link_local)
         replayable = is_replayable(data)
         own_tls = self._ssl_for(host, same_origin=True)
-        if not replayable and await self.authorizer.authorization(host, scope, own_tls) is None:
+        if (
+            not foreign
+            and not replayable
+            and await self.authorizer.authorization(host, scope, own_tls) is None
+        ):
             await self._ping(host, timeout)
         wanted: tuple[str, ...] = ()  # the scopes a 401 named, for the retry
         for attempt in (1, 2):
-            authorization = await self.authorizer.authorization(host, scope, own_tls, also=wanted)
-            url = host.url(path)
+            authorization = (
+                None
+                if foreign
+                else await self.authorizer.authorization(host, scope, own_tls, also=wanted)
+            )
+            url = first
             for _hop in range(MAX_REDIRECTS + 1):
                 same_origin = _origin(url) == host.origin
-                headers = CIMultiDict(base)
+                headers = CIMultiDict(base if same_origin else bare)
                 if authorization and same_origin:
                     headers["Authorization"] = authorization
+                proxied = self._via(host, url)
+                headers.update(proxied.headers)
                 response = await self.session.request(
                     method,
                     url,
                     headers=headers,
-                    params=params if url == host.url(path) else None,
+                    params=params if url == first else None,
                     data=data,
                     allow_redirects=False,
                     timeout=timeout,
                     ssl=self._ssl_for(host, same_origin),
+                    **proxied.arguments,
                 )
+                if response.status == 407 and proxied.arguments:
+                    # The proxy's refusal, not the host's answer: a failure, as aiohttp
+                    # makes a tunnel's.
+                    response.release()
+                    raise aiohttp.ClientHttpProxyError(
+                        response.request_info,
+                        response.history,
+                        status=407,
+                        message=response.reason or "Proxy Authentication Required",
+                    )
                 if response.status in _REDIRECTS and "Location" in response.headers and replayable:
                     response.release()
                     url = _redirect_target(url, response.headers["Location"])
@@ -161,16 +198,22 @@ class Exchange:
         learn the host's challenge from `GET /v2/` (once per host)."""
         if host in self._pinged:
             return
+        proxied = self._via(host, host.origin)
         async with self.session.get(
             host.url(""),
-            headers=[("User-Agent", self.user_agent), *host.headers],
+            headers=[("User-Agent", self.user_agent), *host.headers, *proxied.headers.items()],
             allow_redirects=False,
             timeout=limits,
             ssl=self._ssl_for(host, same_origin=True),
+            **proxied.arguments,
         ) as ping:
             if ping.status == 401:
                 self.authorizer.learn(host, ping.headers.getall("WWW-Authenticate", []))
         self._pinged.add(host)
+
+    def _via(self, host: RegistryHost, url: str) -> Via:
+        """The way through the proxy a request for `host` to `url` takes (none: direct)."""
+        return via(self._route(host, url), url)
 
     def _ssl_for(self, host: RegistryHost, same_origin: bool) -> Any:
         """TLS settings of the host: its CAs apply to redirects too, its client
@@ -208,6 +251,11 @@ async def not_refreshed(host: str) -> bool:
     """An UpstreamClient without a reloader (used alone, as in tests): credentials
     never change."""
     return False
+
+
+def is_absolute(url: str) -> bool:
+    """An http(s) URL of its own, not a path below a host's API root."""
+    return urlsplit(url).scheme in ("http", "https")
 
 
 def is_replayable(data: Body) -> bool:

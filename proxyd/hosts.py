@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxyd.proxies import HostProxy
 from proxyd.reference import DOCKER_HUB
 
 
@@ -23,10 +24,17 @@ class Capability(enum.Flag):
     PULL = enum.auto()  # fetch content by digest: verifiable, so mirrors may do it
     RESOLVE = enum.auto()  # tag -> digest: a trusted act
     PUSH = enum.auto()
+    REFERRERS = enum.auto()  # the OCI referrers API (containerd 2.x); a trusted list too
 
     @classmethod
     def all(cls) -> Capability:
-        return cls.PULL | cls.RESOLVE | cls.PUSH
+        return cls.PULL | cls.RESOLVE | cls.PUSH | cls.REFERRERS
+
+    @classmethod
+    def mirror_default(cls) -> Capability:
+        """A mirror without `capabilities`: containerd's default minus push (proxyd
+        never pushes to a mirror)."""
+        return cls.PULL | cls.RESOLVE | cls.REFERRERS
 
     @classmethod
     def parse(cls, names: list[str]) -> Capability:
@@ -36,7 +44,7 @@ class Capability(enum.Flag):
                 result |= cls[name.upper()]
             except KeyError:
                 raise ValueError(
-                    f"unknown capability {name!r} (expected pull, resolve or push)"
+                    f"unknown capability {name!r} (expected pull, resolve, push or referrers)"
                 ) from None
         return result
 
@@ -61,8 +69,9 @@ class RegistryHost:
     ca: tuple[str, ...] = ()
     client: tuple[tuple[str, str | None], ...] = ()
     skip_verify: bool = False
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT  # None: no limit of proxyd's
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    proxy: HostProxy = "environment"  # through which forward proxy (proxyd.proxies)
 
     @property
     def origin(self) -> str:
@@ -116,6 +125,13 @@ class Namespace:
     def vouches(self, host: RegistryHost) -> bool:
         """Whether `host`'s answer about a repository counts as its confirmation."""
         return host in self.confirmers()
+
+    @property
+    def referrers_tag_capability(self) -> Capability:
+        """Who is asked for the referrers tag schema (`sha256-<hex>`) when the
+        referrers API has no answer: the referrers hosts, or, when no host has that
+        capability, the resolve hosts (containerd's `openReferrers`)."""
+        return Capability.REFERRERS if self.hosts_for(Capability.REFERRERS) else Capability.RESOLVE
 
     @property
     def push_host(self) -> RegistryHost | None:

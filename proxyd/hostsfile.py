@@ -4,7 +4,12 @@ hosts.toml files and proxyd's own `[namespaces."…"]` tables into `proxyd.hosts
 One model reads both, so a file can move between a containerd hosts directory and
 proxyd's TOML unchanged. Kept apart from the pure chain types (as containerd keeps
 `config/hosts.go` apart from `registry.go`): this room holds the pydantic models, the
-TOML reading and containerd's directory spelling (`host_port_`).
+TOML reading and containerd's directory layout (`host_port_`, and Docker's
+certificate files in a directory without hosts.toml).
+
+A hosts.toml is a file other programs read too, and containerd ignores keys it does
+not know, so proxyd names an unknown key in a hosts.toml (a warning) and goes on;
+in proxyd's own TOML file an unknown key is still an error, like any other typo there.
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxyd.hosts import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -29,6 +42,7 @@ from proxyd.hosts import (
     default_server,
     is_local,
 )
+from proxyd.proxies import parse_host_proxy
 from proxyd.reference import HOST_RE
 
 
@@ -65,7 +79,8 @@ class HostSettings(BaseModel):
 
     capabilities: list[str] | None = Field(
         None,
-        description="pull, resolve, push; unset: all for the server, pull+resolve for a mirror",
+        description="pull, resolve, push, referrers; unset: all for the server, all but push "
+        "for a mirror",
     )
     ca: StrList = Field(
         default_factory=list, description="CA file(s) trusted besides the system's (path or list)"
@@ -76,10 +91,49 @@ class HostSettings(BaseModel):
     skip_verify: bool = Field(False, description="do not verify the host's TLS certificate")
     header: Headers = Field(default_factory=dict, description="extra headers sent to this host")
     override_path: bool = Field(False, description="the URL's path is the API root (no /v2)")
+    dial_timeout: str | None = Field(
+        None,
+        description='containerd\'s connect timeout, a Go duration ("30s", "1m30s"; "0s": '
+        "no limit); or connect_timeout",
+    )
     connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0, description="seconds")
     read_timeout: float = Field(
         DEFAULT_READ_TIMEOUT, gt=0, description="seconds without a byte before giving up"
     )
+    proxy: str | None = Field(
+        None,
+        description="forward proxy for this host (http://[user:pass@]host:port), or "
+        '"direct"; unset: HTTPS_PROXY, HTTP_PROXY and NO_PROXY',
+    )
+
+    @field_validator("dial_timeout")
+    @classmethod
+    def _check_dial_timeout(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_go_duration(value)
+        return value
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        parse_host_proxy(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_connect_timeout(self) -> HostSettings:
+        if self.dial_timeout is not None and "connect_timeout" in self.model_fields_set:
+            raise ValueError(
+                "dial_timeout and connect_timeout say the same thing: give one of them"
+            )
+        return self
+
+    @property
+    def connect_limit(self) -> float | None:
+        """Seconds to connect: dial_timeout (0: no limit, as Go's dialer) or
+        connect_timeout."""
+        if self.dial_timeout is None:
+            return self.connect_timeout
+        return parse_go_duration(self.dial_timeout) or None
 
 
 class NamespaceSettings(HostSettings):
@@ -119,7 +173,7 @@ def make_host(
     if not HOST_RE.fullmatch(parts.netloc):
         raise ValueError(f"invalid host {parts.netloc!r} in {url!r}")
     if not settings.capabilities:  # unset or empty: containerd's rule, defaults apply
-        capabilities = Capability.all() if not is_mirror else Capability.PULL | Capability.RESOLVE
+        capabilities = Capability.all() if not is_mirror else Capability.mirror_default()
     else:
         capabilities = Capability.parse(settings.capabilities)
 
@@ -136,8 +190,9 @@ def make_host(
         ca=tuple(resolve(p) for p in settings.ca),
         client=tuple((resolve(c), resolve(k) if k else None) for c, k in settings.client),
         skip_verify=settings.skip_verify,
-        connect_timeout=settings.connect_timeout,
+        connect_timeout=settings.connect_limit,
         read_timeout=settings.read_timeout,
+        proxy=parse_host_proxy(settings.proxy),
     )
 
 
@@ -167,15 +222,67 @@ def build_namespace(
 
 
 def parse_hosts_toml(text: str) -> NamespaceSettings:
-    """Read one containerd hosts.toml; tables keep their file order (dicts are ordered)."""
+    """Read one containerd hosts.toml; tables keep their file order (dicts are ordered).
+    Keys neither containerd nor proxyd knows are left out (`read_hosts_toml` names them)."""
+    return read_hosts_toml(text)[0]
+
+
+def read_hosts_toml(text: str) -> tuple[NamespaceSettings, tuple[str, ...]]:
+    """One hosts.toml, and the dotted names of the keys in it that were ignored."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"invalid TOML: {exc}") from None
+    ignored = _drop_unknown(data, NamespaceSettings, "")
+    hosts = data.get("host")
+    if isinstance(hosts, dict):
+        for url, table in hosts.items():
+            if isinstance(table, dict):
+                ignored += _drop_unknown(table, HostSettings, f"host.{url}.")
     try:
-        return NamespaceSettings.model_validate(data)
+        return NamespaceSettings.model_validate(data), tuple(ignored)
     except ValidationError as exc:
         raise ValueError(_explain(exc)) from None
+
+
+def _drop_unknown(table: dict[str, Any], model: type[BaseModel], prefix: str) -> list[str]:
+    unknown = [key for key in table if key not in model.model_fields]
+    for key in unknown:
+        del table[key]
+    return [f"{prefix}{key}" for key in unknown]
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration (`time.ParseDuration`: "300ms", "1.5h", "2m30s", "0"),
+    as containerd reads `dial_timeout`."""
+    value = text.strip()
+    sign = -1.0 if value.startswith("-") else 1.0
+    body = value.lstrip("+-") if value[:1] in "+-" else value
+    if body == "0":
+        return 0.0
+    if not body or _GO_DURATION.fullmatch(body) is None:
+        raise ValueError(
+            f"{text!r} is not a duration: a number and a unit (ns, us, ms, s, m, h), as "
+            '"30s" or "1m30s"'
+        )
+    total = sum(float(number) * _GO_UNITS[unit] for number, unit in _GO_PART.findall(body))
+    if sign < 0 and total:
+        raise ValueError(f"{text!r}: a timeout cannot be negative")
+    return total
+
+
+_GO_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,  # Go accepts both micro signs
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_DURATION = re.compile(rf"(?:{_GO_PART.pattern})+")
 
 
 def _explain(exc: ValidationError) -> str:
@@ -197,19 +304,59 @@ def hosts_dir_namespace_name(directory: str) -> str:
 class HostsFile:
     settings: NamespaceSettings
     directory: Path  # relative `ca` and `client` paths resolve against it
+    ignored: tuple[str, ...] = ()  # keys of its hosts.toml proxyd does not know
+    from_toml: bool = True  # False: Docker's certificate files, no hosts.toml
+
+    @property
+    def source(self) -> str:
+        if self.from_toml:
+            return str(self.directory / "hosts.toml")
+        return f"{self.directory}/ (certificate files)"
 
 
 def load_hosts_dir(directory: Path) -> dict[str, HostsFile]:
-    """`DIR/<namespace>/hosts.toml`, and `DIR/_default/hosts.toml` for the rest."""
-    found: dict[str, HostsFile] = {}
+    """Every `DIR/<namespace>/` as containerd reads it (`DIR/_default/` for the rest):
+    its hosts.toml, or, when it has none (or an empty one), Docker's certificate
+    files in it. For `host:port`, `host_port_` wins over `host:port`, as containerd
+    looks there first."""
+    found: dict[str, tuple[int, HostsFile]] = {}
     if not directory.is_dir():
         raise ValueError(f"hosts directory {directory} does not exist")
-    for path in sorted(directory.glob("*/hosts.toml")):
-        name = path.parent.name
-        if name != "_default":
-            name = hosts_dir_namespace_name(name)
-        try:
-            found[name] = HostsFile(parse_hosts_toml(path.read_text()), path.parent)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
-    return found
+    for path in sorted(p for p in directory.iterdir() if p.is_dir()):
+        name = path.name if path.name == "_default" else hosts_dir_namespace_name(path.name)
+        if name != "_default" and not HOST_RE.fullmatch(name):
+            continue  # not a registry's directory (containerd would never look there)
+        rank = 0 if path.name.endswith("_") else 1 if ":" in path.name or name == path.name else 2
+        if name in found and found[name][0] <= rank:
+            continue
+        found[name] = (rank, _load_host_directory(path, name))
+    return {name: hosts_file for name, (_rank, hosts_file) in found.items()}
+
+
+def _load_host_directory(path: Path, name: str) -> HostsFile:
+    toml = path / "hosts.toml"
+    text = ""
+    try:
+        text = toml.read_text() if toml.exists() else ""
+        if text:
+            settings, ignored = read_hosts_toml(text)
+            return HostsFile(settings, path, ignored)
+        return HostsFile(docker_certificates(path, name), path, from_toml=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{toml if text else path}: {exc}") from None
+
+
+def docker_certificates(path: Path, name: str) -> NamespaceSettings:
+    """containerd's `loadCertFiles`, Docker's layout: every `*.crt` a CA; every
+    `*.cert` a client certificate, with the `*.key` of the same name when there is
+    one (else the key is in the `.cert`). The server is the namespace's default,
+    over https even on loopback when there are certificates (containerd tries https
+    first for a host with TLS files)."""
+    files = sorted(p for p in path.iterdir() if not p.is_dir())
+    ca = [str(p) for p in files if p.name.endswith(".crt")]
+    client: list[Any] = []  # as hosts.toml spells it: [cert, key], or the cert alone
+    for cert in (p for p in files if p.name.endswith(".cert")):
+        key = cert.with_name(cert.name[: -len(".cert")] + ".key")
+        client.append([str(cert), str(key)] if key.exists() else str(cert))
+    server = f"https://{name}" if (ca or client) and is_local(name) else None
+    return NamespaceSettings.model_validate({"server": server, "ca": ca, "client": client})

@@ -1,6 +1,6 @@
-"""Answers that only a host trusted with `resolve` may give, because nothing in them
-can be verified: what a tag points at, the tag lists, the referrers of a subject,
-the catalog.
+"""Answers that only a host trusted with `resolve` (or `referrers`) may give,
+because nothing in them can be verified: what a tag points at, the tag lists, the
+referrers of a subject, the catalog.
 
 They are kept in the small-response cache and served by one policy
 (`_through_cache`): a fresh answer is served as is; an old one is revalidated (a
@@ -299,21 +299,23 @@ class Resolver:
         self, target: Target, digest: Digest, artifact_type: str | None, key: str
     ) -> Listing:
         params = {"artifactType": artifact_type} if artifact_type else None
-        async with self.upstream.ask(
-            target,
-            Capability.RESOLVE,
-            "GET",
-            f"referrers/{digest}",
-            accept=[OCI_INDEX],
-            params=params,
-        ) as up:
-            host = up.host.host
-            if up.response.status != 404:
-                await expect(up, f"referrers of {digest}", not_found=ManifestUnknown)
-                body = await self._read_json(up)
-                filtered = "artifactType" in up.response.headers.get("OCI-Filters-Applied", "")
-        if up.response.status == 404:  # no referrers API: the tag schema
-            body, filtered = await self._referrers_tag(target, digest), False
+        host, body, filtered = "", None, False
+        if target.namespace.hosts_for(Capability.REFERRERS):  # else: the tag schema only
+            async with self.upstream.ask(
+                target,
+                Capability.REFERRERS,
+                "GET",
+                f"referrers/{digest}",
+                accept=[OCI_INDEX],
+                params=params,
+            ) as up:
+                host = up.host.host
+                if up.response.status != 404:
+                    await expect(up, f"referrers of {digest}", not_found=ManifestUnknown)
+                    body = await self._read_json(up)
+                    filtered = "artifactType" in up.response.headers.get("OCI-Filters-Applied", "")
+        if body is None:  # no referrers API: the tag schema
+            body, host = await self._referrers_tag(target, digest)
         if artifact_type and not filtered:
             body["manifests"] = [
                 m
@@ -323,15 +325,18 @@ class Resolver:
         await self.small.put(key, {"body": body})
         return Listing(body, None, "miss", host)
 
-    async def _referrers_tag(self, target: Target, digest: Digest) -> dict[str, Any]:
+    async def _referrers_tag(self, target: Target, digest: Digest) -> tuple[dict[str, Any], str]:
+        """The referrers tag schema, asked of the referrers hosts (or, when no host
+        has that capability, the resolve hosts); and the host that answered."""
         tag = f"{digest.algorithm}-{digest.hex}"
+        capability = target.namespace.referrers_tag_capability
         async with self.upstream.ask(
-            target, Capability.RESOLVE, "GET", f"manifests/{tag}", accept=[OCI_INDEX]
+            target, capability, "GET", f"manifests/{tag}", accept=[OCI_INDEX]
         ) as up:
             if up.response.status == 404:
-                return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+                return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}, up.host.host
             await expect(up, f"referrers tag {tag}", not_found=ManifestUnknown)
-            return await self._read_json(up)
+            return await self._read_json(up), up.host.host
 
     async def catalog(self, namespace: Namespace, params: dict[str, str]) -> Listing:
         """`/v2/_catalog`, passed to the upstream where it allows it; not cached."""

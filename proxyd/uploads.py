@@ -9,6 +9,12 @@ its query: distribution signs the offset into `_state`, so only the latest is
 valid), the offset upstream confirmed, and a local copy of the bytes so far, kept
 only while it is exactly what upstream holds. An upload idle for `upload_ttl`
 seconds is abandoned: the tracker hands it back for cleaning up.
+
+The distribution spec lets a registry backed by object storage answer with a
+`Location` on another origin, and containerd's pusher follows it with its
+authorizer stripped. proxyd follows it too, as an absolute URL: the exchange sends
+nothing of the registry's there (no credentials, no configured headers, no client
+certificate), as with a redirect.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 from proxyd.errors import BlobUploadInvalid, BlobUploadUnknown, UpstreamError
+from proxyd.exchange import is_absolute
 from proxyd.hosts import RegistryHost, Target
 from proxyd.reference import Digest
 from proxyd.store import BlobWriter
@@ -53,9 +60,18 @@ class UploadSession:
         self.move(self.location)
 
     def move(self, location: str) -> None:
-        """Take the registry's latest location for this upload."""
-        self.suffix = upstream_suffix(self.host, self.target.repository, location)
+        """Take the registry's latest location for this upload (a relative one read
+        against where the upload stands now)."""
+        current = self.url if self.suffix else None
+        self.suffix = upstream_suffix(self.host, self.target.repository, location, current)
         self.location = location
+
+    @property
+    def url(self) -> str:
+        """Where the upload's next request goes."""
+        if is_absolute(self.suffix):
+            return self.suffix
+        return self.host.url(f"{self.target.repository}/{self.suffix}")
 
     def drop_copy(self) -> None:
         """The local copy may differ from what upstream holds: keep nothing of it."""
@@ -69,25 +85,29 @@ class UploadSession:
         return f"0-{max((self.offset or 0) - 1, 0)}"
 
 
-def upstream_suffix(host: RegistryHost, repository: str, location: str) -> str:
-    """The upload location below the repository on `host` (`blobs/uploads/<id>?…`),
-    as `UpstreamClient.request` takes it; the query is kept byte for byte. A location
-    on another origin or outside the repository is refused: proxyd sends the host's
-    credentials only to the host itself."""
-    base = host.url(f"{repository}/blobs/uploads/")
+def upstream_suffix(
+    host: RegistryHost, repository: str, location: str, current: str | None = None
+) -> str:
+    """The upload location as `UpstreamClient.request` takes it, read against
+    `current` (the upload's URL so far; at first, the repository's uploads): on the
+    registry's origin, the part below the repository (`blobs/uploads/<id>?…`), which
+    must lie inside it; on another origin (object storage), the absolute URL, which
+    the exchange sends no credentials to. The query is kept byte for byte."""
+    base = current or host.url(f"{repository}/blobs/uploads/")
     try:
         parts = urlsplit(urljoin(base, location))
     except ValueError:
         raise UpstreamError(f"{host.host} sent a malformed upload location") from None
-    if f"{parts.scheme}://{parts.netloc}" != host.origin:
-        raise UpstreamError(
-            f"{host.host} moved the upload to another origin ({parts.scheme}://{parts.netloc}); "
-            "proxyd follows uploads on the registry host only"
-        )
+    query = f"?{parts.query}" if parts.query else ""
+    origin = f"{parts.scheme}://{parts.netloc}"
+    if origin != host.origin:
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UpstreamError(f"{host.host} sent an upload location proxyd cannot follow")
+        return f"{origin}{parts.path or '/'}{query}"
     root = urlsplit(host.url(f"{repository}/")).path
     if not parts.path.startswith(root) or len(parts.path) == len(root):
         raise UpstreamError(f"{host.host} sent an upload location outside {repository}")
-    return parts.path[len(root) :] + (f"?{parts.query}" if parts.query else "")
+    return parts.path[len(root) :] + query
 
 
 def confirmed_offset(range_header: str | None, expected: int | None) -> int | None:

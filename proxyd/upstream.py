@@ -60,6 +60,7 @@ from proxyd.exchange import (
     Exchange,
     Refused,
     TLSSetupError,
+    is_absolute,
     is_replayable,
     not_refreshed,
 )
@@ -67,6 +68,7 @@ from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
 from proxyd.pace import MinimumRate, TooSlow
+from proxyd.proxies import Proxy, route, via
 from proxyd.targets import LinkLocalFilter
 
 log = structlog.get_logger("proxyd.upstream")
@@ -169,6 +171,7 @@ class UpstreamClient:
             on_fetch=lambda host: self.metrics.token_fetches.labels(host).inc(),
             clock=self.clock.monotonic,
             allow_link_local=self.runtime.settings.allow_link_local,
+            via=lambda host, url: via(self._route(host, url), url),
         )
         self._exchange = Exchange(
             self._session,
@@ -176,8 +179,14 @@ class UpstreamClient:
             user_agent=self.user_agent,
             on_refused=lambda host: self.on_refused(host),
             allow_link_local=self.runtime.settings.allow_link_local,
+            route=self._route,
         )
         return self
+
+    def _route(self, host: RegistryHost, url: str) -> Proxy | None:
+        """The forward proxy of a request made for `host` (to its origin, its token
+        server, a redirect target): the host's own, or the environment's for `url`."""
+        return route(host.proxy, self.runtime.proxy_env, url)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
@@ -249,7 +258,8 @@ class UpstreamClient:
         # No repository: a registry-wide call (the catalog).
         scope = f"repository:{repository}:{actions}" if repository else "registry:catalog:*"
         scope = " ".join([scope, *scopes])
-        path = f"{repository}/{suffix}" if repository else suffix
+        # An absolute suffix is a URL of its own (an upload moved to object storage).
+        path = f"{repository}/{suffix}" if repository and not is_absolute(suffix) else suffix
         replayable = is_replayable(data)
         if not replayable:
             hosts = hosts[:1]  # a stream is sent once: to one host

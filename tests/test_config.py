@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from proxyd.cli import main
-from proxyd.config import ConfigError, build_runtime, default_cache_dir, load_settings
+from proxyd.config import (
+    ConfigError,
+    build_runtime,
+    check_upstream_tls,
+    default_cache_dir,
+    load_settings,
+)
 from proxyd.credentials import Credential, CredentialsError, read_docker_config
 
 
@@ -271,6 +277,45 @@ def test_relative_paths_in_the_default_hosts_toml_resolve_against_its_directory(
     assert namespace.hosts[-1].ca == (str(hosts_dir / "_default" / "ca.crt"),)
 
 
+def test_a_registrys_directory_of_certificate_files_is_its_namespace_not_the_default(hosts_dir):
+    """Docker's certs.d layout, no hosts.toml: containerd finds the directory (before
+    `_default`) and reads its certificate files."""
+    write(hosts_dir / "_default" / "hosts.toml", '[host."https://any-mirror.example"]\n')
+    write(hosts_dir / "registry.example.com" / "ca.crt", "")
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
+    namespace = registry.namespace("registry.example.com")
+    assert namespace is not None
+    assert namespace.source == f"{hosts_dir / 'registry.example.com'}/ (certificate files)"
+    (server,) = namespace.hosts
+    assert server.origin == "https://registry.example.com"
+    assert server.ca == (str(hosts_dir / "registry.example.com" / "ca.crt"),)
+
+
+def test_an_unusable_ca_crt_of_a_certificate_directory_is_a_config_error(hosts_dir):
+    write(hosts_dir / "registry.example.com" / "ca.crt", "not a certificate")
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
+    with pytest.raises(ConfigError, match=r"registry\.example\.com/ca\.crt holds no usable PEM"):
+        check_upstream_tls(registry)
+
+
+def test_a_containerd_2_hosts_toml_with_unknown_keys_starts_and_names_them(hosts_dir, capsys):
+    path = write(
+        hosts_dir / "r.example" / "hosts.toml",
+        'server = "https://r.example"\nsome_future_key = true\n'
+        '[host."https://m.example"]\ncapabilities = ["pull", "referrers"]\n'
+        'dial_timeout = "5s"\nwhatever = 1\n',
+    )
+    registry = build_runtime(load_settings(None, hosts_dir=hosts_dir))
+    assert registry.ignored_keys == [
+        (str(path), "some_future_key"),
+        (str(path), "host.https://m.example.whatever"),
+    ]
+    assert main(["check-config", "--hosts-dir", str(hosts_dir)]) == 0
+    err = capsys.readouterr().err
+    assert f"proxyd: warning: {path}: unknown key 'some_future_key' ignored" in err
+    assert f"proxyd: warning: {path}: unknown key 'host.https://m.example.whatever'" in err
+
+
 def test_an_unconfigured_namespace_is_refused_by_default():
     registry = build_runtime(load_settings(None))
     assert registry.namespace("ghcr.io") is None
@@ -351,10 +396,13 @@ def test_check_config_prints_each_namespace_chain_in_order(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "listen:            127.0.0.1:5055" in out
     assert "namespace docker.io  (from config file)" in out
-    assert "1. https://hub-mirror.example/v2 (mirror: pull, resolve), anonymous" in out
-    assert "2. https://registry-1.docker.io/v2 (upstream: pull, resolve, push), anonymous" in out
+    assert "1. https://hub-mirror.example/v2 (mirror: pull, resolve, referrers), anonymous" in out
+    assert (
+        "2. https://registry-1.docker.io/v2 (upstream: pull, resolve, push, referrers), anonymous"
+        in out
+    )
     assert "namespace ghcr.io  (from config file)" in out
-    assert "1. https://ghcr.io/v2 (upstream: pull, resolve, push), credentials" in out
+    assert "1. https://ghcr.io/v2 (upstream: pull, resolve, push, referrers), credentials" in out
     assert out.index("namespace docker.io") < out.index("namespace ghcr.io")
     assert "s3cret" not in out
 

@@ -354,7 +354,7 @@ def test_check_config_shows_a_helpers_credentials(tmp_path, bin_dir, capsys):
     code = cli.main([*argv, "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr()
     assert code == 0
-    assert "https://r.example/v2 (upstream: pull, resolve, push), credentials" in out.out
+    assert "https://r.example/v2 (upstream: pull, resolve, push, referrers), credentials" in out.out
     assert "s3cret-from-helper" not in out.out + out.err
 
 

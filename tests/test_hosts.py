@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxyd.config import ConfigError, load_settings
 from proxyd.hosts import Capability
 from proxyd.hostsfile import (
     HostSettings,
@@ -19,6 +20,7 @@ from proxyd.hostsfile import (
     load_hosts_dir,
     make_host,
     parse_hosts_toml,
+    read_hosts_toml,
 )
 
 PULL_RESOLVE = Capability.PULL | Capability.RESOLVE
@@ -63,14 +65,14 @@ def test_each_mirror_has_exactly_the_capabilities_it_lists():
     a, b, local, server = chain(CONTAINERD_EXAMPLE).hosts
     assert a.capabilities == PULL_RESOLVE
     assert b.capabilities == Capability.PULL
-    assert local.capabilities == Capability.all()
+    assert local.capabilities == PULL_RESOLVE | Capability.PUSH  # no referrers: not listed
     assert server.capabilities == Capability.all()
 
 
-def test_mirror_without_capabilities_only_pulls_and_resolves():
+def test_mirror_without_capabilities_does_everything_but_push():
     namespace = chain('[host."https://mirror.example"]\n')
     mirror, server = namespace.hosts
-    assert mirror.capabilities == PULL_RESOLVE
+    assert mirror.capabilities == PULL_RESOLVE | Capability.REFERRERS
     assert Capability.PUSH not in mirror.capabilities
     assert server.capabilities == Capability.all()
 
@@ -154,19 +156,124 @@ def test_invalid_toml_is_a_value_error_saying_so():
         parse_hosts_toml('[host."https://m.example"\n')
 
 
-def test_an_unknown_key_is_a_value_error_naming_the_key():
-    with pytest.raises(ValueError, match="skip_verfy"):
-        parse_hosts_toml('[host."https://m.example"]\nskip_verfy = true\n')
+# containerd's own hosts.toml test (core/remotes/docker/config/hosts_test.go,
+# TestParseHostFile, containerd 2.x): every key containerd reads, referrers and
+# dial_timeout included.
+CONTAINERD_2_TEST_FILE = """\
+server = "https://test-default.registry"
+ca = "/etc/path/default"
+[header]
+  x-custom-1 = "custom header"
+
+[host."https://mirror.registry"]
+  capabilities = ["pull"]
+  ca = "/etc/certs/mirror.pem"
+  skip_verify = false
+  [host."https://mirror.registry".header]
+    x-custom-2 = ["value1", "value2"]
+
+[host."https://mirror-bak.registry/us"]
+  capabilities = ["pull"]
+  skip_verify = true
+
+[host."http://mirror.registry"]
+  capabilities = ["pull"]
+
+[host."https://test-1.registry"]
+  capabilities = ["pull", "resolve", "push", "referrers"]
+  ca = ["/etc/certs/test-1-ca.pem", "/etc/certs/special.pem"]
+  client = [["/etc/certs/client.cert", "/etc/certs/client.key"],["/etc/certs/client.pem", ""]]
+
+[host."https://test-2.registry"]
+  client = "/etc/certs/client.pem"
+
+[host."https://test-3.registry"]
+  client = ["/etc/certs/client-1.pem", "/etc/certs/client-2.pem"]
+
+[host."https://no-referrers.registry"]
+  capabilities = ["pull", "resolve", "push"]
+  client = ["/etc/certs/client-1.pem", "/etc/certs/client-2.pem"]
+
+[host."https://noncompliantmirror.registry/v2/namespaceprefix"]
+  capabilities = ["pull"]
+  override_path = true
+
+[host."https://noprefixnoncompliant.registry"]
+  override_path = true
+
+[host."https://onlyheader.registry".header]
+  x-custom-1 = "justaheader"
+
+[host."https://dial-timeout.registry"]
+  dial_timeout = "3s"
+"""
 
 
-def test_an_unknown_top_level_key_is_a_value_error_naming_the_key():
-    with pytest.raises(ValueError, match="mirrors"):
-        parse_hosts_toml('mirrors = ["https://m.example"]\n')
+def test_containerds_own_hosts_toml_test_file_is_read_whole_without_a_warning():
+    settings_, ignored = read_hosts_toml(CONTAINERD_2_TEST_FILE)
+    assert ignored == ()
+    namespace = build_namespace("x.example", settings_, source="t")
+    hosts = {h.origin + h.path: h for h in namespace.hosts}
+    assert hosts["https://test-1.registry/v2"].capabilities == Capability.all()
+    assert Capability.REFERRERS not in hosts["https://no-referrers.registry/v2"].capabilities
+    assert hosts["https://dial-timeout.registry/v2"].connect_timeout == 3.0
+    assert hosts["https://test-1.registry/v2"].client == (
+        ("/etc/certs/client.cert", "/etc/certs/client.key"),
+        ("/etc/certs/client.pem", None),
+    )
+    assert hosts["https://noncompliantmirror.registry/v2/namespaceprefix"].path == (
+        "/v2/namespaceprefix"
+    )
+    assert hosts["https://noprefixnoncompliant.registry/"].path == "/"
+    assert hosts["https://onlyheader.registry/v2"].headers == (("x-custom-1", "justaheader"),)
+    assert hosts["https://test-default.registry/v2"].headers == (("x-custom-1", "custom header"),)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("3s", 3.0), ("1m30s", 90.0), ("500ms", 0.5), ("1.5h", 5400.0), ("2h45m", 9900.0)],
+)
+def test_dial_timeout_is_a_go_duration_and_becomes_the_connect_timeout(value, seconds):
+    mirror = chain(f'[host."https://m.example"]\ndial_timeout = "{value}"\n').hosts[0]
+    assert mirror.connect_timeout == seconds
+
+
+def test_a_zero_dial_timeout_means_no_limit_as_in_gos_dialer():
+    assert chain('dial_timeout = "0s"\n').hosts[-1].connect_timeout is None
+
+
+@pytest.mark.parametrize("value", ["3", "three seconds", "-1s", ""])
+def test_a_dial_timeout_that_is_no_duration_is_a_value_error_naming_it(value):
+    with pytest.raises(ValueError, match="dial_timeout"):
+        parse_hosts_toml(f'dial_timeout = "{value}"\n')
+
+
+def test_dial_timeout_and_connect_timeout_together_are_refused():
+    with pytest.raises(ValueError, match="dial_timeout and connect_timeout"):
+        parse_hosts_toml('dial_timeout = "3s"\nconnect_timeout = 5\n')
+
+
+def test_an_unknown_key_in_a_hosts_toml_is_named_and_ignored():
+    settings_, ignored = read_hosts_toml(
+        'future_key = 1\nserver = "https://r.example"\n'
+        '[host."https://m.example"]\nskip_verfy = true\ncapabilities = ["pull"]\n'
+    )
+    assert ignored == ("future_key", "host.https://m.example.skip_verfy")
+    mirror, server = build_namespace("r.example", settings_, source="t").hosts
+    assert (mirror.capabilities, mirror.skip_verify) == (Capability.PULL, False)
+    assert server.origin == "https://r.example"
+
+
+def test_an_unknown_key_in_proxyds_own_namespace_table_is_still_an_error(tmp_path):
+    path = tmp_path / "proxyd.toml"
+    path.write_text('[namespaces."r.example"]\nskip_verfy = true\n')
+    with pytest.raises(ConfigError, match="skip_verfy"):
+        load_settings(path)
 
 
 def test_an_unknown_capability_is_a_value_error_listing_the_known_ones():
     settings_ = parse_hosts_toml('[host."https://m.example"]\ncapabilities = ["pull", "fly"]\n')
-    with pytest.raises(ValueError, match=r"'fly'.*pull, resolve or push"):
+    with pytest.raises(ValueError, match=r"'fly'.*pull, resolve, push or referrers"):
         build_namespace("docker.io", settings_, source="test")
 
 
@@ -317,7 +424,9 @@ def test_push_never_goes_to_a_mirror_that_did_not_ask_for_it():
     assert [h.host for h in namespace.hosts_for(Capability.PUSH)] == ["registry-1.docker.io"]
 
 
-capability_lists = st.lists(st.sampled_from(["pull", "resolve", "push"]), min_size=1, unique=True)
+capability_lists = st.lists(
+    st.sampled_from(["pull", "resolve", "push", "referrers"]), min_size=1, unique=True
+)
 
 
 @settings(max_examples=100, deadline=None)
@@ -336,7 +445,7 @@ def test_hosts_for_is_the_ordered_subsequence_of_hosts_with_the_capability(caps,
     assert chosen == [h for h in namespace.hosts if wanted in h.capabilities]
     assert chosen[-1] == namespace.hosts[-1]  # the server does everything, and comes last
     for host, listed in zip(namespace.hosts, caps, strict=False):
-        expected = Capability.parse(listed) if listed is not None else PULL_RESOLVE
+        expected = Capability.parse(listed) if listed is not None else Capability.mirror_default()
         assert host.capabilities == expected
 
 
@@ -374,11 +483,66 @@ def test_load_hosts_dir_reads_each_namespace_and_the_default(tmp_path):
     write_hosts(tmp_path, "registry.example.com_5000", 'server = "https://r.example:5000"\n')
     write_hosts(tmp_path, "_default", '[host."https://any-mirror.example"]\n')
     (tmp_path / "no-hosts-file").mkdir()
+    (tmp_path / "not a registry").mkdir()
     found = load_hosts_dir(tmp_path)
-    assert sorted(found) == ["_default", "docker.io", "registry.example.com:5000"]
+    assert sorted(found) == ["_default", "docker.io", "no-hosts-file", "registry.example.com:5000"]
     assert list(found["docker.io"].settings.host) == ["https://hub-mirror.example"]
     assert found["registry.example.com:5000"].settings.server == "https://r.example:5000"
     assert list(found["_default"].settings.host) == ["https://any-mirror.example"]
+    # As containerd: a registry's directory without hosts.toml is its default host.
+    assert found["no-hosts-file"].settings == NamespaceSettings()
+
+
+def test_a_directory_of_docker_certificate_files_configures_its_registrys_tls(tmp_path):
+    directory = tmp_path / "registry.example_5000_"
+    directory.mkdir()
+    for name in ("ca.crt", "extra.crt", "client.cert", "client.key", "both.cert", "notes.txt"):
+        (directory / name).write_text("")
+    found = load_hosts_dir(tmp_path)["registry.example:5000"]
+    assert found.source == f"{directory}/ (certificate files)"
+    (server,) = build_namespace(
+        "registry.example:5000", found.settings, source=found.source, base_dir=directory
+    ).hosts
+    assert server.origin == "https://registry.example:5000"
+    assert server.capabilities == Capability.all()
+    assert server.ca == (str(directory / "ca.crt"), str(directory / "extra.crt"))
+    assert server.client == (
+        (str(directory / "both.cert"), None),  # no both.key: the key is in the .cert
+        (str(directory / "client.cert"), str(directory / "client.key")),
+    )
+
+
+def test_an_empty_hosts_toml_falls_back_to_the_certificate_files(tmp_path):
+    directory = tmp_path / "registry.example"
+    directory.mkdir()
+    (directory / "hosts.toml").write_text("")
+    (directory / "ca.crt").write_text("")
+    assert load_hosts_dir(tmp_path)["registry.example"].settings.ca == [str(directory / "ca.crt")]
+
+
+def test_certificate_files_for_a_loopback_registry_mean_https(tmp_path):
+    (tmp_path / "127.0.0.1_5000_").mkdir()
+    (tmp_path / "127.0.0.1_5000_" / "ca.crt").write_text("")
+    (tmp_path / "localhost_5001_").mkdir()
+    found = load_hosts_dir(tmp_path)
+    tls = build_namespace("127.0.0.1:5000", found["127.0.0.1:5000"].settings, source="t")
+    plain = build_namespace("localhost:5001", found["localhost:5001"].settings, source="t")
+    assert tls.hosts[-1].origin == "https://127.0.0.1:5000"
+    assert plain.hosts[-1].origin == "http://localhost:5001"
+
+
+def test_host_port_underscore_wins_over_host_colon_port_as_containerd_looks_there_first(tmp_path):
+    write_hosts(tmp_path, "r.example:5000", 'server = "https://colon.example"\n')
+    (tmp_path / "r.example_5000_").mkdir()
+    (tmp_path / "r.example_5000_" / "ca.crt").write_text("")
+    found = load_hosts_dir(tmp_path)["r.example:5000"]
+    assert (found.from_toml, found.settings.server) == (False, None)
+
+
+def test_unknown_keys_of_each_hosts_toml_are_kept_with_the_file(tmp_path):
+    path = write_hosts(tmp_path, "r.example", 'server = "https://r.example"\nmirrors = []\n')
+    found = load_hosts_dir(tmp_path)["r.example"]
+    assert (found.source, found.ignored) == (str(path), ("mirrors",))
 
 
 def test_load_hosts_dir_names_the_broken_file(tmp_path):

@@ -389,6 +389,37 @@ async def test_redirect_to_another_host_carries_no_credentials(make_proxyd, star
     assert all("Authorization" not in s.headers for s in storage.seen)
 
 
+async def test_a_redirect_to_another_host_carries_none_of_the_hosts_configured_headers(
+    make_proxyd, start_fake
+):
+    """hosts.toml `header` is for the registry: after a 307 to blob storage neither a
+    configured Authorization nor any other configured header goes along."""
+    storage = FakeRegistry()
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    storage.add(image)
+    upstream.redirect_blobs_to = origin(await start_fake(storage))
+    server = await start_fake(upstream)
+    proxyd = await make_proxyd(
+        upstream_config(
+            server,
+            f'[namespaces."{host(server)}".header]',
+            'Authorization = "Bearer configured-secret"',
+            '"X-Api-Key" = ["key-1", "key-2"]',
+        )
+    )
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await response.read() == image.blobs[image.layer]
+    (asked,) = upstream.requests("/blobs/")
+    assert asked.headers.getall("X-Api-Key") == ["key-1", "key-2"]
+    assert asked.headers["Authorization"] == "Bearer configured-secret"
+    assert storage.seen, "the redirect was not followed"
+    for seen in storage.seen:
+        assert "Authorization" not in seen.headers
+        assert "X-Api-Key" not in seen.headers
+        assert seen.headers["User-Agent"].startswith("proxyd/")  # proxyd's own still go
+
+
 async def test_mirror_failures_fall_back_to_upstream_without_its_credentials(
     make_proxyd, start_fake, tmp_path
 ):

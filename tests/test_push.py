@@ -57,6 +57,9 @@ class UploadRegistry:
     uploads: dict[str, _Upload] = field(default_factory=dict)
     seen: list[Received] = field(default_factory=list)
     absolute_locations: bool = False
+    # Object storage (the distribution spec allows it): uploads go on at this other
+    # host:port (the same registry served there too), which asks for no credentials.
+    storage_host: str | None = None
     bearer_realm: str | None = None
     valid_tokens: set[str] = field(default_factory=set)
     first_patch_bytes: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,7 +84,8 @@ class UploadRegistry:
         self.seen.append(
             Received(request.method, request.path, dict(request.query), request.headers, size)
         )
-        if self.bearer_realm is not None:
+        at_storage = self.storage_host is not None and request.host == self.storage_host
+        if self.bearer_realm is not None and not at_storage:
             token = request.headers.get("Authorization", "").removeprefix("Bearer ")
             if token not in self.valid_tokens:
                 return _error(
@@ -93,7 +97,7 @@ class UploadRegistry:
                 )
         if request.path == "/v2/":
             return web.json_response({})
-        rest = request.path.removeprefix("/v2/")
+        rest = request.path.removeprefix("/v2/").removeprefix("/storage/")
         if match := re.fullmatch(r"(.+)/blobs/uploads/", rest):
             return self._start(request, match[1])
         if match := re.fullmatch(r"(.+)/blobs/uploads/([^/]+)", rest):
@@ -134,7 +138,10 @@ class UploadRegistry:
         return web.json_response(index, content_type=OCI_INDEX)
 
     def _location(self, repository: str, uuid: str) -> str:
-        path = f"/v2/{repository}/blobs/uploads/{uuid}?_state={self.uploads[uuid].state}%3D"
+        query = f"?_state={self.uploads[uuid].state}%3D"
+        if self.storage_host is not None:
+            return f"http://{self.storage_host}/storage/{repository}/blobs/uploads/{uuid}{query}"
+        path = f"/v2/{repository}/blobs/uploads/{uuid}{query}"
         return f"http://{self.host}{path}" if self.absolute_locations else path
 
     host = ""  # set once served
@@ -663,6 +670,81 @@ async def test_proxyd_mounts_from_a_repository_its_links_know(make_proxyd, start
     ), scopes
 
 
+async def test_an_upload_moved_to_another_origin_is_followed_without_the_registrys_secrets(
+    make_proxyd, start_fake
+):
+    """A registry backed by object storage starts the upload, then names a Location on
+    the storage's own origin (the distribution spec allows it; containerd's pusher
+    follows it with its authorizer stripped): the chunks and the end go there, with
+    neither the registry's token nor its configured headers."""
+    upstream = UploadRegistry()
+    upstream.bearer_realm = "pending"
+    tokens = FakeTokenServer(upstream)  # type: ignore[arg-type]
+    upstream.bearer_realm = f"{origin(await start_fake(tokens))}/token"
+    storage = await start_fake(upstream)  # the same registry, at its storage's address
+    upstream.storage_host = host(storage)
+    server = await serve(start_fake, upstream)
+    proxyd = await make_proxyd(
+        push_config(
+            server,
+            f'[namespaces."{host(server)}".header]',
+            '"X-Api-Key" = "registry-key"',
+            f'[credentials."{host(server)}"]',
+            'username = "alice"',
+            'password = "wonderland"',
+        )
+    )
+    started = await start(proxyd)
+    assert started.status == 202, await started.text()
+    location = started.headers["Location"]
+    assert location.startswith("/v2/team/app/blobs/uploads/")  # proxyd's own, as ever
+    patched = await proxyd.patch(
+        location,
+        data=LAYER[:50000],
+        headers={"Content-Type": "application/octet-stream", "Content-Range": "0-49999"},
+    )
+    assert patched.status == 202, await patched.text()
+    assert patched.headers["Range"] == "0-49999"
+    status = await proxyd.get(location)
+    assert status.status == 204 and status.headers["Range"] == "0-49999"
+    digest = digest_of(LAYER)
+    done = await proxyd.put(location, params={"digest": digest}, data=LAYER[50000:])
+    assert done.status == 201, await done.text()
+    assert upstream.blobs["team/app"][digest] == LAYER
+
+    at_registry = [r for r in upstream.seen if r.headers["Host"] == host(server)]
+    at_storage = [r for r in upstream.seen if r.headers["Host"] == host(storage)]
+    assert [(r.method, r.path.split("/")[1]) for r in at_storage] == [
+        ("PATCH", "storage"),
+        ("GET", "storage"),
+        ("PUT", "storage"),
+    ]
+    assert all("_state" in r.query for r in at_storage)
+    for received in at_storage:
+        assert "Authorization" not in received.headers
+        assert "X-Api-Key" not in received.headers
+    assert any(r.headers.get("Authorization", "").startswith("Bearer ") for r in at_registry)
+    assert all(r.headers["X-Api-Key"] == "registry-key" for r in at_registry)
+
+    pulled = await proxyd.get(f"/v2/team/app/blobs/{digest}")
+    assert pulled.headers["X-Proxyd-Cache"] == "hit"  # kept on the way, as any push
+
+
+async def test_an_upload_moved_to_another_origin_can_be_cancelled_there(make_proxyd, start_fake):
+    upstream = UploadRegistry()
+    storage = await start_fake(upstream)
+    upstream.storage_host = host(storage)
+    server = await serve(start_fake, upstream)
+    proxyd = await make_proxyd(push_config(server))
+    started = await start(proxyd)
+    cancelled = await proxyd.delete(started.headers["Location"])
+    assert cancelled.status == 204, await cancelled.text()
+    assert upstream.uploads == {}
+    assert upstream.seen[-1].method == "DELETE" and upstream.seen[-1].headers["Host"] == host(
+        storage
+    )
+
+
 # -- manifests and deletes ----------------------------------------------------------------
 
 
@@ -942,13 +1024,27 @@ def test_upload_locations_are_kept_below_the_repository_with_their_query():
         "blobs/uploads/abc"
     )
     assert upstream_suffix(registry_host, "team/app", "abc?s=1") == "blobs/uploads/abc?s=1"
+    with pytest.raises(Exception, match="upload"):
+        upstream_suffix(registry_host, "team/app", "/v2/team/other/blobs/uploads/abc")
+
+
+def test_upload_locations_on_another_origin_are_kept_whole_with_their_query():
+    from proxyd.hostsfile import HostSettings, make_host
+
+    registry_host = make_host("http://127.0.0.1:5000", HostSettings(), is_mirror=False)
     for elsewhere in (
-        "http://storage.example/upload/abc",
+        "http://storage.example/upload/abc?X-Amz-Signature=a%2Fb&x=1",
         "https://127.0.0.1:5000/v2/team/app/blobs/uploads/abc",
-        "/v2/team/other/blobs/uploads/abc",
     ):
-        with pytest.raises(Exception, match="upload"):
-            upstream_suffix(registry_host, "team/app", elsewhere)
+        assert upstream_suffix(registry_host, "team/app", elsewhere) == elsewhere
+    # A relative location the storage sends is read against where the upload stands.
+    current = "http://storage.example/upload/abc?sig=1"
+    assert upstream_suffix(registry_host, "team/app", "/upload/abc?sig=2", current) == (
+        "http://storage.example/upload/abc?sig=2"
+    )
+    for unusable in ("ftp://storage.example/abc", "http:///abc"):
+        with pytest.raises(Exception, match="upload location"):
+            upstream_suffix(registry_host, "team/app", unusable)
 
 
 def test_offsets_follow_the_registrys_range_with_its_zero_byte_ambiguity():

@@ -109,6 +109,50 @@ async def test_no_referrers_at_all_is_an_empty_index(make_proxyd, aiohttp_server
     assert (await response.json())["manifests"] == []
 
 
+async def test_the_referrers_api_goes_only_to_hosts_with_the_referrers_capability(
+    make_proxyd, aiohttp_server
+):
+    """containerd 2.x's `referrers` capability (hosts.toml): a mirror listing only
+    pull and resolve is not asked; one listing referrers is, before the server."""
+    seen_plain: list[str] = []
+    seen_referring: list[str] = []
+    seen_server: list[str] = []
+    plain = await aiohttp_server(registry(seen_plain, referrers_api=True), host="127.0.0.1")
+    referring = await aiohttp_server(registry(seen_referring, referrers_api=True), host="127.0.0.1")
+    server = await aiohttp_server(registry(seen_server, referrers_api=True), host="127.0.0.1")
+    proxyd = await make_proxyd(
+        "\n".join(
+            [
+                config(server),
+                f'[namespaces."{host(server)}".host."{origin(plain)}"]',
+                'capabilities = ["pull", "resolve"]',
+                f'[namespaces."{host(server)}".host."{origin(referring)}"]',
+                'capabilities = ["pull", "referrers"]',
+            ]
+        )
+    )
+    response = await proxyd.get(f"/v2/team/app/referrers/{SUBJECT}")
+    assert response.status == 200
+    assert await response.json() == INDEX
+    assert seen_plain == []
+    assert seen_referring == [f"/v2/team/app/referrers/{SUBJECT}"]
+    assert seen_server == []
+
+
+async def test_without_a_referrers_host_only_the_tag_schema_is_asked_of_resolve_hosts(
+    make_proxyd, aiohttp_server
+):
+    """A chain written for containerd 1.x (capabilities without referrers): as
+    containerd 2.x, no referrers API call; the tag schema, from the resolve hosts."""
+    seen: list[str] = []
+    server = await aiohttp_server(registry(seen, referrers_api=True), host="127.0.0.1")
+    proxyd = await make_proxyd(config(server) + '\ncapabilities = ["pull", "resolve", "push"]')
+    response = await proxyd.get(f"/v2/team/app/referrers/{SUBJECT}")
+    assert response.status == 200
+    assert await response.json() == INDEX
+    assert seen == [f"/v2/team/app/manifests/sha256-{'a' * 64}"]
+
+
 async def test_the_catalog_is_forwarded_with_its_pagination(make_proxyd, aiohttp_server):
     seen: list[str] = []
     server = await aiohttp_server(registry(seen, referrers_api=True), host="127.0.0.1")

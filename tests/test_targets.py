@@ -23,6 +23,7 @@ from proxyd.targets import LinkLocalFilter, RefusedTarget, check, is_link_local
 from tests.conftest import origin
 from tests.fakes import FakeRegistry, FakeTokenServer, make_image
 from tests.test_pull import alice, upstream_config
+from tests.test_push import UploadRegistry, push_config, serve, start
 
 METADATA = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
 
@@ -170,3 +171,24 @@ async def test_a_token_servers_redirect_within_its_origin_is_followed_with_the_c
     assert response.status == 200
     assert await response.read() == image.manifest
     assert [(s.method, s.query.get("username")) for s in tokens.seen] == [("POST", "alice")]
+
+
+async def test_an_upload_a_registry_moves_to_a_link_local_address_goes_nowhere(
+    make_proxyd, start_fake
+):
+    """An upload's Location on another origin is followed bare (object storage); one
+    on a link-local address not at all: the chunk is the registry's failure, a 502."""
+    upstream = UploadRegistry()
+    upstream.storage_host = "[fe80::77]:8080"
+    server = await serve(start_fake, upstream)
+    proxyd = await make_proxyd(push_config(server))
+    started = await start(proxyd)
+    assert started.status == 202, await started.text()
+    patched = await proxyd.patch(
+        started.headers["Location"],
+        data=b"layer" * 100,
+        headers={"Content-Type": "application/octet-stream", "Content-Range": "0-499"},
+    )
+    assert patched.status == 502
+    message = (await patched.json())["errors"][0]["message"]
+    assert "[fe80::77]" in message and "link-local" in message, message

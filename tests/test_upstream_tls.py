@@ -326,3 +326,23 @@ def test_a_key_inside_the_certificate_file_is_accepted(tmp_path, pki: PKI):
     both.write_bytes(pki.client_pem.read_bytes() + pki.client_key.read_bytes())
     path = write_config(tmp_path, [f'client = "{both}"'])
     check_upstream_tls(build_runtime(load_settings(path)))
+
+
+async def test_a_docker_certs_d_directory_gives_the_registry_its_ca_and_client_certificate(
+    make_proxyd, start_tls, pki: PKI, tmp_path
+):
+    """Docker's layout, no hosts.toml (containerd's loadCertFiles): `ca.crt` trusted,
+    `client.cert` with `client.key` presented, to a registry that requires it."""
+    upstream = FakeRegistry()
+    image = upstream.add(make_image())
+    server = await start_tls(upstream.app(), pki.server_context(ssl.CERT_REQUIRED))
+    directory = tmp_path / "certs.d" / f"127.0.0.1_{server.port}_"
+    directory.mkdir(parents=True)
+    (directory / "ca.crt").write_bytes(pki.ca_pem.read_bytes())
+    (directory / "client.cert").write_bytes(pki.client_pem.read_bytes())
+    (directory / "client.key").write_bytes(pki.client_key.read_bytes())
+    proxyd = await make_proxyd(
+        f'default_namespace = "127.0.0.1:{server.port}"', hosts_dir=tmp_path / "certs.d"
+    )
+    results = await pull(proxyd, image)
+    assert results == [(200, image.manifest), *((200, b) for b in image.blobs.values())]

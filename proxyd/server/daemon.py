@@ -42,6 +42,8 @@ def serve(runtime: RuntimeConfig) -> int:
         cache_dir=str(settings.cache_dir),
         namespaces=sorted(runtime.namespaces),
     )
+    for source, key in runtime.ignored_keys:
+        log.warning("config.unknown_key", file=source, key=key)
     try:
         return asyncio.run(_serve_batched(runtime, log))
     except KeyboardInterrupt:  # before the signal handlers were set: nothing to clean up

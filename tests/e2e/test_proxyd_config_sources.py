@@ -43,6 +43,44 @@ def test_hosts_dir_and_docker_config_are_enough_to_pull(
     assert_same_image(pulled, token_image)
 
 
+def test_a_hosts_toml_written_for_containerd_2_starts_proxyd_and_is_pulled_through(
+    skopeo: Skopeo,
+    start_proxyd: StartProxyd,
+    token_registry: Registry,
+    token_image: PushedImage,
+    tmp_path: Path,
+) -> None:
+    """containerd 2.x keys (dial_timeout, the referrers capability) and a key of some
+    later version: proxyd starts, names the unknown key in its log, and pulls."""
+    hosts_dir = tmp_path / "certs.d"
+    directory = hosts_dir / (token_registry.host.replace(":", "_") + "_")
+    directory.mkdir(parents=True)
+    hosts_toml = directory / "hosts.toml"
+    hosts_toml.write_text(
+        f'server = "{token_registry.url}"\n'
+        'capabilities = ["pull", "resolve", "push", "referrers"]\n'
+        'dial_timeout = "5s"\n'
+        "some_later_key = true\n"
+    )
+    docker_config = tmp_path / "config.json"
+    auth = base64.b64encode(ALICE_CREDS.encode()).decode()
+    docker_config.write_text(json.dumps({"auths": {token_registry.host: {"auth": auth}}}))
+    proxyd = start_proxyd(
+        proxyd_config(default_namespace=token_registry.host),
+        extra_args=["--hosts-dir", str(hosts_dir), "--docker-config", str(docker_config)],
+    )
+
+    pulled = skopeo.pull_to_dir(f"{proxyd.host}/{token_image.path}")
+
+    assert_same_image(pulled, token_image)
+    (warning,) = proxyd.wait_for_event("config.unknown_key")
+    assert (warning["file"], warning["key"], warning["level"]) == (
+        str(hosts_toml),
+        "some_later_key",
+        "warning",
+    )
+
+
 ROTATING_HELPER = """\
 #!{python}
 import json, sys

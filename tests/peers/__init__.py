@@ -19,6 +19,7 @@ Modules, by role:
 - ``roundrobin``: one address in front of several replicas, a request to each in turn.
 - ``dockerd``: a private docker engine and its CLI.
 - ``netns``: network namespaces, a container's or a pod's network.
+- ``tinyproxy``: a forward proxy (a corporate network's), whose log names each request.
 
 This module holds what they share: finding binaries, free ports, waiting for a
 server, and running commands with a deadline.
