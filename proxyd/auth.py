@@ -423,9 +423,10 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 def token_lifetime(expires_in: object) -> float:
     """Seconds to keep a token the server says lasts `expires_in`: renewed early, so it
     never expires between proxyd's check and the registry's. Anything but a positive
-    number (absent, a string, NaN) is DEFAULT_TOKEN_LIFETIME, and no number is more
-    than MAX_TOKEN_LIFETIME (JSON numbers are unbounded: 10**400 is no float)."""
+    number (absent, a string, NaN) is DEFAULT_TOKEN_LIFETIME; a number is read as at
+    least a second (the spec counts whole seconds; a denormal halved is 0) and at most
+    MAX_TOKEN_LIFETIME (JSON numbers are unbounded: 10**400 is no float)."""
     seconds = float(DEFAULT_TOKEN_LIFETIME)
     if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
-        seconds = float(min(expires_in, MAX_TOKEN_LIFETIME))  # NaN is not > 0
+        seconds = float(min(max(expires_in, 1), MAX_TOKEN_LIFETIME))  # NaN is not > 0
     return max(seconds - 10, seconds / 2)
