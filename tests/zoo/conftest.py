@@ -22,6 +22,7 @@ from tests.peers import Completed
 from tests.peers.clients import PulledImage, Skopeo
 from tests.peers.image import BuiltImage, build_image
 from tests.zoo.dockerhub import DockerHub
+from tests.zoo.ghcr import Ghcr
 
 LAYER_SIZE = 48 * 1024  # small: the zoo is about what crosses the wire, not how much
 
@@ -118,3 +119,16 @@ async def docker_hub(serve: Serve, images: Images) -> DockerHub:
         hub.add(repository, image, tag)
         hub.publish(repository)
     return hub
+
+
+@pytest.fixture
+async def ghcr(serve: Serve, images: Images) -> Ghcr:
+    """ghcr.io serving `org/app:v1` and `org/app:v2` (public) and `org/private:v1`."""
+    registry = Ghcr()
+    for peer in (registry.storage, registry):
+        await serve(peer)
+    registry.add("org/app", images.app, "v1")
+    registry.add("org/app", images.other, "v2")
+    registry.add("org/private", images.busybox, "v1")
+    registry.publish("org/app")
+    return registry
