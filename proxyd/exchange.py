@@ -6,8 +6,9 @@ answered once (the challenge learnt, a refused token dropped, a token asked for 
 scopes the challenge names), and a second is the host refusing them. Redirects
 (blob storage, CDNs) are followed here rather than by aiohttp, so the registry's
 Authorization and client certificate never reach another origin. When the host
-refuses credentials, proxyd's may be out of date (a rotated secret): `on_refused`
-reads them again, and a request they changed goes once more.
+refuses credentials (a 401, or a 403 to credentials proxyd sent, as ECR refuses an
+expired password), proxyd's may be out of date (a rotated secret): `on_refused` reads
+them again, and a request they changed goes once more.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
 it is sent after the host's challenge is known (a `GET /v2/` first, as clients
@@ -77,13 +78,20 @@ class Exchange:
     ) -> aiohttp.ClientResponse:
         """`send()`; when the host refuses (or asks for) credentials, proxyd's may be out
         of date (a rotated secret): once read again and changed, it goes once more (a
-        body that can be sent once only does not)."""
+        body that can be sent once only does not). A 403 to credentials proxyd sent
+        counts as a refusal too: ECR answers its expired 12-hour passwords so, `DENIED`
+        without a challenge, where a 401 would ask for new ones."""
         try:
-            return await send()
+            response = await send()
         except Unauthorized:
             if not await self._on_refused(host.host) or not replayable:
                 raise
-        return await send()
+            return await send()
+        refused = response.status == 403 and replayable and _sent_credentials(response, host)
+        if refused and await self._on_refused(host.host):
+            response.release()
+            return await send()
+        return response
 
     async def _send(
         self,
@@ -204,6 +212,13 @@ async def not_refreshed(host: str) -> bool:
     """An UpstreamClient without a reloader (used alone, as in tests): credentials
     never change."""
     return False
+
+
+def _sent_credentials(response: aiohttp.ClientResponse, host: RegistryHost) -> bool:
+    """Whether this answer is the host's own, to a request carrying proxyd's credentials
+    (not a redirect target's, which never sees them)."""
+    asked = response.request_info
+    return _origin(str(asked.real_url)) == host.origin and "Authorization" in asked.headers
 
 
 def is_replayable(data: Body) -> bool:

@@ -9,6 +9,7 @@ proxyd and the registries it asks.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.peers import Completed
 from tests.peers.clients import PulledImage, Skopeo
 from tests.peers.image import BuiltImage, build_image
 from tests.zoo.dockerhub import DockerHub
+from tests.zoo.ecr import Ecr
 from tests.zoo.ghcr import Ghcr
 
 LAYER_SIZE = 48 * 1024  # small: the zoo is about what crosses the wire, not how much
@@ -131,4 +133,19 @@ async def ghcr(serve: Serve, images: Images) -> Ghcr:
     registry.add("org/app", images.other, "v2")
     registry.add("org/private", images.busybox, "v1")
     registry.publish("org/app")
+    return registry
+
+
+@pytest.fixture
+async def ecr(serve: Serve, images: Images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ecr:
+    """An ECR registry serving `team/app:v1` and `team/other:v1`, with
+    `docker-credential-ecr-login` first on PATH, answering its current password."""
+    registry = Ecr(tmp_path / "ecr")
+    for peer in (registry.storage, registry):
+        await serve(peer)
+    registry.add("team/app", images.app, "v1")
+    registry.add("team/other", images.other, "v1")
+    bin_dir = tmp_path / "bin"
+    registry.install_helper(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     return registry
