@@ -25,6 +25,7 @@ from tests.peers.image import BuiltImage, build_image
 from tests.zoo.dockerhub import DockerHub
 from tests.zoo.ecr import Ecr
 from tests.zoo.ghcr import Ghcr
+from tests.zoo.harbor import Harbor
 
 LAYER_SIZE = 48 * 1024  # small: the zoo is about what crosses the wire, not how much
 
@@ -148,4 +149,22 @@ async def ecr(serve: Serve, images: Images, tmp_path: Path, monkeypatch: pytest.
     bin_dir = tmp_path / "bin"
     registry.install_helper(bin_dir)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return registry
+
+
+PROXY_PROJECT = "dockerhub-proxy"
+ROBOT = ("robot$zoo+cache", "Rb7-secret-9f2c")
+
+
+@pytest.fixture
+async def harbor(serve: Serve, images: Images) -> Harbor:
+    """Harbor with the proxy-cache project `dockerhub-proxy` (private: a test may make it
+    public) holding `library/alpine:3` and `library/busybox:latest`, and a robot account
+    (`ROBOT`) that may pull it."""
+    registry = Harbor()
+    await serve(registry)
+    registry.project(PROXY_PROJECT, public=False)
+    registry.robot(*ROBOT)
+    registry.add(f"{PROXY_PROJECT}/library/alpine", images.alpine, "3")
+    registry.add(f"{PROXY_PROJECT}/library/busybox", images.busybox, "latest")
     return registry
