@@ -19,13 +19,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.peers import Completed
 from tests.peers.clients import PulledImage, Skopeo
 from tests.peers.image import BuiltImage, build_image
 from tests.zoo.dockerhub import DockerHub
 from tests.zoo.ecr import Ecr
 from tests.zoo.ghcr import Ghcr
-from tests.zoo.harbor import Harbor
+from tests.zoo.harbor import PROXY_PROJECT, ROBOT, Harbor
 
 LAYER_SIZE = 48 * 1024  # small: the zoo is about what crosses the wire, not how much
 
@@ -89,11 +88,6 @@ class Puller:
             self.skopeo.pull_to_dir, self._ref(proxyd, name), self._dir()
         )
 
-    async def attempt(self, proxyd: TestClient[Any, Any], name: str) -> Completed:
-        """The same pull, its failure a result rather than an error."""
-        source, dest = f"docker://{self._ref(proxyd, name)}", f"dir:{self._dir()}"
-        return await asyncio.to_thread(self.skopeo.copy, source, dest, check=False)
-
     def _ref(self, proxyd: TestClient[Any, Any], name: str) -> str:
         return f"127.0.0.1:{proxyd.server.port}/{name}"
 
@@ -150,10 +144,6 @@ async def ecr(serve: Serve, images: Images, tmp_path: Path, monkeypatch: pytest.
     registry.install_helper(bin_dir)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     return registry
-
-
-PROXY_PROJECT = "dockerhub-proxy"
-ROBOT = ("robot$zoo+cache", "Rb7-secret-9f2c")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ Each behaviour, and where it comes from:
   status code 403: denied: Your authorization token has expired"; awslabs/
   soci-snapshotter#1148 and bazel-contrib/rules_img#715 saw the same 403). A password
   ECR never issued is answered like no password, with the challenge: what ECR does then
-  was not found.
+  was not found, nor the text of its 401 (the zoo's is "Not Authorized").
 - Layers: blob GETs are answered 307 to "the pre-signed Amazon S3 download URL"
   (GetDownloadUrlForLayer, docs.aws.amazon.com/AmazonECR/latest/APIReference/
   API_GetDownloadUrlForLayer.html; the 307 as opa#6580 shows it), which refuses the

@@ -49,6 +49,8 @@ from tests.zoo.tokens import TokenService, issued_at
 
 SERVICE = "harbor-registry"
 TOKEN_EXPIRATION = 30  # minutes
+PROXY_PROJECT = "dockerhub-proxy"  # the zoo's proxy-cache project of Docker Hub
+ROBOT = ("robot$zoo+cache", "Rb7-secret-9f2c")  # the zoo's robot account: name, secret
 
 
 class HarborTokens(TokenService):

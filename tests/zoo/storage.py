@@ -58,9 +58,7 @@ from tests.peers.httpserver import RecordedRequest, RequestLog, record
 
 Style = Literal["s3", "azure"]
 S3_EXPIRES = 1200  # seconds: the s3-aws driver's 20 minutes
-SAS_EXPIRES = (
-    300  # seconds: ghcr's URLs "expire soon (300sec?)" (containerd/stargz-snapshotter#167)
-)
+SAS_EXPIRES = 300  # seconds: ghcr's "expires soon (300sec?)", stargz-snapshotter#167
 ONE_AUTH = (
     "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, Signature "
     "query string parameter or the Authorization header should be specified"

@@ -121,3 +121,24 @@ async def test_the_pull_limit_refuses_manifest_gets_only_and_pulls_go_on_from_ca
     assert docker_hub.pulls == 1, "one pull counted: alpine's manifest GET"
     metrics = await (await proxyd.get("/metrics")).text()
     assert f'proxyd_upstream_ratelimit_remaining{{host="{docker_hub.host}"}} 0.0' in metrics
+
+
+async def test_blobs_already_held_are_confirmed_for_another_repository_by_head_via_the_cdn(
+    make_proxyd, docker_hub, images, skopeo_through
+):
+    """The same layers under another repository (a base image's, say): proxyd serves
+    them from its store once Hub confirms the repository holds them, by a HEAD that Hub
+    redirects too, with a URL signed for HEAD."""
+    docker_hub.add("someone/alpine", images.alpine, "3")
+    docker_hub.publish("someone/alpine")
+    proxyd = await make_proxyd(hub_config(docker_hub))
+    await skopeo_through.pull(proxyd, "library/alpine:3")
+    served = len(docker_hub.storage.served)
+
+    assert_pulled(await skopeo_through.pull(proxyd, "someone/alpine:3"), images.alpine)
+
+    assert len(docker_hub.storage.served) == served, "no blob sent twice"
+    heads = [r for r in docker_hub.storage.recorded() if r.method == "HEAD"]
+    assert sorted(r.path for r in heads) == sorted(
+        docker_hub.storage.path_of(d) for d in images.alpine.blob_digests
+    )

@@ -12,8 +12,7 @@ import pytest
 from tests.conftest import FakeClock
 from tests.peers.clients import PulledImage
 from tests.peers.image import BuiltImage
-from tests.zoo.conftest import PROXY_PROJECT, ROBOT
-from tests.zoo.harbor import Harbor
+from tests.zoo.harbor import PROXY_PROJECT, ROBOT, Harbor
 
 pytestmark = pytest.mark.peers
 
@@ -27,8 +26,9 @@ def harbor_hosts(harbor: Harbor, tmp_path: Path, *extra: str) -> Path:
     return hosts_dir
 
 
-def harbor_config(harbor: Harbor, tmp_path: Path, *, robot: bool, hosts: str = "") -> str:
-    lines = [f'hosts_dir = "{harbor_hosts(harbor, tmp_path, *filter(None, [hosts]))}"']
+def harbor_config(harbor: Harbor, tmp_path: Path, *hosts: str, robot: bool) -> str:
+    """proxyd reading the hosts directory; `hosts`: more lines of the hosts.toml."""
+    lines = [f'hosts_dir = "{harbor_hosts(harbor, tmp_path, *hosts)}"']
     if robot:
         name, secret = ROBOT
         lines += [
@@ -65,6 +65,7 @@ async def test_a_private_project_is_pulled_by_a_robot_with_tokens_for_harbors_ow
         [f"repository:{PROXY_PROJECT}/library/busybox:pull"],
     ]
     assert all(r.header("Authorization") for r in gets), "the robot's credentials"
+    assert len(harbor.tokens.recorded("POST")) == len(gets), "each POST refused 405 first"
     without_token = [r for r in seen if not (r.header("Authorization") or "").startswith("Bearer")]
     assert len(without_token) == 1, [(r.method, r.path, r.header("Authorization")) for r in seen]
 
@@ -106,8 +107,6 @@ async def test_a_hosts_toml_written_for_containerd_2_with_dial_timeout_is_read(
 ):
     """containerd's docs/hosts.md: `dial_timeout = "1s"`, to fall back sooner to the
     next host when a mirror is unreachable."""
-    proxyd = await make_proxyd(
-        harbor_config(harbor, tmp_path, robot=True, hosts='dial_timeout = "1s"')
-    )
+    proxyd = await make_proxyd(harbor_config(harbor, tmp_path, 'dial_timeout = "1s"', robot=True))
 
     assert_pulled(await skopeo_through.pull(proxyd, "library/alpine:3"), images.alpine)
