@@ -40,7 +40,9 @@ Each behaviour, and where it comes from:
   registry's `Authorization`: Hub's blob hosts are production.cloudflare.docker.com and
   docker-images-prod.<id>.r2.cloudflarestorage.com (docs.docker.com/desktop/setup/allow-list/);
   the 307 itself is distribution's (registry/storage/blobserver.go); the URL's shape is
-  S3's (tests/zoo/storage.py). The exact URL Hub hands out is not in Docker's docs.
+  S3's (tests/zoo/storage.py). The exact URL Hub hands out is not in Docker's docs, nor
+  whether Hub redirects a blob HEAD too: the zoo does, with a URL signed for HEAD, as
+  distribution's s3-aws driver signs one.
 """
 
 from __future__ import annotations
