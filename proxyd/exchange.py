@@ -9,9 +9,10 @@ Authorization, the host's configured headers and its client certificate never re
 another origin; a request may also name a URL on another origin itself (an upload the
 registry moved to object storage), and goes there the same way, bare. Either goes
 only where proxyd.targets allows (http or https, no link-local address). When the host
-refuses credentials, proxyd's may be out of date (a rotated secret): `on_refused`
-reads them again, and a request they changed goes once more. Every hop goes through
-the proxy `route` names for it.
+refuses credentials (a 401, or a 403 to credentials proxyd sent, as ECR refuses an
+expired password), proxyd's may be out of date (a rotated secret): `on_refused` reads
+them again, and a request they changed goes once more. Every hop goes through the
+proxy `route` names for it.
 
 A request body given as bytes is replayable. A streamed body can be sent once only:
 it is sent after the host's challenge is known (a `GET /v2/` first, as clients
@@ -88,13 +89,20 @@ class Exchange:
     ) -> aiohttp.ClientResponse:
         """`send()`; when the host refuses (or asks for) credentials, proxyd's may be out
         of date (a rotated secret): once read again and changed, it goes once more (a
-        body that can be sent once only does not)."""
+        body that can be sent once only does not). A 403 to credentials proxyd sent
+        counts as a refusal too: ECR answers its expired 12-hour passwords so, `DENIED`
+        without a challenge, where a 401 would ask for new ones."""
         try:
-            return await send()
+            response = await send()
         except Unauthorized:
             if not await self._on_refused(host.host) or not replayable:
                 raise
-        return await send()
+            return await send()
+        refused = response.status == 403 and replayable and _sent_credentials(response, host)
+        if refused and await self._on_refused(host.host):
+            response.release()
+            return await send()
+        return response
 
     async def _send(
         self,
@@ -256,6 +264,13 @@ async def not_refreshed(host: str) -> bool:
 def is_absolute(url: str) -> bool:
     """An http(s) URL of its own, not a path below a host's API root."""
     return urlsplit(url).scheme in ("http", "https")
+
+
+def _sent_credentials(response: aiohttp.ClientResponse, host: RegistryHost) -> bool:
+    """Whether this answer is the host's own, to a request carrying proxyd's credentials
+    (not a redirect target's, which never sees them)."""
+    asked = response.request_info
+    return _origin(str(asked.real_url)) == host.origin and "Authorization" in asked.headers
 
 
 def is_replayable(data: Body) -> bool:

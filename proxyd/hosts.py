@@ -90,6 +90,24 @@ class RegistryHost:
             return False
         return namespace != self.host
 
+    def scopes(self, scope: str) -> str:
+        """A request's token scopes (space-separated) as this host names repositories.
+        An API root below `/v2/` (a Harbor project, `/v2/dockerhub-proxy` with
+        `override_path`) is the start of every repository name the host serves, since
+        the distribution API's name is all between `/v2/` and `/manifests/`: each
+        repository scope is asked under that name too, so a token the host's token
+        service grants covers what the host checks, from the first request on."""
+        _root, v2, below = self.path.partition("/v2/")
+        prefix = below.strip("/")
+        if not v2 or not prefix:
+            return scope
+        named = [
+            f"repository:{prefix}/{s.removeprefix('repository:')}"
+            for s in scope.split()
+            if s.startswith("repository:")
+        ]
+        return " ".join([*scope.split(), *named])
+
     def describe(self) -> str:
         role = "mirror" if self.is_mirror else "upstream"
         return f"{self.origin}{self.path} ({role}: {', '.join(self.capabilities.names())})"

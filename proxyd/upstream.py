@@ -17,7 +17,9 @@ path, so the next request for that content goes to the next host.
 
 Each request names its namespace to every host that serves it on another registry's
 behalf (`?ns=`, containerd's isProxy), so a chained mirror (another proxyd,
-distribution, Harbor, Spegel) resolves in the right registry. Each host's exchange
+distribution, Harbor, Spegel) resolves in the right registry, and asks each host's
+token service for the repository as that host names it (`RegistryHost.scopes`: a
+Harbor project's path in front). Each host's exchange
 (credentials, a 401 answered once, redirects followed without the registry's
 credentials) is `proxyd.exchange`'s.
 
@@ -272,8 +274,9 @@ class UpstreamClient:
             if skipped is not None:
                 failures.append(skipped)
                 continue
+            with_ns = _with_ns(params, namespace, host)
             ask = retries.Ask(
-                host, method, suffix, path, headers, _with_ns(params, namespace, host), scope, data
+                host, method, suffix, path, headers, with_ns, host.scopes(scope), data
             )
             started = time.perf_counter()
             try:

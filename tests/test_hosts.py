@@ -315,6 +315,38 @@ def test_override_path_takes_the_url_path_as_the_api_root(url, path):
     assert host.path == path
 
 
+@pytest.mark.parametrize(
+    ("url", "override", "scopes"),
+    [
+        (  # a Harbor project: its name starts every repository the host serves
+            "https://harbor.example/v2/dockerhub-proxy",
+            True,
+            "repository:library/alpine:pull repository:dockerhub-proxy/library/alpine:pull",
+        ),
+        (  # a mount's source is named so too
+            "https://harbor.example/v2/team/",
+            True,
+            "repository:app:pull,push repository:base:pull "
+            "repository:team/app:pull,push repository:team/base:pull",
+        ),
+        ("https://mirror.example/registry", False, "repository:app:pull,push repository:base:pull"),
+        ("https://mirror.example/mirror/v2", True, "repository:app:pull,push repository:base:pull"),
+        ("https://mirror.example", False, "repository:app:pull,push repository:base:pull"),
+    ],
+)
+def test_a_host_under_a_path_below_v2_is_asked_tokens_for_the_names_it_serves(
+    url, override, scopes
+):
+    host = make_host(url, HostSettings(override_path=override), is_mirror=True)
+    asked = (
+        "repository:library/alpine:pull"
+        if "dockerhub" in url
+        else "repository:app:pull,push repository:base:pull"
+    )
+    assert host.scopes(asked) == scopes
+    assert host.scopes("registry:catalog:*") == "registry:catalog:*"
+
+
 def test_override_path_from_hosts_toml_applies_to_its_mirror():
     mirror, server = chain('[host."https://m.example/registry/api"]\noverride_path = true\n').hosts
     assert mirror.url("team/app/manifests/v1") == (
