@@ -14,16 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from proxyd import __version__, engines, healthcheck
-from proxyd.config import (
-    ConfigError,
-    RuntimeConfig,
-    Settings,
-    build_runtime,
-    check_upstream_tls,
-    load_settings,
-)
+from proxyd.config import ConfigError, Settings, load_settings
 from proxyd.hosts import Namespace
 from proxyd.proxies import describe_route
+from proxyd.runtime import RuntimeConfig, build_runtime, check_upstream_tls
 
 EXAMPLES = """\
 examples:

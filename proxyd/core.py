@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import RuntimeConfig
 from proxyd.evict import Evictor
 from proxyd.fleet import Fleet
 from proxyd.fleetuploads import SharedUploads
@@ -22,6 +21,7 @@ from proxyd.puller import Puller
 from proxyd.push import Pusher
 from proxyd.reload import Reloader
 from proxyd.resolver import Resolver
+from proxyd.runtime import RuntimeConfig
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore
 from proxyd.uploader import Uploader

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from proxyd.config import RuntimeConfig, split_listen
+from proxyd.config import split_listen
 from proxyd.hosts import Namespace, RegistryHost
 from proxyd.reference import DOCKER_HUB, looks_like_host
+from proxyd.runtime import RuntimeConfig
 
 DEFAULT_CONTAINERD_DIR = Path("/etc/containerd/certs.d")
 DEFAULT_DOCKER_FILE = Path("/etc/docker/daemon.json")

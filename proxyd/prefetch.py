@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd.config import RuntimeConfig
 from proxyd.download import Download
 from proxyd.errors import NameUnknown, ProxydError
 from proxyd.hosts import Target
@@ -23,6 +22,7 @@ from proxyd.manifests import MANIFEST_TYPES, Manifest
 from proxyd.puller import Joined, Puller, StoredBlob
 from proxyd.reference import Digest, ImageReference, is_digest, parse_image_reference
 from proxyd.resolver import Resolver
+from proxyd.runtime import RuntimeConfig
 
 PARALLEL_BLOBS = 4
 

@@ -19,7 +19,6 @@ from typing import Literal
 
 import structlog
 
-from proxyd.config import RuntimeConfig
 from proxyd.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -32,6 +31,7 @@ from proxyd.hosts import Capability, RegistryHost, Target
 from proxyd.manifests import OCI_MANIFEST, declared_media_type, read_manifest
 from proxyd.reference import Digest, is_digest, validate_tag
 from proxyd.refusal import expect
+from proxyd.runtime import RuntimeConfig
 from proxyd.store import BlobStore, LinkKind
 from proxyd.upstream import Upstream, UpstreamClient
 

@@ -20,7 +20,8 @@ import structlog
 
 from proxyd.background import stop_loop
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import ConfigError, RuntimeConfig, load_credentials, load_users
+from proxyd.config import ConfigError
+from proxyd.runtime import RuntimeConfig, load_credentials, load_users
 from proxyd.singleflight import SingleFlight
 
 log = structlog.get_logger("proxyd.reload")

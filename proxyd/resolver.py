@@ -3,7 +3,7 @@ because nothing in them can be verified: what a tag points at, the tag lists, th
 referrers of a subject, the catalog.
 
 They are kept in the small-response cache and served by one policy
-(`_through_cache`): a fresh answer is served as is; an old one is revalidated (a
+(proxyd.cachepolicy): a fresh answer is served as is; an old one is revalidated (a
 `HEAD` for a tag: unchanged costs no body) or fetched again, once however many
 clients ask; when every host fails, the old answer is served marked stale; offline,
 answers of any age are served. A tag has one record whatever the client accepts,
@@ -15,13 +15,13 @@ it may take (proxyd.negotiation). A tag's manifest is stored by digest through t
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 import structlog
 
+from proxyd.cachepolicy import CachePolicy
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.convert import convert_legacy_config
 from proxyd.errors import (
@@ -29,8 +29,6 @@ from proxyd.errors import (
     DigestMismatch,
     ManifestUnknown,
     NameUnknown,
-    Offline,
-    TooManyRequests,
     UpstreamError,
 )
 from proxyd.hosts import Capability, Namespace, Target
@@ -41,7 +39,6 @@ from proxyd.negotiation import Accept, upstream_accept
 from proxyd.puller import Puller
 from proxyd.reference import Digest
 from proxyd.refusal import expect
-from proxyd.singleflight import SingleFlight
 from proxyd.smallcache import Entry, SmallCache
 from proxyd.tagrecord import Answer, CachedAnswer, TagRecord
 from proxyd.upstream import Upstream, UpstreamClient, read_body
@@ -78,7 +75,6 @@ class Resolver:
         self.puller = puller
         self.upstream = upstream
         self.small = small
-        self.offline = offline
         # Whether a push or delete through proxyd may change a namespace's repositories:
         # only then is a cached answer checked against the mark one leaves (one read).
         self.tags_can_move = tags_can_move
@@ -89,7 +85,7 @@ class Resolver:
             max_entries=MAX_REMEMBERED_TAGS if puller.manifest_memory.max_bytes > 0 else 0,
             clock=clock.monotonic,
         )
-        self._flights: SingleFlight[Any] = SingleFlight(on_join=self.metrics.coalesced.inc)
+        self.policy = CachePolicy(small, offline=offline, metrics=self.metrics)
 
     # -- tags ---------------------------------------------------------------------------
 
@@ -125,7 +121,7 @@ class Resolver:
                 self._remember_tag(target, key, resolved, ttl - entry.age(self.small.now()))
             return resolved
 
-        resolved = await self._through_cache(
+        resolved = await self.policy.answer(
             target,
             key,
             "tag",
@@ -259,7 +255,7 @@ class Resolver:
 
     async def tags(self, target: Target, params: dict[str, str]) -> Listing:
         key = f"tags {target.namespace.name} {target.repository} {sorted(params.items())}"
-        return await self._through_cache(
+        return await self.policy.answer(
             target,
             key,
             "tags",
@@ -285,7 +281,7 @@ class Resolver:
         """OCI 1.1 referrers, cached like tags; a registry without the API (404) is
         asked for the referrers tag schema (`sha256-<hex>`), as the spec describes."""
         key = f"referrers {target.namespace.name} {target.repository} {digest} {artifact_type}"
-        return await self._through_cache(
+        return await self.policy.answer(
             target,
             key,
             "referrers",
@@ -362,67 +358,6 @@ class Resolver:
     def _changed_key_where_writable(self, target: Target) -> str | None:
         """The mark a write through proxyd leaves, where one can (see tag())."""
         return _changed_key(target) if self.tags_can_move(target.namespace) else None
-
-    async def _through_cache(
-        self,
-        target: Target,
-        key: str,
-        kind: str,
-        what: str,
-        refresh: Callable[[Entry | None, bool], Awaitable[T]],
-        from_entry: Callable[[Entry, str], T | None],
-        changed_key: str | None = None,
-        fits: Callable[[T], bool] | None = None,
-        question: str = "",
-    ) -> T:
-        """A fresh entry is served; an old one is revalidated or refetched (once,
-        however many ask); when every host fails, an old entry is served marked
-        stale. --offline serves entries of any age.
-
-        An entry may hold nothing for this client (`from_entry` gives None: a tag
-        answered only in a type it cannot take): then upstream is asked as for a
-        missing one. Clients asking at once share one upstream request whatever they
-        accept; one that cannot take the answer (`fits`) asks again, sharing only with
-        those asking its own `question`."""
-        result: T | None = None
-        for flight in (key, f"{key} {question}"):
-            entry = await self.small.get(key)
-            fresh = False
-            if entry is not None:
-                fresh = entry.age(self.small.now()) < target.namespace.tag_ttl
-                if fresh and changed_key is not None:
-                    changed = await self.small.get(changed_key)
-                    fresh = changed is None or changed.stored_at < entry.stored_at
-                if fresh or self.offline:
-                    served = from_entry(entry, "hit" if fresh else "stale")
-                    if served is not None:
-                        self.metrics.cache.labels(kind, "hit" if fresh else "stale").inc()
-                        return served
-            if self.offline:
-                raise Offline(f"offline, and {what} of {target.repository} is not cached")
-            try:
-                result = await self._flights.run(flight, partial(refresh, entry, fresh))
-            except (UpstreamError, TooManyRequests) as exc:
-                stale = from_entry(entry, "stale") if entry is not None else None
-                if entry is None or stale is None:
-                    raise
-                self.metrics.cache.labels(kind, "stale").inc()
-                log.warning(
-                    "cache.stale",
-                    namespace=target.namespace.name,
-                    repository=target.repository,
-                    what=what,
-                    age_s=round(entry.age(self.small.now())),
-                    error=exc.message,
-                )
-                return stale
-            if fits is None or fits(result):
-                break
-        assert result is not None
-        self.metrics.cache.labels(
-            kind, "revalidated" if entry is not None and not fresh else "miss"
-        ).inc()
-        return result
 
 
 @dataclass(frozen=True)

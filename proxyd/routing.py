@@ -7,10 +7,10 @@ mirror mode), then a registry host as the first component of the name
 
 from __future__ import annotations
 
-from proxyd.config import RuntimeConfig
 from proxyd.errors import NameInvalid, NameUnknown
 from proxyd.hosts import Namespace, Target
 from proxyd.reference import looks_like_host, normalize_repository, validate_name
+from proxyd.runtime import RuntimeConfig
 
 
 def route(runtime: RuntimeConfig, name: str, ns: str | None) -> Target:

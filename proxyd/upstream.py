@@ -44,7 +44,7 @@ from proxyd import clienterrors, retries
 from proxyd.auth import Authorizer
 from proxyd.breaker import Breakers, Pauses, parse_retry_after
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import MAX_MANIFEST_SIZE, RuntimeConfig
+from proxyd.config import MAX_MANIFEST_SIZE
 from proxyd.errors import (
     DigestMismatch,
     ManifestTooLarge,
@@ -71,6 +71,7 @@ from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
 from proxyd.pace import MinimumRate, TooSlow
 from proxyd.proxies import Proxy, route, via
+from proxyd.runtime import RuntimeConfig
 from proxyd.targets import LinkLocalFilter
 
 log = structlog.get_logger("proxyd.upstream")

@@ -16,7 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import build_runtime, load_settings
+from proxyd.config import load_settings
+from proxyd.runtime import build_runtime
 from proxyd.server import AccessLogger, create_app
 from proxyd.server.fastpath import ProxydRunner
 from tests.fakes import FakeRegistry, FakeTokenServer

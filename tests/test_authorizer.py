@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import MultiDict
 
 from proxyd.auth import Authorizer
-from proxyd.config import Credential
+from proxyd.credentials import Credential
 from proxyd.hosts import Capability, RegistryHost
 from tests.conftest import FakeClock, host, oci_code, origin
 from tests.fakes import FakeRegistry, make_image

@@ -14,8 +14,9 @@ import aiohttp
 import pytest
 
 from proxyd import config
-from proxyd.config import build_runtime, load_settings
+from proxyd.config import load_settings
 from proxyd.hosts import Capability, RegistryHost
+from proxyd.runtime import build_runtime
 from tests.conftest import FakeClock, host, oci_code, origin
 from tests.fakes import FakeRegistry, make_image
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxyd.auth import Authorizer, Challenge, parse_www_authenticate
-from proxyd.config import Credential
+from proxyd.credentials import Credential
 from proxyd.hostsfile import HostSettings, make_host
 
 DOCKER_HUB_CHALLENGE = (

@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 
 from proxyd.cli import main
-from proxyd.config import (
-    ConfigError,
-    build_runtime,
-    check_upstream_tls,
-    default_cache_dir,
-    load_settings,
-)
+from proxyd.config import ConfigError, default_cache_dir, load_settings
 from proxyd.credentials import Credential, CredentialsError, read_docker_config
+from proxyd.runtime import build_runtime, check_upstream_tls
 
 
 @pytest.fixture(autouse=True)

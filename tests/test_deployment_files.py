@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from proxyd import engines
-from proxyd.config import build_runtime, load_settings
+from proxyd.config import load_settings
 from proxyd.hostsfile import build_namespace, load_hosts_dir
+from proxyd.runtime import build_runtime
 from tests.peers.proxyd import PROJECT_ROOT
 
 EXAMPLES = PROJECT_ROOT / "config" / "examples"

@@ -15,9 +15,10 @@ import pytest
 
 from proxyd import engines
 from proxyd.cli import main
-from proxyd.config import RuntimeConfig, build_runtime, load_settings
+from proxyd.config import load_settings
 from proxyd.hosts import Capability
 from proxyd.hostsfile import build_namespace, parse_hosts_toml
+from proxyd.runtime import RuntimeConfig, build_runtime
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

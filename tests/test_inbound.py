@@ -14,9 +14,10 @@ from structlog.testing import capture_logs
 
 from proxyd import inbound
 from proxyd.cli import main
-from proxyd.config import ConfigError, build_runtime, load_settings
+from proxyd.config import ConfigError, load_settings
 from proxyd.errors import Unauthorized
 from proxyd.inbound import InboundAuth, basic_credentials, need, parse_htpasswd
+from proxyd.runtime import build_runtime
 from tests.conftest import host, oci_code, origin
 from tests.fakes import FakeRegistry, digest_of, make_image
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proxyd.config import build_runtime, load_settings
+from proxyd.config import load_settings
 from proxyd.core import open_core
 from proxyd.prefetch import Progress, platform_matches, prefetch
 from proxyd.reference import Digest
+from proxyd.runtime import build_runtime
 from proxyd.store import BlobStore
 from tests.conftest import host, origin
 from tests.fakes import FakeImage, FakeRegistry, digest_of, make_image

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 
 from proxyd.cli import main
-from proxyd.config import ConfigError, build_runtime, load_settings
+from proxyd.config import ConfigError, load_settings
 from proxyd.hostsfile import HostSettings, make_host, parse_hosts_toml
 from proxyd.proxies import Proxy, ProxyEnvironment, Via, parse_host_proxy, route, via
+from proxyd.runtime import build_runtime
 
 # Go's TestUseProxy: NO_PROXY, then (host, goes through the proxy).
 GO_NO_PROXY = (

@@ -18,9 +18,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from proxyd.config import ConfigError, build_runtime, load_settings
+from proxyd.config import ConfigError, load_settings
 from proxyd.errors import BlobUploadInvalid, Unauthorized
 from proxyd.hosts import Capability
+from proxyd.runtime import build_runtime
 from proxyd.server.keys import UPLOADER
 from proxyd.uploads import confirmed_offset, parse_content_range, upstream_suffix
 from proxyd.upstream import UpstreamClient

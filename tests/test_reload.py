@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from proxyd.config import RuntimeConfig, build_runtime, load_settings
+from proxyd.config import load_settings
 from proxyd.errors import Unauthorized
 from proxyd.inbound import InboundAuth
 from proxyd.reload import REFUSED_PAUSE, Reloader
+from proxyd.runtime import RuntimeConfig, build_runtime
 from tests.conftest import FakeClock, host, origin, until
 from tests.fakes import FakeRegistry, make_image
 from tests.test_inbound import basic, write_htpasswd

@@ -16,7 +16,8 @@ import pytest
 import trustme
 
 from proxyd import cli, engines, tls
-from proxyd.config import ConfigError, build_runtime, load_settings
+from proxyd.config import ConfigError, load_settings
+from proxyd.runtime import build_runtime
 from tests.peers.proxyd import ProxydProcess, https_status, proxyd_config
 
 

@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxyd import cli
-from proxyd.config import ConfigError, build_runtime, check_upstream_tls, load_settings
+from proxyd.config import ConfigError, load_settings
+from proxyd.runtime import build_runtime, check_upstream_tls
 from tests.fakes import FakeImage, FakeRegistry, make_image
 
 

@@ -8,10 +8,10 @@ from functools import partial
 from aiohttp import web
 
 from proxyd.clock import SYSTEM_CLOCK, Clock
-from proxyd.config import RuntimeConfig
 from proxyd.core import open_core
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import CONTENT_TYPE, Metrics
+from proxyd.runtime import RuntimeConfig
 from proxyd.server import health, peers, pull
 from proxyd.server.fastpath import FAST, FastAnswers
 from proxyd.server.keys import (

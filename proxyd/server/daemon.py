@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from proxyd import systemd, tls
-from proxyd.config import RuntimeConfig, split_listen
+from proxyd.config import split_listen
+from proxyd.runtime import RuntimeConfig
 from proxyd.server.app import create_app
 from proxyd.server.fastpath import ProxydRunner
 from proxyd.server.keys import RELOADER

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxyd.config import RuntimeConfig
 from proxyd.fleet import Fleet
 from proxyd.inbound import InboundAuth
 from proxyd.metrics import Metrics
@@ -14,6 +13,7 @@ from proxyd.puller import Puller
 from proxyd.push import Pusher
 from proxyd.reload import Reloader
 from proxyd.resolver import Resolver
+from proxyd.runtime import RuntimeConfig
 from proxyd.uploader import Uploader
 
 RUNTIME = web.AppKey("runtime", RuntimeConfig)
