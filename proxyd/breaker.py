@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_RETRY_AFTER = 3600.0
+# A 429 that names no wait (Docker Hub's pull limit sends no Retry-After): the kind of
+# request is left alone this long, so clients asking meanwhile cost the host nothing.
+DEFAULT_RATE_LIMIT_PAUSE = 60.0
 MAX_REMEMBERED = 4096  # hosts with failures, or (host, kind) pauses: the oldest go first
 
 

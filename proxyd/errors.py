@@ -37,6 +37,7 @@ ProxydError                      (500 UNKNOWN)
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 
@@ -216,3 +217,22 @@ BY_STATUS: dict[int, type[ProxydError]] = {
     413: ManifestTooLarge,
     416: RangeNotSatisfiable,
 }
+
+
+ERROR_BODY_LIMIT = 64 * 1024  # bytes of a registry's error body read for its message
+
+
+def oci_errors(body: bytes) -> list[dict[str, Any]]:
+    """The `errors` of an OCI error body (`{"errors": [{"code", "message", ...}]}`);
+    none when the body is not one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    found = data.get("errors") if isinstance(data, dict) else None
+    return [e for e in found if isinstance(e, dict)] if isinstance(found, list) else []
+
+
+def said(errors: list[dict[str, Any]]) -> str:
+    """What a registry's errors say, for a client's message: their messages, else codes."""
+    return "; ".join(str(e.get("message") or e.get("code")) for e in errors)

@@ -6,15 +6,21 @@ registry's own code and message wherever proxyd knows the code.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import aiohttp
 
-from proxyd.errors import BY_CODE, BY_STATUS, ProxydError, TooManyRequests, UpstreamError
+from proxyd.errors import (
+    BY_CODE,
+    BY_STATUS,
+    ERROR_BODY_LIMIT,
+    ProxydError,
+    TooManyRequests,
+    UpstreamError,
+    oci_errors,
+    said,
+)
 from proxyd.upstream import Upstream
-
-ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body read for its message
 
 
 async def registry_errors(up: Upstream, what: str) -> tuple[list[dict[str, Any]], str]:
@@ -23,14 +29,10 @@ async def registry_errors(up: Upstream, what: str) -> tuple[list[dict[str, Any]]
     errors: list[dict[str, Any]] = []
     if up.response.method != "HEAD":
         try:
-            data = json.loads(await up.response.content.read(ERROR_BODY_LIMIT))
-        except (ValueError, aiohttp.ClientError):
-            data = None
-        found = data.get("errors") if isinstance(data, dict) else None
-        if isinstance(found, list):
-            errors = [e for e in found if isinstance(e, dict)]
-    said = "; ".join(str(e.get("message") or e.get("code")) for e in errors)
-    return errors, f"{up.host.host}: {what}: {said or up.response.status}"
+            errors = oci_errors(await up.response.content.read(ERROR_BODY_LIMIT))
+        except aiohttp.ClientError:
+            errors = []
+    return errors, f"{up.host.host}: {what}: {said(errors) or up.response.status}"
 
 
 async def refusal(

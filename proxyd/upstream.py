@@ -42,10 +42,11 @@ import structlog
 
 from proxyd import clienterrors, retries
 from proxyd.auth import Authorizer
-from proxyd.breaker import Breakers, Pauses, parse_retry_after
+from proxyd.breaker import DEFAULT_RATE_LIMIT_PAUSE, Breakers, Pauses, parse_retry_after
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import MAX_MANIFEST_SIZE
 from proxyd.errors import (
+    ERROR_BODY_LIMIT,
     DigestMismatch,
     ManifestTooLarge,
     NoCapableHost,
@@ -55,6 +56,8 @@ from proxyd.errors import (
     TooManyRequests,
     Unauthorized,
     UpstreamError,
+    oci_errors,
+    said,
 )
 from proxyd.exchange import (
     MAX_REDIRECTS,
@@ -295,10 +298,11 @@ class UpstreamClient:
             self._observe(host, response, time.perf_counter() - started)
             moved_on = self._moves_on(host, suffix, response)
             if moved_on is not None:
-                response.release()
                 if moved_on.status == 429:
+                    await _with_what_it_said(moved_on, response)
                     limited = f"{response.method} {_area(suffix)}"  # GET, after a HEAD's 405
-                    self._rate_limited(host, limited, moved_on.retry_after)
+                    self._rate_limited(host, limited, moved_on, response)
+                response.release()
                 self._failed(failures, moved_on, trip=(moved_on.status or 0) >= 500)
                 continue
             try:
@@ -367,9 +371,22 @@ class UpstreamClient:
             )
         return None
 
-    def _rate_limited(self, host: RegistryHost, kind: str, retry_after: str | None) -> None:
-        """A 429 that stood: this kind of request leaves the host alone as it asked."""
-        seconds = parse_retry_after(retry_after)
+    def _rate_limited(
+        self,
+        host: RegistryHost,
+        kind: str,
+        failure: HostFailure,
+        response: aiohttp.ClientResponse,
+    ) -> None:
+        """A 429 that stood: this kind of request leaves the host alone as it asked
+        (`Retry-After`, else the draft RateLimit fields' `RateLimit-Reset`), or for
+        DEFAULT_RATE_LIMIT_PAUSE when it named no time; the client is told how long."""
+        seconds = parse_retry_after(failure.retry_after)
+        if seconds is None:
+            seconds = parse_retry_after(response.headers.get("RateLimit-Reset"))
+        if seconds is None:
+            seconds = DEFAULT_RATE_LIMIT_PAUSE
+        failure.retry_after = failure.retry_after or str(math.ceil(seconds))
         if seconds:
             self.rate_limits.pause((host.host, kind), seconds)
             log.warning("upstream.rate_limited", host=host.host, kind=kind, seconds=seconds)
@@ -422,6 +439,19 @@ class UpstreamClient:
                 log.warning(
                     "upstream.ratelimit_low", host=host.host, remaining=remaining, limit=limit
                 )
+
+
+async def _with_what_it_said(failure: HostFailure, response: aiohttp.ClientResponse) -> None:
+    """The registry's own words on a refusal that moves on (Docker Hub's "You have
+    reached your pull rate limit…"), added to the reason the client is told."""
+    if response.method == "HEAD":
+        return
+    try:
+        words = said(oci_errors(await response.content.read(ERROR_BODY_LIMIT)))
+    except (aiohttp.ClientError, TimeoutError):
+        return
+    if words:
+        failure.reason = f"{failure.reason}: {words}"
 
 
 async def read_body(up: Upstream, limit: int) -> bytes:

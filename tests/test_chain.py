@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxyd import config
+from proxyd import runtime as runtime_module
 from proxyd.config import load_settings
 from proxyd.hosts import Capability, RegistryHost
 from proxyd.runtime import build_runtime
@@ -323,6 +323,32 @@ async def test_a_manifest_429_never_stops_blob_pulls(make_proxyd, start_fake):
     assert len(hub.requests("/manifests/")) == 2  # asked again once the hour is over
 
 
+async def test_a_429_naming_no_wait_pauses_that_kind_of_request_for_a_minute(
+    make_proxyd, start_fake
+):
+    """Docker Hub's pull limit answers 429 with no Retry-After (docs.docker.com,
+    "Docker Hub usage and limits": only the RateLimit-* headers). containerd's five
+    quick attempts are made once; then manifest GETs are left alone for a minute, the
+    client is told so (Retry-After) in the registry's own words, and clients asking
+    meanwhile cost the host nothing."""
+    hub = FakeRegistry(pull_limit=0)
+    image = hub.add(make_image())
+    clock = FakeClock()
+    proxyd = await make_proxyd(chain(await start_fake(hub)), clock=clock)
+    limited = await proxyd.get(f"/v2/team/app/manifests/{image.digest}")
+    assert limited.status == 429
+    assert limited.headers["Retry-After"] == "60"
+    assert "You have reached your pull rate limit" in (await limited.json())["errors"][0]["message"]
+    asked = len(hub.requests("/manifests/"))
+    assert asked == 5  # containerd's attempts, within the request's retry budget
+    for _ in range(10):
+        assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 429
+    assert len(hub.requests("/manifests/")) == asked  # the minute: not asked again
+    clock.advance(61)
+    assert (await proxyd.get("/v2/team/app/manifests/v1")).status == 429
+    assert len(hub.requests("/manifests/")) > asked  # asked again once it is over
+
+
 async def test_a_cached_tag_is_served_stale_while_the_host_rate_limits(make_proxyd, start_fake):
     hub = FakeRegistry(pull_limit=1, retry_after="3600")
     first = hub.add(make_image())
@@ -408,7 +434,7 @@ def test_docker_hub_is_its_own_registry_at_registry_1():
 
 
 def test_namespaces_built_for_names_clients_send_are_bounded(monkeypatch, tmp_path):
-    monkeypatch.setattr(config, "MAX_SYNTHESISED_NAMESPACES", 2)
+    monkeypatch.setattr(runtime_module, "MAX_SYNTHESISED_NAMESPACES", 2)
     runtime = build_runtime(
         load_settings(None, cache_dir=tmp_path, allow_unconfigured_namespaces=True)
     )
