@@ -31,7 +31,6 @@ host's circuit breaker (the client may have gone away).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -42,7 +41,7 @@ import structlog
 
 from proxyd import clienterrors, retries
 from proxyd.auth import Authorizer
-from proxyd.breaker import DEFAULT_RATE_LIMIT_PAUSE, Breakers, Pauses, parse_retry_after
+from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.config import MAX_MANIFEST_SIZE
 from proxyd.errors import (
@@ -69,6 +68,7 @@ from proxyd.exchange import (
     is_replayable,
     not_refreshed,
 )
+from proxyd.hostrecord import HostFailure, HostRecord
 from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import MANIFEST_TYPES
 from proxyd.metrics import Metrics
@@ -79,16 +79,7 @@ from proxyd.targets import LinkLocalFilter
 
 log = structlog.get_logger("proxyd.upstream")
 
-RATELIMIT_WARN_FRACTION = 0.1  # warn when a host's announced pulls left fall below this
 DEFAULT_RETRY_MAX_WAIT = 10.0  # seconds; the retry_max_wait setting's default
-
-
-@dataclass
-class HostFailure:
-    host: RegistryHost
-    reason: str
-    status: int | None = None
-    retry_after: str | None = None
 
 
 @dataclass
@@ -149,9 +140,8 @@ class UpstreamClient:
         self.breakers = breakers or Breakers(clock=clock.monotonic)
         self.retry_max_wait = retry_max_wait
         self.max_manifest_size = max_manifest_size  # a mirror's larger manifest moves on
-        self.rate_limits = Pauses(clock=clock.monotonic)  # (host, kind of request)
-        self.bad_answers = Pauses(clock=clock.monotonic)  # (host, path)
         self.metrics = metrics or Metrics()
+        self.record = HostRecord(self.breakers, self.metrics, clock=clock.monotonic)
         self._session: aiohttp.ClientSession | None = None
         self._exchange: Exchange | None = None
         self.on_refused: Refused = not_refreshed  # the reloader's, once the core has one
@@ -274,7 +264,7 @@ class UpstreamClient:
         failures: list[HostFailure] = []
         for index, host in enumerate(hosts):
             last = index == len(hosts) - 1
-            skipped = self._skipped(host, kind, path, last=last)
+            skipped = self.record.skipped(host, kind, path, last=last)
             if skipped is not None:
                 failures.append(skipped)
                 continue
@@ -288,65 +278,47 @@ class UpstreamClient:
                     self.exchange, ask, last=last, deadline=deadline, clock=self.clock
                 )
             except (aiohttp.ClientError, TimeoutError, TokenError) as exc:
-                self._failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
+                self.record.failed(failures, HostFailure(host, _describe(exc)), trip=replayable)
                 continue
             except Unauthorized as exc:
                 if not host.is_mirror:
                     raise
-                self._failed(failures, HostFailure(host, exc.message, 401), trip=False)
+                self.record.failed(failures, HostFailure(host, exc.message, 401), trip=False)
                 continue
-            self._observe(host, response, time.perf_counter() - started)
+            self.record.observe(host, response, time.perf_counter() - started)
             moved_on = self._moves_on(host, suffix, response)
             if moved_on is not None:
                 if moved_on.status == 429:
                     await _with_what_it_said(moved_on, response)
                     limited = f"{response.method} {_area(suffix)}"  # GET, after a HEAD's 405
-                    self._rate_limited(host, limited, moved_on, response)
+                    self.record.rate_limited(host, limited, moved_on, response)
                 response.release()
-                self._failed(failures, moved_on, trip=(moved_on.status or 0) >= 500)
+                self.record.failed(failures, moved_on, trip=(moved_on.status or 0) >= 500)
                 continue
             try:
                 yield Upstream(host, response, failures, self.min_rate, self.clock.monotonic)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The body broke or stalled after the headers: still this host's failure.
                 reason = _describe(exc)
-                self._bad_answer(host, path, failures, reason)
+                self.record.bad_answer(host, path, failures, reason)
                 raise UpstreamError(
                     f"{host.origin}: the answer to {method} {path} broke off: {reason}"
                 ) from exc
             except DigestMismatch as exc:
-                self._bad_answer(host, path, failures, exc.message)
+                self.record.bad_answer(host, path, failures, exc.message)
                 raise
             except ManifestTooLarge as exc:
                 if host.is_mirror:  # the next request goes to the next host
-                    self._bad_answer(host, path, failures, exc.message, trip=False)
+                    self.record.bad_answer(host, path, failures, exc.message, trip=False)
                 raise
             except Exception:
-                self._answered(host, path)  # the host answered; the caller refused it
+                self.record.answered(host, path)  # the host answered; the caller refused it
                 raise
             finally:
                 response.release()
-            self._answered(host, path)
+            self.record.answered(host, path)
             return
         raise _chain_error(namespace, failures)
-
-    def _skipped(
-        self, host: RegistryHost, kind: str, path: str, *, last: bool
-    ) -> HostFailure | None:
-        """Why `host` is not asked now: rate limited for this kind of request, a bad
-        answer to this very request lately (unless no other host is left), or a
-        circuit open after failures."""
-        limited = self.rate_limits.remaining((host.host, kind))
-        if limited is not None:
-            seconds = math.ceil(limited)
-            return HostFailure(
-                host, f"skipped: rate limited for {kind} ({seconds} s more)", 429, str(seconds)
-            )
-        if not last and self.bad_answers.remaining((host.host, path)) is not None:
-            return HostFailure(host, "skipped: its last answer to this request was bad")
-        if not self.breakers.allow(host.host):
-            return HostFailure(host, "skipped: circuit open after failures")
-        return None
 
     def _moves_on(
         self, host: RegistryHost, suffix: str, response: aiohttp.ClientResponse
@@ -371,75 +343,6 @@ class UpstreamClient:
             )
         return None
 
-    def _rate_limited(
-        self,
-        host: RegistryHost,
-        kind: str,
-        failure: HostFailure,
-        response: aiohttp.ClientResponse,
-    ) -> None:
-        """A 429 that stood: this kind of request leaves the host alone as it asked
-        (`Retry-After`, else the draft RateLimit fields' `RateLimit-Reset`), or for
-        DEFAULT_RATE_LIMIT_PAUSE when it named no time; the client is told how long."""
-        seconds = parse_retry_after(failure.retry_after)
-        if seconds is None:
-            seconds = parse_retry_after(response.headers.get("RateLimit-Reset"))
-        if seconds is None:
-            seconds = DEFAULT_RATE_LIMIT_PAUSE
-        failure.retry_after = failure.retry_after or str(math.ceil(seconds))
-        if seconds:
-            self.rate_limits.pause((host.host, kind), seconds)
-            log.warning("upstream.rate_limited", host=host.host, kind=kind, seconds=seconds)
-
-    def _bad_answer(
-        self,
-        host: RegistryHost,
-        path: str,
-        failures: list[HostFailure],
-        reason: str,
-        *,
-        trip: bool = True,
-    ) -> None:
-        """`host` answered `path` with a body that failed (broke off, stalled, did not
-        match its digest): its failure, and the next request for `path` goes to the next
-        host for a breaker cool-down."""
-        self.bad_answers.pause((host.host, path), self.breakers.cooldown)
-        self._failed(failures, HostFailure(host, reason), trip=trip)
-
-    def _answered(self, host: RegistryHost, path: str) -> None:
-        self.breakers.succeeded(host.host)
-        self.bad_answers.clear((host.host, path))
-        self.metrics.circuit_open.labels(host.host).set(0)
-
-    def _failed(self, failures: list[HostFailure], failure: HostFailure, *, trip: bool) -> None:
-        """Record a host's failure; `trip` counts it towards the host's circuit breaker."""
-        failures.append(failure)
-        host = failure.host.host
-        if trip:
-            self.breakers.failed(host)
-            self.metrics.circuit_open.labels(host).set(int(self.breakers.is_open(host)))
-        reason = str(failure.status) if failure.status else _reason_class(failure.reason)
-        self.metrics.upstream_errors.labels(host, reason).inc()
-        log.info("upstream.failed", host=host, reason=failure.reason)
-
-    def _observe(
-        self, host: RegistryHost, response: aiohttp.ClientResponse, seconds: float
-    ) -> None:
-        """Latency, and Docker Hub's rate-limit headers (`100;w=21600`)."""
-        self.metrics.upstream_seconds.labels(host.host, f"{response.status // 100}xx").observe(
-            seconds
-        )
-        limit = _leading_number(response.headers.get("RateLimit-Limit"))
-        remaining = _leading_number(response.headers.get("RateLimit-Remaining"))
-        if limit is not None:
-            self.metrics.ratelimit_limit.labels(host.host).set(limit)
-        if remaining is not None:
-            self.metrics.ratelimit_remaining.labels(host.host).set(remaining)
-            if limit and remaining < limit * RATELIMIT_WARN_FRACTION:
-                log.warning(
-                    "upstream.ratelimit_low", host=host.host, remaining=remaining, limit=limit
-                )
-
 
 async def _with_what_it_said(failure: HostFailure, response: aiohttp.ClientResponse) -> None:
     """The registry's own words on a refusal that moves on (Docker Hub's "You have
@@ -463,30 +366,6 @@ async def read_body(up: Upstream, limit: int) -> bytes:
         if len(body) >= limit:
             break
     return bytes(body)
-
-
-def _leading_number(value: str | None) -> float | None:
-    if not value:
-        return None
-    head = value.split(";", 1)[0].strip()
-    try:
-        return float(head)
-    except ValueError:
-        return None
-
-
-def _reason_class(reason: str) -> str:
-    if reason == "timed out" or reason.startswith("too slow"):
-        return "timeout"
-    if "circuit open" in reason:
-        return "circuit_open"
-    if "token" in reason:
-        return "token"
-    if "does not match its digest" in reason:
-        return "digest"
-    if "limit" in reason:  # a manifest over max_manifest_size
-        return "too_large"
-    return "connection"
 
 
 def _area(suffix: str) -> str:
