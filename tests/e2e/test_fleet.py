@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.helpers import assert_same_image, upstream_config
-from tests.peers import http_request
+from tests.peers import LOOPBACK, free_port, http_request
 from tests.peers.clients import Skopeo
 from tests.peers.image import BuiltImage, PushedImage
 from tests.peers.proxyd import ProxydProcess
@@ -109,3 +109,42 @@ def test_a_node_streams_what_it_holds_to_a_peer_with_the_secret_only(
     assert given.status == 200
     assert given.body == image.blob(layer)
     assert SECRET not in node.stderr_text()
+
+
+def test_a_peer_listener_of_its_own_serves_the_peer_endpoint_and_nothing_else(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    registry_factory: Callable[..., Registry],
+    skopeo: Skopeo,
+    image: BuiltImage,
+) -> None:
+    """`[cluster] listen`: the registry API stays on `listen` (the loopback in a
+    DaemonSet), the peers reach the blobs on the node's address."""
+    registry = registry_factory("plain")
+    pushed = PushedImage(image, registry.host, "fleet/listener", "v1")
+    skopeo.push(image.source, pushed.ref)
+    secret = tmp_path / "peer-secret"
+    secret.write_text(SECRET)
+    peers_at = f"{LOOPBACK}:{free_port()}"
+    cluster = {
+        "redis_url": redis_server.url,
+        "secret_file": str(secret),
+        "listen": peers_at,
+        "advertise": f"http://{peers_at}",
+    }
+    config = upstream_config(registry, credentials=False, settings={"cluster": cluster})
+    with ProxydProcess(config, tmp_path / "node") as node:
+        assert_same_image(skopeo.pull_to_dir(f"{node.host}/{pushed.path}"), pushed)
+        path = f"/_proxyd/peers/blobs/{image.layer_digests[0]}"
+        with_secret = {"Authorization": f"Bearer {SECRET}"}
+
+        peer = http_request("GET", f"http://{peers_at}{path}", headers=with_secret)
+        api = http_request("GET", f"http://{peers_at}/v2/")
+        health = http_request("GET", f"http://{peers_at}/healthz")
+        main = http_request("GET", node.url + path, headers=with_secret)
+
+        assert peer.status == 200
+        assert peer.body == image.blob(image.layer_digests[0])
+        assert (api.status, health.status) == (404, 200)
+        assert main.status == 404  # the peer endpoint lives on its own listener only
+        assert node.wait_for_event("listening for peers")[0]["address"] == peers_at
