@@ -155,8 +155,9 @@ async def test_a_cold_blob_is_fetched_from_the_upstream_once_for_the_whole_fleet
 async def test_a_peer_that_sends_wrong_bytes_is_skipped_counted_and_named(
     fleet, redis_server, aiohttp_server
 ):
-    """The client streaming them is cut short before the last byte (it has no way to
-    take the wrong ones back); the download starts again from the upstream."""
+    """From a peer's download in flight (streamed as it arrives), the client streaming
+    them is cut short before the last byte (it has no way to take the wrong ones
+    back); the download starts again from the upstream."""
 
     async def wrong(request: web.Request) -> web.Response:
         return web.Response(body=LAYER[::-1])
@@ -176,6 +177,26 @@ async def test_a_peer_that_sends_wrong_bytes_is_skipped_counted_and_named(
     assert any(e["event"] == "peer.digest_mismatch" and e["peer"] == liar for e in logs)
     assert blob_gets(fleet.upstream, fleet.image.layer) == 1
     assert (await until_stored(node.cache, fleet.image.layer)).read_bytes() == LAYER
+
+
+async def test_wrong_bytes_of_a_peers_stored_copy_cut_no_client(
+    fleet, redis_server, aiohttp_server
+):
+    """A stored copy (`X-Proxyd-Cache: hit`) is withheld until verified: a corrupt one
+    costs the client a wait, then the upstream's bytes."""
+
+    async def corrupt_copy(request: web.Request) -> web.Response:
+        return web.Response(body=LAYER[::-1], headers={"X-Proxyd-Cache": "hit"})
+
+    liar = await fake_peer(aiohttp_server, corrupt_copy)
+    node = await fleet.node()
+    register(redis_server, fleet.image.layer, liar)
+
+    assert await pull(node, fleet.image.layer) == LAYER  # one answer, never cut
+
+    assert metric(node, "peer_failures", "digest") == 1
+    assert blob_gets(fleet.upstream, fleet.image.layer) == 1
+    assert metric(node, "upstream_saved_bytes") == 0
 
 
 async def refuse(request: web.Request) -> web.Response:
