@@ -13,13 +13,13 @@ local client joins it and streams as bytes arrive, its last byte waits for the
 digest, and a deeper peer may stream it from this node meanwhile
 (`proxyd.server.peers`). A peer that fails (refused, busy, missing, dead, slow, or
 wrong bytes, counted and logged by `proxyd.peers`) is avoided and the directory is
-asked again, for at most `MAX_PEERS` peers, then the chain. A stream that broke goes
-on from the byte it reached (`Range`, from a peer no deeper in the tree, which
-therefore cannot be fed by this node, or from the chain); after wrong bytes the
-download starts again from its first byte (`Download.restart`): a reader that had
-bytes of it is cut short, unless the peer sent its stored copy, whose bytes are
-withheld until verified (`Download.withhold`: they come at the node network's pace,
-so the wait is short). Nothing unverified is ever stored: the digest is checked at
+asked again, for at most `MAX_PEERS` peers no deeper in the tree than the one that
+failed (a deeper one may be fed by this node), then the chain. A stream that broke
+goes on from the byte it reached (`Range`, from that peer or the chain); after wrong
+bytes the download starts again from its first byte (`Download.restart`): a reader
+that had bytes of it is cut short, unless the peer sent its stored copy, whose bytes
+are withheld until verified (`Download.withhold`: they come at the node network's
+pace, so the wait is short). Nothing unverified is ever stored: the digest is checked at
 the end, whoever sent the bytes.
 
 A peer's word counts for nothing about a repository: before a node streams a blob
@@ -95,7 +95,9 @@ class FleetPulls:
             if source.kind != "peer" or source.peer is None:
                 return await self._chain(target, download, chain, keep=keep)
             peer = source.peer
-            deeper = keep and download.received > 0 and depth is not None and source.depth > depth
+            # After a failure, no peer deeper than the one that failed: a deeper one may
+            # be fed by this node (which then waits on it while it waits on this node).
+            deeper = depth is not None and source.depth > depth
             if len(avoid) >= MAX_PEERS or deeper:
                 await self.directory.done_with(digest, peer)
                 return await self._chain(target, download, chain, keep=keep)
