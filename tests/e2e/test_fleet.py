@@ -291,8 +291,10 @@ def test_the_fetching_node_killed_mid_blob_leaves_the_others_to_complete(
         while up.relay.gets(f"/blobs/{layer}") == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         pulls = [pool.submit(pull, skopeo, node) for node in others]
-        time.sleep(0.7)  # the others stream from the first meanwhile
-        first.kill()
+        deadline = time.monotonic() + 20
+        while streams_to_peers(first) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.kill()  # in the middle of the layer it streams to the others
         pulled = [p.result(timeout=60) for p in pulls]
         with pytest.raises(PeerError):  # its node died under it
             doomed.result(timeout=60)
@@ -302,6 +304,13 @@ def test_the_fetching_node_killed_mid_blob_leaves_the_others_to_complete(
         assert_holds(node, up.image)
     events = [e for node in others for e in node.logs() if e.get("peer") == first.url]
     assert any(e["event"] == "peer.failed" for e in events), "none was streaming from it"
+
+
+def streams_to_peers(node: ProxydProcess) -> float:
+    """`proxyd_peer_streams` of `node`: blobs it is streaming to peers now."""
+    text = http_request("GET", node.url + "/metrics").body.decode()
+    lines = [line for line in text.splitlines() if line.startswith("proxyd_peer_streams ")]
+    return float(lines[0].split()[1]) if lines else 0.0
 
 
 class WrongBytes:
