@@ -19,6 +19,8 @@ For each, measured on fresh nodes with empty caches (each awake: ``Context.warm_
 - the bytes of response bodies the relay carried during the crowd's pull, over the
   image's size (manifest, config and layers): 1.0 when the image crossed the link once
   for the whole fleet, 16 when every node fetched it itself;
+- the blob GETs the relay carried during the crowd's pull (the image has
+  ``1 + layers`` blobs: once each for the whole fleet is the goal);
 - for the fleet, the Redis commands the crowd's pull cost (``INFO commandstats``,
   reset before it), the nodes' heartbeats included.
 
@@ -141,11 +143,12 @@ class Run:
         assert relay is not None
         _flush(redis)
         with self._nodes(proxy, self.ctx.profile.fleet_nodes) as nodes:
-            before = relay.body_bytes()
+            before, gets = relay.body_bytes(), _blob_gets(relay)
             if redis is not None:
                 redis.command("CONFIG", "RESETSTAT")
             times = self._pull_all([node.host for node in nodes])
             row.extra["upstream_bytes"] = [relay.body_bytes() - before]
+            row.extra["blob_gets"] = [_blob_gets(relay) - gets]
             if redis is not None:
                 calls = redis_calls(redis.port)
                 row.extra["redis_calls"] = calls
@@ -232,6 +235,12 @@ def image_bytes(image: BuiltImage) -> int:
     manifest = json.loads(image.manifest)
     blobs = [manifest["config"], *manifest["layers"]]
     return len(image.manifest) + sum(int(b["size"]) for b in blobs)
+
+
+def _blob_gets(relay: RelayProcess) -> int:
+    return sum(
+        n for key, n in relay.counts().items() if key.startswith("GET ") and "/blobs/" in key
+    )
 
 
 def _flush(redis: RedisServer | None) -> None:
