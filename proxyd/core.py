@@ -15,6 +15,7 @@ from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.evict import Evictor
 from proxyd.fleet import Fleet
+from proxyd.fleetpull import FleetPulls
 from proxyd.fleetuploads import SharedUploads
 from proxyd.metrics import Metrics
 from proxyd.puller import Puller
@@ -112,6 +113,11 @@ async def open_core(
             metrics=metrics,
             clock=clock,
         )
+        if fleet is not None:
+            puller.fleet = FleetPulls(
+                fleet.directory, fleet.peers, upstream, store, metrics=metrics
+            )
+            evictor.on_removed = puller.fleet.dropped
         resolver = Resolver(
             puller,
             upstream,

@@ -7,6 +7,11 @@ is verified, so a client never receives a complete wrong body; a mismatch cuts e
 reader short and keeps nothing. A range ends on the same terms: its own last byte
 waits for the digest too, so no answer, whole or partial, ends clean on bytes the
 digest has not vouched for.
+
+A download whose source fails midway (a peer of the fleet, `proxyd.fleetpull`) may
+go on from its next source at the byte it reached, or `restart` from the first byte:
+then readers that had bytes are cut short (those bytes may be what made the digest
+fail), and readers that had none go on with the new bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class Download:
         self.target = target  # the repository whose GET confirms the digest
         self.size: int | None = None
         self.host = ""
+        self.peer: str | None = None  # the fleet's node the bytes come from, if any
+        self.generation = 0  # restarts from the first byte so far
         self.received = 0  # bytes read from upstream
         self.verified = False  # the digest matched: readers may have every byte
         self.stored: Path | None = None  # where the blob was renamed to
@@ -125,6 +132,22 @@ class Download:
             if self.writer is not None:
                 self.writer.close()
 
+    async def restart(self) -> None:
+        """Drop every byte so far and start again at the first (from another source):
+        readers that had bytes are cut short at their next read, the others wait for
+        the new ones. The caller opens the download again."""
+        await self.discard()
+        self._pipe = None
+        self.writer = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._unwritten.clear()
+        self.received = 0
+        self.size = None
+        self.generation += 1
+        self.notify()
+
     def _advance(self, written: int) -> None:
         """The write-behind put `written` bytes on disk: readers may pread them now."""
         unwritten = self._unwritten
@@ -177,11 +200,13 @@ class Download:
         fails. Until the digest is verified, the blob's last byte is withheld, and so
         is `stop`'s last byte: a range short of the end completes only once the whole
         blob is verified (holding back the blob's last byte alone would protect only
-        the ranges that include it)."""
+        the ranges that include it). A `restart` after this reader had bytes raises."""
+        ended = self._users == 0  # the download itself let go: stored, or dropped
         self._users += 1
         offset = start
+        generation = self.generation
         try:
-            if self._fd < 0 and self.error is None:
+            if self._fd < 0 and self.error is None and ended:
                 # The download ended between handing this reader out and its first read.
                 if self.stored is None:
                     raise UpstreamError(f"the download of {self.digest} was not kept")
@@ -189,6 +214,10 @@ class Download:
             while stop is None or offset < stop:
                 if self.error is not None:
                     raise UpstreamError(f"download of {self.digest} failed: {self.error}")
+                if generation != self.generation:
+                    if offset > start:
+                        raise UpstreamError(f"download of {self.digest} started again")
+                    generation = self.generation
                 available = self._releasable()
                 if stop is not None:
                     available = min(available, stop if self.verified else stop - 1)

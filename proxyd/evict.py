@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -28,6 +29,7 @@ import structlog
 
 from proxyd.background import stop_loop
 from proxyd.clock import SYSTEM_CLOCK, Clock
+from proxyd.reference import Digest
 from proxyd.smallcache import SmallCache
 from proxyd.store import BlobStore, StoredFile
 
@@ -109,6 +111,8 @@ class Evictor:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pruned_at = -PRUNE_EVERY
+        # Told of each blob evicted (in a fleet: the directory sends no peer here for it).
+        self.on_removed: Callable[[Digest], Awaitable[None]] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -130,7 +134,11 @@ class Evictor:
 
     async def run_once(self, *, dry_run: bool = False) -> Plan:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.collect, dry_run)
+        chosen = await loop.run_in_executor(None, self.collect, dry_run)
+        if not dry_run and self.on_removed is not None:
+            for stored in chosen.remove:
+                await self.on_removed(stored.digest)
+        return chosen
 
     def collect(self, dry_run: bool = False) -> Plan:
         chosen = plan(

@@ -27,6 +27,7 @@ from proxyd.background import in_worker
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.download import Download
 from proxyd.errors import BlobUnknown, DigestMismatch, ManifestUnknown, ProxydError, UpstreamError
+from proxyd.fleetpull import FleetPulls
 from proxyd.hosts import Capability, Namespace, RegistryHost, Target
 from proxyd.manifests import Manifest, read_manifest, served_media_type
 from proxyd.memory import Key as MemoryKey
@@ -84,8 +85,10 @@ class Puller:
         on_commit: Callable[[int], None] = lambda size: None,
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        fleet: FleetPulls | None = None,
     ) -> None:
         self.store = store
+        self.fleet = fleet  # with [cluster]: blobs through the fleet (proxyd.fleetpull)
         self.upstream = upstream
         self.max_manifest_size = max_manifest_size
         self.manifest_memory = ManifestMemory(store, manifest_memory, clock=clock.monotonic)
@@ -322,7 +325,7 @@ class Puller:
         digest = download.digest
         try:
             try:
-                served_by = await self._fetch(target, download)
+                served_by = await self._fill(target, download)
             except BaseException as exc:
                 download.error = exc  # its readers stop at their next read
                 self._forget(download)  # a request from now on starts afresh
@@ -336,6 +339,8 @@ class Puller:
                     await download.discard()  # the temporary file goes before anyone hears
                 finally:
                     download.answer()  # if upstream had not answered yet
+                if self.fleet is not None:
+                    await self.fleet.dropped(digest)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
@@ -346,8 +351,10 @@ class Puller:
                 await asyncio.gather(
                     self._store(download), self._confirm_served(target, digest, served_by)
                 )
+            if self.fleet is not None:
+                await (self.fleet.stored if download.stored else self.fleet.dropped)(digest)
         finally:
-            if download.host:
+            if download.host and download.peer is None:
                 self.metrics.bytes_fetched.labels(download.host).inc(download.received)
             self._forget(download)
             download.notify()
@@ -356,6 +363,13 @@ class Puller:
     def _forget(self, download: Download) -> None:
         if self._downloads.get(download.digest) is download:
             del self._downloads[download.digest]
+
+    async def _fill(self, target: Target, download: Download) -> RegistryHost:
+        """The download's bytes from the upstream chain, or in a fleet from the source
+        the directory names (a peer, its bytes in the repository once confirmed)."""
+        if self.fleet is None:
+            return await self._fetch(target, download)
+        return await self.fleet.fetch(target, download, chain=self._fetch, confirm=self._confirm)
 
     async def _fetch(self, target: Target, download: Download) -> RegistryHost:
         """Stream the blob into `download` until its digest is verified; the host that

@@ -99,6 +99,24 @@ def test_serving_a_blob_marks_it_used(tmp_path: Path):
     assert file.last_used > NOW
 
 
+async def test_each_evicted_blob_is_told_to_whoever_listens(tmp_path: Path):
+    """In a fleet the directory hears of it, and sends no peer here for the blob."""
+    store = BlobStore(tmp_path)
+    store.open()
+    gone = put(store, b"z" * 10, idle=10_000)
+    told: list[Digest] = []
+    evictor = Evictor(store, max_size=0, max_age=None)
+
+    async def removed(digest: Digest) -> None:
+        told.append(digest)
+
+    evictor.on_removed = removed
+    await evictor.run_once()
+
+    assert told == [gone]
+    assert store.size(gone) is None
+
+
 def test_a_dry_run_removes_nothing(tmp_path: Path):
     store = BlobStore(tmp_path)
     store.open()
