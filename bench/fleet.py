@@ -19,8 +19,10 @@ For each, measured on fresh nodes with empty caches (each awake: ``Context.warm_
 - the bytes of response bodies the relay carried during the crowd's pull, over the
   image's size (manifest, config and layers): 1.0 when the image crossed the link once
   for the whole fleet, 16 when every node fetched it itself;
-- the blob GETs the relay carried during the crowd's pull (the image has
-  ``1 + layers`` blobs: once each for the whole fleet is the goal);
+- the requests the relay carried during the crowd's pull, by kind: blob GETs (the
+  image has ``1 + layers`` blobs: once each for the whole fleet is the goal), the
+  manifest GETs (each node resolves the tag itself), the blob HEADs (a repository's
+  confirmation, which each node of a fleet asks the upstream itself);
 - for the fleet, the Redis commands the crowd's pull cost (``INFO commandstats``,
   reset before it), the nodes' heartbeats included.
 
@@ -143,12 +145,14 @@ class Run:
         assert relay is not None
         _flush(redis)
         with self._nodes(proxy, self.ctx.profile.fleet_nodes) as nodes:
-            before, gets = relay.body_bytes(), _blob_gets(relay)
+            before, counts = relay.body_bytes(), relay.counts()
             if redis is not None:
                 redis.command("CONFIG", "RESETSTAT")
             times = self._pull_all([node.host for node in nodes])
             row.extra["upstream_bytes"] = [relay.body_bytes() - before]
-            row.extra["blob_gets"] = [_blob_gets(relay) - gets]
+            asked = _requests(relay.counts(), counts)
+            row.extra["upstream_requests"] = asked
+            row.extra["blob_gets"] = [asked.get("GET blobs", 0)]
             if redis is not None:
                 calls = redis_calls(redis.port)
                 row.extra["redis_calls"] = calls
@@ -168,7 +172,12 @@ class Run:
                 with lock:  # whatever else fails, this one is stopped
                     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
                     stack.callback(node.stop)
-                self.ctx.warm_up(node.url)
+                try:
+                    self.ctx.warm_up(node.url)
+                except OSError as exc:  # a node that started, then went away: its log says why
+                    raise PeerError(
+                        f"{node.host} ({workdir.name}): {exc}\n{_tail(workdir)}"
+                    ) from None
                 return node
 
             with concurrent.futures.ThreadPoolExecutor(STARTERS) as pool:
@@ -207,6 +216,12 @@ class Run:
             shutil.rmtree(dest, ignore_errors=True)
 
 
+def _tail(workdir: Path, chars: int = 400) -> str:
+    """The end of what a node wrote (proxyd's stderr, distribution's logs)."""
+    logs = sorted(p for p in workdir.glob("*") if p.suffix in (".stderr", ".log") and p.is_file())
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in logs)
+
+
 def _check(image: BuiltImage, image_dir: Path, *, hashed: bool) -> None:
     if hashed:
         pulled = read_dir_image(image_dir)
@@ -237,10 +252,16 @@ def image_bytes(image: BuiltImage) -> int:
     return len(image.manifest) + sum(int(b["size"]) for b in blobs)
 
 
-def _blob_gets(relay: RelayProcess) -> int:
-    return sum(
-        n for key, n in relay.counts().items() if key.startswith("GET ") and "/blobs/" in key
-    )
+def _requests(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """The requests relayed between two readings, by method and kind of path
+    (``GET blobs``, ``HEAD blobs``, ``GET manifests``...)."""
+    kinds: dict[str, int] = {}
+    for key, n in after.items():
+        method, _, path = key.partition(" ")
+        kind = next((k for k in ("blobs", "manifests", "token") if f"/{k}" in path), "other")
+        name = f"{method} {kind}"
+        kinds[name] = kinds.get(name, 0) + n - before.get(key, 0)
+    return {k: n for k, n in sorted(kinds.items()) if n}
 
 
 def _flush(redis: RedisServer | None) -> None:

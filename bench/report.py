@@ -215,8 +215,9 @@ def _note(row: Row) -> str:
         notes.append("upstream GETs " + ",".join(map(str, row.extra["upstream_gets"])))
     if (figures := fleet_figures(row)) is not None:
         notes.append(f"upstream {figures[0]:.2f}{X} the image, slowest {figures[1]:.2f}{X} alone")
-    if "blob_gets" in row.extra:
-        notes.append(f"upstream blob GETs {','.join(map(str, row.extra['blob_gets']))}")
+    if "upstream_requests" in row.extra:
+        asked = row.extra["upstream_requests"]
+        notes.append("upstream " + ", ".join(f"{n} {kind}" for kind, n in asked.items()))
     if "redis_ops" in row.extra:
         notes.append(f"Redis commands {','.join(map(str, row.extra['redis_ops']))}")
     if "idle_rss" in row.extra:
