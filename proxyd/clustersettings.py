@@ -26,6 +26,11 @@ class ClusterSettings(BaseModel):
     advertise: str = Field(
         description="the URL this node's peers reach it at (http://NODE_IP:5000)"
     )
+    listen: str | None = Field(
+        None,
+        description="HOST:PORT of a listener serving only the peer endpoint and /healthz "
+        "(e.g. the node IP, while `listen` stays on the loopback); unset: peers use `listen`",
+    )
     secret_file: Path = Field(
         description="a file holding the secret every node of the fleet shares, which "
         "peer requests carry (at least 16 bytes)"

@@ -198,6 +198,13 @@ class Settings(BaseSettings):
         split_listen(value)
         return value
 
+    @field_validator("cluster")
+    @classmethod
+    def _check_peer_listen(cls, value: ClusterSettings | None) -> ClusterSettings | None:
+        if value is not None and value.listen is not None:
+            split_listen(value.listen)
+        return value
+
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:

@@ -11,7 +11,10 @@ digest has not vouched for.
 A download whose source fails midway (a peer of the fleet, `proxyd.fleetpull`) may
 go on from its next source at the byte it reached, or `restart` from the first byte:
 then readers that had bytes are cut short (those bytes may be what made the digest
-fail), and readers that had none go on with the new bytes.
+fail), and readers that had none go on with the new bytes. A download from a peer's
+stored copy (which crosses the node network at its speed, not the upstream's)
+`withhold`s every byte until the digest is verified, so that a corrupt copy costs
+its readers a wait, not a cut.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Download:
         self.host = ""
         self.peer: str | None = None  # the fleet's node the bytes come from, if any
         self.generation = 0  # restarts from the first byte so far
+        self.withhold = False  # every byte waits for the digest (a peer's stored copy)
         self.received = 0  # bytes read from upstream
         self.verified = False  # the digest matched: readers may have every byte
         self.stored: Path | None = None  # where the blob was renamed to
@@ -145,6 +149,7 @@ class Download:
         self._unwritten.clear()
         self.received = 0
         self.size = None
+        self.withhold = False
         self.generation += 1
         self.notify()
 
@@ -172,6 +177,8 @@ class Download:
         then goes out in two pieces)."""
         if self.verified:
             return self.received
+        if self.withhold:
+            return 0
         if self.size is not None and self.received < self.size:
             return self.received
         return self.received - 1

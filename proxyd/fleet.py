@@ -4,9 +4,9 @@ admits peers through, and the client it asks peers with. Built once by the core 
 `[cluster]` is set, started and closed in order; without the table there is none
 and proxyd works alone.
 
-The directory and the peer client are the parts a pull will use (the next step puts
-peers at the head of a namespace's chain for blobs); upload sessions already live in
-Redis through `proxyd.fleetuploads`.
+The directory and the peer client are what a pull uses (`proxyd.fleetpull`, which
+the core hands the puller); upload sessions live in Redis through
+`proxyd.fleetuploads`.
 """
 
 from __future__ import annotations

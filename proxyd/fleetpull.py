@@ -13,11 +13,14 @@ local client joins it and streams as bytes arrive, its last byte waits for the
 digest, and a deeper peer may stream it from this node meanwhile
 (`proxyd.server.peers`). A peer that fails (refused, busy, missing, dead, slow, or
 wrong bytes, counted and logged by `proxyd.peers`) is avoided and the directory is
-asked again, for at most `MAX_PEERS` peers, then the chain. A stream that broke goes
-on from the byte it reached (`Range`, from a peer no deeper in the tree, which
-therefore cannot be fed by this node, or from the chain); after wrong bytes the
-download starts again from its first byte (`Download.restart`). Nothing unverified
-is ever stored: the digest is checked at the end, whoever sent the bytes.
+asked again, for at most `MAX_PEERS` peers no deeper in the tree than the one that
+failed (a deeper one may be fed by this node), then the chain. A stream that broke
+goes on from the byte it reached (`Range`, from that peer or the chain); after wrong
+bytes the download starts again from its first byte (`Download.restart`): a reader
+that had bytes of it is cut short, unless the peer sent its stored copy, whose bytes
+are withheld until verified (`Download.withhold`: they come at the node network's
+pace, so the wait is short). Nothing unverified is ever stored: the digest is checked at
+the end, whoever sent the bytes.
 
 A peer's word counts for nothing about a repository: before a node streams a blob
 from a peer into a repository, a confirmer (the upstream, `Namespace.confirmers`)
@@ -44,6 +47,7 @@ from proxyd.upstream import UpstreamClient
 
 log = structlog.get_logger("proxyd.fleetpull")
 
+CACHE_HEADER = "X-Proxyd-Cache"  # a peer's "hit": its stored (or verified) copy
 MAX_PEERS = 3  # peers one download tries before it goes to the upstream chain
 
 # The chain's fetch of a whole blob into a download (the puller's): the host that served it.
@@ -91,7 +95,9 @@ class FleetPulls:
             if source.kind != "peer" or source.peer is None:
                 return await self._chain(target, download, chain, keep=keep)
             peer = source.peer
-            deeper = keep and download.received > 0 and depth is not None and source.depth > depth
+            # After a failure, no peer deeper than the one that failed: a deeper one may
+            # be fed by this node (which then waits on it while it waits on this node).
+            deeper = depth is not None and source.depth > depth
             if len(avoid) >= MAX_PEERS or deeper:
                 await self.directory.done_with(digest, peer)
                 return await self._chain(target, download, chain, keep=keep)
@@ -136,6 +142,10 @@ class FleetPulls:
                 download.size = response.content_length
                 download.open(self.store)
             download.host, download.peer = up.host.host, peer
+            # A stored copy arrives at the node network's pace: nothing is released
+            # before it is verified, so wrong bytes cut no reader (one in flight is
+            # streamed as it arrives: its pace is the upstream's).
+            download.withhold = download.withhold or response.headers.get(CACHE_HEADER) == "hit"
             download.answer()
             received = self.metrics.peer_received_bytes
             async for chunk in response.content.iter_any():

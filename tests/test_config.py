@@ -530,6 +530,18 @@ def test_advertise_is_an_http_origin(tmp_path, advertise):
         load_settings(path)
 
 
+def test_the_peer_listener_is_host_and_port(tmp_path):
+    secret = write(tmp_path / "secret", "s" * 32)
+    table = f'[cluster]\nadvertise = "http://10.0.0.5:5001"\nsecret_file = "{secret}"\n'
+    good = write(tmp_path / "good.toml", table + 'listen = "0.0.0.0:5001"\n')
+    bad = write(tmp_path / "bad.toml", table + 'listen = "10.0.0.5"\n')
+
+    cluster = load_settings(good).cluster
+    assert cluster is not None and cluster.listen == "0.0.0.0:5001"
+    with pytest.raises(ConfigError, match=r"listen must be HOST:PORT"):
+        load_settings(bad)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

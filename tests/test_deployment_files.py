@@ -33,7 +33,20 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def kubernetes_env(container: dict[str, Any], **fields: str) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: `valueFrom` fields from
+    `fields` (the downward API's, by path), `$(NAME)` of a variable defined before."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            value = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), entry["value"])
+        env[entry["name"]] = value
+    return env
 
 
 def proxyd_accepts(tmp_path: Path, text: str, **flags: Any) -> Any:
@@ -178,6 +191,40 @@ def test_daemonset_serves_each_node_on_its_loopback(tmp_path: Path) -> None:
     assert probes["livenessProbe"] == {"host": "127.0.0.1", "port": 5000, "path": "/healthz"}
     assert proxyd["securityContext"]["runAsNonRoot"] is True
     assert proxyd["securityContext"]["runAsUser"] != 0
+
+
+def test_daemonset_nodes_form_a_fleet_reached_on_the_node_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = load_yaml("kubernetes-daemonset.yaml")
+    (daemonset,) = by_kind(docs, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    (proxyd,) = pod["containers"]
+    env = kubernetes_env(proxyd, **{"status.hostIP": "10.0.0.7"})
+    assert env["PROXYD_CLUSTER__ADVERTISE"] == "http://10.0.0.7:5001"
+    assert env["PROXYD_CLUSTER__LISTEN"] == "10.0.0.7:5001"
+    assert env["PROXYD_LISTEN"] == "127.0.0.1:5000"  # the registry API stays local
+    ports = {p["name"]: (p["containerPort"], p["hostPort"]) for p in proxyd["ports"]}
+    assert ports["peers"] == (5001, 5001)
+    mounts = {m["name"]: m["mountPath"] for m in proxyd["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret_dir = Path(env["PROXYD_CLUSTER__SECRET_FILE"]).parent
+    assert mounts["fleet-secret"] == str(secret_dir)
+    assert volumes["fleet-secret"]["secret"]["secretName"] == "proxyd-fleet"
+    assert pod["securityContext"]["fsGroup"] == proxyd["securityContext"]["runAsGroup"]
+
+    # The settings load as the container would read them, the secret from its file.
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    env["PROXYD_CLUSTER__SECRET_FILE"] = str(secret)
+    for name, value in env.items():
+        if name.startswith("PROXYD_CLUSTER__"):
+            monkeypatch.setenv(name, value)
+    maps = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "ConfigMap")}
+    runtime = proxyd_accepts(tmp_path, maps["proxyd-config"]["proxyd.toml"])
+    cluster = runtime.settings.cluster
+    assert cluster is not None and cluster.advertise == "http://10.0.0.7:5001"
+    assert runtime.peer_secret is not None
 
 
 def test_daemonset_config_maps_hold_the_example_files(tmp_path: Path) -> None:

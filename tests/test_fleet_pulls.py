@@ -102,14 +102,18 @@ async def pull(node: Any, digest: str) -> bytes:
     return body
 
 
-def register(redis: RedisServer, digest: str, url: str, *, boot: str = BOOT, load: int = 0) -> None:
-    """Put `url` in the directory as a live node holding `digest` (depth 0, feeding
-    `load` peers), as `Directory.holding` would."""
+def register(
+    redis: RedisServer, digest: str, url: str, *, boot: str = BOOT, load: int = 0, depth: int = 0
+) -> None:
+    """Put `url` in the directory as a live source of `digest` (a holder at depth 0,
+    else a node receiving it that deep in the tree), feeding `load` peers, as
+    `Directory.holding` or `Directory.source` would."""
     base = f"proxyd:fleet:blob:{digest}:"
     assert redis.command("SET", f"proxyd:fleet:node:{url}", boot) == "+OK"
-    redis.command("HSET", base + "held", url, boot)
-    redis.command("HSET", base + "load", url, f"0 {load} {boot}")
-    redis.command("ZADD", base + "tree", str(load), url)
+    if depth == 0:
+        redis.command("HSET", base + "held", url, boot)
+    redis.command("HSET", base + "load", url, f"{depth} {load} {boot}")
+    redis.command("ZADD", base + "tree", str(depth * 1048576 + load), url)
 
 
 async def fake_peer(aiohttp_server: Any, answer: Any) -> str:
@@ -155,8 +159,9 @@ async def test_a_cold_blob_is_fetched_from_the_upstream_once_for_the_whole_fleet
 async def test_a_peer_that_sends_wrong_bytes_is_skipped_counted_and_named(
     fleet, redis_server, aiohttp_server
 ):
-    """The client streaming them is cut short before the last byte (it has no way to
-    take the wrong ones back); the download starts again from the upstream."""
+    """From a peer's download in flight (streamed as it arrives), the client streaming
+    them is cut short before the last byte (it has no way to take the wrong ones
+    back); the download starts again from the upstream."""
 
     async def wrong(request: web.Request) -> web.Response:
         return web.Response(body=LAYER[::-1])
@@ -176,6 +181,26 @@ async def test_a_peer_that_sends_wrong_bytes_is_skipped_counted_and_named(
     assert any(e["event"] == "peer.digest_mismatch" and e["peer"] == liar for e in logs)
     assert blob_gets(fleet.upstream, fleet.image.layer) == 1
     assert (await until_stored(node.cache, fleet.image.layer)).read_bytes() == LAYER
+
+
+async def test_wrong_bytes_of_a_peers_stored_copy_cut_no_client(
+    fleet, redis_server, aiohttp_server
+):
+    """A stored copy (`X-Proxyd-Cache: hit`) is withheld until verified: a corrupt one
+    costs the client a wait, then the upstream's bytes."""
+
+    async def corrupt_copy(request: web.Request) -> web.Response:
+        return web.Response(body=LAYER[::-1], headers={"X-Proxyd-Cache": "hit"})
+
+    liar = await fake_peer(aiohttp_server, corrupt_copy)
+    node = await fleet.node()
+    register(redis_server, fleet.image.layer, liar)
+
+    assert await pull(node, fleet.image.layer) == LAYER  # one answer, never cut
+
+    assert metric(node, "peer_failures", "digest") == 1
+    assert blob_gets(fleet.upstream, fleet.image.layer) == 1
+    assert metric(node, "upstream_saved_bytes") == 0
 
 
 async def refuse(request: web.Request) -> web.Response:
@@ -235,6 +260,27 @@ async def test_a_stream_cut_midway_goes_on_from_another_peer_at_the_byte_it_reac
     assert blob_gets(fleet.upstream, fleet.image.layer) == 1  # the holder's, long before
     assert metric(holder, "peer_sent_bytes") == len(LAYER) - len(LAYER) // 2
     assert metric(node, "upstream_saved_bytes") == len(LAYER) - len(LAYER) // 2
+
+
+async def test_after_a_peer_failed_no_deeper_peer_is_asked(fleet, redis_server, aiohttp_server):
+    """A deeper node may be one this node feeds: each would wait on the other."""
+    asked: list[str] = []
+
+    async def deeper(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(body=LAYER)
+
+    refusing = await fake_peer(aiohttp_server, refuse)
+    below = await fake_peer(aiohttp_server, deeper)
+    node = await fleet.node()
+    register(redis_server, fleet.image.layer, refusing)
+    register(redis_server, fleet.image.layer, below, depth=1)
+
+    assert await pull(node, fleet.image.layer) == LAYER
+
+    assert asked == []
+    assert metric(node, "peer_failures", "refused") == 1
+    assert blob_gets(fleet.upstream, fleet.image.layer) == 1
 
 
 async def test_a_peer_serves_no_repository_the_upstream_did_not_confirm(fleet):

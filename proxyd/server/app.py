@@ -45,7 +45,8 @@ def create_app(runtime: RuntimeConfig, *, clock: Clock = SYSTEM_CLOCK) -> web.Ap
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
     app.router.add_get("/readyz", health.readyz)
-    if runtime.settings.cluster is not None:
+    cluster = runtime.settings.cluster
+    if cluster is not None and cluster.listen is None:  # else on its own listener
         app.router.add_get(peers.ROUTE, peers.blob)  # and HEAD
     app.router.add_route("GET", "/v2/_catalog", pull.catalog)
     app.router.add_route("GET", "/v2/", pull.base)

@@ -10,16 +10,19 @@ import gc
 import logging
 import signal
 import socket
-from typing import TYPE_CHECKING
+import ssl
+from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 
 from proxyd import systemd, tls
+from proxyd.clustersettings import ClusterSettings
 from proxyd.config import split_listen
 from proxyd.runtime import RuntimeConfig
+from proxyd.server import peers
 from proxyd.server.app import create_app
 from proxyd.server.fastpath import ProxydRunner
-from proxyd.server.keys import RELOADER
+from proxyd.server.keys import FLEET, RELOADER
 from proxyd.server.middleware import AccessLogger
 
 if TYPE_CHECKING:
@@ -124,6 +127,10 @@ async def _serve(runtime: RuntimeConfig, log: BoundLogger) -> int:
         socket_activation=bool(inherited),
         tls=tls_context is not None,
     )
+    peer_runner = await _listen_for_peers(runner.app, settings.cluster, tls_context, log)
+    if peer_runner is False:
+        await runner.cleanup()
+        return 1
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,8 +146,39 @@ async def _serve(runtime: RuntimeConfig, log: BoundLogger) -> int:
         log.info("stopping")
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        if peer_runner is not None:
+            await peer_runner.cleanup()  # peers first: the core goes with the main app
         await runner.cleanup()
     return 0
+
+
+async def _listen_for_peers(
+    main: web.Application,
+    cluster: ClusterSettings | None,
+    tls_context: ssl.SSLContext | None,
+    log: BoundLogger,
+) -> web.AppRunner | Literal[False] | None:
+    """The listener of `[cluster] listen` (the peer endpoint alone); None without one
+    (peers use the main listener, or this node has no fleet), False when it cannot
+    listen."""
+    if cluster is None or cluster.listen is None or FLEET not in main:
+        return None
+    peer_runner = web.AppRunner(
+        peers.listener_app(main),
+        access_log=logging.getLogger("proxyd.access"),
+        access_log_class=AccessLogger,
+        shutdown_timeout=SHUTDOWN_GRACE,
+    )
+    await peer_runner.setup()
+    host, port = split_listen(cluster.listen)
+    try:
+        await web.TCPSite(peer_runner, host, port, ssl_context=tls_context).start()
+    except OSError as exc:
+        log.error("cannot listen for peers", listen=cluster.listen, error=exc.strerror or str(exc))
+        await peer_runner.cleanup()
+        return False
+    log.info("listening for peers", address=cluster.listen, tls=tls_context is not None)
+    return peer_runner
 
 
 def _address(sock: socket.socket) -> str:

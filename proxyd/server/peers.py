@@ -3,7 +3,10 @@ streams a blob this node holds (sendfile, `Range` honoured) or is downloading (j
 as the bytes arrive, the last one held until the digest is verified), to a peer with
 the fleet's secret, at most `fanout` peers at a time per blob (`proxyd.peergate`
 decides both). It never fetches: a blob this node has not is a 404, and the peer
-asks another source. Served only with `[cluster]`."""
+asks another source. Served only with `[cluster]`: on the main listener, or with
+`[cluster] listen` on a listener of its own (`listener_app`), which serves nothing
+else but `/healthz`, so the node's registry API can stay on the loopback while its
+peers reach the blobs."""
 
 from __future__ import annotations
 
@@ -12,11 +15,21 @@ from aiohttp import hdrs, web
 from proxyd.download import Download
 from proxyd.errors import BlobUnknown
 from proxyd.reference import Digest
-from proxyd.server import pull
+from proxyd.server import health, pull
 from proxyd.server.keys import ACCESS, FLEET, METRICS, PULLER
-from proxyd.server.middleware import API_VERSION_HEADER
+from proxyd.server.middleware import API_VERSION_HEADER, request_context
 
 ROUTE = "/_proxyd/peers/blobs/{digest}"
+
+
+def listener_app(main: web.Application) -> web.Application:
+    """The app of `[cluster] listen`: the peer endpoint and `/healthz` alone, on the
+    objects of `main` (started already: its core is built)."""
+    app = web.Application(middlewares=[request_context], client_max_size=1 << 10)
+    app[FLEET], app[PULLER], app[METRICS] = main[FLEET], main[PULLER], main[METRICS]
+    app.router.add_get(ROUTE, blob)  # and HEAD
+    app.router.add_get("/healthz", health.healthz)
+    return app
 
 
 async def blob(request: web.Request) -> web.StreamResponse:

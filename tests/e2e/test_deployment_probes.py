@@ -28,9 +28,17 @@ import trustme
 from tests.peers import Completed, PeerError, run, stop_process
 from tests.peers.netns import NetNamespace
 from tests.peers.proxyd import PROJECT_ROOT
-from tests.test_deployment_files import by_kind, dockerfile_stages, env_of, load_yaml
+from tests.test_deployment_files import (
+    by_kind,
+    dockerfile_stages,
+    env_of,
+    kubernetes_env,
+    load_yaml,
+)
 
 pytestmark = pytest.mark.peers
+
+CLOSED = "redis://127.0.0.1:1/0"  # nothing listens there: connecting is refused at once
 
 START_TIMEOUT = 20.0
 VENV_BIN = Path(sys.executable).parent  # where `proxyd` is, as /usr/local/bin in the image
@@ -166,17 +174,31 @@ def test_daemonset_probes_pass_on_the_node_network(tmp_path: Path) -> None:
     assert pod_spec["hostNetwork"] is True  # the pod's network is the node's
     (proxyd,) = pod_spec["containers"]
     config = maps["proxyd-config"]["proxyd.toml"]
-    env = container_env(tmp_path / "node", image_env() | env_of(proxyd), config)
+    secret = tmp_path / "fleet-secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    # The fleet's Redis is not there: the node works alone, and is ready all the same.
+    fleet = {"PROXYD_CLUSTER__SECRET_FILE": str(secret), "PROXYD_CLUSTER__REDIS_URL": CLOSED}
 
-    with NetNamespace() as node, daemon(node, ["proxyd", *proxyd["args"]], env, tmp_path / "log"):
-        results = {
-            name: kubelet_probe(probe, pod=node, env=env, kubelet=node)
-            for name, probe in probes_of(proxyd).items()
-        }
+    with NetNamespace(veth=True) as node:
+        assert node.address is not None
+        container = kubernetes_env(proxyd, **{"status.hostIP": node.address})
+        env = container_env(tmp_path / "node", image_env() | container, config, fleet)
+        with daemon(node, ["proxyd", *proxyd["args"]], env, tmp_path / "log"):
+            results = {
+                name: kubelet_probe(probe, pod=node, env=env, kubelet=node)
+                for name, probe in probes_of(proxyd).items()
+            }
+            peers = kubelet_probe(
+                {"httpGet": {"host": node.address, "port": 5001, "path": "/healthz"}},
+                pod=node,
+                env=env,
+                kubelet=node,
+            )
 
     assert set(results) == {"startupProbe", "readinessProbe", "livenessProbe"}
     for name, done in results.items():
         assert done.returncode == 0, f"{name}:\n{done.describe()}"
+    assert peers.returncode == 0, f"the peer listener on the node address:\n{peers.describe()}"
 
 
 # -- the image's HEALTHCHECK ---------------------------------------------------------------
