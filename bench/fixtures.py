@@ -34,6 +34,7 @@ from tests.peers.image import (
 
 MIB = 1024 * 1024
 TAG = "v1"
+RANDOM_STEP = 64 * MIB
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ def _canonical(obj: object) -> bytes:
 
 def _layer(rng: random.Random, index: int, size: int) -> bytes:
     """A gzip'd tar with one file of ``size`` random bytes (level 1: they do not shrink)."""
-    payload = rng.randbytes(size)
+    # In steps: randbytes of 256 MiB at once overflows a C int. The steps are whole
+    # 32-bit words of the generator, so the bytes are those of one call.
+    payload = b"".join(
+        rng.randbytes(min(RANDOM_STEP, size - at)) for at in range(0, size, RANDOM_STEP)
+    )
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         info = tarfile.TarInfo(f"bench/layer-{index}.bin")

@@ -28,6 +28,9 @@ class Profile:
     load_seconds: float
     tag_ttl: float  # proxyd's, in the tag workload: its first round must fit in it
     deadline: float  # seconds the whole run may take before it stops itself
+    fleet_nodes: int  # nodes pulling one image at once (the fleet workload)
+    fleet_layer_sizes: tuple[int, ...]  # bytes, the fleet's image's layers
+    fleet_rate: float  # bytes/s of the link all of them share to the upstream
 
     @property
     def image_size(self) -> int:
@@ -42,6 +45,11 @@ class Profile:
 
     def crowd_timeout(self) -> float:
         return 4 * self.blob_size / self.crowd_rate + 60
+
+    def fleet_timeout(self) -> float:
+        """Long enough for every node fetching the whole image over the shared link
+        twice (distribution's proxy does), with room to spare: two CPUs run all nodes."""
+        return 4 * self.fleet_nodes * sum(self.fleet_layer_sizes) / self.fleet_rate + 120
 
 
 FULL = Profile(
@@ -60,6 +68,9 @@ FULL = Profile(
     load_seconds=5.0,
     tag_ttl=60.0,  # proxyd's default
     deadline=3600.0,
+    fleet_nodes=16,
+    fleet_layer_sizes=(1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB),
+    fleet_rate=32 * MIB,
 )
 
 SMOKE = Profile(
@@ -78,6 +89,9 @@ SMOKE = Profile(
     load_seconds=2.0,
     tag_ttl=20.0,
     deadline=170.0,
+    fleet_nodes=3,
+    fleet_layer_sizes=(MIB // 4, 1 * MIB, 2 * MIB),
+    fleet_rate=64 * MIB,
 )
 
 PROFILES = {p.name: p for p in (FULL, SMOKE)}

@@ -9,6 +9,9 @@
   uses for names without a registry prefix. Two-component names (``bench/app``)
   keep it from rewriting them to ``library/NAME``.
 
+``Proxyd(cluster={...})`` is a node of a fleet: the mapping is its ``[cluster]``
+table, and it is told its own URL as ``advertise`` (``PROXYD_CLUSTER__ADVERTISE``).
+
 ``Proxy.start`` returns a ``RunningProxy``: where it listens, the PID that serves
 (for memory and profiles), and how to stop it. A proxy that is not installed says
 so in ``unavailable()``, and its rows are reported as skipped.
@@ -19,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +36,7 @@ from tests.peers.proxyd import Namespace, ProxydProcess, proxyd_config
 from tests.peers.registry import Registry
 
 REPOSITORY = "bench/app"
+START_TIMEOUT = 60.0  # seconds: sixteen proxyds starting at once share two CPUs
 
 
 @dataclass
@@ -64,18 +69,22 @@ class Proxy:
 class Proxyd(Proxy):
     name = "proxyd"
 
-    def __init__(self, *, tag_ttl: float | None = None) -> None:
+    def __init__(
+        self, *, tag_ttl: float | None = None, cluster: Mapping[str, Any] | None = None
+    ) -> None:
         self.tag_ttl = tag_ttl  # None: proxyd's default (60 s)
+        self.cluster = cluster  # a [cluster] table (without advertise): a fleet's node
 
     def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
         config = proxyd_config(
             default_namespace=upstream.host,
             namespaces=[Namespace(upstream.host, upstream.url, tag_ttl=self.tag_ttl)],
             credentials={upstream.host: upstream.creds} if upstream.creds else None,
+            settings={"cluster": self.cluster} if self.cluster else None,
         )
-        proc = ProxydProcess(config, workdir)
+        proc = ProxydProcess(config, workdir, advertise=self.cluster is not None)
         try:
-            proc.start()
+            proc.start(timeout=START_TIMEOUT)
         except pytest.fail.Exception as exc:  # the harness reports start failures this way
             raise PeerError(str(exc)) from None
         except BaseException:  # Ctrl-C while it starts: the harness would leave it running

@@ -5,8 +5,11 @@ It stands for the network between a proxy and its upstream, in three roles:
 - a slow upstream: ``--rate`` paces every response body (bytes per second, per
   connection), so a proxy that buffers a whole blob before sending shows it in its
   time to first byte;
+- a shared link: ``--total-rate`` paces the response bodies of all connections
+  together (bytes per second for the sum), as a WAN link a fleet of nodes shares;
 - a witness: it counts the requests it relays (``GET /_relay/stats``), which tells
-  how many GETs of one blob a proxy sent upstream;
+  how many GETs of one blob a proxy sent upstream, and the bytes of the response
+  bodies it relayed (``GET /_relay/bytes``), which tells how much crossed the link;
 - one address for a registry and its token server (``--token-target``): drayage
   refuses a token realm on another host or port than its upstream.
 
@@ -27,7 +30,7 @@ a chunked response is passed on chunk by chunk.
 It listens on 127.0.0.1 only, prints ``LISTENING <port>`` once bound, and exits when
 its parent dies or ``--max-seconds`` pass.
 
-    python -m bench.relay --target http://127.0.0.1:5000 [--rate 4194304]
+    python -m bench.relay --target http://127.0.0.1:5000 [--rate 4194304] [--total-rate N]
 """
 
 from __future__ import annotations
@@ -127,12 +130,37 @@ def render(first: str, headers: list[tuple[str, str]]) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+class Link:
+    """A bandwidth every connection shares: each step of a body books the link's next
+    free moment and waits for it, so the sum of all bodies moves at ``rate`` bytes per
+    second whatever the number of connections (in the order the steps came; an idle
+    link saves no credit for a burst)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self, nbytes: int) -> None:
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + nbytes / self.rate
+            until = self._free_at
+        ahead = until - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 class Relay:
-    def __init__(self, target: str, token_target: str | None, rate: float) -> None:
+    def __init__(
+        self, target: str, token_target: str | None, rate: float, total_rate: float = 0.0
+    ) -> None:
         self.target = self._address(target)
         self.token_target = self._address(token_target) if token_target else None
         self.rate = rate
+        self.link = Link(total_rate) if total_rate > 0 else None
         self.counts: collections.Counter[str] = collections.Counter()
+        self.body_bytes = 0  # of the responses relayed (what crossed the link)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -173,7 +201,7 @@ class Relay:
         path = target.split("?", 1)[0]
         with self._lock:
             self.counts[f"{method} {path}"] += 1
-        if path in ("/_relay/stats", "/_relay/reset"):
+        if path in ("/_relay/stats", "/_relay/reset", "/_relay/bytes"):
             return self.own(client, path)
         if header(headers, "transfer-encoding") is not None:
             client.sock.sendall(b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\n\r\n")
@@ -191,7 +219,7 @@ class Relay:
         try:
             upstream.sock.sendall(head)
             if request_length:
-                self.forward(client, upstream, request_length, pipe, pace=False)
+                self.forward(client, upstream, request_length, pipe, response=False)
             status, response = parse_head(upstream.read_head())
         except (ConnectionError, Closed):
             if fresh or request_length:  # a body cannot be sent twice
@@ -207,11 +235,11 @@ class Relay:
         if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
             pass
         elif (length := header(response, "content-length")) is not None:
-            self.forward(upstream, client, int(length), pipe, pace=self.rate > 0)
+            self.forward(upstream, client, int(length), pipe, response=True)
         elif (header(response, "transfer-encoding") or "").lower() == "chunked":
             self.forward_chunked(upstream, client)
         else:  # the body ends where the registry closes the connection
-            self.forward(upstream, client, None, pipe, pace=self.rate > 0)
+            self.forward(upstream, client, None, pipe, response=True)
             return False
         if not keep:
             upstreams.pop(address).close()
@@ -222,22 +250,28 @@ class Relay:
         with self._lock:
             if path == "/_relay/reset":
                 self.counts.clear()
-            body = json.dumps(dict(self.counts)).encode()
+            if path == "/_relay/bytes":
+                body = json.dumps({"responses": self.body_bytes}).encode()
+            else:
+                body = json.dumps(dict(self.counts)).encode()
         head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
         client.sock.sendall(head.encode() + b"\r\n\r\n" + body)
         return True
 
     def forward(
-        self, src: Conn, dst: Conn, length: int | None, pipe: tuple[int, int], *, pace: bool
+        self, src: Conn, dst: Conn, length: int | None, pipe: tuple[int, int], *, response: bool
     ) -> None:
         """``length`` bytes (or all until the source closes) from ``src`` to ``dst``:
-        what ``src`` buffered first, then the rest through the pipe, paced if asked."""
+        what ``src`` buffered first, then the rest through the pipe. A response
+        body is counted, and paced (per connection, on the shared link) as configured."""
         started, sent = time.monotonic(), 0
         buffered = src.take(length if length is not None else len(src.buffer))
         if buffered:
             dst.sock.sendall(buffered)
             sent += len(buffered)
+            self._relayed(len(buffered), response=response)
         while length is None or sent < length:
+            pace = response and (self.rate > 0 or self.link is not None)
             step = CHUNK if pace else PIPE_SIZE
             if length is not None:
                 step = min(step, length - sent)
@@ -250,10 +284,19 @@ class Relay:
             while left:
                 left -= os.splice(pipe[0], dst.sock.fileno(), left)
             sent += moved
-            if pace:
+            self._relayed(moved, response=response)
+            if response and self.rate > 0:
                 ahead = started + sent / self.rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
+
+    def _relayed(self, nbytes: int, *, response: bool) -> None:
+        if not response:
+            return
+        with self._lock:
+            self.body_bytes += nbytes
+        if self.link is not None:
+            self.link.wait(nbytes)
 
     @staticmethod
     def forward_chunked(src: Conn, dst: Conn) -> None:
@@ -280,13 +323,16 @@ def main() -> None:
     parser.add_argument("--target", required=True, help="registry origin, http://127.0.0.1:PORT")
     parser.add_argument("--token-target", help="origin that answers /token")
     parser.add_argument("--rate", type=float, default=0.0, help="bytes per second, 0: no limit")
+    parser.add_argument(
+        "--total-rate", type=float, default=0.0, help="bytes per second of all connections"
+    )
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=3600.0)
     args = parser.parse_args()
     for url in (args.target, args.token_target):
         if url is not None and not url.startswith("http://127.0.0.1:"):
             sys.exit(f"relay: refusing {url!r}; the benchmark only talks to 127.0.0.1")
-    relay = Relay(args.target, args.token_target, args.rate)
+    relay = Relay(args.target, args.token_target, args.rate, args.total_rate)
     listener = socket.create_server(("127.0.0.1", args.port), backlog=256)
     threading.Thread(target=relay.serve, args=(listener,), daemon=True).start()
     print(f"LISTENING {listener.getsockname()[1]}", flush=True)

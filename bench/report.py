@@ -19,6 +19,8 @@ from bench.results import DIRECT, Row, Workload
 X, DASH = "\u00d7", "\u2013"  # the multiplication sign and the en dash of the tables
 RSS_LIMIT_MIB = 80.0
 RSS_FLAT_MIB = 8.0  # "flat": the large blob's peak at most this much above the small one's
+FLEET_BYTES = 1.01  # upstream bytes over the image: once, give or take each node's manifest GET
+FLEET_WALL = 1.5  # the slowest node over one node pulling alone
 NOTE_WIDTH = 70
 
 
@@ -112,6 +114,31 @@ def _tag_economy(workloads: list[Workload], proxy: str) -> Verdict:
     return Verdict(met, f"GET/HEAD within tag_ttl {gets}/{heads}, after {gets_after}/{heads_after}")
 
 
+def fleet_figures(row: Row) -> tuple[float, float] | None:
+    """A fleet row's two figures: upstream bytes over the image's size, and the
+    slowest node's wall time over one node of its kind pulling alone."""
+    moved, alone = row.extra.get("upstream_bytes"), row.extra.get("alone")
+    size = row.extra.get("image_bytes")
+    if not _ok(row) or not moved or not alone or not size or row.median is None:
+        return None
+    return statistics.median(moved) / size, row.median / statistics.median(alone)
+
+
+def _fleet(workloads: list[Workload], proxy: str) -> Verdict:
+    """The image crosses the link once for the whole fleet, and the slowest node
+    takes at most 1.5 times what one node alone takes."""
+    wl = next(iter(workloads), None)
+    row = wl.rows.get(proxy) if wl else None
+    if row is None:
+        return Verdict(None, "not in this workload")
+    figures = fleet_figures(row)
+    if figures is None:
+        return Verdict(None, "no data")
+    moved, wall = figures
+    met = moved <= FLEET_BYTES and wall <= FLEET_WALL
+    return Verdict(met, f"upstream bytes {moved:.2f}{X} the image; slowest {wall:.2f}{X} one alone")
+
+
 TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], ...] = (
     ("warm_pull", f"warm pull ≤ 1.0{X} direct", "warm_pull", lambda w, p: _ratio_target(w, p, 1.0)),
     (
@@ -144,6 +171,13 @@ TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], .
         "one tag for every engine: 1 upstream GET within tag_ttl, then only HEADs",
         "tag_requests",
         _tag_economy,
+    ),
+    (
+        "fleet",
+        f"a fleet pulling one image: upstream bytes 1.0{X} the image, slowest node "
+        f"≤ {FLEET_WALL}{X} one alone",
+        "fleet",
+        _fleet,
     ),
 )
 
@@ -179,6 +213,13 @@ def _note(row: Row) -> str:
     notes = [row.extra["about"]] if "about" in row.extra else []
     if "upstream_gets" in row.extra:
         notes.append("upstream GETs " + ",".join(map(str, row.extra["upstream_gets"])))
+    if (figures := fleet_figures(row)) is not None:
+        notes.append(f"upstream {figures[0]:.2f}{X} the image, slowest {figures[1]:.2f}{X} alone")
+    if "upstream_requests" in row.extra:
+        asked = row.extra["upstream_requests"]
+        notes.append("upstream " + ", ".join(f"{n} {kind}" for kind, n in asked.items()))
+    if "redis_ops" in row.extra:
+        notes.append(f"Redis commands {','.join(map(str, row.extra['redis_ops']))}")
     if "idle_rss" in row.extra:
         notes.append("idle " + ",".join(f"{v:.0f}" for v in row.extra["idle_rss"]) + " MiB")
     if row.extra.get("cpu_us_per_hit"):

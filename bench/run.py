@@ -1,4 +1,4 @@
-"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the seven
+"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the eight
 workloads against the direct upstream, proxyd, distribution's proxy mode and
 drayage, print the table and the targets, and write ``bench/results/*.json``.
 
@@ -29,7 +29,7 @@ from types import FrameType
 
 import pytest
 
-from bench import blobs, fixtures, hits, memory, pulls, report, tags
+from bench import blobs, fixtures, fleet, hits, memory, pulls, report, tags
 from bench.context import Context
 from bench.machine import describe
 from bench.profiler import Profiler, summary
@@ -57,6 +57,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Workload]]] = {
     "manifest_hits": lambda c: [hits.manifest_hits(c)],
     "peak_rss": memory.peak_rss,
     "tag_requests": lambda c: [tags.tag_requests(c)],
+    "fleet": lambda c: [fleet.fleet(c)],
 }
 
 

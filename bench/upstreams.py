@@ -58,6 +58,7 @@ class RelayProcess:
         target: str,
         *,
         rate: float = 0.0,
+        total_rate: float = 0.0,
         token_target: str | None = None,
         port: int = 0,
         max_seconds: float = 3600.0,
@@ -65,6 +66,7 @@ class RelayProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "relay.log"
         argv = [sys.executable, "-m", "bench.relay", "--target", target, "--rate", str(rate)]
+        argv += ["--total-rate", str(total_rate)]
         argv += ["--port", str(port), "--max-seconds", str(max_seconds)]
         if token_target:
             argv += ["--token-target", token_target]
@@ -92,6 +94,11 @@ class RelayProcess:
     def counts(self) -> dict[str, int]:
         with urllib.request.urlopen(f"{self.url}/_relay/stats", timeout=5) as resp:  # noqa: S310
             return {str(k): int(v) for k, v in json.loads(resp.read()).items()}
+
+    def body_bytes(self) -> int:
+        """Bytes of the response bodies it relayed so far: what crossed the link."""
+        with urllib.request.urlopen(f"{self.url}/_relay/bytes", timeout=5) as resp:  # noqa: S310
+            return int(json.loads(resp.read())["responses"])
 
     def gets(self, suffix: str) -> int:
         """How many GETs of a path ending in ``suffix`` it relayed so far."""

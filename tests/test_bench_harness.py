@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
 from bench.context import shuffled
-from bench.report import _crowd, _ratio_target, _tag_economy
+from bench.report import _crowd, _fleet, _ratio_target, _tag_economy
 from bench.results import DIRECT, Row, Workload
 
 
@@ -66,3 +66,21 @@ def test_the_tag_target_needs_one_get_within_the_ttl_and_only_heads_after_it():
         assert _tag_economy([wl], "proxyd").met is False, rounds
     row.extra["rounds"] = [[1, 0]]  # the second round did not run
     assert _tag_economy([wl], "proxyd").met is None
+
+
+def fleet_row(slowest: float, alone: float, moved: int, size: int = 100) -> Workload:
+    wl = Workload("fleet", "fleet", "s", "lower")
+    row = wl.row("proxyd")
+    row.samples.append(slowest)
+    row.extra |= {"alone": [alone], "upstream_bytes": [moved], "image_bytes": size}
+    return wl
+
+
+def test_the_fleet_target_needs_the_image_once_upstream_and_the_slowest_node_near_one_alone():
+    assert _fleet([fleet_row(15.0, 10.0, 100)], "proxyd").met is True
+    assert _fleet([fleet_row(15.0, 10.0, 101)], "proxyd").met is True  # each node's manifest
+    assert _fleet([fleet_row(15.0, 10.0, 200)], "proxyd").met is False  # fetched twice
+    assert _fleet([fleet_row(15.1, 10.0, 100)], "proxyd").met is False  # too slow
+    verdict = _fleet([fleet_row(12.0, 10.0, 1600)], "proxyd")
+    assert verdict.detail == "upstream bytes 16.00\u00d7 the image; slowest 1.20\u00d7 one alone"
+    assert _fleet([fleet_row(12.0, 10.0, 100)], "drayage").met is None  # not in the workload

@@ -1,0 +1,303 @@
+"""Workload 8: a fleet of nodes pulling one cold image at once over one shared link.
+
+``fleet_nodes`` nodes (16; the smoke: 3) pull the same image at the same moment, each
+with its own ``skopeo copy docker://NODE/bench/fleet:v1 dir:…``, from the plain
+upstream (distribution 2.8) behind a relay that paces the response bodies of all
+its connections together at ``fleet_rate`` (32 MiB/s: a WAN link the nodes share)
+and counts their bytes. The image is its own (1 + 16 + 64 + 256 MiB layers), pushed
+when the workload starts. Three targets, one after the other in the same run:
+
+- ``proxyd``: 16 proxyds forming a fleet: one real ``redis-server``, a ``[cluster]``
+  table on each with a shared secret file and ``fanout`` 4 (proxyd's default);
+- ``proxyd standalone``: 16 proxyds without ``[cluster]``;
+- ``distribution``: 16 distribution proxies (``proxy.remoteurl``).
+
+For each, measured on fresh nodes with empty caches (each awake: ``Context.warm_up``):
+
+- one node of that kind pulling alone through the same relay (``alone``), then the
+  crowd: its sample is the slowest node's wall time;
+- the bytes of response bodies the relay carried during the crowd's pull, over the
+  image's size (manifest, config and layers): 1.0 when the image crossed the link once
+  for the whole fleet, 16 when every node fetched it itself;
+- the requests the relay carried during the crowd's pull, by kind: blob GETs (the
+  image has ``1 + layers`` blobs: once each for the whole fleet is the goal), the
+  manifest GETs (each node resolves the tag itself), the blob HEADs (a repository's
+  confirmation, which each node of a fleet asks the upstream itself);
+- for the fleet, the Redis commands the crowd's pull cost (``INFO commandstats``,
+  reset before it), the nodes' heartbeats included.
+
+``direct`` is one skopeo pulling straight through the relay, alone. Sixteen skopeos,
+sixteen nodes, the registry and the relay all share the machine's two CPUs: the wall
+times are this machine's, which docs/scale.md says when it extrapolates from them.
+Every node's copy must hold the manifest and blobs of the image (skopeo verifies each
+blob's digest as it copies; the first node's copy is hashed again here).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import fixtures
+from bench.context import Context
+from bench.proxies import DistributionProxy, Proxy, Proxyd, RunningProxy, running
+from bench.results import DIRECT, Row, Workload, record
+from bench.upstreams import RelayProcess, Upstream
+from tests.peers import LOOPBACK, PeerError
+from tests.peers.clients import Skopeo, read_dir_image
+from tests.peers.image import BuiltImage
+from tests.peers.redisserver import RedisServer
+
+REPOSITORY = "bench/fleet"
+FANOUT = 4  # proxyd's default [cluster] fanout
+FLEET, STANDALONE, DISTRIBUTION = "proxyd", "proxyd standalone", "distribution"
+STARTERS = 4  # nodes started at once: more only queue for the same two CPUs
+MIB = 1024 * 1024
+
+
+def fleet(ctx: Context) -> Workload:
+    profile = ctx.profile
+    n, rate = profile.fleet_nodes, profile.fleet_rate / MIB
+    sizes = "+".join(_mib(s) for s in profile.fleet_layer_sizes)
+    wl = Workload(
+        "fleet",
+        f"{n} nodes pulling one cold image ({sizes} MiB) over a {rate:g} MiB/s link",
+        "s",
+        "lower",
+    )
+    wl.notes.append(
+        f"direct: one skopeo through the link, alone; a target's sample is its slowest of {n}"
+    )
+    with contextlib.ExitStack() as stack:
+        image = _push_image(ctx)
+        size = image_bytes(image)
+        link = RelayProcess(
+            ctx.workdir / "fleet-link", ctx.upstreams.plain.url, total_rate=rate * MIB
+        )
+        stack.callback(link.stop)
+        upstream = Upstream("fleet-link", link.url, relay=link)
+        redis = RedisServer(ctx.workdir / "fleet-redis")
+        stack.callback(redis.stop)
+        redis.start()
+        secret = ctx.workdir / "fleet-secret"
+        secret.write_text(secrets.token_hex(32) + "\n")
+        cluster = {"redis_url": redis.url, "secret_file": str(secret), "fanout": FANOUT}
+        targets: list[tuple[str, Proxy, str]] = [
+            (FLEET, Proxyd(cluster=cluster), f"a fleet: one Redis, fanout {FANOUT}"),
+            (STANDALONE, Proxyd(), "no [cluster]"),
+            (DISTRIBUTION, DistributionProxy(), "proxy.remoteurl"),
+        ]
+        run = Run(ctx, image, upstream, size)
+        direct = wl.row(DIRECT)
+        direct.extra["about"] = "one skopeo through the link"
+        value = record(
+            direct, run.pull, ctx.workdir / "fleet-direct", link.url.removeprefix("http://")
+        )
+        if value is not None:
+            direct.samples.append(value)
+        for name, proxy, about in targets:
+            row = wl.row(name)
+            row.extra |= {"about": about, "image_bytes": size}
+            if (reason := proxy.unavailable()) is not None:
+                row.status, row.reason = "skipped", reason
+                continue
+            fresh = redis if name == FLEET else None
+            alone = record(row, run.alone, proxy, fresh)
+            if alone is not None:
+                row.extra["alone"] = [alone]
+                record(row, run.crowd, row, proxy, fresh)
+    return wl
+
+
+class Run:
+    """The measurements of one workload: the image, the link, the work directory."""
+
+    def __init__(self, ctx: Context, image: BuiltImage, upstream: Upstream, size: int) -> None:
+        self.ctx = ctx
+        self.image = image
+        self.upstream = upstream
+        self.size = size
+        self.timeout = ctx.profile.fleet_timeout()
+        self._starts = 0
+
+    def _dir(self, label: str) -> Path:
+        self._starts += 1
+        return self.ctx.workdir / "fleet" / f"{label}-{self._starts}"
+
+    def alone(self, proxy: Proxy, redis: RedisServer | None) -> float:
+        """One node of ``proxy``'s kind pulling the image alone (a fleet of one)."""
+        _flush(redis)
+        with running(proxy, self.upstream, self._dir(proxy.name)) as node:
+            self.ctx.warm_up(node.url)
+            return self.pull(self._dir("pull"), node.host, check=True)
+
+    def crowd(self, row: Row, proxy: Proxy, redis: RedisServer | None) -> None:
+        """Every node at once; the slowest node's time is the sample."""
+        relay = self.upstream.relay
+        assert relay is not None
+        _flush(redis)
+        with self._nodes(proxy, self.ctx.profile.fleet_nodes) as nodes:
+            before, counts = relay.body_bytes(), relay.counts()
+            if redis is not None:
+                redis.command("CONFIG", "RESETSTAT")
+            times = self._pull_all([node.host for node in nodes])
+            row.extra["upstream_bytes"] = [relay.body_bytes() - before]
+            asked = _requests(relay.counts(), counts)
+            row.extra["upstream_requests"] = asked
+            row.extra["blob_gets"] = [asked.get("GET blobs", 0)]
+            if redis is not None:
+                calls = redis_calls(redis.port)
+                row.extra["redis_calls"] = calls
+                row.extra["redis_ops"] = [sum(calls.values())]
+        row.extra["nodes"] = [round(t, 3) for t in times]
+        row.samples.append(max(times))
+
+    @contextlib.contextmanager
+    def _nodes(self, proxy: Proxy, n: int) -> Iterator[list[RunningProxy]]:
+        """``n`` fresh nodes, each awake; all stopped (and their caches removed) after."""
+        with contextlib.ExitStack() as stack:
+            dirs = [self._dir(proxy.name) for _ in range(n)]
+            lock = threading.Lock()
+
+            def start(workdir: Path) -> RunningProxy:
+                node = proxy.start(self.upstream, workdir)
+                with lock:  # whatever else fails, this one is stopped
+                    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+                    stack.callback(node.stop)
+                try:
+                    self.ctx.warm_up(node.url)
+                except OSError as exc:  # a node that started, then went away: its log says why
+                    raise PeerError(
+                        f"{node.host} ({workdir.name}): {exc}\n{_tail(workdir)}"
+                    ) from None
+                return node
+
+            with concurrent.futures.ThreadPoolExecutor(STARTERS) as pool:
+                nodes = list(pool.map(start, dirs))
+            yield nodes
+
+    def _pull_all(self, hosts: list[str]) -> list[float]:
+        """Each host pulled by its own skopeo, all released at the same moment."""
+        gate = threading.Barrier(len(hosts))
+        dests = [self._dir("pull") for _ in hosts]
+
+        def pull(i: int) -> float:
+            gate.wait(timeout=60)
+            return self.pull(dests[i], hosts[i], check=i == 0)
+
+        with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+            return list(pool.map(pull, range(len(hosts))))
+
+    def pull(self, dest: Path, host: str, *, check: bool = False) -> float:
+        """Seconds ``skopeo copy`` of the image from ``host`` took; its copy checked:
+        the manifest, every blob present (``check``: hashed again), then removed."""
+        skopeo = Skopeo(dest / "skopeo")
+        image_dir = dest / "image"
+        image_dir.mkdir(parents=True)
+        try:
+            started = time.perf_counter()
+            skopeo.copy(
+                f"docker://{host}/{REPOSITORY}:{self.image.tag}",
+                f"dir:{image_dir}",
+                timeout=self.timeout,
+            )
+            elapsed = time.perf_counter() - started
+            _check(self.image, image_dir, hashed=check)
+            return elapsed
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+
+
+def _tail(workdir: Path, chars: int = 400) -> str:
+    """The end of what a node wrote (proxyd's stderr, distribution's logs)."""
+    logs = sorted(p for p in workdir.glob("*") if p.suffix in (".stderr", ".log") and p.is_file())
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in logs)
+
+
+def _check(image: BuiltImage, image_dir: Path, *, hashed: bool) -> None:
+    if hashed:
+        pulled = read_dir_image(image_dir)
+        manifest_ok = pulled.manifest_digest == image.manifest_digest
+        blobs = set(pulled.blob_digests)
+    else:
+        manifest_ok = (image_dir / "manifest.json").read_bytes() == image.manifest
+        blobs = {f"sha256:{p.name}" for p in image_dir.iterdir() if len(p.name) == 64}
+    if not manifest_ok:
+        raise PeerError(f"{image_dir}: another manifest than the image's")
+    if blobs != set(image.blob_digests):
+        raise PeerError(f"{image_dir}: other blobs than the image's: {sorted(blobs)}")
+
+
+def _push_image(ctx: Context) -> BuiltImage:
+    sizes = list(ctx.profile.fleet_layer_sizes)
+    print(f"   building and pushing the fleet's image ({sum(sizes) >> 20} MiB)", flush=True)
+    image = fixtures.build_image(ctx.workdir / "fleet-image", sizes, seed=7)
+    fixtures.push(ctx.skopeo, image, ctx.upstreams.plain.host, REPOSITORY, None)
+    shutil.rmtree(image.layout, ignore_errors=True)  # the upstream holds it now
+    return image
+
+
+def image_bytes(image: BuiltImage) -> int:
+    """What a pull of ``image`` takes from its upstream: manifest, config and layers."""
+    manifest = json.loads(image.manifest)
+    blobs = [manifest["config"], *manifest["layers"]]
+    return len(image.manifest) + sum(int(b["size"]) for b in blobs)
+
+
+def _requests(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """The requests relayed between two readings, by method and kind of path
+    (``GET blobs``, ``HEAD blobs``, ``GET manifests``...)."""
+    kinds: dict[str, int] = {}
+    for key, n in after.items():
+        method, _, path = key.partition(" ")
+        kind = next((k for k in ("blobs", "manifests", "token") if f"/{k}" in path), "other")
+        name = f"{method} {kind}"
+        kinds[name] = kinds.get(name, 0) + n - before.get(key, 0)
+    return {k: n for k, n in sorted(kinds.items()) if n}
+
+
+def _flush(redis: RedisServer | None) -> None:
+    """An empty directory: no node of an earlier measurement is remembered."""
+    if redis is not None and redis.command("FLUSHALL") != "+OK":
+        raise PeerError("redis-server: FLUSHALL failed")
+
+
+def redis_calls(port: int, timeout: float = 5.0) -> dict[str, int]:
+    """``INFO commandstats``: calls per command since the last ``CONFIG RESETSTAT``,
+    without the benchmark's own (INFO, CONFIG)."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        sock.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        reply = b""
+        while b"\r\n" not in reply:
+            reply += sock.recv(4096) or b"!"
+            if reply.endswith(b"!"):
+                raise PeerError("redis-server closed the connection")
+        head, _, body = reply.partition(b"\r\n")
+        length = int(head[1:])
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise PeerError("redis-server closed the connection")
+            body += chunk
+    calls = {}
+    for line in body[:length].decode().splitlines():
+        name, _, stats = line.partition(":")
+        if not name.startswith("cmdstat_"):
+            continue
+        command = name.removeprefix("cmdstat_")
+        fields = dict(part.split("=", 1) for part in stats.split(","))
+        if command.split("|", 1)[0] not in ("info", "config"):
+            calls[command] = int(fields["calls"])
+    return calls
+
+
+def _mib(size: int) -> str:
+    return f"{size / MIB:g}"
