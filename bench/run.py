@@ -1,4 +1,4 @@
-"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the seven
+"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the eight
 workloads against the direct upstream, proxyd, distribution's proxy mode and
 drayage, print the table and the targets, and write ``bench/results/*.json``.
 
