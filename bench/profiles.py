@@ -27,6 +27,8 @@ class Profile:
     concurrency: int  # manifest hits
     load_seconds: float
     tag_ttl: float  # proxyd's, in the tag workload: its first round must fit in it
+    big_sizes: tuple[int, ...]  # the big cold blobs (bigblobs.py): the smallest, for RSS
+    big_reps: int
     deadline: float  # seconds the whole run may take before it stops itself
     fleet_nodes: int  # nodes pulling one image at once (the fleet workload)
     fleet_layer_sizes: tuple[int, ...]  # bytes, the fleet's image's layers
@@ -67,6 +69,8 @@ FULL = Profile(
     concurrency=32,
     load_seconds=5.0,
     tag_ttl=60.0,  # proxyd's default
+    big_sizes=(256 * MIB, 1024 * MIB, 4096 * MIB),
+    big_reps=3,
     deadline=3600.0,
     fleet_nodes=16,
     fleet_layer_sizes=(1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB),
@@ -88,6 +92,8 @@ SMOKE = Profile(
     concurrency=32,
     load_seconds=2.0,
     tag_ttl=20.0,
+    big_sizes=(16 * MIB,),
+    big_reps=1,
     deadline=170.0,
     fleet_nodes=3,
     fleet_layer_sizes=(MIB // 4, 1 * MIB, 2 * MIB),

@@ -5,6 +5,8 @@
   a namespace that is also the default, so ``HOST/bench/app:v1`` pulls through it.
 - ``distribution``: ``docker-registry`` with ``proxy.remoteurl`` (the harness's
   ``Registry.pull_through``).
+- ``proxyd-before`` (``--baseline CHECKOUT``): proxyd run from another checkout with
+  that checkout's venv, e.g. a worktree of main, for a before/after in one run.
 - ``drayage``: the upstream configured as its ``docker_io`` upstream, which drayage
   uses for names without a registry prefix. Two-component names (``bench/app``)
   keep it from rewriting them to ``library/NAME``.
@@ -66,14 +68,41 @@ class Proxy:
         raise NotImplementedError
 
 
+class _CheckoutProxyd(ProxydProcess):
+    """proxyd imported from another checkout, run by that checkout's Python."""
+
+    def __init__(self, checkout: Path, config_toml: str, tmp_path: Path) -> None:
+        super().__init__(config_toml, tmp_path)
+        self.checkout = checkout
+
+    def argv(self) -> list[str]:
+        python = self.checkout / ".venv" / "bin" / "python"
+        return [str(python), *super().argv()[1:]]
+
+    def _env(self) -> dict[str, str]:
+        return super()._env() | {"PYTHONPATH": str(self.checkout)}
+
+
 class Proxyd(Proxy):
     name = "proxyd"
 
     def __init__(
-        self, *, tag_ttl: float | None = None, cluster: Mapping[str, Any] | None = None
+        self,
+        *,
+        tag_ttl: float | None = None,
+        cluster: Mapping[str, Any] | None = None,
+        checkout: Path | None = None,
     ) -> None:
         self.tag_ttl = tag_ttl  # None: proxyd's default (60 s)
         self.cluster = cluster  # a [cluster] table (without advertise): a fleet's node
+        self.checkout = checkout  # another checkout's proxyd (proxyd-before)
+        if checkout is not None:
+            self.name = "proxyd-before"
+
+    def unavailable(self) -> str | None:
+        if self.checkout is not None and not (self.checkout / ".venv" / "bin" / "python").exists():
+            return f"{self.checkout} has no .venv (make .venv/.installed-dev there)"
+        return None
 
     def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
         config = proxyd_config(
@@ -82,7 +111,11 @@ class Proxyd(Proxy):
             credentials={upstream.host: upstream.creds} if upstream.creds else None,
             settings={"cluster": self.cluster} if self.cluster else None,
         )
-        proc = ProxydProcess(config, workdir, advertise=self.cluster is not None)
+        proc = (
+            ProxydProcess(config, workdir, advertise=self.cluster is not None)
+            if self.checkout is None
+            else _CheckoutProxyd(self.checkout, config, workdir)
+        )
         try:
             proc.start(timeout=START_TIMEOUT)
         except pytest.fail.Exception as exc:  # the harness reports start failures this way
@@ -170,12 +203,17 @@ class Drayage(Proxy):
 ALL: tuple[Proxy, ...] = (Proxyd(), DistributionProxy(), Drayage())
 
 
-def by_name(names: list[str]) -> list[Proxy]:
+def by_name(names: list[str], *, baseline: Path | None = None) -> list[Proxy]:
+    """The proxies named, and proxyd-before (right after proxyd) with a baseline."""
     known = {p.name: p for p in ALL}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown proxies {unknown}; choose from {sorted(known)}")
-    return [known[n] for n in names]
+    chosen = [known[n] for n in names]
+    if baseline is not None:
+        at = chosen.index(known["proxyd"]) + 1 if "proxyd" in names else 0
+        chosen.insert(at, Proxyd(checkout=baseline.resolve()))
+    return chosen
 
 
 @contextlib.contextmanager

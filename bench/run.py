@@ -29,7 +29,7 @@ from types import FrameType
 
 import pytest
 
-from bench import blobs, fixtures, fleet, hits, memory, pulls, report, tags
+from bench import bigblobs, blobs, fixtures, fleet, hits, memory, pulls, report, tags
 from bench.context import Context
 from bench.machine import describe
 from bench.profiler import Profiler, summary
@@ -58,6 +58,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Workload]]] = {
     "peak_rss": memory.peak_rss,
     "tag_requests": lambda c: [tags.tag_requests(c)],
     "fleet": lambda c: [fleet.fleet(c)],
+    "big_blob": bigblobs.big_blobs,
 }
 
 
@@ -82,6 +83,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=sorted(WORKLOADS), help="these workloads")
     parser.add_argument(
         "--proxies", nargs="+", default=[p.name for p in ALL], help="default: all three"
+    )
+    parser.add_argument(
+        "--big-sizes", nargs="+", type=int, metavar="MIB", help="the big_blob sizes, in MiB"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run the proxyd of another checkout (e.g. a worktree of main), as proxyd-before",
     )
     parser.add_argument("--out", type=Path, help="JSON results file")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy profiles of proxyd")
@@ -110,7 +120,7 @@ def build_context(
         profile=profile,
         workdir=workdir,
         upstreams=ups,
-        proxies=by_name(args.proxies),
+        proxies=by_name(args.proxies, baseline=args.baseline),
         skopeo=skopeo,
         image=image,
         blob=blob,
@@ -143,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             pull_reps=args.reps,
             ttfb_reps=args.reps,
             rss_reps=min(profile.rss_reps, args.reps),
+            big_reps=args.reps,
         )
+    if args.big_sizes:
+        profile = replace(profile, big_sizes=tuple(m << 20 for m in args.big_sizes))
     names = args.only or list(WORKLOADS)
     out = args.out or RESULTS / ("smoke.json" if args.smoke else "latest.json")
     for signum in STOP_SIGNALS:
@@ -172,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     seconds = round(time.monotonic() - started)
-    proxies = [p.name for p in by_name(args.proxies)]
+    proxies = [p.name for p in by_name(args.proxies, baseline=args.baseline)]
     targets = report.evaluate(workloads, proxies)
     command = "make bench-smoke" if args.smoke else "make bench"
     meta = describe(ROOT, Drayage().binary()) | {

@@ -106,6 +106,7 @@ class FakeRegistry:
     pulls: int = 0  # manifest GETs counted against pull_limit
     pad_manifests: int = 0  # append this many spaces to manifest bodies (a huge manifest)
     chunked_manifests: bool = False  # send manifest bodies without a Content-Length
+    chunked_blobs: bool = False  # blob bodies in HTTP/1.1 chunks (RFC 9112 7.1), no length
     claims_every_blob: bool = False  # 200 to a HEAD of any blob, held or not (a lying mirror)
 
     def add(self, image: FakeImage) -> FakeImage:
@@ -210,7 +211,10 @@ class FakeRegistry:
         if self.corrupt:
             blob = bytes([blob[0] ^ 0xFF]) + blob[1:]
         response = web.StreamResponse(headers=headers)
-        response.content_length = len(blob)
+        if self.chunked_blobs:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(blob)
         await response.prepare(request)
         if self.drop_after is not None:
             await response.write(blob[: self.drop_after])

@@ -4,9 +4,12 @@ in, when a target that buffers stops being sampled, and how a verdict reads.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
 from bench.context import shuffled
-from bench.report import _crowd, _fleet, _ratio_target, _tag_economy
+from bench.proxies import by_name
+from bench.report import _big, _crowd, _fleet, _ratio_target, _tag_economy
 from bench.results import DIRECT, Row, Workload
 
 
@@ -84,3 +87,20 @@ def test_the_fleet_target_needs_the_image_once_upstream_and_the_slowest_node_nea
     verdict = _fleet([fleet_row(12.0, 10.0, 1600)], "proxyd")
     assert verdict.detail == "upstream bytes 16.00\u00d7 the image; slowest 1.20\u00d7 one alone"
     assert _fleet([fleet_row(12.0, 10.0, 100)], "drayage").met is None  # not in the workload
+
+
+def test_the_big_blob_target_needs_the_ratio_and_distributions_pace_at_every_size():
+    fast = workload("big_blob_1GiB", 1.0, 1.5)
+    fast.row("distribution").samples.append(2.0)
+    assert _big([fast], "proxyd").met is True
+    behind = workload("big_blob_4GiB", 1.0, 1.5)
+    behind.row("distribution").samples.append(1.4)  # within 1.6x, but slower than distribution
+    assert _big([fast, behind], "proxyd").met is False
+    rss_only = workload("big_blob_256MiB", 1.0, 9.0)  # measured for the RSS, not judged
+    assert _big([rss_only, fast], "proxyd").met is True
+
+
+def test_a_baseline_checkout_runs_as_proxyd_before_right_after_proxyd(tmp_path: Path):
+    names = [p.name for p in by_name(["distribution", "proxyd"], baseline=tmp_path)]
+    assert names == ["distribution", "proxyd", "proxyd-before"]
+    assert by_name(["proxyd"], baseline=tmp_path)[1].unavailable() is not None  # no .venv

@@ -77,6 +77,20 @@ async def test_the_last_byte_goes_out_before_the_fsync_ends(
     assert list((cache_dir / "tmp").iterdir()) == []
 
 
+async def test_a_blob_sent_in_http_chunks_arrives_whole_and_is_stored(
+    make_proxyd, start_fake, cache_dir: Path
+):
+    """No Content-Length, the body in many chunks of chunked transfer coding: the
+    end of a chunk is no end of the body."""
+    upstream = FakeRegistry(chunked_blobs=True, drip=(100_000, 0.0))
+    image = upstream.add(make_image(layer=LAYER))
+    proxyd = await make_proxyd(config(await start_fake(upstream)))
+
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert await asyncio.wait_for(response.read(), 10) == LAYER
+    assert (await until_stored(cache_dir, image.layer)).read_bytes() == LAYER
+
+
 async def test_a_request_between_verification_and_rename_joins_the_download(
     make_proxyd, start_fake, cache_dir: Path, held_fsync: threading.Event
 ):

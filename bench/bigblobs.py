@@ -1,0 +1,116 @@
+"""Workload 8: one cold GET of a big random blob (issue 19: CUDA and ML layers).
+
+A blob of each of ``big_sizes`` is pushed to the plain upstream, then fetched
+``big_reps`` times straight from it and through each proxy started afresh (an empty
+cache), the targets interleaved in another order each repetition. The sample is the
+wall time of one GET read to the end; the notes give MiB/s and, for a proxy, its peak
+RSS (``VmHWM``) over that GET: a proxy whose peak grows with the blob holds it in
+memory.
+
+The client is ``curl`` writing to /dev/null when it is installed: at 1-2 GiB/s an
+aiohttp client in Python takes most of a core, which on two cores is taken from the
+proxy being measured. Without curl, ``bench.clients.fetch_one``; the JSON says which.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+
+from bench.clients import fetch_one
+from bench.context import Context, shuffled
+from bench.fixtures import Blob, make_blob
+from bench.procs import memory
+from bench.proxies import Proxy
+from bench.results import DIRECT, Row, Workload, record
+from tests.peers import PeerError
+
+MIB = 1024 * 1024
+SEED = 19
+
+
+def big_blobs(ctx: Context) -> list[Workload]:
+    out = []
+    client = "curl" if shutil.which("curl") else "bench.clients"
+    upstream = ctx.upstreams.plain
+    for size in ctx.profile.big_sizes:
+        print(f"   pushing a {_size(size)} random blob", flush=True)
+        blob = make_blob(ctx.workdir / "big", upstream.url, ctx.repository, size, seed=SEED)
+        wl = Workload(
+            f"big_blob_{_size(size).replace(' ', '')}",
+            f"cold GET of a {_size(size)} blob",
+            "s",
+            "lower",
+        )
+        wl.notes.append(f"client: {client}")
+        proxies = ctx.ready_rows(wl)
+        direct = wl.row(DIRECT)
+        url = upstream.url + ctx.blob_path(blob.digest)
+        for rep in range(ctx.profile.big_reps):
+            for proxy in shuffled([None, *proxies], rep):  # None: direct
+                if proxy is None:
+                    if direct.status == "ok":
+                        ctx.warm_up(upstream.url)
+                        _sample(direct, blob, url, client)
+                    continue
+                _proxy_turn(ctx, wl, proxy, blob, client, rep)
+        for row in wl.rows.values():
+            _summarise(row, size)
+        out.append(wl)
+    return out
+
+
+def _proxy_turn(
+    ctx: Context, wl: Workload, proxy: Proxy, blob: Blob, client: str, rep: int
+) -> None:
+    for row, running in ctx.each_fresh(wl, [proxy], ctx.upstreams.plain):
+        idle = memory(running.pid)["VmRSS"]
+        with ctx.watch(running, f"{wl.id}-{rep}"):
+            ok = _sample(row, blob, running.url + ctx.blob_path(blob.digest), client)
+        if ok:
+            row.extra.setdefault("peak_rss", []).append(round(memory(running.pid)["VmHWM"], 1))
+            row.extra.setdefault("idle_rss", []).append(round(idle, 1))
+
+
+def _sample(row: Row, blob: Blob, url: str, client: str) -> bool:
+    seconds = record(row, _get, url, blob, client)
+    if seconds is None:
+        return False
+    row.samples.append(seconds)
+    return True
+
+
+def _get(url: str, blob: Blob, client: str) -> float:
+    """Seconds for one GET of ``url`` read to the end; the whole blob, or an error."""
+    timeout = 60 + blob.size / (20 * MIB)
+    if client == "bench.clients":
+        fetched = fetch_one(url, {}, timeout=timeout)
+        status, got, seconds = fetched.statuses[0], fetched.sizes[0], fetched.seconds
+    else:
+        argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", str(int(timeout))]
+        argv += ["-w", "%{http_code} %{size_download} %{time_total}", url]
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout + 10, check=False
+        )
+        if done.returncode != 0:
+            raise PeerError(f"curl exited {done.returncode}: {done.stderr.strip()}")
+        code, size, total = done.stdout.split()
+        status, got, seconds = int(code), int(size), float(total)
+    if status != 200 or got != blob.size:
+        raise PeerError(f"got {status} and {got} B, want 200 and {blob.size} B")
+    return seconds
+
+
+def _summarise(row: Row, size: int) -> None:
+    """MiB/s of the median, and the highest peak RSS, in the row's note."""
+    if row.status != "ok" or not row.samples:
+        return
+    about = [f"{size / MIB / statistics.median(row.samples):,.0f} MiB/s"]
+    if row.extra.get("peak_rss"):
+        about.append(f"peak RSS {max(row.extra['peak_rss']):.0f} MiB")
+    row.extra["about"] = "; ".join(about)
+
+
+def _size(size: int) -> str:
+    return f"{size >> 30} GiB" if size >= 1 << 30 and not size % (1 << 30) else f"{size >> 20} MiB"
