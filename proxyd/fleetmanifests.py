@@ -6,11 +6,11 @@ The `HEAD` (through the pull chain, in the repository asked for, as today's `GET
 goes) is the repository's confirmation and gives the media type and the size: the
 upstream's word, never a peer's. A `404` is the answer (`ManifestUnknown`), whichever
 peer holds the digest. The body then comes from a node the directory lists as
-holding the digest (`Directory.holders`), through the same peer endpoint blobs take
-(`/_proxyd/peers/blobs/<digest>`: manifests are in the same store by digest), read
-to at most the size the upstream gave (itself at most `max_manifest_size`), and
-checked against the digest and that size; wrong bytes are counted and logged with the
-peer's address (`PeerClient.mismatch`), as a blob's are.
+holding the digest (a few, at random: `Directory.some_holders`), through the peer
+endpoint blobs take (`/_proxyd/peers/blobs/<digest>`: manifests are in the same
+store by digest), read to at most the size the upstream gave (itself at most
+`max_manifest_size`), and checked against the digest and that size; wrong bytes are
+counted and logged with the peer's address (`PeerClient.mismatch`), as a blob's are.
 
 Anything else (no holder, Redis unreachable, the `HEAD` refused or not answered
 usefully, every peer tried failing) answers None: the puller then `GET`s it through
@@ -70,7 +70,8 @@ class FleetManifests:
         """The manifest from a peer once the upstream's `HEAD` confirmed it (see the
         module's docstring); None for the chain's `GET`. ManifestUnknown when the
         repository lacks it."""
-        holders = [h for h in await self.directory.holders(digest) if h != self.directory.me]
+        me = self.directory.me
+        holders = [h for h in await self.directory.some_holders(digest, MAX_PEERS + 1) if h != me]
         if not holders:
             return None
         try:
