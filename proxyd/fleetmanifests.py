@@ -2,9 +2,11 @@
 holds the manifest sends the body. Docker Hub counts every manifest `GET` against the
 pull limit and no `HEAD`, so a fleet asks it for each manifest's body once.
 
-The `HEAD` (through the pull chain, in the repository asked for, as today's `GET`
-goes) is the repository's confirmation and gives the media type and the size: the
-upstream's word, never a peer's. A `404` is the answer (`ManifestUnknown`), whichever
+The `HEAD` (of the repository asked for, asked of its confirmers alone,
+`Namespace.confirmers`, as a blob's confirmation is: a pull-only mirror's 200 would
+put a peer's bytes into a repository nobody vouched for) is the repository's
+confirmation and gives the media type and the size: the upstream's word, never a
+peer's. A `404` is the answer (`ManifestUnknown`), whichever
 peer holds the digest. The body then comes from a node the directory lists as
 holding the digest (a few, at random: `Directory.some_holders`), through the peer
 endpoint blobs take (`/_proxyd/peers/blobs/<digest>`: manifests are in the same
@@ -76,7 +78,12 @@ class FleetManifests:
             return None
         try:
             async with self.upstream.ask(
-                target, Capability.PULL, "HEAD", f"manifests/{digest}", accept=accept
+                target,
+                Capability.RESOLVE,
+                "HEAD",
+                f"manifests/{digest}",
+                accept=accept,
+                hosts=target.namespace.confirmers(),
             ) as up:
                 await expect(up, f"manifest {digest}", not_found=ManifestUnknown)
                 headers = up.response.headers

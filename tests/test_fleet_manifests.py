@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxyd.manifests import OCI_MANIFEST
-from tests.conftest import until
+from tests.conftest import origin, until
 from tests.fakes import FakeRegistry
 from tests.peers.proxyd import CLOSED_PORT_URL
 from tests.peers.redisserver import RedisServer
@@ -96,6 +96,24 @@ async def test_a_repository_the_upstream_says_lacks_it_is_a_404_though_a_peer_ho
     assert (await response.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     assert asked == []  # the peer's bytes were never wanted
     assert manifest_requests(fleet.upstream, image.digest, "GET") == 0
+
+
+async def test_the_head_is_asked_of_the_repositorys_confirmers_never_a_pull_only_mirror(
+    fleet, redis_server, start_fake
+):
+    a = await fleet.node()
+    image = fleet.image
+    assert await get_manifest(a, image.digest) == image.manifest
+    await until(lambda: held_by(redis_server, image.digest, a.url))
+
+    mirror = FakeRegistry()  # holds nothing: its word would count for nothing anyway
+    mirror_url = origin(await start_fake(mirror))
+    table = f'[namespaces."{fleet.upstream_host}".host."{mirror_url}"]'
+    b = await fleet.node(chain=(table, 'capabilities = ["pull"]'))
+    assert await get_manifest(b, image.digest) == image.manifest
+    assert manifest_requests(mirror, image.digest, "HEAD") == 0
+    assert manifest_requests(fleet.upstream, image.digest, "HEAD") == 1
+    assert manifest_requests(fleet.upstream, image.digest, "GET") == 1  # a's alone
 
 
 async def test_a_registry_refusing_head_answers_the_get_it_is_asked_again_as(
