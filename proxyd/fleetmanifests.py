@@ -33,7 +33,7 @@ from proxyd.errors import DigestMismatch, ManifestUnknown, ProxydError
 from proxyd.hosts import Capability, Target
 from proxyd.manifests import read_manifest, served_media_type
 from proxyd.metrics import Metrics
-from proxyd.peers import PeerClient
+from proxyd.peers import PeerClient, peer_host
 from proxyd.reference import Digest
 from proxyd.refusal import expect
 from proxyd.upstream import UpstreamClient
@@ -48,13 +48,12 @@ _TROUBLE = (ProxydError, aiohttp.ClientError, TimeoutError)
 @dataclass(frozen=True)
 class Fetched:
     """A manifest's body, its digest not yet checked (`Puller.commit_manifest` does),
-    and who sent it: a peer (`peer`, its address; `host` its origin) or the chain's
-    host that answered the `HEAD` as a `GET` (`peer` None)."""
+    and who sent it (`host:port`): a peer, or the chain's host that answered the `HEAD`
+    as a `GET`."""
 
     body: bytes
     media_type: str
     host: str
-    peer: str | None = None
 
 
 class FleetManifests:
@@ -113,7 +112,7 @@ class FleetManifests:
             if sent is not None:
                 self.metrics.upstream_saved_bytes.inc(len(sent))
                 log.info("fleet.manifest_from_peer", peer=peer, digest=str(digest))
-                return Fetched(sent, served_media_type(content_type, sent), peer, peer)
+                return Fetched(sent, served_media_type(content_type, sent), _netloc(peer))
         return None
 
     async def _from_peer(self, peer: str, digest: Digest, size: int) -> bytes | None:
@@ -137,3 +136,8 @@ class FleetManifests:
             )
             return None
         return body
+
+
+def _netloc(peer: str) -> str:
+    """The peer as a host is named in logs and metrics (`host:port`)."""
+    return peer_host(peer).host

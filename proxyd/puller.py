@@ -219,11 +219,11 @@ class Puller:
     async def _store_manifest(self, key: MemoryKey, digest: Digest, storing: _Storing) -> None:
         try:
             await in_worker(self.store.put, digest, storing.body)
-            if self.fleet is not None:  # peers may take it from here, as a blob
-                await self.fleet.stored(digest)
             if self.store.removals == storing.removals:
                 ns, repo, _ = key
                 self.store.link(ns, repo, digest, "_manifests", storing.media_type)
+            if self.fleet is not None:  # peers may take it from here, as a blob
+                await self.fleet.stored(digest)
         except Exception as exc:  # the cache's loss, not the client's: fetched again later
             log.warning("manifest.not_stored", digest=str(digest), error=str(exc))
         finally:
