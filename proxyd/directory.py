@@ -40,7 +40,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import structlog
 from redis.asyncio import Redis
@@ -357,6 +357,25 @@ class Directory:
                 if await client.get(node_key(_text(url))) == boot:
                     alive.append(_text(url))
             return sorted(alive)
+
+        try:
+            return await self.redis.call("holders", read)
+        except RedisUnreachable:
+            return []
+
+    async def some_holders(self, digest: Digest, count: int) -> list[str]:
+        """At most `count` live nodes holding `digest`, picked at random (so no holder
+        takes every request): two Redis round trips however many hold it (empty when
+        Redis is unreachable)."""
+
+        async def read(client: Redis) -> list[str]:
+            held = blob_keys(digest)[2]
+            sample = cast("list[bytes]", await client.hrandfield(held, count, withvalues=True))
+            urls, boots = [_text(u) for u in sample[::2]], sample[1::2]
+            if not urls:
+                return []
+            now = await client.mget([node_key(url) for url in urls])
+            return [url for url, boot, live in zip(urls, boots, now, strict=True) if live == boot]
 
         try:
             return await self.redis.call("holders", read)

@@ -38,6 +38,7 @@ import structlog
 from proxyd.directory import Directory
 from proxyd.download import Download
 from proxyd.errors import BlobUnknown, DigestMismatch, ProxydError, UpstreamError
+from proxyd.fleetmanifests import FleetManifests
 from proxyd.hosts import Capability, RegistryHost, Target
 from proxyd.metrics import Metrics
 from proxyd.peers import PeerClient, PeerFailed
@@ -76,6 +77,8 @@ class FleetPulls:
         self.upstream = upstream
         self.store = store
         self.metrics = metrics
+        # Manifests by digest: the upstream's HEAD, a peer's body (proxyd.fleetmanifests).
+        self.manifests = FleetManifests(directory, peers, upstream, metrics=metrics)
 
     async def fetch(
         self, target: Target, download: Download, *, chain: ChainFetch, confirm: Confirm

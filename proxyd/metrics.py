@@ -131,7 +131,7 @@ class Metrics:
         )
         self.upstream_saved_bytes = Counter(
             "proxyd_upstream_saved_bytes",
-            "Bytes of verified blobs taken from a peer instead of the upstream.",
+            "Bytes of verified blobs and manifests taken from a peer instead of the upstream.",
             registry=r,
         )
         self.peer_failures = Counter(

@@ -10,7 +10,10 @@ bytes are out. Otherwise the content is fetched, verified and stored: a
 blob through a `Download` shared by every request for its digest; a manifest
 checked in memory, answered at once, and written to the store behind the answer
 (while on its way there, this process answers it from memory). Manifests just
-served stay in memory (`proxyd.memory`), so a hit reads no file.
+served stay in memory (`proxyd.memory`), so a hit reads no file. In a fleet, a
+blob comes through `proxyd.fleetpull`, a manifest from a peer once the upstream
+answered its `HEAD` (`proxyd.fleetmanifests`); every stored manifest is announced to
+the directory, as a blob is.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class Puller:
         fleet: FleetPulls | None = None,
     ) -> None:
         self.store = store
-        self.fleet = fleet  # with [cluster]: blobs through the fleet (proxyd.fleetpull)
+        self.fleet = fleet  # with [cluster]: blobs and manifests through the fleet
         self.upstream = upstream
         self.max_manifest_size = max_manifest_size
         self.manifest_memory = ManifestMemory(store, manifest_memory, clock=clock.monotonic)
@@ -146,6 +149,18 @@ class Puller:
         return self.manifest_memory.put(key, media_type, body)
 
     async def _fetch_manifest(self, target: Target, digest: Digest, accept: list[str]) -> Manifest:
+        if self.fleet is not None:  # the upstream's HEAD and a peer's body, if it can
+            fetched = await self.fleet.manifests.fetch(
+                target, digest, accept, limit=self.max_manifest_size
+            )
+            if fetched is not None:
+                try:
+                    self.commit_manifest(target, digest, fetched.body, fetched.media_type)
+                except DigestMismatch:
+                    self.metrics.digest_mismatches.labels(fetched.host).inc()
+                    raise
+                body = fetched.body
+                return Manifest(digest, fetched.media_type, len(body), body, "miss", fetched.host)
         async with self.upstream.ask(
             target, Capability.PULL, "GET", f"manifests/{digest}", accept=accept
         ) as up:
@@ -207,6 +222,8 @@ class Puller:
             if self.store.removals == storing.removals:
                 ns, repo, _ = key
                 self.store.link(ns, repo, digest, "_manifests", storing.media_type)
+            if self.fleet is not None:  # peers may take it from here, as a blob
+                await self.fleet.stored(digest)
         except Exception as exc:  # the cache's loss, not the client's: fetched again later
             log.warning("manifest.not_stored", digest=str(digest), error=str(exc))
         finally:

@@ -251,3 +251,15 @@ async def test_a_redis_that_stalls_is_waited_for_no_longer_than_the_timeout(
 def test_keys_of_a_blob_are_named_by_its_digest():
     assert blob_keys(BLOB)[3] == f"proxyd:fleet:blob:{BLOB}:fetch"
     assert node_key("http://10.0.0.5:5000") == "proxyd:fleet:node:http://10.0.0.5:5000"
+
+
+async def test_some_holders_are_a_few_live_ones_however_many_hold_it(
+    fleet: Fleet, redis_server: RedisServer
+):
+    nodes = await fleet.nodes(6)
+    for node in nodes:
+        await node.holding(BLOB)
+    redis_server.command("DEL", node_key(nodes[0].me))  # dead: never named
+    some = await nodes[1].some_holders(BLOB, 3)
+    assert len(some) <= 3 and set(some) <= {n.me for n in nodes[1:]}
+    assert sorted(await nodes[1].some_holders(BLOB, 10)) == sorted(n.me for n in nodes[1:])

@@ -23,7 +23,7 @@ from proxyd.reference import Digest
 from proxyd.runtime import build_runtime
 from proxyd.server import AccessLogger, create_app
 from proxyd.server.keys import FLEET, METRICS
-from tests.conftest import ProxydTestServer, until, until_stored
+from tests.conftest import ProxydTestServer, host, until, until_stored
 from tests.fakes import FakeRegistry, make_image
 from tests.peers.proxyd import CLOSED_PORT_URL
 from tests.peers.redisserver import RedisServer
@@ -44,7 +44,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 async def fleet(aiohttp_client, start_fake, redis_server, tmp_path):
     """`await fleet.node()`: one more node in front of `fleet.upstream` (an image whose
     layer is LAYER, its blob bodies held before the last byte while the gate is
-    closed), in the redis-server's fleet (or `redis_url`'s)."""
+    closed), in the redis-server's fleet (or `redis_url`'s); `chain`: more lines of
+    the namespace's table (hosts ahead of the upstream)."""
     assert redis_server.command("FLUSHALL") == "+OK"
     secret = tmp_path / "peer-secret"
     secret.write_text(SECRET)
@@ -58,8 +59,9 @@ async def fleet(aiohttp_client, start_fake, redis_server, tmp_path):
 
     made = Fleet()
     made.upstream, made.image, made.nodes = upstream, image, []  # type: ignore[attr-defined]
+    made.upstream_host = host(server)  # type: ignore[attr-defined]
 
-    async def node(redis_url: str | None = None) -> Any:
+    async def node(redis_url: str | None = None, chain: tuple[str, ...] = ()) -> Any:
         n = len(made.nodes)  # type: ignore[attr-defined]
         port = unused_port()
         cluster = [
@@ -71,7 +73,7 @@ async def fleet(aiohttp_client, start_fake, redis_server, tmp_path):
             "timeout = 0.5",
         ]
         path = tmp_path / f"proxyd-{n}.toml"
-        path.write_text(upstream_config(server, *cluster))
+        path.write_text(upstream_config(server, *chain, *cluster))
         cache = tmp_path / f"cache-{n}"
         runtime = build_runtime(load_settings(path, cache_dir=cache))
         app_server = ProxydTestServer(create_app(runtime), host="127.0.0.1", port=port)
