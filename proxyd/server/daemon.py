@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Literal
 from aiohttp import web
 
 from proxyd import systemd, tls
-from proxyd.clustersettings import ClusterSettings
-from proxyd.config import split_listen
+from proxyd.config import Settings, split_listen
 from proxyd.runtime import RuntimeConfig
 from proxyd.server import peers
 from proxyd.server.app import create_app
 from proxyd.server.fastpath import ProxydRunner
-from proxyd.server.keys import FLEET, RELOADER
+from proxyd.server.keys import FLEET, METRICS, RELOADER
+from proxyd.server.limits import LimitedRunner, Limits
 from proxyd.server.middleware import AccessLogger
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ async def _serve(runtime: RuntimeConfig, log: BoundLogger) -> int:
         socket_activation=bool(inherited),
         tls=tls_context is not None,
     )
-    peer_runner = await _listen_for_peers(runner.app, settings.cluster, tls_context, log)
+    peer_runner = await _listen_for_peers(runner.app, settings, tls_context, log)
     if peer_runner is False:
         await runner.cleanup()
         return 1
@@ -154,17 +154,21 @@ async def _serve(runtime: RuntimeConfig, log: BoundLogger) -> int:
 
 async def _listen_for_peers(
     main: web.Application,
-    cluster: ClusterSettings | None,
+    settings: Settings,
     tls_context: ssl.SSLContext | None,
     log: BoundLogger,
 ) -> web.AppRunner | Literal[False] | None:
-    """The listener of `[cluster] listen` (the peer endpoint alone); None without one
-    (peers use the main listener, or this node has no fleet), False when it cannot
-    listen."""
+    """The listener of `[cluster] listen` (the peer endpoint alone), with the main
+    listener's connection bounds (a cap of its own); None without one (peers use the
+    main listener, or this node has no fleet), False when it cannot listen."""
+    cluster = settings.cluster
     if cluster is None or cluster.listen is None or FLEET not in main:
         return None
-    peer_runner = web.AppRunner(
+    peer_runner = LimitedRunner(
         peers.listener_app(main),
+        limits=Limits.of(settings),
+        metrics=main[METRICS],
+        keepalive_timeout=settings.keepalive_timeout,
         access_log=logging.getLogger("proxyd.access"),
         access_log_class=AccessLogger,
         shutdown_timeout=SHUTDOWN_GRACE,

@@ -207,3 +207,21 @@ def adopt(server: web.Server, limits: Limits, metrics: Metrics) -> web.Server:
         log.warning("limits.off", reason="this aiohttp's connection protocol differs")
         return RejectingServer.adopting(server)
     return LimitedServer.adopting(server, limits=limits, metrics=metrics)
+
+
+class LimitedRunner(web.AppRunner):
+    """aiohttp's AppRunner whose connections keep to the bounds above: for a listener
+    beside the main one (the fleet's peer listener), which must not be an unbounded
+    way in where the main listener is bounded."""
+
+    def __init__(
+        self, app: web.Application, *, limits: Limits, metrics: Metrics, **kwargs: Any
+    ) -> None:
+        self._limits, self._metrics = limits, metrics
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        if not (hasattr(server, "_kwargs") and hasattr(server, "_loop")):
+            return server
+        return adopt(server, self._limits, self._metrics)

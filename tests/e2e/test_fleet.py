@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -157,6 +158,34 @@ def test_a_peer_listener_of_its_own_serves_the_peer_endpoint_and_nothing_else(
         assert (api.status, health.status) == (404, 200)
         assert main.status == 404  # the peer endpoint lives on its own listener only
         assert node.wait_for_event("listening for peers")[0]["address"] == peers_at
+
+
+def test_the_peer_listener_keeps_the_main_listeners_connection_bounds(
+    tmp_path: Path, redis_server: RedisServer, registry_factory: Callable[..., Registry]
+) -> None:
+    """`max_connections` holds on the peer listener too (a cap of its own): it faces
+    the node network, and must be no unbounded way in beside a bounded main listener."""
+    registry = registry_factory("plain")
+    secret = tmp_path / "peer-secret"
+    secret.write_text(SECRET)
+    peers_at = f"{LOOPBACK}:{free_port()}"
+    cluster = {
+        "redis_url": redis_server.url,
+        "secret_file": str(secret),
+        "listen": peers_at,
+        "advertise": f"http://{peers_at}",
+    }
+    settings = {"cluster": cluster, "max_connections": 1}
+    config = upstream_config(registry, credentials=False, settings=settings)
+    host, port = peers_at.rsplit(":", 1)
+    with ProxydProcess(config, tmp_path / "node") as node:
+        # the connection accepted first holds the listener's one place
+        with socket.create_connection((host, int(port)), timeout=10):
+            refused = http_request("GET", f"http://{peers_at}/healthz")
+        main = http_request("GET", node.url + "/healthz")
+
+    assert refused.status == 503
+    assert main.status == 200  # the main listener's cap is its own
 
 
 # -- pulls through the fleet ----------------------------------------------------------------
