@@ -121,7 +121,7 @@ class FleetManifests:
         try:
             async with self.peers.open(peer, digest) as up:
                 body = await read_manifest(
-                    up.response.content.iter_any(),
+                    up.chunks(),
                     length=up.response.content_length,
                     limit=size,
                     source=f"from peer {peer}",

@@ -151,7 +151,7 @@ class FleetPulls:
             download.withhold = download.withhold or response.headers.get(CACHE_HEADER) == "hit"
             download.answer()
             received = self.metrics.peer_received_bytes
-            async for chunk in response.content.iter_any():
+            async for chunk in up.chunks():
                 received.inc(len(chunk))
                 await download.write(chunk)
             await download.verify()  # in the block: a mismatch is this peer's

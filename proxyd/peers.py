@@ -143,7 +143,7 @@ class PeerClient:
             pipe = WriteBehind(writer, lambda written: None)
             try:
                 async with self.open(peer, digest) as up:
-                    async for chunk in up.response.content.iter_any():
+                    async for chunk in up.chunks():
                         self.metrics.peer_received_bytes.inc(len(chunk))
                         pipe.feed(chunk)
                         if pipe.backlog > pipe.high_water:

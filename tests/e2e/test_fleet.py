@@ -121,6 +121,21 @@ def test_a_node_streams_what_it_holds_to_a_peer_with_the_secret_only(
     assert SECRET not in node.stderr_text()
 
 
+def peer_listener(tmp_path: Path, redis_server: RedisServer) -> tuple[str, dict[str, str]]:
+    """A free address for `[cluster] listen`, and the `[cluster]` table of a node
+    advertising it (the fleet's secret in a file of its own)."""
+    secret = tmp_path / "peer-secret"
+    secret.write_text(SECRET)
+    peers_at = f"{LOOPBACK}:{free_port()}"
+    cluster = {
+        "redis_url": redis_server.url,
+        "secret_file": str(secret),
+        "listen": peers_at,
+        "advertise": f"http://{peers_at}",
+    }
+    return peers_at, cluster
+
+
 def test_a_peer_listener_of_its_own_serves_the_peer_endpoint_and_nothing_else(
     tmp_path: Path,
     redis_server: RedisServer,
@@ -133,15 +148,7 @@ def test_a_peer_listener_of_its_own_serves_the_peer_endpoint_and_nothing_else(
     registry = registry_factory("plain")
     pushed = PushedImage(image, registry.host, "fleet/listener", "v1")
     skopeo.push(image.source, pushed.ref)
-    secret = tmp_path / "peer-secret"
-    secret.write_text(SECRET)
-    peers_at = f"{LOOPBACK}:{free_port()}"
-    cluster = {
-        "redis_url": redis_server.url,
-        "secret_file": str(secret),
-        "listen": peers_at,
-        "advertise": f"http://{peers_at}",
-    }
+    peers_at, cluster = peer_listener(tmp_path, redis_server)
     config = upstream_config(registry, credentials=False, settings={"cluster": cluster})
     with ProxydProcess(config, tmp_path / "node") as node:
         assert_same_image(skopeo.pull_to_dir(f"{node.host}/{pushed.path}"), pushed)
@@ -166,15 +173,7 @@ def test_the_peer_listener_keeps_the_main_listeners_connection_bounds(
     """`max_connections` holds on the peer listener too (a cap of its own): it faces
     the node network, and must be no unbounded way in beside a bounded main listener."""
     registry = registry_factory("plain")
-    secret = tmp_path / "peer-secret"
-    secret.write_text(SECRET)
-    peers_at = f"{LOOPBACK}:{free_port()}"
-    cluster = {
-        "redis_url": redis_server.url,
-        "secret_file": str(secret),
-        "listen": peers_at,
-        "advertise": f"http://{peers_at}",
-    }
+    peers_at, cluster = peer_listener(tmp_path, redis_server)
     settings = {"cluster": cluster, "max_connections": 1}
     config = upstream_config(registry, credentials=False, settings=settings)
     host, port = peers_at.rsplit(":", 1)
