@@ -1,16 +1,15 @@
 """Child processes the benchmark starts itself, and reading a process's memory.
 
-A relay or drayage started here asks the kernel to kill it when the benchmark dies
-(``PR_SET_PDEATHSIG``), so even a SIGKILLed run leaves nothing listening. Memory is
-read from ``/proc/PID/status``: ``VmHWM`` is the peak resident set since the process
-started, which is why memory is measured on a freshly started proxy.
+A relay or drayage started here goes when the benchmark dies, even by SIGKILL
+(``tests.peers.children``: ``PR_SET_PDEATHSIG``), so a killed run leaves nothing
+listening. Memory is read from ``/proc/PID/status``: ``VmHWM`` is the peak resident
+set since the process started, which is why memory is measured on a freshly started
+proxy.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -18,13 +17,9 @@ from pathlib import Path
 
 import psutil
 
-PR_SET_PDEATHSIG = 1
+from tests.peers.children import popen
+
 MIB = 1024 * 1024
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def spawn(
@@ -32,14 +27,7 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` with stdout and stderr into ``log``; it dies with this process."""
     with log.open("ab") as out:
-        return subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=_die_with_parent,
-        )
+        return popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def listening_pid(port: int, timeout: float = 5.0) -> int:

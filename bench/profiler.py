@@ -18,6 +18,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.peers.children import popen
+
 
 class Profiler:
     def __init__(self, directory: Path | None = None) -> None:
@@ -38,7 +40,7 @@ class Profiler:
             return
         assert self.directory is not None and self.binary is not None
         procs = [
-            subprocess.Popen(
+            popen(
                 [
                     *(self.binary, "record", "--pid", str(pid), "--rate", "250"),
                     *("--format", fmt, "--output", str(self.directory / f"{label}.{ext}")),

@@ -347,22 +347,6 @@ class Directory:
         with contextlib.suppress(RedisUnreachable):
             await self.redis.run_script("done_with", self._done_with, keys, [peer, self.fanout])
 
-    async def holders(self, digest: Digest) -> list[str]:
-        """The live nodes holding `digest` (empty when Redis is unreachable)."""
-
-        async def read(client: Redis) -> list[str]:
-            held = await client.hgetall(blob_keys(digest)[2])
-            alive = []
-            for url, boot in held.items():
-                if await client.get(node_key(_text(url))) == boot:
-                    alive.append(_text(url))
-            return sorted(alive)
-
-        try:
-            return await self.redis.call("holders", read)
-        except RedisUnreachable:
-            return []
-
     async def some_holders(self, digest: Digest, count: int) -> list[str]:
         """At most `count` live nodes holding `digest`, picked at random (so no holder
         takes every request): two Redis round trips however many hold it (empty when

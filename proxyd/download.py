@@ -49,21 +49,28 @@ class Download:
     def __init__(self, digest: Digest, target: Target) -> None:
         self.digest = digest
         self.target = target  # the repository whose GET confirms the digest
+        self.generation = 0  # restarts from the first byte so far
+        self.stored: Path | None = None  # where the blob was renamed to
+        self.error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._users = 1  # the download itself; each reader adds one
+        self._reset()
+
+    def _reset(self) -> None:
+        """What a start from the first byte holds: a new download's, and a restarted
+        one's. Only the download's identity, its readers (`_users`, `_waiters`) and
+        what outlives an attempt (`generation`; `stored` and `error`, which end it)
+        are kept elsewhere."""
         self.size: int | None = None
         self.host = ""
         self.peer: str | None = None  # the fleet's node the bytes come from, if any
-        self.generation = 0  # restarts from the first byte so far
         self.withhold = False  # every byte waits for the digest (a peer's stored copy)
         self.received = 0  # bytes read from upstream
         self.verified = False  # the digest matched: readers may have every byte
-        self.stored: Path | None = None  # where the blob was renamed to
-        self.error: BaseException | None = None
         self.writer: BlobWriter | None = None
         self._pipe: WriteBehind | None = None
         self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not on disk yet
-        self._waiters: list[asyncio.Future[None]] = []
         self._fd = -1  # the temporary file, for readers
-        self._users = 1  # the download itself; each reader adds one
         self._answered = False  # upstream answered the GET, or the download failed first
 
     def answer(self) -> None:
@@ -137,19 +144,14 @@ class Download:
                 self.writer.close()
 
     async def restart(self) -> None:
-        """Drop every byte so far and start again at the first (from another source):
-        readers that had bytes are cut short at their next read, the others wait for
-        the new ones. The caller opens the download again."""
+        """Drop every byte so far and start again at the first (from another source),
+        as a new download would (`_reset`): readers that had bytes are cut short at
+        their next read, the others wait for the new ones, and a request yet to be
+        answered for the new source's answer. The caller opens the download again."""
         await self.discard()
-        self._pipe = None
-        self.writer = None
         if self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
-        self._unwritten.clear()
-        self.received = 0
-        self.size = None
-        self.withhold = False
+        self._reset()
         self.generation += 1
         self.notify()
 

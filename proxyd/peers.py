@@ -8,9 +8,10 @@ with the `pull` capability alone, its API root the peer endpoint), and `open` an
 with the same `Upstream` a chain's request gives, so a download can take its bytes
 from a peer or from the upstream alike. A peer that fails (refused, busy, missing,
 5xx, a timeout, a broken connection) is `PeerFailed`, counted in
-`proxyd_peer_failures_total` by reason, for the caller to try the next source; wrong
-bytes are `DigestMismatch`, counted (reason `digest`) and logged with the peer's
-address, and nothing of them is kept.
+`proxyd_peer_failures_total` by reason, for the caller to try the next source. The
+bytes go into the node's own `Download` (`proxyd.fleetpull`), which verifies them;
+wrong ones are `DigestMismatch` there, counted here (`mismatch`, reason `digest`) and
+logged with the peer's address, and nothing of them is kept.
 """
 
 from __future__ import annotations
@@ -23,15 +24,12 @@ import aiohttp
 import structlog
 
 from proxyd import clienterrors
-from proxyd.background import in_worker
 from proxyd.errors import DigestMismatch, UpstreamError
 from proxyd.hosts import Capability, RegistryHost
 from proxyd.metrics import Metrics
 from proxyd.peergate import authorization
 from proxyd.reference import Digest
-from proxyd.store import BlobStore
 from proxyd.upstream import Upstream
-from proxyd.writebehind import WriteBehind
 
 log = structlog.get_logger("proxyd.peers")
 
@@ -133,36 +131,6 @@ class PeerClient:
             raise self._failed(peer, digest, *_broken(exc)) from None
         finally:
             response.release()
-
-    async def fetch(self, peer: str, digest: Digest, store: BlobStore) -> int:
-        """The whole blob from `peer` into `store`, verified before it is kept (hashed
-        and written in a worker thread as it arrives); its size. PeerFailed when the
-        peer fails, DigestMismatch when its bytes are not the digest's."""
-        writer = store.writer(digest)
-        try:
-            pipe = WriteBehind(writer, lambda written: None)
-            try:
-                async with self.open(peer, digest) as up:
-                    async for chunk in up.chunks():
-                        self.metrics.peer_received_bytes.inc(len(chunk))
-                        pipe.feed(chunk)
-                        if pipe.backlog > pipe.high_water:
-                            await pipe.room()
-                await pipe.flush()
-            except BaseException:
-                await pipe.stop()
-                raise
-            try:
-                writer.verify()
-            except DigestMismatch as exc:
-                self.mismatch(peer, exc)
-                raise DigestMismatch(exc.expected, exc.actual, host=peer) from None
-            await in_worker(writer.persist)
-        finally:
-            writer.close()
-        self.metrics.upstream_saved_bytes.inc(writer.written)
-        log.info("peer.fetched", peer=peer, digest=str(digest), size=writer.written)
-        return writer.written
 
     def mismatch(self, peer: str, exc: DigestMismatch) -> None:
         """A peer sent bytes that are not the digest's: counted and logged with its

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,8 +29,23 @@ MakeProxyd = Callable[..., Awaitable[TestClient[Any, Any]]]
 SUMMARY_LINES = pytest.StashKey[list[str]]()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends the session as Ctrl-C does, so fixtures' finalizers stop the peers
+    they started; a second SIGTERM kills at once (the peers then go by their
+    ``PR_SET_PDEATHSIG``: tests/peers/children.py)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[SUMMARY_LINES] = []
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

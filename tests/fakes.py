@@ -1,6 +1,7 @@
 """In-process registries for what a real one will not do on demand: corrupt bytes,
 chosen status codes, hangs, redirects, odd token servers. Each records the requests
-it received so tests can assert on what crossed the wire."""
+it received so tests can assert on what crossed the wire: only the requests of the
+test that started it (tests/strays.py), whatever else reaches its port."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
+
+from tests.strays import only_ours
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -117,7 +120,7 @@ class FakeRegistry:
         return [s for s in self.seen if kind in s.path]
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[only_ours])
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
@@ -316,7 +319,7 @@ class FakeTokenServer:
     expires_in: Any = 300  # what it says of its tokens' lifetime, sane or not
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[only_ours])
         app.router.add_route("*", "/token", self.handle)
         return app
 
@@ -418,7 +421,7 @@ class NegotiatingRegistry:
     gate: asyncio.Event | None = None  # manifest GETs wait for it before answering
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[only_ours])
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 

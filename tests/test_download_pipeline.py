@@ -481,3 +481,56 @@ def test_a_failed_write_of_a_large_batch_raises_once_its_hash_is_done(
             writer.append([data])
         assert hashed.is_set()  # nothing of this writer runs on behind the caller
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+# What a restart keeps by design (proxyd/download.py, `Download._reset`): the blob and
+# repository it is for, its readers, the count of restarts, and what ends a download.
+KEPT_ACROSS_RESTARTS = {"digest", "target", "generation", "_users", "_waiters", "stored", "error"}
+
+
+async def test_a_restarted_download_holds_what_a_new_one_holds(tmp_path: Path):
+    """Every field of a new download, whenever one is added, is as new after a
+    restart, but those kept on purpose; and the download then takes the blob afresh."""
+    store = BlobStore(tmp_path)
+    store.open()
+    data = os.urandom(3 * 64 * 1024)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    download = Download(digest, target=None)
+    waiting = asyncio.create_task(download.answered())  # a request not answered yet
+    download.size, download.host, download.peer = len(data), "peer:5000", "peer:5000"
+    download.withhold = True
+    download.open(store)
+    download.answer()
+    await download.write(b"wrong bytes")
+    await waiting
+    got = bytearray()
+
+    async def read() -> None:
+        async for part in download.chunks():
+            got.extend(part)
+
+    reader = asyncio.create_task(read())  # it has had no byte: it goes on after a restart
+    await asyncio.sleep(0)
+    await download.restart()
+
+    new = Download(digest, target=None)
+    changed = {
+        name: (value, vars(download)[name])
+        for name, value in vars(new).items()
+        if name not in KEPT_ACROSS_RESTARTS and vars(download)[name] != value
+    }
+    assert changed == {}
+    assert vars(download).keys() == vars(new).keys()
+    assert download.generation == 1 and download._users == 2  # itself and the reader
+    assert list((tmp_path / "tmp").iterdir()) == []  # the first attempt's file went
+
+    download.size = len(data)
+    download.open(store)
+    download.answer()
+    await download.write(data)
+    await asyncio.wait_for(download.verify(), 10)
+    await asyncio.wait_for(reader, 10)
+    assert bytes(got) == data
+    assert download.writer is not None
+    download.writer.close()
+    download.release()

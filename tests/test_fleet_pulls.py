@@ -149,11 +149,14 @@ async def test_a_cold_blob_is_fetched_from_the_upstream_once_for_the_whole_fleet
         assert (await until_stored(node.cache, layer)).read_bytes() == LAYER
     saved = [metric(node, "upstream_saved_bytes") for node in (a, b, c)]
     assert saved == [0, len(LAYER), len(LAYER)]
+    received = [metric(node, "peer_received_bytes") for node in (a, b, c)]
+    assert received == [0, len(LAYER), len(LAYER)]
     directory = a.server.app[FLEET].directory
     everyone = sorted(node.url for node in (a, b, c))
 
     async def all_hold() -> bool:
-        return await directory.holders(Digest.parse(layer)) == everyone
+        held = await directory.some_holders(Digest.parse(layer), len(everyone) + 1)
+        return sorted(held) == everyone
 
     await until(all_hold)  # each tells the directory once its copy is stored
 
@@ -198,11 +201,16 @@ async def test_wrong_bytes_of_a_peers_stored_copy_cut_no_client(
     node = await fleet.node()
     register(redis_server, fleet.image.layer, liar)
 
-    assert await pull(node, fleet.image.layer) == LAYER  # one answer, never cut
+    with capture_logs() as logs:
+        assert await pull(node, fleet.image.layer) == LAYER  # one answer, never cut
+        stored = await until_stored(node.cache, fleet.image.layer)
 
     assert metric(node, "peer_failures", "digest") == 1
+    assert any(e["event"] == "peer.digest_mismatch" and e["peer"] == liar for e in logs)
     assert blob_gets(fleet.upstream, fleet.image.layer) == 1
     assert metric(node, "upstream_saved_bytes") == 0
+    assert stored.read_bytes() == LAYER  # the peer's bytes were not kept, nor left in tmp/
+    assert list((node.cache / "tmp").iterdir()) == []
 
 
 async def refuse(request: web.Request) -> web.Response:

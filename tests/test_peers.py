@@ -1,9 +1,10 @@
 """A fleet node's peer endpoint (`/_proxyd/peers/blobs/<digest>`) and the client that
 asks it (proxyd.peers): a peer with the fleet's secret gets a blob this node holds or
 is downloading, at most `fanout` peers at a time per blob; without the secret it gets
-nothing; what a peer sends is verified, and wrong bytes are counted, logged with the
-peer's address and never kept. Nodes are real proxyd apps on 127.0.0.1 with a real
-redis-server."""
+nothing; a peer that fails is said why. (What a peer sends is verified, and wrong
+bytes counted, logged with the peer's address and never kept, on the way a node takes
+a blob from a peer: tests/test_fleet_pulls.py.) Nodes are real proxyd apps on
+127.0.0.1 with a real redis-server."""
 
 from __future__ import annotations
 
@@ -16,12 +17,10 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from proxyd.errors import DigestMismatch
 from proxyd.metrics import Metrics
 from proxyd.peers import PeerClient, PeerFailed, peer_host
 from proxyd.reference import Digest
 from proxyd.server.keys import METRICS
-from proxyd.store import BlobStore
 from tests.conftest import oci_code, until_stored
 from tests.fakes import FakeRegistry, make_image
 from tests.peers.proxyd import CLOSED_PORT_URL
@@ -227,22 +226,6 @@ async def peers():
         yield client
 
 
-async def test_a_node_fetches_a_blob_from_a_peer_verified_into_its_store(
-    node, cache_dir, tmp_path, peers
-):
-    layer = node.image.layer
-    await stored_on(node, cache_dir, layer)
-    store = BlobStore(tmp_path / "other-node")
-    store.open()
-
-    size = await peers.fetch(peer_url(node), Digest.parse(layer), store)
-
-    assert size == len(LAYER)
-    assert store.read(Digest.parse(layer)) == LAYER
-    assert peers.metrics.peer_received_bytes._value.get() == len(LAYER)
-    assert peers.metrics.upstream_saved_bytes._value.get() == len(LAYER)
-
-
 async def test_a_stream_from_a_peer_resumes_at_an_offset(node, cache_dir, peers):
     layer = node.image.layer
     await stored_on(node, cache_dir, layer)
@@ -252,29 +235,6 @@ async def test_a_stream_from_a_peer_resumes_at_an_offset(node, cache_dir, peers)
 
     assert up.host == peer_host(peer_url(node), read_timeout=1.0)
     assert rest == LAYER[1000:]
-
-
-async def test_wrong_bytes_from_a_peer_are_counted_logged_with_its_address_and_not_kept(
-    aiohttp_server, tmp_path, peers
-):
-    async def liar(request: web.Request) -> web.Response:
-        return web.Response(body=LAYER[:-1] + b"!")
-
-    app = web.Application()
-    app.router.add_get("/_proxyd/peers/blobs/{digest}", liar)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    store = BlobStore(tmp_path / "node")
-    store.open()
-    address = f"http://127.0.0.1:{server.port}"
-    digest = Digest.of(LAYER)
-
-    with capture_logs() as logs, pytest.raises(DigestMismatch):
-        await peers.fetch(address, digest, store)
-
-    assert peers.metrics.peer_failures.labels("digest")._value.get() == 1
-    assert any(e["event"] == "peer.digest_mismatch" and e["peer"] == address for e in logs)
-    assert store.size(digest) is None
-    assert list((tmp_path / "node" / "tmp").iterdir()) == []
 
 
 async def test_a_peer_that_fails_is_said_why(node, aiohttp_server, redis_server, peers):

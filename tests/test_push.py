@@ -27,6 +27,7 @@ from proxyd.uploads import confirmed_offset, parse_content_range, upstream_suffi
 from proxyd.upstream import UpstreamClient
 from tests.conftest import FakeClock, host, origin, until
 from tests.fakes import FakeTokenServer, digest_of, make_image
+from tests.strays import only_ours
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -66,7 +67,7 @@ class UploadRegistry:
     first_patch_bytes: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20)
+        app = web.Application(client_max_size=64 << 20, middlewares=[only_ours])
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 

@@ -21,6 +21,7 @@ import pytest
 from proxyd import systemd
 from proxyd.server.daemon import freeze_startup_heap
 from tests.peers import free_port, http_status, require_binary, run, wait_for_http
+from tests.peers.children import popen
 from tests.peers.proxyd import PROJECT_ROOT
 
 UNITS = PROJECT_ROOT / "systemd"
@@ -180,7 +181,7 @@ def test_serve_notifies_ready_once_it_answers_and_stopping_on_sigterm(
     port = free_port()
     stderr = tmp_path / "stderr"
     with stderr.open("wb") as err:
-        proc = subprocess.Popen(
+        proc = popen(
             [sys.executable, "-m", "proxyd", *_serve_args(tmp_path, f"127.0.0.1:{port}")],
             env=_proxyd_env(tmp_path, NOTIFY_SOCKET=notify_socket.getsockname()),
             stdin=subprocess.DEVNULL,
@@ -219,7 +220,7 @@ def test_serve_takes_the_listening_socket_systemd_passes_as_fd_3(tmp_path: Path)
     )
     stderr = tmp_path / "stderr"
     with stderr.open("wb") as err:
-        proc = subprocess.Popen(
+        proc = popen(
             [
                 sys.executable,
                 "-c",
@@ -311,7 +312,7 @@ sys.exit(cli.main(sys.argv[2:]))
 def test_serve_freezes_its_startup_heap_before_it_says_ready(tmp_path: Path) -> None:
     frozen = tmp_path / "frozen"
     port = free_port()
-    proc = subprocess.Popen(
+    proc = popen(
         [
             sys.executable,
             "-c",

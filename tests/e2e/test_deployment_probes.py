@@ -26,6 +26,7 @@ import pytest
 import trustme
 
 from tests.peers import Completed, PeerError, run, stop_process
+from tests.peers.children import popen
 from tests.peers.netns import NetNamespace
 from tests.peers.proxyd import PROJECT_ROOT
 from tests.test_deployment_files import (
@@ -93,7 +94,7 @@ def daemon(
 ) -> Iterator[None]:
     """proxyd started inside `netns`, until it logs that it listens; stopped after."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(
+        proc = popen(
             netns.argv(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=out, stderr=out
         )
     try:

@@ -20,6 +20,8 @@ Modules, by role:
 - ``dockerd``: a private docker engine and its CLI.
 - ``netns``: network namespaces, a container's or a pod's network.
 - ``tinyproxy``: a forward proxy (a corporate network's), whose log names each request.
+- ``children``: how every one of them is started, so that it dies with the test session
+  (or the benchmark), even one killed with SIGKILL.
 
 This module holds what they share: finding binaries, free ports, waiting for a
 server, and running commands with a deadline.

@@ -30,6 +30,7 @@ from tests.peers import (
     run,
     stop_process,
 )
+from tests.peers.children import popen
 
 # Images are under 1 MiB and every peer is on loopback: anything slower is a hang.
 COMMAND_TIMEOUT = 30.0
@@ -271,7 +272,7 @@ class Containerd:
         """Start the daemon and wait until ``ctr version`` answers; stop it on failure."""
         self.config_path.write_text(self._config())
         with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
+            self._proc = popen(
                 [self.daemon, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.peers import Completed, PeerError, require_binary, run, stop_process
+from tests.peers.children import popen
 
 START_TIMEOUT = 60.0  # a first start on vfs, on a loaded 2-core machine
 COMMAND_TIMEOUT = 120.0
@@ -83,7 +84,7 @@ class Dockerd:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
         env["HOME"] = str(self.home)
         with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
+            self._proc = popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
             )
         deadline = time.monotonic() + START_TIMEOUT

@@ -46,6 +46,7 @@ from tests.peers import (
     stop_process,
     wait_for_http,
 )
+from tests.peers.children import popen
 
 START_TIMEOUT = 15.0
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +140,7 @@ class ProxydProcess(Listening):
         for _attempt in range(3):
             self._port = free_port()
             with self.stderr_path.open("ab") as err, self.stdout_path.open("ab") as out:
-                self._proc = subprocess.Popen(
+                self._proc = popen(
                     self.argv(),
                     stdin=subprocess.DEVNULL,
                     stdout=out,

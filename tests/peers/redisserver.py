@@ -25,6 +25,7 @@ from tests.peers import (
     require_binary,
     stop_process,
 )
+from tests.peers.children import popen
 
 START_TIMEOUT = 10.0
 
@@ -54,7 +55,7 @@ class RedisServer(Listening):
             argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
             argv += ["--protected-mode", "yes", "--daemonize", "no"]
             with self.log_path.open("ab") as log:
-                self._proc = subprocess.Popen(
+                self._proc = popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir
                 )
             deadline = time.monotonic() + timeout

@@ -38,6 +38,7 @@ from tests.peers import (
     stop_process,
     wait_for_http,
 )
+from tests.peers.children import popen
 from tests.peers.tokenserver import TokenServer
 
 DEFAULT_USERS: Mapping[str, str] = {"alice": "wonderland"}
@@ -203,7 +204,7 @@ class Registry(Listening):
             self._generation += 1
             log_path = self._stderr_path(self._generation)
             with log_path.open("wb") as log:
-                self._proc = subprocess.Popen(
+                self._proc = popen(
                     [binary, "serve", str(self.config_path)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Self
 
 from tests.peers import LOOPBACK, PeerError, free_port, require_binary, stop_process
+from tests.peers.children import popen
 from tests.peers.netns import NetNamespace
 
 START_TIMEOUT = 10.0
@@ -83,7 +84,7 @@ class TinyProxy:
         if self.netns is not None:
             argv = self.netns.argv(argv)
         with (self.workdir / "tinyproxy.out").open("ab") as out:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            self._proc = popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
