@@ -1,18 +1,18 @@
 """glibc's heap kept for the large buffers of a blob download.
 
-A blob body arrives in bytes of up to 1 MiB (`upstream.BODY_BUFFER`), made and freed
-about a thousand times a GiB. Left to itself, glibc gives the top of its heap back to
-the kernel whenever more than its trim threshold is free there (twice the mmap
-threshold, which it raises to the largest block freed: ~2 MiB here), and takes it back
-for the next chunk, whose pages then fault in anew, zeroed by the kernel (and on a VM
-that hands free memory back to its host, fetched from the host first). On a cold 1
-GiB blob a fifth of the event loop's CPU went to those faults and `brk` calls.
+A blob body arrives in bytes of up to `upstream.SOCKET_READ` (512 KiB), made and freed
+two thousand times a GiB. Left to itself, glibc gives the top of its heap back to the
+kernel whenever more than its trim threshold is free there (twice the mmap threshold,
+which it raises to the largest block freed: ~1 MiB here), and takes it back for the
+next chunk, whose pages then fault in anew, zeroed by the kernel (and on a VM that
+hands free memory back to its host, fetched from the host first). On a cold 1 GiB
+blob a fifth of the event loop's CPU went to those faults and `brk` calls.
 
 Fixed thresholds keep such buffers in the heap (below `MMAP_THRESHOLD`) and up to
-`TRIM_THRESHOLD` bytes free at its top: the event loop's CPU for the same blob fell
-by a quarter (docs/performance.md, "Big cold blobs"); the peak RSS did not move, the
-buffers in use are what it holds. An operator's own malloc settings (the
-MALLOC_*_ variables, GLIBC_TUNABLES) win: then nothing is set.
+`TRIM_THRESHOLD` bytes free at its top: the event loop's CPU for the same blob fell by
+12-27 % in four A/B runs (docs/performance.md, "Big cold blobs"), and the peak RSS
+moved by 1 MiB at most: the buffers in use are what it holds. An operator's own
+malloc settings (the MALLOC_*_ variables, GLIBC_TUNABLES) win: then nothing is set.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """How a body is read from the upstream socket: `Upstream.chunks()` lets one read take
-up to `BODY_BUFFER` while the body is read (asyncio's transport takes 256 KiB a
+up to `SOCKET_READ` while the body is read (asyncio's transport takes 256 KiB a
 `recv`), and gives the connection its own reads back once the body ended."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from proxyd.hosts import Capability, RegistryHost
-from proxyd.upstream import BODY_BUFFER, Upstream
+from proxyd.upstream import SOCKET_READ, Upstream
 
 BODY = hashlib.sha256(b"seed").digest() * (3 * (1 << 20) // 32)  # 3 MiB
 
@@ -50,7 +50,7 @@ async def test_a_body_is_read_up_to_the_body_buffer_a_read_and_the_connection_re
         assert connection is not None and connection.transport is not None
         transport = connection.transport
         before = _reads(transport)
-        assert before < BODY_BUFFER  # asyncio's 256 KiB
+        assert before < SOCKET_READ  # asyncio's 256 KiB
 
         up = Upstream(_host(), response, [])
         body = bytearray()
@@ -61,7 +61,7 @@ async def test_a_body_is_read_up_to_the_body_buffer_a_read_and_the_connection_re
         response.release()
 
         assert bytes(body) == BODY
-        assert during == {BODY_BUFFER}
+        assert during == {SOCKET_READ}
         assert _reads(transport) == before  # the class's own again
         # The same connection (a pool of one) serves the next request as before.
         async with session.get(server.make_url("/blob")) as again:
@@ -86,4 +86,4 @@ async def test_a_body_read_in_part_leaves_its_connection_closed_not_reused_with_
         async with session.get(server.make_url("/blob")) as again:
             assert again.connection is not None and again.connection.transport is not None
             assert again.connection.transport is not transport
-            assert _reads(again.connection.transport) < BODY_BUFFER
+            assert _reads(again.connection.transport) < SOCKET_READ
