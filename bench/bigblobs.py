@@ -5,7 +5,9 @@ A blob of each of ``big_sizes`` is pushed to the plain upstream, then fetched
 cache), the targets interleaved in another order each repetition. The sample is the
 wall time of one GET read to the end; the notes give MiB/s and, for a proxy, its peak
 RSS (``VmHWM``) over that GET: a proxy whose peak grows with the blob holds it in
-memory.
+memory, and the CPU time (user + system) it spent over the GET, of the whole process
+and of its main thread (proxyd's event loop). The wall time follows the machine's load
+far more than the proxy's own CPU does: an A/B of two proxyds compares their CPU.
 
 The client is ``curl`` writing to /dev/null when it is installed: at 1-2 GiB/s an
 aiohttp client in Python takes most of a core, which on two cores is taken from the
@@ -21,7 +23,7 @@ import subprocess
 from bench.clients import fetch_one
 from bench.context import Context, shuffled
 from bench.fixtures import Blob, make_blob
-from bench.procs import memory
+from bench.procs import cpu_seconds, memory
 from bench.proxies import Proxy
 from bench.results import DIRECT, Row, Workload, record
 from tests.peers import PeerError
@@ -66,11 +68,15 @@ def _proxy_turn(
 ) -> None:
     for row, running in ctx.each_fresh(wl, [proxy], ctx.upstreams.plain):
         idle = memory(running.pid)["VmRSS"]
+        before = cpu_seconds(running.pid)
         with ctx.watch(running, f"{wl.id}-{rep}"):
             ok = _sample(row, blob, running.url + ctx.blob_path(blob.digest), client)
         if ok:
+            after = cpu_seconds(running.pid)
             row.extra.setdefault("peak_rss", []).append(round(memory(running.pid)["VmHWM"], 1))
             row.extra.setdefault("idle_rss", []).append(round(idle, 1))
+            row.extra.setdefault("cpu_s", []).append(round(after[0] - before[0], 3))
+            row.extra.setdefault("main_thread_cpu_s", []).append(round(after[1] - before[1], 3))
 
 
 def _sample(row: Row, blob: Blob, url: str, client: str) -> bool:
@@ -103,12 +109,16 @@ def _get(url: str, blob: Blob, client: str) -> float:
 
 
 def _summarise(row: Row, size: int) -> None:
-    """MiB/s of the median, and the highest peak RSS, in the row's note."""
+    """MiB/s of the median, the highest peak RSS and the median CPU, in the row's note."""
     if row.status != "ok" or not row.samples:
         return
     about = [f"{size / MIB / statistics.median(row.samples):,.0f} MiB/s"]
     if row.extra.get("peak_rss"):
         about.append(f"peak RSS {max(row.extra['peak_rss']):.0f} MiB")
+    if row.extra.get("cpu_s"):
+        cpu = statistics.median(row.extra["cpu_s"])
+        main = statistics.median(row.extra["main_thread_cpu_s"])
+        about.append(f"CPU {cpu:.2f} s (main thread {main:.2f} s)")
     row.extra["about"] = "; ".join(about)
 
 

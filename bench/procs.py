@@ -55,6 +55,16 @@ def memory(pid: int) -> dict[str, float]:
     return values
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system seconds of ``pid`` so far: of the whole process (its children
+    too), and of its main thread alone (an event loop's, for an asyncio server)."""
+    process = psutil.Process(pid)
+    times = process.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    main = next((t.user_time + t.system_time for t in process.threads() if t.id == pid), 0.0)
+    return float(total), float(main)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -1,0 +1,50 @@
+"""glibc's heap thresholds, set once at start (proxyd.heap): what is set, and when an
+operator's own malloc settings, or another C library, leave them alone."""
+
+from __future__ import annotations
+
+from proxyd import heap
+from proxyd.upstream import BODY_BUFFER, SOCKET_READ
+
+
+class Mallopt:
+    def __init__(self, answer: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.answer = answer
+
+    def __call__(self, option: int, value: int) -> int:
+        self.calls.append((option, value))
+        return self.answer
+
+
+def test_the_mmap_threshold_then_the_trim_threshold_are_fixed() -> None:
+    mallopt = Mallopt()
+    assert heap.keep_heap({}, mallopt)
+    assert mallopt.calls == [
+        (heap.M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD),
+        (heap.M_TRIM_THRESHOLD, heap.TRIM_THRESHOLD),
+    ]
+    # Every body chunk (one socket read at most, within the body's buffer) comes from
+    # the heap.
+    assert heap.MMAP_THRESHOLD > BODY_BUFFER >= SOCKET_READ
+
+
+def test_an_operators_malloc_settings_win() -> None:
+    for environ in (
+        {"MALLOC_TRIM_THRESHOLD_": "0"},
+        {"MALLOC_MMAP_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+    ):
+        mallopt = Mallopt()
+        assert not heap.keep_heap(environ, mallopt)
+        assert mallopt.calls == []
+    assert heap.keep_heap({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512"}, Mallopt())
+
+
+def test_a_refused_setting_is_reported() -> None:
+    assert not heap.keep_heap({}, Mallopt(answer=0))
+
+
+def test_glibcs_mallopt_is_found_here() -> None:
+    """This machine's Python runs on glibc (the image too: python:3.11-slim)."""
+    assert heap.glibc_mallopt() is not None
