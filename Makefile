@@ -41,7 +41,7 @@ typecheck: $(DEV_STAMP)
 
 check: lint typecheck test
 
-# The benchmark (docs/performance.md): `make bench` runs the full one (~35 min),
+# The benchmark (docs/performance.md): `make bench` runs the full one (~40 min),
 # `make bench-smoke` the same code path with tiny sizes (CI, < 2 min).
 # BENCH_ARGS passes flags on, e.g. BENCH_ARGS="--update-docs" or "--only cold_pull".
 $(BENCH_STAMP): $(DEV_STAMP) bench/requirements.txt bench/requirements-optional.txt

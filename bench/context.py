@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -54,16 +54,21 @@ class Context:
         return self.workdir / "proxies" / f"{proxy.name}-{self._fresh}"
 
     @contextlib.contextmanager
-    def fresh(self, proxy: Proxy, upstream: Upstream) -> Iterator[RunningProxy]:
+    def fresh(
+        self, proxy: Proxy, upstream: Upstream, *, warm_up: bool = True
+    ) -> Iterator[RunningProxy]:
         """``proxy`` on an empty cache, after one request that caches nothing.
 
         "Cold" means an empty cache, not a process that never served: the warm-up
         (HEAD of a tag upstream does not have) takes first-request costs (imports,
         the first upstream connection, the token) out of the measurement for every
         proxy alike, as a long-running proxy would have paid them already.
+        ``warm_up=False``: the proxy as it answers its readiness check, for what a
+        start costs the first pull (``pulls.first_pull``).
         """
         with running(proxy, upstream, self.cache_dir(proxy)) as started:
-            self.warm_up(started.url)
+            if warm_up:
+                self.warm_up(started.url)
             yield started
 
     def warm_up(self, base_url: str) -> None:
@@ -73,17 +78,24 @@ class Context:
         http_request("HEAD", url, headers=OCI_ACCEPT, timeout=30)
 
     def each_fresh(
-        self, workload: Workload, proxies: list[Proxy], upstream: Upstream
+        self,
+        workload: Workload,
+        proxies: list[Proxy],
+        upstream: Upstream,
+        *,
+        warm_up: bool = True,
+        suffix: str = "",
     ) -> Iterator[tuple[Row, RunningProxy]]:
-        """Each proxy whose row is still ok, started fresh in front of ``upstream``
-        for the caller's turn and stopped before the next one starts. A start that
-        fails is recorded in the proxy's row, and that proxy skipped."""
+        """Each proxy whose row (its name and ``suffix``) is still ok, started fresh in
+        front of ``upstream`` for the caller's turn and stopped before the next one
+        starts. A start that fails is recorded in the proxy's row, and that proxy skipped."""
         for proxy in proxies:
-            row = workload.row(proxy.name)
+            row = workload.row(proxy.name + suffix)
             if row.status != "ok":
                 continue
             with contextlib.ExitStack() as stack:
-                started = record(row, stack.enter_context, self.fresh(proxy, upstream))
+                fresh = self.fresh(proxy, upstream, warm_up=warm_up)
+                started = record(row, stack.enter_context, fresh)
                 if started is not None:
                     yield row, started
 
@@ -96,16 +108,22 @@ class Context:
     def blob_path(self, digest: str) -> str:
         return f"/v2/{self.repository}/blobs/{digest}"
 
-    def ready_rows(self, workload: Workload) -> list[Proxy]:
+    def ready_rows(
+        self,
+        workload: Workload,
+        row_names: Callable[[Proxy], Sequence[str]] = lambda proxy: (proxy.name,),
+    ) -> list[Proxy]:
         """The proxies that can run; a row marked skipped for each one that cannot.
-        Every proxy's row is made here, so tables list them in one order whatever
-        order they are measured in."""
+        Every proxy's rows (``row_names``: one, or one per way it is measured) are
+        made here, so tables list them in one order whatever order they are measured in."""
         ready = []
         for proxy in self.proxies:
             reason = proxy.unavailable()
             if reason is None:
-                workload.row(proxy.name)
                 ready.append(proxy)
-            else:
-                workload.rows[proxy.name] = Row(proxy.name, status="skipped", reason=reason)
+            for name in row_names(proxy):
+                if reason is None:
+                    workload.row(name)
+                else:
+                    workload.rows[name] = Row(name, status="skipped", reason=reason)
         return ready

@@ -1,7 +1,10 @@
-"""Workloads 1 and 2: a whole image pulled with ``skopeo copy docker://… dir:…``.
+"""Workloads 1, 2 and 10: a whole image pulled with ``skopeo copy docker://… dir:…``.
 
 Warm: every proxy is primed with one pull, then each repetition pulls again
 (proxies keep running). Cold: every repetition starts each proxy on an empty cache.
+First pull: every repetition starts each proxy on an empty cache twice, once pulled
+from as soon as it answers its readiness check (what a restart of the daemon costs
+the next pull) and once after the warm-up request the cold pull has (``NAME warmed``).
 The direct pull from the same upstream is measured in every repetition too, and the
 repetitions interleave the targets so a drift of the machine hits all of them alike.
 The first pull of each target is checked blob by blob against the image.
@@ -15,7 +18,16 @@ import time
 
 from bench.context import Context, shuffled
 from bench.proxies import Proxy, RunningProxy
-from bench.results import DIRECT, Row, Workload, record
+from bench.report import X
+from bench.results import (
+    DIRECT,
+    WARMED,
+    Row,
+    Workload,
+    first_over_warmed,
+    record,
+    warmed,
+)
 from bench.upstreams import Upstream
 from tests.peers import PeerError
 from tests.peers.clients import read_dir_image
@@ -92,4 +104,36 @@ def cold_pull(ctx: Context, upstream: Upstream) -> Workload:
             for row, running in ctx.each_fresh(wl, [proxy], upstream):
                 with ctx.watch(running, f"{wl.id}-{rep}"):
                     _measure(ctx, row, running.host, None)
+    return wl
+
+
+def first_pull(ctx: Context, upstream: Upstream) -> Workload:
+    """Each proxy's first pull as soon as it is ready, against its cold pull after the
+    warm-up (both on empty caches, interleaved with the direct pull); the note of the
+    first-pull row gives its median over the warmed one's."""
+    wl = Workload(
+        f"first_pull_{upstream.name}",
+        f"first pull of a fresh proxy, {upstream.name} upstream",
+        "s",
+        "lower",
+    )
+    proxies = ctx.ready_rows(wl, lambda proxy: (proxy.name, warmed(proxy.name)))
+    direct = wl.row(DIRECT)
+    turns: list[tuple[Proxy, bool] | None] = [None]  # None: direct
+    turns += [(proxy, warm) for proxy in proxies for warm in (False, True)]
+    for rep in range(ctx.profile.pull_reps):
+        for turn in shuffled(turns, rep):
+            if turn is None:
+                _measure(ctx, direct, upstream.host, upstream.creds_text)
+                continue
+            proxy, warm = turn
+            suffix = WARMED if warm else ""
+            for row, running in ctx.each_fresh(wl, [proxy], upstream, warm_up=warm, suffix=suffix):
+                with ctx.watch(running, f"{wl.id}-{rep}{suffix.replace(' ', '-')}"):
+                    _measure(ctx, row, running.host, None)
+    for proxy in proxies:
+        ratio = first_over_warmed(wl, proxy.name)
+        if ratio is not None:
+            wl.rows[proxy.name].extra["about"] = f"{ratio:.2f}{X} warmed"
+        wl.rows[warmed(proxy.name)].extra["about"] = "after one HEAD of a missing tag"
     return wl

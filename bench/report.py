@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.results import DIRECT, Row, Workload
+from bench.results import DIRECT, Row, Workload, first_over_warmed
 
 X, DASH = "\u00d7", "\u2013"  # the multiplication sign and the en dash of the tables
 RSS_LIMIT_MIB = 80.0
 BIG_LIMIT = 1.6  # a cold big blob's GET, over the direct one's (issue 19)
+FIRST_LIMIT = 1.05  # a fresh proxy's first pull, over its pull after the warm-up (issue 19)
 RSS_FLAT_MIB = 8.0  # "flat": the large blob's peak at most this much above the small one's
 FLEET_BYTES = 1.01  # upstream bytes over the image: once, give or take each node's manifest GET
 FLEET_WALL = 1.5  # the slowest node over one node pulling alone
@@ -46,10 +47,21 @@ def _prefixed(workloads: Iterable[Workload], prefix: str) -> list[Workload]:
     return [w for w in workloads if w.id.startswith(prefix)]
 
 
-def _ratio_target(workloads: list[Workload], proxy: str, limit: float) -> Verdict:
+def _over_direct(workload: Workload, proxy: str) -> float | None:
+    return workload.ratio(proxy)
+
+
+def _ratio_target(
+    workloads: list[Workload],
+    proxy: str,
+    limit: float,
+    of: Callable[[Workload, str], float | None] = _over_direct,
+) -> Verdict:
+    """Each workload's ratio (``of``: the proxy's median over the direct one's) at most
+    ``limit``."""
     parts, met = [], True
     for wl in workloads:
-        ratio = wl.ratio(proxy)
+        ratio = of(wl, proxy)
         if ratio is None:
             return Verdict(None, f"{wl.id}: no data")
         label = wl.id.rsplit("_", 1)[-1] + " " if len(workloads) > 1 else ""
@@ -151,6 +163,11 @@ def _big(workloads: list[Workload], proxy: str) -> Verdict:
     return verdict
 
 
+def _first(workloads: list[Workload], proxy: str) -> Verdict:
+    """Issue 19: a freshly started proxy's first pull within 5 % of one warmed up."""
+    return _ratio_target(workloads, proxy, FIRST_LIMIT, first_over_warmed)
+
+
 TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], ...] = (
     ("warm_pull", f"warm pull ≤ 1.0{X} direct", "warm_pull", lambda w, p: _ratio_target(w, p, 1.0)),
     (
@@ -158,6 +175,12 @@ TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], .
         f"cold pull ≤ 1.15{X} direct",
         "cold_pull",
         lambda w, p: _ratio_target(w, p, 1.15),
+    ),
+    (
+        "first_pull",
+        f"first pull of a fresh proxy ≤ {FIRST_LIMIT}{X} a warmed one's (issue 19)",
+        "first_pull",
+        _first,
     ),
     (
         "cold_ttfb",

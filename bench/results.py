@@ -15,6 +15,7 @@ from typing import Any
 
 DIRECT = "direct"
 ONE_HOP = "one hop"  # a relay that only moves bytes: the floor of any proxy's cost
+WARMED = " warmed"  # a first-pull row's proxy that had the warm-up request (pulls.first_pull)
 
 
 @dataclass
@@ -91,6 +92,22 @@ class Workload:
                 name: row.to_json() | {"ratio": self.ratio(name)} for name, row in self.rows.items()
             },
         }
+
+
+def warmed(target: str) -> str:
+    """The row of ``target`` measured after the warm-up, beside its first-pull row."""
+    return target + WARMED
+
+
+def first_over_warmed(workload: Workload, target: str) -> float | None:
+    """``target``'s median first pull over its median pull after the warm-up (None
+    without both): what a start costs the first pull."""
+    first, warm = workload.rows.get(target), workload.rows.get(warmed(target))
+    if first is None or warm is None or first.status != "ok" or warm.status != "ok":
+        return None
+    if first.median is None or not warm.median:
+        return None
+    return first.median / warm.median
 
 
 def record(row: Row, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,4 +1,4 @@
-"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the eight
+"""``python -m bench.run [--smoke]``: start the upstreams and fixtures, run the ten
 workloads against the direct upstream, proxyd, distribution's proxy mode and
 drayage, print the table and the targets, and write ``bench/results/*.json``.
 
@@ -51,6 +51,10 @@ WORKLOADS: dict[str, Callable[[Context], list[Workload]]] = {
     "cold_pull": lambda c: [
         pulls.cold_pull(c, c.upstreams.plain),
         pulls.cold_pull(c, c.upstreams.token),
+    ],
+    "first_pull": lambda c: [
+        pulls.first_pull(c, c.upstreams.plain),
+        pulls.first_pull(c, c.upstreams.token),
     ],
     "cold_ttfb": lambda c: [blobs.time_to_first_byte(c)],
     "concurrent_cold": lambda c: [blobs.concurrent_cold(c)],

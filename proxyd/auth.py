@@ -208,6 +208,11 @@ class Authorizer:
                 return self._credentials(host.host) is not None
         return False
 
+    def challenge_of(self, host: RegistryHost) -> str | None:
+        """The scheme of the challenge learnt from `host` (bearer, basic), if any."""
+        challenge = self._challenges.get(host.host)
+        return challenge.scheme if challenge is not None else None
+
     async def authorization(
         self, host: RegistryHost, scope: str, ssl: Any = True, *, also: Iterable[str] = ()
     ) -> str | None:

@@ -163,6 +163,13 @@ class Settings(BaseSettings):
         None, description="a fleet of proxyds sharing blobs and uploads through Redis"
     )
     offline: bool = Field(False, description="serve from the cache alone, never ask upstream")
+    preconnect: bool = Field(
+        True,
+        description="at start, ask the hosts of each configured namespace and of the "
+        "default one `GET /v2/` in the background (no credentials, 10 s at most): the "
+        "first pull then finds a connection open and the registry's challenge known; "
+        "nothing waits for it; false: nothing goes upstream before a client asks",
+    )
     breaker_failures: int = Field(
         3, ge=1, description="consecutive failures after which a host is skipped"
     )

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from proxyd.background import stop_loop
 from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.evict import Evictor
@@ -18,6 +19,7 @@ from proxyd.fleet import Fleet
 from proxyd.fleetpull import FleetPulls
 from proxyd.fleetuploads import SharedUploads
 from proxyd.metrics import Metrics
+from proxyd.preconnect import start as start_preconnect
 from proxyd.puller import Puller
 from proxyd.push import Pusher
 from proxyd.reload import Reloader
@@ -53,11 +55,15 @@ async def open_core(
     *,
     clear_tmp: bool = True,
     join_fleet: bool = True,
+    preconnect: bool = False,
     clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Core]:
     """`clear_tmp=False` for a process beside the daemon (prefetch): see BlobStore.open;
     `join_fleet=False` too: with `[cluster]` the daemon is the fleet's node, and a second
-    process under its address would take its place in the directory."""
+    process under its address would take its place in the directory. `preconnect`: the
+    daemon's, which asks its upstream hosts `GET /v2/` at start where the `preconnect`
+    setting allows (proxyd.preconnect); a command that makes its requests at once
+    gains nothing from it."""
     settings = runtime.settings
     metrics = metrics or Metrics()
     store = BlobStore(settings.cache_dir)
@@ -144,6 +150,9 @@ async def open_core(
         uploader = Uploader(pusher, sessions, on_commit=evictor.committed)
         reloader = Reloader(runtime, interval=settings.credential_refresh, clock=clock)
         upstream.on_refused = reloader.refused
+        warming = (
+            start_preconnect(upstream, runtime) if preconnect and settings.preconnect else None
+        )
         evictor.start()  # without limits it only measures the store, for the metrics
         uploader.start()
         reloader.start()
@@ -166,6 +175,7 @@ async def open_core(
                 fleet,
             )
         finally:
+            await stop_loop(warming)
             await reloader.stop()
             await evictor.stop()
             await uploader.close()

@@ -36,6 +36,7 @@ from proxyd.hosts import RegistryHost
 from proxyd.proxies import Proxy, Via, via
 
 MAX_REDIRECTS = targets.MAX_REDIRECTS
+PING_BODY_LIMIT = 64 * 1024  # bytes of a `GET /v2/` answer read to keep its connection
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -204,8 +205,13 @@ class Exchange:
     async def _ping(self, host: RegistryHost, limits: aiohttp.ClientTimeout) -> None:
         """Before a body that cannot be sent twice, with no credentials for it yet:
         learn the host's challenge from `GET /v2/` (once per host)."""
-        if host in self._pinged:
-            return
+        if host not in self._pinged:
+            await self.ping(host, limits)
+
+    async def ping(self, host: RegistryHost, limits: aiohttp.ClientTimeout) -> int:
+        """`GET /v2/`, as clients begin: the host's status; its challenge learnt from a
+        401, and its (small) body read, so the connection stays in the pool for the
+        next request. No credentials are sent."""
         proxied = self._via(host, host.origin)
         async with self.session.get(
             host.url(""),
@@ -217,7 +223,11 @@ class Exchange:
         ) as ping:
             if ping.status == 401:
                 self.authorizer.learn(host, ping.headers.getall("WWW-Authenticate", []))
+            left = PING_BODY_LIMIT  # a longer body closes the connection instead
+            while left > 0 and (chunk := await ping.content.read(left)):
+                left -= len(chunk)
         self._pinged.add(host)
+        return ping.status
 
     def _via(self, host: RegistryHost, url: str) -> Via:
         """The way through the proxy a request for `host` to `url` takes (none: direct)."""

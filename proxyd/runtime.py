@@ -30,6 +30,7 @@ from proxyd.reference import DOCKER_HUB, HOST_RE
 # allow_unconfigured_namespaces: the most recently used are kept, so a client naming
 # ever new registries cannot grow proxyd's memory; one dropped is built again when asked.
 MAX_SYNTHESISED_NAMESPACES = 1024
+BUILT_IN = "built-in"  # the source of Docker Hub's namespace where nothing configures it
 
 
 @dataclass
@@ -140,7 +141,7 @@ def build_runtime(settings: Settings, environ: Mapping[str, str] | None = None) 
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if DOCKER_HUB not in namespaces and fallback is None:
-        namespaces[DOCKER_HUB] = build_namespace(DOCKER_HUB, NamespaceSettings(), source="built-in")
+        namespaces[DOCKER_HUB] = build_namespace(DOCKER_HUB, NamespaceSettings(), source=BUILT_IN)
     if (
         settings.default_namespace not in namespaces
         and fallback is None

@@ -113,16 +113,17 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_proxyd(aiohttp_client: Any, tmp_path: Path, cache_dir: Path) -> MakeProxyd:
-    """`make_proxyd(config, clock=FakeClock())`: a proxyd whose core reads that clock."""
+    """`make_proxyd(config, clock=FakeClock())`: a proxyd whose core reads that clock;
+    `daemon=True`: the app as `proxyd serve` builds it, which asks its hosts at start."""
 
     async def make(
-        config: str, *, clock: Clock = SYSTEM_CLOCK, **flags: Any
+        config: str, *, clock: Clock = SYSTEM_CLOCK, daemon: bool = False, **flags: Any
     ) -> TestClient[Any, Any]:
         path = tmp_path / "proxyd.toml"
         path.write_text(config)
         flags.setdefault("cache_dir", cache_dir)
         settings = load_settings(path, **flags)
-        app = create_app(build_runtime(settings), clock=clock)
+        app = create_app(build_runtime(settings), clock=clock, preconnect=daemon)
         server = ProxydTestServer(app, host="127.0.0.1")
         await server.start_server(access_log_class=AccessLogger)  # as `proxyd serve` does
         client: TestClient[Any, Any] = await aiohttp_client(server)

@@ -9,8 +9,9 @@ from pathlib import Path
 from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
 from bench.context import shuffled
 from bench.proxies import by_name
-from bench.report import _big, _crowd, _fleet, _ratio_target, _tag_economy
+from bench.report import _big, _crowd, _first, _fleet, _ratio_target, _tag_economy
 from bench.results import DIRECT, Row, Workload
+from bench.results import warmed as warmed_row
 
 
 def test_each_repetition_measures_every_target_once_in_its_own_order():
@@ -104,3 +105,22 @@ def test_a_baseline_checkout_runs_as_proxyd_before_right_after_proxyd(tmp_path: 
     names = [p.name for p in by_name(["distribution", "proxyd"], baseline=tmp_path)]
     assert names == ["distribution", "proxyd", "proxyd-before"]
     assert by_name(["proxyd"], baseline=tmp_path)[1].unavailable() is not None  # no .venv
+
+
+def first_pulls(first: float, warmed: float, name: str = "first_pull_plain") -> Workload:
+    wl = workload(name, 1.0, first)
+    wl.row(warmed_row("proxyd")).samples.append(warmed)
+    return wl
+
+
+def test_the_first_pull_target_sets_a_fresh_proxy_against_a_warmed_one_on_each_upstream():
+    met = _first([first_pulls(1.04, 1.0), first_pulls(1.05, 1.0, "first_pull_token")], "proxyd")
+    assert (met.met, met.detail) == (True, "plain 1.04\u00d7, token 1.05\u00d7")
+    slow_start = _first(
+        [first_pulls(1.0, 1.0), first_pulls(1.3, 1.0, "first_pull_token")], "proxyd"
+    )
+    assert slow_start.met is False
+    assert _first([first_pulls(1.051, 1.0)], "proxyd").detail == "1.051\u00d7"
+    no_warmed = workload("first_pull_plain", 1.0, 1.0)  # the warmed proxy did not run
+    no_warmed.rows[warmed_row("proxyd")] = Row(warmed_row("proxyd"), status="error")
+    assert _first([no_warmed], "proxyd").met is None

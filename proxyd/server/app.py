@@ -28,8 +28,11 @@ from proxyd.server.keys import (
 from proxyd.server.middleware import add_request_id, inbound_auth, request_context
 
 
-def create_app(runtime: RuntimeConfig, *, clock: Clock = SYSTEM_CLOCK) -> web.Application:
-    """`clock`: the one the core and inbound auth read (a test's, to advance time)."""
+def create_app(
+    runtime: RuntimeConfig, *, clock: Clock = SYSTEM_CLOCK, preconnect: bool = False
+) -> web.Application:
+    """`clock`: the one the core and inbound auth read (a test's, to advance time);
+    `preconnect`: the daemon's app asks its upstream hosts at start (open_core)."""
     app = web.Application(middlewares=[request_context, inbound_auth], client_max_size=1 << 20)
     app[RUNTIME] = runtime
     if runtime.inbound_users is not None and runtime.auth_required is not None:
@@ -41,7 +44,7 @@ def create_app(runtime: RuntimeConfig, *, clock: Clock = SYSTEM_CLOCK) -> web.Ap
     every_pull_authenticates = INBOUND in app and runtime.auth_required == "all"
     app[FAST] = FastAnswers(app[METRICS], enabled=not every_pull_authenticates)
     app.on_response_prepare.append(add_request_id)
-    app.cleanup_ctx.append(partial(_core, clock=clock))
+    app.cleanup_ctx.append(partial(_core, clock=clock, preconnect=preconnect))
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)  # and HEAD
     app.router.add_get("/readyz", health.readyz)
@@ -59,8 +62,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def _core(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
-    async with open_core(app[RUNTIME], app[METRICS], clock=clock) as core:
+async def _core(app: web.Application, *, clock: Clock, preconnect: bool) -> AsyncIterator[None]:
+    async with open_core(app[RUNTIME], app[METRICS], clock=clock, preconnect=preconnect) as core:
         app[PULLER] = core.puller
         app[RESOLVER] = core.resolver
         app[FAST].manifest_memory = core.puller.manifest_memory

@@ -96,7 +96,7 @@ async def _serve(runtime: RuntimeConfig, log: BoundLogger) -> int:
             log.error("cannot serve HTTPS", error=str(exc))
             return 1
     runner = ProxydRunner(
-        create_app(runtime),
+        create_app(runtime, preconnect=True),
         access_log=logging.getLogger("proxyd.access"),
         access_log_class=AccessLogger,
         shutdown_timeout=SHUTDOWN_GRACE,
