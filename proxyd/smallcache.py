@@ -4,7 +4,8 @@ lists and referrers, each stored with the wall-clock time it was fetched.
 Policy (TTL, revalidation, stale-if-error) lives in the pull core; this module only
 stores JSON records. Storage is aiohttp-client-cache's `SQLiteCache` (a file in the
 cache directory) or `RedisCache`, so several replicas behind one address share tag
-state. Records are JSON, never pickle: a shared Redis must not be able to run code
+state; the library is imported when a SmallCache is made (at startup), not with this
+module. Records are JSON, never pickle: a shared Redis must not be able to run code
 in proxyd. A storage failure is logged and treated as a miss; the cache never fails
 a request, and never holds one up for long: with a `timeout` (Redis's, one second by
 default) a call that has not answered by then is a failure, and the storage then
@@ -26,10 +27,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-from aiohttp_client_cache.backends.base import BaseCache
+
+from proxyd.imports import without
+
+if TYPE_CHECKING:
+    from aiohttp_client_cache.backends.base import BaseCache
 
 log = structlog.get_logger("proxyd.smallcache")
 
@@ -121,9 +126,10 @@ class SmallCache:
         pragmas: tuple[str, ...] = SQLITE_PRAGMAS,
         clock: Callable[[], float] = time.time,
     ) -> SmallCache:
-        from aiohttp_client_cache.backends.sqlite import SQLiteCache
-
-        storage = SQLiteCache(str(path), "small_responses", serializer=_JSON())
+        # Without redis-py, which aiohttp-client-cache would import for its Redis
+        # backend whichever backend is used (proxyd.imports).
+        sqlite = without("aiohttp_client_cache.backends.sqlite", "redis")
+        storage = sqlite.SQLiteCache(str(path), "small_responses", serializer=_JSON())
         return cls(storage, clock, pragmas=pragmas, pruner=_prune_sqlite)
 
     @classmethod

@@ -1,0 +1,30 @@
+"""Importing a library without the optional packages it would load by itself for
+features proxyd does not use. structlog imports rich whenever rich is installed (for
+pretty console tracebacks), and aiohttp-client-cache imports every storage backend
+whose package is installed (redis-py among them) with any of its modules: 4 and 6-7
+MiB of a daemon that, on its default configuration, uses neither. proxyd depends on
+both packages for other things (rich draws `proxyd prefetch`'s progress bars, redis-py
+serves `[cluster]` and a Redis small cache), which import them where they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+
+def without(module: str, *hidden: str) -> ModuleType:
+    """`import module` with each of `hidden` not importable meanwhile (the library's
+    `try: import X except ImportError` takes the path without it). A hidden package
+    that is imported already is left as it is: there is nothing to save then. After
+    this, `hidden` import as usual again."""
+    blocked = [name for name in hidden if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
+    try:
+        return importlib.import_module(module)
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
