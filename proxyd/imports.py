@@ -1,10 +1,7 @@
-"""Importing a library without the optional packages it would load by itself for
-features proxyd does not use. structlog imports rich whenever rich is installed (for
-pretty console tracebacks), and aiohttp-client-cache imports every storage backend
-whose package is installed (redis-py among them) with any of its modules: 4 and 6-7
-MiB of a daemon that, on its default configuration, uses neither. proxyd depends on
-both packages for other things (rich draws `proxyd prefetch`'s progress bars, redis-py
-serves `[cluster]` and a Redis small cache), which import them where they are used.
+"""Importing a library without an optional package it would load by itself for a
+feature proxyd does not use: structlog imports rich whenever rich is installed, for
+pretty console tracebacks, ~4 MiB of every daemon. proxyd depends on rich for
+`proxyd prefetch`'s progress bars, which import it where they are drawn.
 """
 
 from __future__ import annotations
