@@ -36,6 +36,9 @@ OPTIONAL = [
     ("redis", "[cluster], or a Redis small cache"),
     ("rich", "proxyd prefetch's progress bars"),
     ("pygments", "rich's tracebacks"),
+    ("bcrypt", "proxyd's own users, htpasswd"),
+    ("aiohttp_client_cache", "nothing any more: proxyd.smallstorage"),
+    ("unittest", "tests"),
 ]
 
 
