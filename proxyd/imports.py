@@ -1,7 +1,12 @@
-"""Importing a library without an optional package it would load by itself for a
-feature proxyd does not use: structlog imports rich whenever rich is installed, for
-pretty console tracebacks, ~4 MiB of every daemon. proxyd depends on rich for
-`proxyd prefetch`'s progress bars, which import it where they are drawn.
+"""Importing a library without an optional module it would load by itself for
+nothing proxyd needs, megabytes of every daemon's memory:
+
+- structlog imports rich whenever rich is installed, for pretty console tracebacks
+  (~4 MiB). proxyd depends on rich for `proxyd prefetch`'s progress bars, which
+  import it where they are drawn.
+- frozenlist (aiohttp's) prefers its C++ extension, which loads libstdc++ (~1 MiB),
+  for the lists aiohttp freezes at startup (an app's middlewares and signals); its
+  pure-Python twin is the same class, iterated once per request.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ OPTIONAL = [
     ("bcrypt", "proxyd's own users, htpasswd"),
     ("aiohttp_client_cache", "nothing any more: proxyd.smallstorage"),
     ("unittest", "tests"),
+    ("frozenlist._frozenlist", "nothing: its pure-Python twin serves (libstdc++)"),
 ]
 
 
