@@ -21,6 +21,7 @@ RSS_LIMIT_MIB = 80.0
 BIG_LIMIT = 1.6  # a cold big blob's GET, over the direct one's (issue 19)
 FIRST_LIMIT = 1.05  # a fresh proxy's first pull, over its pull after the warm-up (issue 19)
 RSS_FLAT_MIB = 8.0  # "flat": the large blob's peak at most this much above the small one's
+RSS_STREAMING_MIB = 60.0  # the highest peak while streaming, any blob size (issue 19)
 FLEET_BYTES = 1.01  # upstream bytes over the image: once, give or take each node's manifest GET
 FLEET_WALL = 1.5  # the slowest node over one node pulling alone
 NOTE_WIDTH = 70
@@ -115,6 +116,19 @@ def _rss(workloads: list[Workload], proxy: str) -> Verdict:
     return Verdict(met, f"peak {small:.0f} → {large:.0f} MiB")
 
 
+def _rss_streaming(workloads: list[Workload], proxy: str) -> Verdict:
+    peaks = []
+    for wl in workloads:
+        row = wl.rows.get(proxy)
+        if not _ok(row):
+            return Verdict(None, f"{wl.id}: no data")
+        assert row is not None
+        peaks.append(row.high or 0.0)
+    if not peaks:
+        return Verdict(None, "no data")
+    return Verdict(max(peaks) <= RSS_STREAMING_MIB, f"highest peak {max(peaks):.1f} MiB")
+
+
 def _tag_economy(workloads: list[Workload], proxy: str) -> Verdict:
     """One GET serves every engine within tag_ttl; after it, only HEADs revalidate."""
     wl = next(iter(workloads), None)
@@ -200,6 +214,12 @@ TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], .
         f"peak RSS ≤ {RSS_LIMIT_MIB:.0f} MiB and flat in blob size (+≤{RSS_FLAT_MIB:.0f} MiB)",
         "peak_rss",
         _rss,
+    ),
+    (
+        "peak_rss_streaming",
+        f"peak RSS streaming ≤ {RSS_STREAMING_MIB:.0f} MiB, every blob size (issue 19)",
+        "peak_rss",
+        _rss_streaming,
     ),
     (
         "tag_requests",

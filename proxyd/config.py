@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import platformdirs
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -62,6 +61,8 @@ NamespaceList = Annotated[list[str], NoDecode, BeforeValidator(_namespace_list)]
 
 
 def default_cache_dir() -> Path:
+    import platformdirs  # here: a daemon given its cache_dir never needs it (0.3 MiB)
+
     return Path(platformdirs.user_cache_dir("proxyd"))
 
 

@@ -40,14 +40,16 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import structlog
-from redis.asyncio import Redis
 
 from proxyd.background import stop_loop
 from proxyd.fleetredis import FleetRedis, RedisUnreachable
 from proxyd.reference import Digest
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = structlog.get_logger("proxyd.fleet")
 

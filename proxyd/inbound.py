@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import bcrypt
 import structlog
 
 from proxyd.errors import Unauthorized
@@ -92,6 +91,8 @@ def well_formed_bcrypt(hashed: str) -> bool:
     the check takes a millisecond whatever the hash's own cost."""
     if not _BCRYPT.fullmatch(hashed):
         return False
+    import bcrypt  # here: a daemon without users never loads it (loading users does)
+
     try:
         bcrypt.hashpw(b"", f"{hashed[:4]}04{hashed[6:29]}".encode())
     except ValueError:
@@ -220,6 +221,8 @@ class InboundAuth:
 def _matches(password: bytes, hashed: bytes) -> bool:
     """bcrypt's check of the password's first 72 bytes; a hash it cannot check (which
     loading refuses, so a bug) refuses the password instead of failing the request."""
+    import bcrypt  # loaded with the users already (well_formed_bcrypt)
+
     try:
         return bcrypt.checkpw(password[:BCRYPT_PASSWORD_BYTES], hashed)
     except ValueError as exc:

@@ -2,16 +2,16 @@
 lists and referrers, each stored with the wall-clock time it was fetched.
 
 Policy (TTL, revalidation, stale-if-error) lives in the pull core; this module only
-stores JSON records. Storage is aiohttp-client-cache's `SQLiteCache` (a file in the
-cache directory) or `RedisCache`, so several replicas behind one address share tag
-state. Records are JSON, never pickle: a shared Redis must not be able to run code
-in proxyd. A storage failure is logged and treated as a miss; the cache never fails
-a request, and never holds one up for long: with a `timeout` (Redis's, one second by
-default) a call that has not answered by then is a failure, and the storage then
-counts as unreachable, every call a miss at once, until it answers again (a call
-sent on the side every `RETRY_EVERY` seconds, which no request waits for). A Redis
-frozen in the middle of a call (SIGSTOP, a stalled network) costs the requests in
-flight that second, and nothing after.
+stores JSON records, in a SQLite file in the cache directory or in Redis, so several
+replicas behind one address share tag state (proxyd.smallstorage). Records are JSON,
+never pickle: a shared Redis must not be able to run code in proxyd. A storage
+failure is logged and treated as a miss; the cache never fails a request, and never
+holds one up for long: with a `timeout` (Redis's, one second by default) a call that
+has not answered by then is a failure, and the storage then counts as unreachable,
+every call a miss at once, until it answers again (a call sent on the side every
+`RETRY_EVERY` seconds, which no request waits for). A Redis frozen in the middle of a
+call (SIGSTOP, a stalled network) costs the requests in flight that second, and
+nothing after.
 
 Records are rewritten whenever upstream is asked again, so `stored_at` is their last
 use as far as upstream knows; `prune` removes those older than a cutoff (eviction's
@@ -29,21 +29,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from aiohttp_client_cache.backends.base import BaseCache
+
+from proxyd.smallstorage import RedisStorage, SQLiteStorage, Storage
 
 log = structlog.get_logger("proxyd.smallcache")
 
 
-class _JSON:
-    """The serializer aiohttp-client-cache's storage calls `dumps`/`loads` on."""
-
-    @staticmethod
-    def dumps(value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":")).encode()
-
-    @staticmethod
-    def loads(data: bytes | str) -> Any:
-        return json.loads(data)
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -61,54 +54,22 @@ class Entry:
 SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
 
 
-Pruner = Callable[[Any, float], Awaitable[int]]
 T = TypeVar("T")
 
 RETRY_EVERY = 2.0  # seconds between the calls that find out whether storage is back
 
 
-PRUNE_SQLITE = (  # CASE, not OR: json_extract raises on what is not JSON
-    "DELETE FROM small_responses WHERE CASE WHEN json_valid(CAST(value AS TEXT)) "
-    "THEN IFNULL(json_extract(CAST(value AS TEXT), '$.stored_at'), 0) < ? ELSE 1 END"
-)
-
-
-async def _prune_sqlite(storage: Any, older_than: float) -> int:
-    async with storage.get_connection(commit=True) as db:
-        cursor = await db.execute(PRUNE_SQLITE, (older_than,))
-        return int(cursor.rowcount)
-
-
-async def _prune_redis(storage: Any, older_than: float) -> int:
-    connection = await storage.get_connection()
-    old = []
-    async for key, raw in connection.hscan_iter(storage.hash_key, count=1000):
-        try:
-            stored_at = json.loads(raw).get("stored_at")
-        except (ValueError, AttributeError):
-            stored_at = None
-        if not isinstance(stored_at, int | float) or stored_at < older_than:
-            old.append(key)
-    for start in range(0, len(old), 1000):
-        await connection.hdel(storage.hash_key, *old[start : start + 1000])
-    return len(old)
-
-
 class SmallCache:
     def __init__(
         self,
-        storage: BaseCache,
+        storage: Storage,
         clock: Callable[[], float] = time.time,
-        pragmas: tuple[str, ...] = (),
-        pruner: Pruner | None = None,
         *,
         timeout: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._storage = storage
         self._clock = clock
-        self._pragmas = pragmas
-        self._pruner = pruner
         self._timeout = timeout  # seconds a call may take; None: as long as it takes
         self._monotonic = monotonic
         self._retry_at: float | None = None  # unreachable: calls are misses until then
@@ -121,10 +82,7 @@ class SmallCache:
         pragmas: tuple[str, ...] = SQLITE_PRAGMAS,
         clock: Callable[[], float] = time.time,
     ) -> SmallCache:
-        from aiohttp_client_cache.backends.sqlite import SQLiteCache
-
-        storage = SQLiteCache(str(path), "small_responses", serializer=_JSON())
-        return cls(storage, clock, pragmas=pragmas, pruner=_prune_sqlite)
+        return cls(SQLiteStorage(path, pragmas), clock)
 
     @classmethod
     def redis(
@@ -137,17 +95,8 @@ class SmallCache:
     ) -> SmallCache:
         """Every call bounded by `timeout`: a whole call by SmallCache, and each
         command's socket by redis-py (pruning's many commands, each)."""
-        from aiohttp_client_cache.backends.redis import RedisCache
-
-        storage = RedisCache(
-            "proxyd",
-            "small_responses",
-            address=url,
-            serializer=_JSON(),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
-        return cls(storage, clock, pruner=_prune_redis, timeout=timeout, monotonic=monotonic)
+        storage = RedisStorage(url, timeout=timeout)
+        return cls(storage, clock, timeout=timeout, monotonic=monotonic)
 
     @property
     def reachable(self) -> bool:
@@ -195,12 +144,8 @@ class SmallCache:
 
     async def open(self) -> None:
         """Set up the storage; a failure leaves it as it is (logged), still usable."""
-        if not self._pragmas:
-            return
         try:
-            async with self._storage.get_connection() as db:  # type: ignore[attr-defined]
-                for pragma in self._pragmas:
-                    await db.execute(pragma)
+            await self._storage.open()
         except Exception as exc:
             log.warning("smallcache.pragma_failed", error=str(exc))
 
@@ -211,7 +156,12 @@ class SmallCache:
         answered, raw = await self._call("read", lambda: self._storage.read(key))
         if not answered:
             return None
-        record = _JSON.loads(raw) if isinstance(raw, bytes | str) else raw
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:  # not proxyd's record: a miss (pruning removes it)
+            return None
         if not isinstance(record, dict) or not isinstance(record.get("value"), dict):
             return None
         stored_at = record.get("stored_at")
@@ -223,18 +173,17 @@ class SmallCache:
         """Store `value` as fetched now, or at `stored_at` (an answer added to a record
         whose age stands: it was not confirmed again)."""
         record = {"value": value, "stored_at": self._clock() if stored_at is None else stored_at}
-        await self._call("write", lambda: self._storage.write(key, _JSON.dumps(record)))
+        await self._call("write", lambda: self._storage.write(key, _dumps(record)))
 
     async def prune(self, older_than: float) -> int:
         """Remove the records stored before `older_than` (seconds since the epoch) and
         any that are not proxyd's; how many went (0 when the storage failed: logged).
         Not bounded as a whole (a large Redis hash takes many commands), only each
         command, by the storage's own socket timeout."""
-        pruner = self._pruner
-        if pruner is None or self._retry_at is not None:
+        if self._retry_at is not None:
             return 0
         try:
-            return await pruner(self._storage, older_than)
+            return await self._storage.prune(older_than)
         except Exception as exc:
             self._unreachable("prune", exc)
             return 0
@@ -244,6 +193,6 @@ class SmallCache:
             probe.cancel()
         await asyncio.gather(*self._probes, return_exceptions=True)
         try:
-            await self._storage.close()  # type: ignore[no-untyped-call]
+            await self._storage.close()
         except Exception as exc:
             log.warning("smallcache.close_failed", error=str(exc))

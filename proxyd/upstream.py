@@ -81,8 +81,10 @@ from proxyd.targets import LinkLocalFilter
 
 log = structlog.get_logger("proxyd.upstream")
 
-# Bytes of a blob body aiohttp buffers before it pauses the socket (twice this).
-BODY_BUFFER = 1 << 20
+# Bytes of a blob body aiohttp buffers before it pauses the socket (twice this): two
+# reads from the socket (`SOCKET_READ`), so the socket pauses only while proxyd is
+# behind; 1 MiB cost the same CPU and 1.5 MiB more of the peak RSS (docs/performance.md).
+BODY_BUFFER = 1 << 19
 # The most one read from the socket takes while a body is read (asyncio's: 256 KiB).
 SOCKET_READ = 512 << 10
 DEFAULT_RETRY_MAX_WAIT = 10.0  # seconds; the retry_max_wait setting's default

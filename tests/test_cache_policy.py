@@ -305,3 +305,23 @@ async def test_a_cache_that_cannot_set_its_pragmas_still_serves(tmp_path):
     entry = await small.get("k")
     assert entry is not None and entry.value == {"v": 1}
     await small.close()
+
+
+async def test_a_cache_file_of_an_earlier_proxyd_reads_the_same(tmp_path):
+    """The layout aiohttp-client-cache's SQLiteCache wrote (proxyd.smallstorage): a
+    record stored by a proxyd that used it is found, and a foreign one is pruned."""
+    path = tmp_path / "small.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS `small_responses` (key PRIMARY KEY, value)")
+        record = b'{"value":{"v":1},"stored_at":1000.0}'
+        db.execute("INSERT INTO `small_responses` (key,value) VALUES (?,?)", ("k", record))
+        db.execute("INSERT INTO `small_responses` (key,value) VALUES (?,?)", ("x", b"\x80pickle"))
+        db.commit()
+    small = SmallCache.sqlite(path, clock=lambda: 2000.0)
+    await small.open()
+    entry = await small.get("k")
+    assert entry is not None and (entry.value, entry.stored_at) == ({"v": 1}, 1000.0)
+    assert await small.get("x") is None  # not proxyd's JSON: a miss, no error
+    assert await small.prune(older_than=500.0) == 1
+    assert await small.get("k") is not None
+    await small.close()

@@ -93,7 +93,7 @@ async def test_an_inbound_users_remembered_check_ends_with_the_apps_clock(
         checks.append(password)
         return real(password, hashed)
 
-    monkeypatch.setattr(inbound.bcrypt, "checkpw", counting)
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
     htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
     clock = FakeClock()
     proxyd = await make_proxyd(f'htpasswd = "{htpasswd}"\nauth_required = "all"', clock=clock)

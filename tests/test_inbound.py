@@ -164,7 +164,7 @@ async def test_a_good_check_is_remembered_by_a_hash_of_the_header(tmp_path, monk
         checks.append(password)
         return real(password, hashed)
 
-    monkeypatch.setattr(inbound.bcrypt, "checkpw", counting)
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
     clock = [0.0]
     auth = InboundAuth(users, "push", clock=lambda: clock[0])
     header = basic("alice", "wonderland")["Authorization"]
