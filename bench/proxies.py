@@ -48,6 +48,7 @@ class RunningProxy:
     pid: int
     _stop: Callable[[], None]
     prefetch: Callable[[str], None] | None = None  # `proxyd prefetch REF` into its cache
+    cache_dir: Path | None = None  # proxyd's store (kept after `stop`; `running` removes it)
 
     @property
     def url(self) -> str:
@@ -130,7 +131,9 @@ class Proxyd(Proxy):
         def prefetch(ref: str) -> None:
             proc.cli("prefetch", "--cache-dir", str(proc.cache_dir), "--log-format", "json", ref)
 
-        return RunningProxy(self.name, proc.host, listening_pid(proc.port), stop, prefetch)
+        return RunningProxy(
+            self.name, proc.host, listening_pid(proc.port), stop, prefetch, proc.cache_dir
+        )
 
 
 class DistributionProxy(Proxy):
