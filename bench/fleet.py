@@ -10,7 +10,8 @@ when the workload starts. Three targets, one after the other in the same run:
 - ``proxyd``: 16 proxyds forming a fleet: one real ``redis-server``, a ``[cluster]``
   table on each with a shared secret file and ``fanout`` 4 (proxyd's default);
 - ``proxyd standalone``: 16 proxyds without ``[cluster]``;
-- ``distribution``: 16 distribution proxies (``proxy.remoteurl``).
+- ``distribution``: 16 distribution proxies (``proxy.remoteurl``), when among
+  ``--proxies``.
 
 For each, measured on fresh nodes with empty caches (each awake: ``Context.warm_up``):
 
@@ -24,7 +25,21 @@ For each, measured on fresh nodes with empty caches (each awake: ``Context.warm_
   manifest GETs (each node resolves the tag itself), the blob HEADs (a repository's
   confirmation, which each node of a fleet asks the upstream itself);
 - for the fleet, the Redis commands the crowd's pull cost (``INFO commandstats``,
-  reset before it), the nodes' heartbeats included.
+  reset before it), the nodes' heartbeats included;
+- the CPU seconds of every node, of the skopeos, the relay, the registry and Redis,
+  and the machine's busy time, over each pull (``bench.cpu``), and from each proxyd's
+  metrics its part in the fleet (blobs it fetched for the fleet, bytes from and to
+  its peers): where the two CPUs went.
+
+The machine's floor, in the same run: the ``machine floor`` row is as many
+standalone proxyds that each hold the image already (one store primed by ``proxyd
+prefetch``, then hard-linked into each node's own), pulled from by as many skopeos at
+once through a relay that only counts (no link, no blob fetched: checked). No fleet
+can do better on this machine: the skopeos' hashing and writing and the nodes'
+serving are all there is. Each row's slowest node is also given over max(alone,
+floor). ``proxyd, 4 nodes`` is a fleet of ``fleet_few_nodes`` on the same link,
+beside its own floor of as many warm nodes (one alone: the big fleet's): how the
+ratio moves with the nodes each CPU runs.
 
 ``direct`` is one skopeo pulling straight through the relay, alone. Sixteen skopeos,
 sixteen nodes, the registry and the relay all share the machine's two CPUs: the wall
@@ -290,7 +305,7 @@ class Run:
 
             def start(workdir: Path) -> RunningProxy:
                 if seed is not None:
-                    _copy_store(seed, workdir / "cache")
+                    copy_store(seed, workdir / "cache")
                 node = proxy.start(upstream, workdir)
                 with lock:  # whatever else fails, this one is stopped
                     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -339,7 +354,7 @@ class Run:
             shutil.rmtree(dest, ignore_errors=True)
 
 
-def _copy_store(seed: Path, cache: Path) -> None:
+def copy_store(seed: Path, cache: Path) -> None:
     """A node's own store, a copy of ``seed``: its blobs hard links (never written
     again: stored blobs are only read, renamed over or removed), the rest copied (the
     SQLite file of tag records is each node's to write)."""
@@ -351,7 +366,10 @@ def _copy_store(seed: Path, cache: Path) -> None:
             return dst
         return shutil.copy2(src, dst)
 
-    shutil.copytree(seed, cache, copy_function=copy, ignore=shutil.ignore_patterns("tmp"))
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(directory) == seed else []  # its files being written: its own
+
+    shutil.copytree(seed, cache, copy_function=copy, ignore=ignore)
 
 
 def _per_node(cpu: CpuMeter, nodes: list[RunningProxy], size: int) -> list[dict[str, object]]:
@@ -373,12 +391,16 @@ def _per_node(cpu: CpuMeter, nodes: list[RunningProxy], size: int) -> list[dict[
 
 
 def node_metrics(url: str) -> dict[str, object]:
-    """From a proxyd's ``/metrics``: where the directory sent it (by source) and the
+    """A proxyd's part in the fleet, from its ``/metrics`` (`fleet_part`)."""
+    return fleet_part(http_request("GET", f"{url}/metrics", timeout=10).body.decode())
+
+
+def fleet_part(metrics: str) -> dict[str, object]:
+    """From a proxyd's metrics: where the directory sent it (blobs by source) and the
     bytes it took from and sent to its peers."""
     sources: dict[str, int] = {}
-    found: dict[str, object] = {"sources": sources}
-    answer = http_request("GET", f"{url}/metrics", timeout=10)
-    for line in answer.body.decode(errors="replace").splitlines():
+    found: dict[str, object] = {"sources": sources, "peer_in": 0, "peer_out": 0}
+    for line in metrics.splitlines():
         name, _, value = line.rpartition(" ")
         if name.startswith("proxyd_fleet_sources_total{"):
             sources[name.partition('source="')[2].partition('"')[0]] = int(float(value))
