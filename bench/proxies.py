@@ -72,8 +72,10 @@ class Proxy:
 class _CheckoutProxyd(ProxydProcess):
     """proxyd imported from another checkout, run by that checkout's Python."""
 
-    def __init__(self, checkout: Path, config_toml: str, tmp_path: Path) -> None:
-        super().__init__(config_toml, tmp_path)
+    def __init__(
+        self, checkout: Path, config_toml: str, tmp_path: Path, *, advertise: bool = False
+    ) -> None:
+        super().__init__(config_toml, tmp_path, advertise=advertise)
         self.checkout = checkout
 
     def argv(self) -> list[str]:
@@ -112,10 +114,11 @@ class Proxyd(Proxy):
             credentials={upstream.host: upstream.creds} if upstream.creds else None,
             settings={"cluster": self.cluster} if self.cluster else None,
         )
+        advertise = self.cluster is not None  # a fleet's node is told its own URL
         proc = (
-            ProxydProcess(config, workdir, advertise=self.cluster is not None)
+            ProxydProcess(config, workdir, advertise=advertise)
             if self.checkout is None
-            else _CheckoutProxyd(self.checkout, config, workdir)
+            else _CheckoutProxyd(self.checkout, config, workdir, advertise=advertise)
         )
         try:
             proc.start(timeout=START_TIMEOUT)
