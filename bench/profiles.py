@@ -33,6 +33,7 @@ class Profile:
     fleet_nodes: int  # nodes pulling one image at once (the fleet workload)
     fleet_layer_sizes: tuple[int, ...]  # bytes, the fleet's image's layers
     fleet_rate: float  # bytes/s of the link all of them share to the upstream
+    fleet_few_nodes: int  # the smaller fleet on the same link: how the ratio moves with nodes
 
     @property
     def image_size(self) -> int:
@@ -75,6 +76,7 @@ FULL = Profile(
     fleet_nodes=16,
     fleet_layer_sizes=(1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB),
     fleet_rate=32 * MIB,
+    fleet_few_nodes=4,
 )
 
 SMOKE = Profile(
@@ -98,6 +100,7 @@ SMOKE = Profile(
     fleet_nodes=3,
     fleet_layer_sizes=(MIB // 4, 1 * MIB, 2 * MIB),
     fleet_rate=64 * MIB,
+    fleet_few_nodes=2,
 )
 
 PROFILES = {p.name: p for p in (FULL, SMOKE)}

@@ -48,6 +48,7 @@ class RunningProxy:
     pid: int
     _stop: Callable[[], None]
     prefetch: Callable[[str], None] | None = None  # `proxyd prefetch REF` into its cache
+    cache_dir: Path | None = None  # proxyd's store (kept after `stop`; `running` removes it)
 
     @property
     def url(self) -> str:
@@ -71,8 +72,10 @@ class Proxy:
 class _CheckoutProxyd(ProxydProcess):
     """proxyd imported from another checkout, run by that checkout's Python."""
 
-    def __init__(self, checkout: Path, config_toml: str, tmp_path: Path) -> None:
-        super().__init__(config_toml, tmp_path)
+    def __init__(
+        self, checkout: Path, config_toml: str, tmp_path: Path, *, advertise: bool = False
+    ) -> None:
+        super().__init__(config_toml, tmp_path, advertise=advertise)
         self.checkout = checkout
 
     def argv(self) -> list[str]:
@@ -111,10 +114,11 @@ class Proxyd(Proxy):
             credentials={upstream.host: upstream.creds} if upstream.creds else None,
             settings={"cluster": self.cluster} if self.cluster else None,
         )
+        advertise = self.cluster is not None  # a fleet's node is told its own URL
         proc = (
-            ProxydProcess(config, workdir, advertise=self.cluster is not None)
+            ProxydProcess(config, workdir, advertise=advertise)
             if self.checkout is None
-            else _CheckoutProxyd(self.checkout, config, workdir)
+            else _CheckoutProxyd(self.checkout, config, workdir, advertise=advertise)
         )
         try:
             proc.start(timeout=START_TIMEOUT)
@@ -130,7 +134,9 @@ class Proxyd(Proxy):
         def prefetch(ref: str) -> None:
             proc.cli("prefetch", "--cache-dir", str(proc.cache_dir), "--log-format", "json", ref)
 
-        return RunningProxy(self.name, proc.host, listening_pid(proc.port), stop, prefetch)
+        return RunningProxy(
+            self.name, proc.host, listening_pid(proc.port), stop, prefetch, proc.cache_dir
+        )
 
 
 class DistributionProxy(Proxy):

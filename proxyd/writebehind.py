@@ -1,9 +1,14 @@
 """Write-behind for a download: the event loop queues the chunks it reads from the
 upstream, and a worker thread hashes and writes them, one batch at a time.
 
-When no batch is in flight, everything queued goes to the worker as one job (one
-`writev`, one hash update per buffer), so batches grow by themselves while the disk
-or the hash is the slower side. The very first chunk is a batch written on the event
+When no batch is in flight and at least `min_batch` bytes are queued, everything
+queued goes to the worker as one job (one `writev`, one hash update per buffer), so
+batches grow by themselves while the disk or the hash is the slower side. Below
+`min_batch` the chunks wait for more: a hand-over per socket chunk (64 KiB from a
+paced link, often less from a peer) cost the event loop a thread wake-up and a
+completion callback each, 12-20% of a fleet node's Python time (docs/scale.md);
+readers take bytes not yet on disk from memory meanwhile (`Download`), and `flush`
+hands over whatever is left. The very first chunk is a batch written on the event
 loop at its next turn: the requests waiting for the download's first bytes take them
 from memory in that turn first (the time to first byte), and a thread hop would only
 delay them. While more than `high_water` bytes wait, the reader of the upstream
@@ -28,6 +33,7 @@ from proxyd.store import BlobWriter, Buffer
 # Bytes queued behind the batch in flight before the reader waits: 1 MiB was no
 # faster, and held 0.5 MiB more at the peak (docs/performance.md).
 HIGH_WATER = 1 << 19
+MIN_BATCH = 256 << 10  # bytes queued before a batch goes to the worker (flush: any)
 
 
 class WriteBehind:
@@ -37,10 +43,12 @@ class WriteBehind:
         on_written: Callable[[int], None],
         *,
         high_water: int = HIGH_WATER,
+        min_batch: int = MIN_BATCH,
     ) -> None:
         self.writer = writer
         self.on_written = on_written  # the bytes now on disk, after each batch
         self.high_water = high_water
+        self.min_batch = min(min_batch, high_water)  # reading waits only behind a batch
         self.written = 0
         self.backlog = 0  # bytes queued, not yet handed to the worker
         self._queue: list[Buffer] = []
@@ -64,7 +72,7 @@ class WriteBehind:
             return
         self._queue.append(chunk)
         self.backlog += len(chunk)
-        if self._batch is None:
+        if self._batch is None and self.backlog >= self.min_batch:
             self._hand_over()
 
     async def room(self) -> None:
@@ -76,7 +84,11 @@ class WriteBehind:
 
     async def flush(self) -> None:
         """Wait until every byte fed is written and hashed; raise the worker's error."""
-        while self._batch is not None:
+        while True:
+            if self._batch is None and self._queue and self._error is None:
+                self._hand_over()  # the rest, short of `min_batch`
+            if self._batch is None:
+                break
             await self._next_batch()
         if self._error is not None:
             raise self._error
@@ -122,7 +134,7 @@ class WriteBehind:
             self.backlog = 0
         else:
             self.written += batch.result()
-            if self._queue and not self._stopped:
+            if self.backlog >= self.min_batch and not self._stopped:
                 self._hand_over()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
 from bench.context import shuffled
+from bench.cpu import CpuMeter
+from bench.fleet import copy_store, fleet_part
 from bench.proxies import by_name
-from bench.report import _big, _crowd, _first, _fleet, _ratio_target, _tag_economy
+from bench.report import _big, _crowd, _first, _fleet, _ratio_target, _tag_economy, cpu_note
 from bench.results import DIRECT, Row, Workload
 from bench.results import warmed as warmed_row
 
@@ -88,6 +90,68 @@ def test_the_fleet_target_needs_the_image_once_upstream_and_the_slowest_node_nea
     verdict = _fleet([fleet_row(12.0, 10.0, 1600)], "proxyd")
     assert verdict.detail == "upstream bytes 16.00\u00d7 the image; slowest 1.20\u00d7 one alone"
     assert _fleet([fleet_row(12.0, 10.0, 100)], "drayage").met is None  # not in the workload
+
+
+def test_the_fleet_verdict_shows_the_slowest_over_the_machines_floor_and_is_judged_on_alone():
+    wl = fleet_row(30.0, 10.0, 100)
+    wl.rows["proxyd"].extra["floor"] = [20.0]  # the machine takes 20 s even warm
+    verdict = _fleet([wl], "proxyd")
+    assert verdict.met is False  # 3x one alone: the goal is stated against one alone
+    assert verdict.detail.endswith("slowest 3.00\u00d7 one alone, 1.50\u00d7 max(alone, floor)")
+    wl.rows["proxyd"].extra["floor"] = [5.0]  # a floor under one alone: alone counts
+    assert _fleet([wl], "proxyd").detail.endswith("3.00\u00d7 max(alone, floor)")
+
+
+def test_a_nodes_part_in_the_fleet_is_read_from_its_metrics():
+    metrics = "\n".join(
+        [
+            "# HELP proxyd_fleet_sources_total Where the directory sent this node",
+            'proxyd_fleet_sources_total{source="fetch"} 2.0',
+            'proxyd_fleet_sources_total{source="peer"} 3.0',
+            "proxyd_peer_received_bytes_total 1.048576e+06",
+            "proxyd_peer_sent_bytes_total 4096.0",
+            "proxyd_peer_sent_bytes_created 1.7e+09",
+        ]
+    )
+    part = fleet_part(metrics)
+    assert part == {"sources": {"fetch": 2, "peer": 3}, "peer_in": 1048576, "peer_out": 4096}
+    assert fleet_part("") == {"sources": {}, "peer_in": 0, "peer_out": 0}  # no [cluster]
+
+
+def test_the_floors_nodes_share_the_primed_blobs_and_own_the_rest(tmp_path: Path):
+    seed = tmp_path / "seed"
+    blob = seed / "blobs" / "sha256" / ("a" * 64)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"layer")
+    (seed / "small.sqlite").write_bytes(b"tags")
+    (seed / "tmp").mkdir()
+    (seed / "tmp" / "probe").write_bytes(b"")
+    copy = tmp_path / "node" / "cache"
+    copy_store(seed, copy)
+    assert (copy / "blobs" / "sha256" / ("a" * 64)).stat().st_ino == blob.stat().st_ino
+    assert (copy / "small.sqlite").read_bytes() == b"tags"
+    assert (copy / "small.sqlite").stat().st_ino != (seed / "small.sqlite").stat().st_ino
+    assert not (copy / "tmp").exists()  # a node's files being written are its own
+
+
+def test_the_cpu_meter_accounts_for_the_processes_named_and_the_rest_of_the_machine():
+    with CpuMeter({"gone": 2**22 + 12345}) as cpu:  # no such process: 0, not an error
+        sum(range(10000))
+    data = cpu.to_json()
+    assert data["processes"] == {"gone": 0.0}
+    assert cpu.other >= 0 and cpu.wall > 0 and data["cpus"] >= 1
+
+
+def test_the_cpu_note_gives_the_busy_share_and_who_kept_the_cpus_busy():
+    cpu = {
+        "busy_share": 0.95,
+        "cpus": 2,
+        "machine_busy": 10.0,
+        "clients": 3.0,
+        "processes": {"node 0": 2.5, "node 1": 2.5, "relay": 1.0},
+    }
+    assert cpu_note(cpu) == "CPU busy 95% of 2: nodes 50%, clients 30%"
+    assert cpu_note(cpu | {"machine_busy": 0.0}) == ""
 
 
 def test_the_big_blob_target_needs_the_ratio_and_distributions_pace_at_every_size():
