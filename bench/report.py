@@ -101,7 +101,8 @@ def _hits(workloads: list[Workload], proxy: str) -> Verdict:
     return Verdict(all(mine >= v for v in others.values()), detail)
 
 
-def _rss(workloads: list[Workload], proxy: str) -> Verdict:
+def _peaks(workloads: list[Workload], proxy: str) -> list[float] | Verdict:
+    """`proxy`'s peak RSS in each workload, or the verdict that one has no data."""
     peaks = []
     for wl in workloads:
         row = wl.rows.get(proxy)
@@ -109,6 +110,13 @@ def _rss(workloads: list[Workload], proxy: str) -> Verdict:
             return Verdict(None, f"{wl.id}: no data")
         assert row is not None
         peaks.append(row.high or 0.0)
+    return peaks
+
+
+def _rss(workloads: list[Workload], proxy: str) -> Verdict:
+    peaks = _peaks(workloads, proxy)
+    if isinstance(peaks, Verdict):
+        return peaks
     if len(peaks) < 2:
         return Verdict(None, "no data")
     small, large = peaks[0], peaks[-1]
@@ -117,13 +125,9 @@ def _rss(workloads: list[Workload], proxy: str) -> Verdict:
 
 
 def _rss_streaming(workloads: list[Workload], proxy: str) -> Verdict:
-    peaks = []
-    for wl in workloads:
-        row = wl.rows.get(proxy)
-        if not _ok(row):
-            return Verdict(None, f"{wl.id}: no data")
-        assert row is not None
-        peaks.append(row.high or 0.0)
+    peaks = _peaks(workloads, proxy)
+    if isinstance(peaks, Verdict):
+        return peaks
     if not peaks:
         return Verdict(None, "no data")
     return Verdict(max(peaks) <= RSS_STREAMING_MIB, f"highest peak {max(peaks):.1f} MiB")
