@@ -60,6 +60,8 @@ class SQLiteStorage:
         self._lock = asyncio.Lock()  # one caller opens the connection
 
     async def _connection(self) -> aiosqlite.Connection:
+        if self._db is not None:  # every call after the first: no lock to take
+            return self._db
         async with self._lock:
             if self._db is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

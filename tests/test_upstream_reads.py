@@ -39,6 +39,13 @@ def _reads(transport: asyncio.BaseTransport) -> int:
     return int(getattr(transport, "max_size"))  # noqa: B009 - asyncio's, not typed
 
 
+def _transport(response: aiohttp.ClientResponse) -> asyncio.BaseTransport:
+    """The transport of the connection `response` came on."""
+    connection = response.connection
+    assert connection is not None and connection.transport is not None
+    return connection.transport
+
+
 async def test_a_body_is_read_up_to_the_body_buffer_a_read_and_the_connection_reads_as_before_after(
     aiohttp_server: Any,
 ) -> None:
@@ -46,9 +53,7 @@ async def test_a_body_is_read_up_to_the_body_buffer_a_read_and_the_connection_re
     connector = aiohttp.TCPConnector(limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:
         response = await session.get(server.make_url("/blob"))
-        connection = response.connection
-        assert connection is not None and connection.transport is not None
-        transport = connection.transport
+        transport = _transport(response)
         before = _reads(transport)
         assert before < SOCKET_READ  # asyncio's 256 KiB
 
@@ -77,9 +82,7 @@ async def test_a_body_read_in_part_leaves_its_connection_closed_not_reused_with_
     connector = aiohttp.TCPConnector(limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:
         response = await session.get(server.make_url("/blob"))
-        assert response.connection is not None
-        transport = response.connection.transport
-        assert transport is not None
+        transport = _transport(response)
         async for _ in Upstream(_host(), response, []).chunks():
             break
         response.release()
