@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, engines, healthcheck
+from proxyd import __version__, engines, healthcheck, heap
 from proxyd.config import ConfigError, Settings, load_settings
 from proxyd.hosts import Namespace
 from proxyd.proxies import describe_route
 from proxyd.runtime import RuntimeConfig, build_runtime, check_upstream_tls
+
+# The commands that stream blobs: glibc's heap is kept for their buffers (proxyd.heap).
+DOWNLOADING = frozenset({"serve", "prefetch"})
 
 EXAMPLES = """\
 examples:
@@ -330,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(runtime)
     if args.command == "init":
         return init(runtime, args.engine, args.target, args.print_only)
+    if args.command in DOWNLOADING:
+        heap.keep_heap()  # before the first download's buffers
     if args.command == "prefetch":
         return prefetch_command(runtime, args.images, args.platform)
     if args.command == "cache":

@@ -3,7 +3,12 @@ operator's own malloc settings, or another C library, leave them alone."""
 
 from __future__ import annotations
 
-from proxyd import heap
+from pathlib import Path
+
+import pytest
+
+from proxyd import cli, heap
+from proxyd.server import daemon
 from proxyd.upstream import BODY_BUFFER, SOCKET_READ
 
 
@@ -48,3 +53,25 @@ def test_a_refused_setting_is_reported() -> None:
 def test_glibcs_mallopt_is_found_here() -> None:
     """This machine's Python runs on glibc (the image too: python:3.11-slim)."""
     assert heap.glibc_mallopt() is not None
+
+
+@pytest.mark.parametrize("command", ["serve", "prefetch"])
+def test_the_commands_that_stream_blobs_keep_the_heap_before_they_start(
+    command: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    order: list[str] = []
+    monkeypatch.setattr(heap, "keep_heap", lambda: order.append("heap") or True)
+    monkeypatch.setattr(daemon, "serve", lambda runtime: order.append("serve") or 0)
+    monkeypatch.setattr(cli, "prefetch_command", lambda *args: order.append("prefetch") or 0)
+    argv = [command, "--cache-dir", str(tmp_path)] + (
+        ["alpine:3.20"] if command == "prefetch" else []
+    )
+    assert cli.main(argv) == 0
+    assert order == ["heap", command]
+
+
+def test_the_other_commands_leave_malloc_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(heap, "keep_heap", lambda: pytest.fail("mallopt called"))
+    assert cli.main(["check-config", "--cache-dir", str(tmp_path)]) == 0

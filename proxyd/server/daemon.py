@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 
-from proxyd import heap, systemd, tls
+from proxyd import systemd, tls
 from proxyd.config import Settings, split_listen
 from proxyd.runtime import RuntimeConfig
 from proxyd.server import peers
@@ -48,7 +48,6 @@ def serve(runtime: RuntimeConfig) -> int:
     )
     for source, key in runtime.ignored_keys:
         log.warning("config.unknown_key", file=source, key=key)
-    heap.keep_heap()  # before the first download's buffers
     try:
         return asyncio.run(_serve_batched(runtime, log))
     except KeyboardInterrupt:  # before the signal handlers were set: nothing to clean up
