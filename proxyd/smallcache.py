@@ -147,7 +147,9 @@ class SmallCache:
         try:
             await self._storage.open()
         except Exception as exc:
-            log.warning("smallcache.pragma_failed", error=str(exc))
+            log.warning(
+                "smallcache.open_failed", storage=type(self._storage).__name__, error=str(exc)
+            )
 
     def now(self) -> float:
         return self._clock()

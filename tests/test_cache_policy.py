@@ -300,7 +300,7 @@ async def test_a_cache_that_cannot_set_its_pragmas_still_serves(tmp_path):
     small = SmallCache.sqlite(tmp_path / "small.sqlite", pragmas=("PRAGMA no_such_thing = (",))
     with capture_logs() as events:
         await small.open()
-    assert [e["event"] for e in events] == ["smallcache.pragma_failed"]
+    assert [e["event"] for e in events] == ["smallcache.open_failed"]
     await small.put("k", {"v": 1})
     entry = await small.get("k")
     assert entry is not None and entry.value == {"v": 1}
