@@ -1,4 +1,4 @@
-"""The targets of issue 6, and the table, JSON and Markdown every run writes.
+"""The targets of issues 6 and 19, and the table, JSON and Markdown every run writes.
 
 Targets are judged on the medians of this run, for each proxy (the issue states
 them for proxyd; the others are shown for comparison). A verdict is None ("n/a")
@@ -19,6 +19,7 @@ from bench.results import DIRECT, Row, Workload, first_over_warmed
 X, DASH = "\u00d7", "\u2013"  # the multiplication sign and the en dash of the tables
 RSS_LIMIT_MIB = 80.0
 BIG_LIMIT = 1.6  # a cold big blob's GET, over the direct one's (issue 19)
+COLD_LIMIT = 1.10  # a cold pull over the direct one (issue 19; issue 6 asked 1.15)
 FIRST_LIMIT = 1.05  # a fresh proxy's first pull, over its pull after the warm-up (issue 19)
 RSS_FLAT_MIB = 8.0  # "flat": the large blob's peak at most this much above the small one's
 RSS_STREAMING_MIB = 60.0  # the highest peak while streaming, any blob size (issue 19)
@@ -219,9 +220,9 @@ TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], .
     ("warm_pull", f"warm pull ≤ 1.0{X} direct", "warm_pull", lambda w, p: _ratio_target(w, p, 1.0)),
     (
         "cold_pull",
-        f"cold pull ≤ 1.15{X} direct",
+        f"cold pull ≤ {COLD_LIMIT:.2f}{X} direct (issue 19; issue 6 asked 1.15{X})",
         "cold_pull",
-        lambda w, p: _ratio_target(w, p, 1.15),
+        lambda w, p: _ratio_target(w, p, COLD_LIMIT),
     ),
     (
         "first_pull",

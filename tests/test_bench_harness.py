@@ -11,7 +11,16 @@ from bench.context import shuffled
 from bench.cpu import CpuMeter
 from bench.fleet import copy_store, fleet_part
 from bench.proxies import by_name
-from bench.report import _big, _crowd, _first, _fleet, _ratio_target, _tag_economy, cpu_note
+from bench.report import (
+    _big,
+    _crowd,
+    _first,
+    _fleet,
+    _ratio_target,
+    _tag_economy,
+    cpu_note,
+    evaluate,
+)
 from bench.results import DIRECT, Row, Workload
 from bench.results import warmed as warmed_row
 
@@ -51,6 +60,20 @@ def test_a_ratio_just_over_its_limit_does_not_read_as_the_limit():
         1.15,
     )
     assert (both.met, both.detail) == (False, "plain 1.10\u00d7, token 1.20\u00d7")
+
+
+def test_the_cold_pull_is_judged_at_issue_19s_bound_not_issue_6s():
+    def judged(plain: float, token: float) -> tuple[str, bool | None]:
+        pulls = [workload("cold_pull_plain", 1.0, plain), workload("cold_pull_token", 1.0, token)]
+        (target,) = evaluate(pulls, ["proxyd"])
+        return target.text, target.verdicts["proxyd"].met
+
+    assert judged(1.09, 1.10) == (
+        "cold pull \u2264 1.10\u00d7 direct (issue 19; issue 6 asked 1.15\u00d7)",
+        True,
+    )
+    assert judged(1.09, 1.12)[1] is False  # within issue 6's 1.15, not within issue 19's
+    assert judged(1.101, 1.0)[1] is False
 
 
 def test_the_crowd_target_needs_one_upstream_get_in_every_repetition():
