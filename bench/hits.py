@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import contextlib
 
-import psutil
-
 from bench.clients import Load, load
 from bench.context import OCI_ACCEPT, Context, shuffled
+from bench.procs import cpu_seconds
 from bench.proxies import RunningProxy
 from bench.results import DIRECT, Row, Workload, record
 from tests.peers import PeerError, http_request
@@ -70,10 +69,7 @@ def _prime(url: str) -> bool:
 
 
 def _cpu_seconds(running: RunningProxy | None) -> float:
-    if running is None:
-        return 0.0
-    times = psutil.Process(running.pid).cpu_times()
-    return float(times.user + times.system + times.children_user + times.children_system)
+    return 0.0 if running is None else cpu_seconds(running.pid)[0]
 
 
 def _note(row: Row, result: Load, cpu: float) -> None:
