@@ -16,26 +16,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TextIO
+from typing import Any
 
 import orjson
 import structlog
 
 FLUSH_EVERY = 0.05  # seconds an access line may wait in a batch
+MAX_BATCH = 512  # lines: a batch is written when it has this many
 ACCESS_LOGGER = "proxyd.access"
 
 
 class Output:
     """stderr, line by line, or in batches while a server runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, fd: int = 2) -> None:
         # JSON lines at info level: hot paths may render access events themselves.
         self.json_access = False
-        self._batch: TextIO | None = None
+        self._fd = fd
+        self._batch: list[str] | None = None  # lines not yet written, while batched
         self._lock = threading.Lock()  # executor threads log too
 
     def write(self, text: str, *, urgent: bool = True) -> None:
@@ -45,30 +48,41 @@ class Output:
                 sys.stderr.write(text)
                 sys.stderr.flush()
                 return
-            batch.write(text)
-            if urgent:
-                batch.flush()
+            batch.append(text)
+            if urgent or len(batch) >= MAX_BATCH:
+                self._write_batch(batch)
 
     def flush(self) -> None:
         with self._lock:
-            (self._batch or sys.stderr).flush()
+            if self._batch is None:
+                sys.stderr.flush()
+            elif self._batch:
+                self._write_batch(self._batch)
+
+    def _write_batch(self, batch: list[str]) -> None:
+        """One write of the whole batch (the lock is held). A log that cannot be
+        written (stderr closed, its reader gone) is dropped: it must not fail the
+        request that logged."""
+        data = "".join(batch).encode("utf-8", "backslashreplace")
+        batch.clear()
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self._fd, data) :]
 
     @contextlib.asynccontextmanager
     async def batched(self, interval: float = FLUSH_EVERY) -> AsyncIterator[None]:
         sys.stderr.flush()
-        batch = open(  # noqa: ASYNC230, SIM115 (fd 2, kept open; no disk I/O)
-            sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False
-        )
         with self._lock:
-            self._batch = batch
+            self._batch = []
         task = asyncio.create_task(self._flush_every(interval))
         try:
             yield
         finally:
             task.cancel()
             with self._lock:
+                if self._batch:
+                    self._write_batch(self._batch)
                 self._batch = None
-                batch.close()  # flushes
 
     async def _flush_every(self, interval: float) -> None:
         while True:

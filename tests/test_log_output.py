@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -14,7 +15,16 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from proxyd.log import ACCESS_LOGGER, HOLE, OUTPUT, AccessTemplate, configure, utc_timestamp
+from proxyd.log import (
+    ACCESS_LOGGER,
+    HOLE,
+    MAX_BATCH,
+    OUTPUT,
+    AccessTemplate,
+    Output,
+    configure,
+    utc_timestamp,
+)
 from proxyd.server import middleware
 from proxyd.server.keys import Access
 from proxyd.server.middleware import AccessLine, log_request
@@ -58,6 +68,29 @@ async def test_access_lines_wait_for_their_batch_and_other_events_do_not(capfd):
     (last,) = [json.loads(line) for line in left]
     assert last["event"] == "last" and last["logger"] == "proxyd.access"
     assert last["level"] == "info" and last["timestamp"].endswith("Z")
+
+
+async def test_a_full_batch_is_written_without_waiting_for_its_timer(capfd):
+    output = Output()
+    async with output.batched(interval=60):
+        for n in range(MAX_BATCH - 1):
+            output.write(f"{n}\n", urgent=False)
+        assert capfd.readouterr().err == ""
+        output.write("last\n", urgent=False)
+        assert capfd.readouterr().err.splitlines() == [*map(str, range(MAX_BATCH - 1)), "last"]
+
+
+async def test_a_log_whose_reader_is_gone_is_dropped_and_fails_nothing():
+    reader, writer = os.pipe()
+    os.close(reader)  # writing now fails with EPIPE
+    output = Output(fd=writer)
+    try:
+        async with output.batched(interval=60):
+            output.write("lost\n", urgent=False)
+            output.write("lost too\n")
+        output.flush()
+    finally:
+        os.close(writer)
 
 
 def test_outside_a_server_every_line_is_written_at_once(capfd):
