@@ -3,7 +3,9 @@ several apps in one process; `/metrics` renders it."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -182,3 +184,46 @@ class Metrics:
             return float(current) if current is not None else float("nan")
 
         gauge.set_function(value)
+
+
+class Observations:
+    """Observations of one histogram (a labelled child) counted aside, and settled into
+    it before each scrape (`Metrics.before_render`): `Histogram.observe` takes a lock
+    for the sum and for a bucket and walks the buckets in Python, a quarter of what a
+    remembered hit costs. Where this prometheus-client keeps its buckets otherwise,
+    each observation goes to `observe` at once."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        bounds = getattr(histogram, "_upper_bounds", None)
+        buckets = getattr(histogram, "_buckets", None)
+        fits = (
+            isinstance(bounds, list)
+            and isinstance(buckets, list)
+            and len(bounds) == len(buckets)
+            and bool(bounds)
+            and bounds[-1] == float("inf")
+            and hasattr(getattr(histogram, "_sum", None), "inc")
+        )
+        self._bounds: list[float] | None = bounds if fits else None
+        self._counts = [0] * len(bounds) if fits and bounds else []
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        if self._bounds is None:
+            self._histogram.observe(amount)
+            return
+        self._counts[bisect_left(self._bounds, amount)] += 1  # its bucket: amount <= bound
+        self._sum += amount
+
+    def settle(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        buckets: list[Any] = self._histogram._buckets
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index].inc(count)
+                counts[index] = 0
+        self._histogram._sum.inc(self._sum)
+        self._sum = 0.0

@@ -102,17 +102,19 @@ def test_outside_a_server_every_line_is_written_at_once(capfd):
 
 @pytest.mark.parametrize("aborted", [False, True])
 @pytest.mark.parametrize("request_id", ["r1", 'a "quoted" \\ %s id'])
-def test_a_prepared_access_line_is_the_pipelines_line(capfd, aborted, request_id):
+@pytest.mark.parametrize("seconds", [0.00031, 0.0, 0.00005, 0.00149, 1.23456, 86_400.0])
+def test_a_prepared_access_line_is_the_pipelines_line(capfd, aborted, request_id, seconds):
     configure("info", "json")
     access = Access(namespace="docker.io", repository="library/app", cache="hit")
     access.aborted = aborted
     structlog.contextvars.bind_contextvars(request_id=request_id)
     path = "/v2/library/app/manifests/100%s%%"
-    log_request("GET", path, access, 200, 527, 0.00031)
+    log_request("GET", path, access, 200, 527, seconds)
     structlog.contextvars.clear_contextvars()
-    AccessLine("GET", path, access, 200, 527).write(0.00031, request_id)
+    AccessLine("GET", path, access, 200, 527).write(seconds, request_id)
     through_structlog, prepared = capfd.readouterr().err.splitlines()
     assert list(json.loads(prepared)) == list(json.loads(through_structlog))
+    assert json.loads(prepared)["duration_ms"] == pytest.approx(seconds * 1000, abs=0.05)
     assert json.loads(prepared) == {
         **json.loads(through_structlog),
         "timestamp": json.loads(prepared)["timestamp"],

@@ -8,6 +8,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxyd.metrics import Metrics, Observations
 from tests.conftest import host, origin, until_logged, until_stored
 from tests.fakes import FakeRegistry, FakeTokenServer, make_image
 
@@ -120,3 +121,32 @@ async def test_docker_hub_rate_limit_headers_become_gauges(make_proxyd, aiohttp_
     text = await scrape(proxyd)
     assert value(text, "proxyd_upstream_ratelimit_limit", host=host(server)) == 100
     assert value(text, "proxyd_upstream_ratelimit_remaining", host=host(server)) == 7
+
+
+def test_observations_kept_aside_render_as_observed_once_settled():
+    direct, aside = Metrics(), Metrics()
+    observations = Observations(aside.request_seconds.labels("manifest"))
+    aside.before_render(observations.settle)
+    amounts = [0.0, 0.0001, 0.005, 0.0051, 0.3, 2.5, 7.0, 99.0]
+    for amount in amounts:
+        direct.request_seconds.labels("manifest").observe(amount)
+        observations.observe(amount)
+    assert samples(aside.render().decode()) == samples(direct.render().decode())
+    observations.observe(0.2)  # after a scrape, counted from there on
+    direct.request_seconds.labels("manifest").observe(0.2)
+    assert samples(aside.render().decode()) == samples(direct.render().decode())
+
+
+def test_observations_go_to_the_histogram_at_once_where_its_buckets_are_not_known():
+    class Opaque:
+        def __init__(self) -> None:
+            self.observed: list[float] = []
+
+        def observe(self, amount: float) -> None:
+            self.observed.append(amount)
+
+    histogram = Opaque()
+    observations = Observations(histogram)  # type: ignore[arg-type]
+    observations.observe(0.1)
+    observations.settle()
+    assert histogram.observed == [0.1]

@@ -37,7 +37,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxyd.manifests import Manifest
 from proxyd.memory import ManifestMemory
-from proxyd.metrics import Metrics
+from proxyd.metrics import Metrics, Observations
 from proxyd.server import limits
 from proxyd.server.keys import METRICS, RUNTIME, Access
 from proxyd.server.limits import LimitedRequestHandler, LimitedServer, Limits
@@ -49,16 +49,37 @@ MAX_ANSWERS = 4096
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 
 
+class _Tally:
+    """The hits of one route, method and kind (manifest by digest, or tag), counted
+    aside (prometheus-client takes a lock per increment) and settled into the metrics
+    before each scrape."""
+
+    __slots__ = ("count", "durations", "kind", "method", "route", "sent")
+
+    def __init__(self, route: str, method: str, kind: str, metrics: Metrics) -> None:
+        self.route, self.method, self.kind = route, method, kind
+        self.count = self.sent = 0
+        self.durations = Observations(metrics.request_seconds.labels(route))
+
+    def settle(self, metrics: Metrics) -> None:
+        if self.count:
+            metrics.requests.labels(self.route, self.method, "200").inc(self.count)
+            metrics.cache.labels(self.kind, "hit").inc(self.count)
+            metrics.bytes_served.labels("store").inc(self.sent)
+            self.count = self.sent = 0
+        self.durations.settle()
+
+
 @dataclass(frozen=True, slots=True)
 class _Answer:
     head_lines: bytes  # status line and the headers that never change
     body: bytes
-    route: str  # the metrics label
     get_line: AccessLine  # the access line of a GET
     head_line: AccessLine  # of a HEAD
+    get_tally: _Tally  # where a GET is counted
+    head_tally: _Tally  # a HEAD
     generation: int
     fresh_until: float
-    kind: str  # what the metrics count it as: "manifest" (by digest) or "tag"
 
 
 class FastAnswers:
@@ -74,8 +95,7 @@ class FastAnswers:
         self._count = 0  # answers remembered
         self._bytes = 0  # of bodies remembered, within the core's manifest_memory
         self._metrics = metrics
-        self._pending: dict[tuple[str, bytes, str], list[int]] = {}
-        self._durations: dict[tuple[str, bytes, str], Any] = {}
+        self._tallies: dict[tuple[str, str, str], _Tally] = {}  # by route, method, kind
         metrics.before_render(self.settle)
         self._date = b""
         self._date_second = -1
@@ -112,15 +132,16 @@ class FastAnswers:
             lines.append(f"{name}: {value}\r\n".encode("latin-1"))
         lines.append(f"Content-Length: {manifest.size}\r\n".encode())
         lines.append(_SERVER)
+        kind = "manifest" if accepted is None else "tag"
         answer = _Answer(
             b"".join(lines),
             manifest.body,
-            access.route,
             AccessLine("GET", path, access, 200, size),
             AccessLine("HEAD", path, access, 200, 0),
+            self._tally(access.route, "GET", kind),
+            self._tally(access.route, "HEAD", kind),
             memory.generation,
             manifest.fresh_until,
-            "manifest" if accepted is None else "tag",
         )
         if accepted is None:
             self._answers[target] = answer
@@ -128,6 +149,13 @@ class FastAnswers:
             self._tag_answers.setdefault(target, {})[accepted] = answer
         self._count += 1
         self._bytes += size
+
+    def _tally(self, route: str, method: str, kind: str) -> _Tally:
+        key = (route, method, kind)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = _Tally(route, method, kind, self._metrics)
+        return tally
 
     def _drop(self, target: bytes, accepted: bytes | None) -> None:
         """Forget the answer to `target` (asked with `accepted`, for a tag), if any."""
@@ -177,34 +205,18 @@ class FastAnswers:
                 b"" if head else remembered.body,
             )
         )
-        sent = 0 if head else len(remembered.body)
+        tally = remembered.head_tally if head else remembered.get_tally
+        tally.count += 1
+        tally.sent += 0 if head else len(remembered.body)
         seconds = time.perf_counter() - start
-        self._account(remembered, method, sent, seconds)
+        tally.durations.observe(seconds)
         access_line = remembered.head_line if head else remembered.get_line
         access_line.write(seconds, request_id)
         return response
 
-    def _account(self, answer: _Answer, method: bytes, sent: int, seconds: float) -> None:
-        """Counted aside (prometheus-client takes a lock per increment) and settled
-        into the metrics before each scrape; the duration is observed at once."""
-        key = (answer.route, method, answer.kind)
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._pending[key] = [0, 0]
-            self._durations[key] = self._metrics.request_seconds.labels(key[0])
-        pending[0] += 1
-        pending[1] += sent
-        self._durations[key].observe(seconds)
-
     def settle(self) -> None:
-        m = self._metrics
-        for (route, method, kind), pending in self._pending.items():
-            count, sent = pending
-            if count:
-                m.requests.labels(route, method.decode(), "200").inc(count)
-                m.cache.labels(kind, "hit").inc(count)
-                m.bytes_served.labels("store").inc(sent)
-                pending[0] = pending[1] = 0
+        for tally in self._tallies.values():
+            tally.settle(self._metrics)
 
     def _http_date(self) -> bytes:
         now = int(time.time())
