@@ -87,7 +87,11 @@ def _crowd(workloads: list[Workload], proxy: str) -> Verdict:
     return Verdict(met, f"upstream GETs {','.join(map(str, gets))}; wall {ratio:.2f}{X} one pull")
 
 
+HITS_OVER_DRAYAGE = 1.5  # issue 19 (issue 6 asked as many as drayage's)
+
+
 def _hits(workloads: list[Workload], proxy: str) -> Verdict:
+    """At least every other proxy's hits/s, and proxyd at least 1.5x drayage's."""
     wl = next(iter(workloads), None)
     if wl is None or not _ok(wl.rows.get(proxy)):
         return Verdict(None, "no data")
@@ -95,11 +99,20 @@ def _hits(workloads: list[Workload], proxy: str) -> Verdict:
     others = {n: r.median or 0.0 for n, r in wl.rows.items() if n not in (proxy, DIRECT) and _ok(r)}
     if not others:
         return Verdict(None, f"{mine:,.0f}/s; no other proxy ran")
-    detail = f"{mine:,.0f}/s vs " + ", ".join(f"{n} {v:,.0f}/s" for n, v in others.items())
+
+    def needed(name: str) -> float:
+        proxyds = proxy.startswith("proxyd")
+        return HITS_OVER_DRAYAGE if proxyds and name == "drayage" else 1.0
+
+    shown = [
+        f"{n} {v:,.0f}/s" + (f" ({mine / v:.2f}{X})" if needed(n) != 1.0 and v else "")
+        for n, v in others.items()
+    ]
+    detail = f"{mine:,.0f}/s vs " + ", ".join(shown)
     missing = [n for n in wl.rows if n not in (proxy, DIRECT, *others)]
     if missing:
         detail += f" ({', '.join(missing)} did not run)"
-    return Verdict(all(mine >= v for v in others.values()), detail)
+    return Verdict(all(mine >= needed(n) * v for n, v in others.items()), detail)
 
 
 def _peaks(workloads: list[Workload], proxy: str) -> list[float] | Verdict:
@@ -242,7 +255,13 @@ TARGETS: tuple[tuple[str, str, str, Callable[[list[Workload], str], Verdict]], .
         "concurrent_cold",
         _crowd,
     ),
-    ("manifest_hits", "manifest hits/s ≥ distribution's and drayage's", "manifest_hits", _hits),
+    (
+        "manifest_hits",
+        f"manifest hits/s ≥ distribution's, ≥ {HITS_OVER_DRAYAGE}{X} drayage's"
+        f" (issue 19; issue 6 asked 1.0{X})",
+        "manifest_hits",
+        _hits,
+    ),
     (
         "peak_rss",
         f"peak RSS ≤ {RSS_LIMIT_MIB:.0f} MiB and flat in blob size (+≤{RSS_FLAT_MIB:.0f} MiB)",

@@ -16,6 +16,7 @@ from bench.report import (
     _crowd,
     _first,
     _fleet,
+    _hits,
     _ratio_target,
     _tag_economy,
     cpu_note,
@@ -74,6 +75,20 @@ def test_the_cold_pull_is_judged_at_issue_19s_bound_not_issue_6s():
     )
     assert judged(1.09, 1.12)[1] is False  # within issue 6's 1.15, not within issue 19's
     assert judged(1.101, 1.0)[1] is False
+
+
+def test_hits_are_judged_at_issue_19s_half_again_drayages():
+    def judged(proxyd: float, drayage: float, of: str = "proxyd") -> tuple[bool | None, str]:
+        wl = Workload("manifest_hits", "hits", "req/s", "higher")
+        wl.rows[DIRECT].samples.append(1000.0)
+        wl.row(of).samples.append(proxyd)
+        wl.row("drayage").samples.append(drayage)
+        verdict = _hits([wl], of)
+        return verdict.met, verdict.detail
+
+    assert judged(60_000, 40_000) == (True, "60,000/s vs drayage 40,000/s (1.50\u00d7)")
+    assert judged(59_000, 40_000)[0] is False  # ahead of drayage, not by half again
+    assert judged(59_000, 40_000, of="proxyd-before")[0] is False  # the same bar
 
 
 def test_the_crowd_target_needs_one_upstream_get_in_every_repetition():
