@@ -6,8 +6,8 @@ for an access-log line per request. Other libraries' `logging` records (aiohttp,
 asyncio) go through the same processors into the same output.
 
 While a server runs (`OUTPUT.batched()`), access lines are written in batches,
-flushed every 50 ms, by the next other event, and on the way out: one write per
-batch instead of one per request. The hottest path (remembered answers) renders its
+flushed every 50 ms, by the next other event, at 128 lines, and on the way out: one
+write per batch instead of one per request. The hottest path (remembered answers) renders its
 access line once, as an `AccessTemplate`, and fills in only what changes per request.
 """
 
@@ -27,7 +27,7 @@ import orjson
 import structlog
 
 FLUSH_EVERY = 0.05  # seconds an access line may wait in a batch
-MAX_BATCH = 512  # lines: a batch is written when it has this many
+MAX_BATCH = 128  # lines (~50 KiB): a batch is written when it has this many
 ACCESS_LOGGER = "proxyd.access"
 
 
