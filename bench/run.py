@@ -101,7 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy profiles of proxyd")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the table in docs")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is not None and args.out.is_dir():  # found before the run, not after it
+        parser.error(f"--out {args.out} is a directory: give the results file's path")
+    return args
 
 
 def build_context(

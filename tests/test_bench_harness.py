@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
 from bench.context import shuffled
 from bench.cpu import CpuMeter
@@ -24,6 +26,7 @@ from bench.report import (
 )
 from bench.results import DIRECT, Row, Workload
 from bench.results import warmed as warmed_row
+from bench.run import parse_args
 
 
 def test_each_repetition_measures_every_target_once_in_its_own_order():
@@ -226,3 +229,10 @@ def test_the_first_pull_target_sets_a_fresh_proxy_against_a_warmed_one_on_each_u
     no_warmed = workload("first_pull_plain", 1.0, 1.0)  # the warmed proxy did not run
     no_warmed.rows[warmed_row("proxyd")] = Row(warmed_row("proxyd"), status="error")
     assert _first([no_warmed], "proxyd").met is None
+
+
+def test_a_results_path_that_is_a_directory_is_refused_before_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err
+    assert parse_args(["--out", str(tmp_path / "x.json")]).out == tmp_path / "x.json"
