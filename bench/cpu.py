@@ -22,6 +22,8 @@ from types import TracebackType
 
 import psutil
 
+from bench.procs import cpu_seconds
+
 _BUSY_FIELDS = 8  # user nice system idle iowait irq softirq steal: idle, iowait not busy
 
 
@@ -34,12 +36,11 @@ def machine_busy() -> float:
 
 
 def process_seconds(pid: int) -> float:
-    """User + system seconds of ``pid`` so far (0 once it is gone)."""
+    """``bench.procs.cpu_seconds`` of the whole process, 0 once it is gone."""
     try:
-        times = psutil.Process(pid).cpu_times()
+        return cpu_seconds(pid)[0]
     except psutil.Error:
         return 0.0
-    return float(times.user + times.system)
 
 
 def children_seconds() -> float:
