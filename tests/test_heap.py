@@ -75,3 +75,20 @@ def test_the_other_commands_leave_malloc_alone(
 ) -> None:
     monkeypatch.setattr(heap, "keep_heap", lambda: pytest.fail("mallopt called"))
     assert cli.main(["check-config", "--cache-dir", str(tmp_path)]) == 0
+
+
+def test_what_the_start_freed_goes_back_to_the_kernel_once_serving_begins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trims: list[int] = []
+    assert heap.release_free(lambda pad: trims.append(pad) or 1)
+    assert trims == [0]  # no padding kept: everything free at the top and between
+    released: list[bool] = []
+    monkeypatch.setattr(heap, "release_free", lambda: released.append(True) or True)
+    monkeypatch.setattr(daemon.gc, "freeze", lambda: None)  # the suite's heap stays as it is
+    daemon.freeze_startup_heap()
+    assert released == [True]
+
+
+def test_glibcs_malloc_trim_is_found_here() -> None:
+    assert heap.glibc_malloc_trim() is not None
