@@ -7,8 +7,9 @@ asyncio) go through the same processors into the same output.
 
 While a server runs (`OUTPUT.batched()`), access lines are written in batches,
 flushed every 50 ms, by the next other event, at 128 lines, and on the way out: one
-write per batch instead of one per request. The hottest path (remembered answers) renders its
-access line once, as an `AccessTemplate`, and fills in only what changes per request.
+write per batch instead of one per request. The hottest path (remembered answers)
+renders its access line once, as an `AccessTemplate`, and fills in only what changes
+per request.
 """
 
 from __future__ import annotations

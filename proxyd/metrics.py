@@ -189,9 +189,10 @@ class Metrics:
 class Observations:
     """Observations of one histogram (a labelled child) counted aside, and settled into
     it before each scrape (`Metrics.before_render`): `Histogram.observe` takes a lock
-    for the sum and for a bucket and walks the buckets in Python, a quarter of what a
-    remembered hit costs. Where this prometheus-client keeps its buckets otherwise,
-    each observation goes to `observe` at once."""
+    for the sum and for a bucket and walks the buckets in Python, a sixth of what
+    proxyd's own code spent answering a remembered hit. Where this prometheus-client
+    keeps its buckets otherwise, each observation goes to `observe` at once. For one
+    thread (the event loop's)."""
 
     def __init__(self, histogram: Histogram) -> None:
         self._histogram = histogram
