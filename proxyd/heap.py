@@ -72,7 +72,8 @@ def release_free(trim: Callable[[int], int] | None = None) -> bool:
     """Give the kernel back the free memory the start left in the heap (freed between
     what imports, the configuration and the app keep), once, when serving begins:
     1 MiB of the idle RSS here, and a few hundred KiB of the peak while streaming
-    (docs/performance.md, "Manifest hits at 1.5x drayage's"). Whether it ran."""
+    (docs/performance.md, "What each change bought": the heap the start leaves). Whether
+    it ran."""
     trim = trim or glibc_malloc_trim()
     if trim is None:
         return False
