@@ -99,20 +99,17 @@ def _hits(workloads: list[Workload], proxy: str) -> Verdict:
     others = {n: r.median or 0.0 for n, r in wl.rows.items() if n not in (proxy, DIRECT) and _ok(r)}
     if not others:
         return Verdict(None, f"{mine:,.0f}/s; no other proxy ran")
-
-    def needed(name: str) -> float:
-        proxyds = proxy.startswith("proxyd")
-        return HITS_OVER_DRAYAGE if proxyds and name == "drayage" else 1.0
-
+    proxyds = proxy.startswith("proxyd")
+    bar = {n: HITS_OVER_DRAYAGE if proxyds and n == "drayage" else 1.0 for n in others}
     shown = [
-        f"{n} {v:,.0f}/s" + (f" ({mine / v:.2f}{X})" if needed(n) != 1.0 and v else "")
+        f"{n} {v:,.0f}/s" + (f" ({mine / v:.2f}{X})" if bar[n] != 1.0 and v else "")
         for n, v in others.items()
     ]
     detail = f"{mine:,.0f}/s vs " + ", ".join(shown)
     missing = [n for n in wl.rows if n not in (proxy, DIRECT, *others)]
     if missing:
         detail += f" ({', '.join(missing)} did not run)"
-    return Verdict(all(mine >= needed(n) * v for n, v in others.items()), detail)
+    return Verdict(all(mine >= bar[n] * v for n, v in others.items()), detail)
 
 
 def _peaks(workloads: list[Workload], proxy: str) -> list[float] | Verdict:

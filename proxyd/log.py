@@ -128,9 +128,8 @@ class AccessTemplate:
         types renders them for less than orjson's general path."""
         if not OUTPUT.json_access or len(texts) != self._holes:
             return False
-        second, micro = _now()
         line = self._line.copy()
-        line[1::2] = (*texts, second, f".{micro:06d}" if micro else "")
+        line[1::2] = (*texts, *_now())
         OUTPUT.write("".join(line), urgent=False)
         return True
 
@@ -142,21 +141,22 @@ class _Second:
     text = ""
 
 
-def _now() -> tuple[str, int]:
-    """The date and time of now to the second, and its microseconds, the first
-    formatted once a second."""
+def _now() -> tuple[str, str]:
+    """Now as structlog's `TimeStamper(fmt="iso", utc=True)` writes it, but for the
+    closing `Z`: the date and time to the second (formatted once a second), and the
+    fraction (none on a whole second)."""
     second, micro = divmod(time.time_ns() // 1000, 1_000_000)
     if second != _Second.number:
         _Second.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _Second.number = second
-    return _Second.text, micro
+    return _Second.text, f".{micro:06d}" if micro else ""
 
 
 def utc_timestamp() -> str:
     """Now, exactly as structlog's `TimeStamper(fmt="iso", utc=True)` writes it
     (`2026-11-27T10:07:10.233058Z`, no fraction on a whole second)."""
-    second, micro = _now()
-    return f"{second}.{micro:06d}Z" if micro else f"{second}Z"
+    second, fraction = _now()
+    return f"{second}{fraction}Z"
 
 
 class Logger:

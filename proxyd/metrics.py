@@ -207,7 +207,7 @@ class Observations:
             and hasattr(getattr(histogram, "_sum", None), "inc")
         )
         self._bounds: list[float] | None = bounds if fits else None
-        self._counts = [0] * len(bounds) if fits and bounds else []
+        self._counts = [0] * len(self._bounds or ())
         self._sum = 0.0
 
     def observe(self, amount: float) -> None:

@@ -219,6 +219,28 @@ async def test_answers_are_logged_and_counted_like_the_handlers(served):
     assert 'proxyd_requests_total{method="GET",route="manifests",status="200"} 3.0' in metrics
 
 
+async def test_answers_are_timed_in_the_request_histogram_by_the_next_scrape(served):
+    proxyd, _image, path = served
+
+    async def timed() -> float:
+        text = await (await proxyd.get("/metrics")).text()
+        (line,) = [
+            line
+            for line in text.splitlines()
+            if line.startswith('proxyd_request_duration_seconds_count{route="manifests"}')
+        ]
+        return float(line.rsplit(" ", 1)[1])
+
+    before, answered = await timed(), fast(proxyd).answered
+    conn = await Connection.open(proxyd)
+    for method in ("GET", "HEAD", "GET"):
+        await conn.send(get(path, method=method))
+        await conn.response(head=method == "HEAD")
+    conn.close()
+    assert fast(proxyd).answered - answered == 3
+    assert await timed() - before == 3
+
+
 async def test_where_every_pull_authenticates_nothing_is_answered_from_memory(
     make_proxyd, start_fake, tmp_path: Path
 ):
