@@ -37,6 +37,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import structlog
@@ -127,7 +128,7 @@ class _Paced:
     ) -> None:
         self._content = content
         self._pace = pace
-        self._transport = _larger_reads(transport)
+        self._reader = _larger_reads(transport)
 
     def __aiter__(self) -> _Paced:
         return self
@@ -149,28 +150,43 @@ class _Paced:
     def _done(self) -> None:
         """The body is read: the connection goes back to the pool with the reads its
         next requests (small answers, mostly) had before."""
-        if self._transport is not None:
-            with contextlib.suppress(AttributeError):
-                del self._transport.max_size  # type: ignore[attr-defined]
-            self._transport = None
+        if self._reader is not None:
+            _usual_reads(self._reader)
+            self._reader = None
 
 
-def _larger_reads(transport: asyncio.BaseTransport | None) -> asyncio.BaseTransport | None:
-    """`transport`, made to take up to `SOCKET_READ` a read while a body is read, if it
-    is asyncio's socket transport (None otherwise: uvloop's has no such limit to set).
+def _larger_reads(transport: asyncio.BaseTransport | None) -> Any:
+    """What reads `transport`'s socket, made to take up to `SOCKET_READ` a read while a
+    body is read; None if it is neither of asyncio's (uvloop's has no such limit).
 
     asyncio reads at most `max_size` (256 KiB) a `recv`, and every read is one turn
     of the loop through the parser, the body's buffer, the write-behind and the
     clients: a cold 1 GiB blob took 4,100 of them. At 512 KiB the event loop spent 13 %
     less CPU on it, at 1 MiB 21 % less but with a peak RSS 3 MiB higher (the reads in
-    flight; docs/performance.md, "Big cold blobs"). The limit is an attribute of the
-    transport's class: set on the instance it is this connection's alone, and deleting
-    it gives the class's back. A TLS connection's transport has none (its reads are
-    the SSL protocol's, 256 KiB): it reads as before."""
-    if transport is None or not isinstance(getattr(transport, "max_size", None), int):
+    flight; docs/performance.md, "Big cold blobs"). A plain connection's reader is its
+    socket transport; a TLS connection's is asyncio's SSL protocol under the transport
+    aiohttp holds, whose `max_size` sizes both the socket read and the buffer it reads
+    into (5-15 % less of the loop's CPU on a cold 1 GiB blob over HTTPS). The limit is
+    an attribute of each class: set on the instance it is this connection's alone, and
+    deleting it gives the class's back."""
+    if transport is None:
         return None
-    transport.max_size = SOCKET_READ  # type: ignore[attr-defined]
-    return transport
+    reader: Any = getattr(transport, "_ssl_protocol", transport)  # asyncio's, not typed
+    if not isinstance(getattr(reader, "max_size", None), int):
+        return None
+    reader.max_size = SOCKET_READ
+    return reader
+
+
+def _usual_reads(reader: Any) -> None:
+    """The class's reads again; an SSL protocol's buffer, grown to `SOCKET_READ` by
+    the larger reads, back to its usual size (it lives as long as the connection)."""
+    with contextlib.suppress(AttributeError):
+        del reader.max_size
+        buffer = getattr(reader, "_ssl_buffer", None)
+        if isinstance(buffer, bytearray) and len(buffer) > reader.max_size:
+            reader._ssl_buffer = fresh = bytearray(reader.max_size)
+            reader._ssl_buffer_view = memoryview(fresh)
 
 
 class UpstreamClient:
