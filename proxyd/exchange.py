@@ -236,10 +236,9 @@ class Exchange:
     def _ssl_for(self, host: RegistryHost, same_origin: bool) -> Any:
         """TLS settings of the host: its CAs apply to redirects too, its client
         certificate only to the host itself."""
-        if host.scheme != "https":
-            return True
-        # Keyed by what the context is made of, not by the host: every registry a
-        # client may name (allow_unconfigured_namespaces) shares the default context.
+        if host.scheme != "https" or not tls.has_own_context(host, same_origin=same_origin):
+            return True  # aiohttp's verified context: every registry a client may name
+        # Keyed by what the context is made of, not by the host.
         key = (host.ca, host.client if same_origin else (), host.skip_verify)
         if key not in self._ssl:
             try:

@@ -232,8 +232,8 @@ def check_upstream_tls(runtime: RuntimeConfig) -> None:
         )
         checks += [(source, h) for h in probe.hosts]
     for source, host in checks:
-        if host.scheme != "https":
-            continue
+        if host.scheme != "https" or not tls.has_own_context(host, same_origin=True):
+            continue  # no files of its own to check
         try:
             tls.upstream_context(host, same_origin=True)
         except tls.TLSFileError as exc:

@@ -66,6 +66,14 @@ def load_cert(
         raise TLSFileError(f"{pair}: {detail}") from None
 
 
+def has_own_context(host: RegistryHost, *, same_origin: bool) -> bool:
+    """Whether `host`'s requests need a context of their own: with no `ca` or `client`
+    files and verification on, aiohttp's verified one (`ssl=True`: the system's CAs,
+    TLS >= 1.2, made once when aiohttp is imported) is the same, and a second copy of
+    the system's CAs would cost 0.8 MiB (docs/performance.md, "Idle memory")."""
+    return bool(host.skip_verify or host.ca or (same_origin and host.client))
+
+
 def upstream_context(host: RegistryHost, *, same_origin: bool) -> ssl.SSLContext:
     """The context for `host`'s requests: the system CAs plus the host's `ca` files
     (they apply to redirects too), or no verification with `skip_verify`; the client

@@ -8,6 +8,7 @@ read from it instead of waited for."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ import pytest
 
 from proxyd import runtime as runtime_module
 from proxyd.config import load_settings
+from proxyd.exchange import TLSSetupError
 from proxyd.hosts import Capability, RegistryHost
 from proxyd.runtime import build_runtime
 from tests.conftest import FakeClock, host, oci_code, origin
@@ -461,3 +463,23 @@ async def test_every_registry_a_client_names_shares_one_tls_context():
             assert namespace is not None
             contexts.add(id(client.exchange._ssl_for(namespace.hosts[0], same_origin=True)))
     assert len(contexts) == 1
+
+
+async def test_a_host_with_no_tls_files_of_its_own_uses_aiohttps_verified_context() -> None:
+    """No second copy of the system's CAs (0.8 MiB) for hosts that add nothing to them;
+    a host's own CA, client certificate (towards itself) or skip_verify gets its own."""
+    from proxyd.upstream import UpstreamClient
+
+    plain = RegistryHost("https", "r.example", "/v2", Capability.all(), is_mirror=False)
+    with_ca = replace(plain, ca=("/etc/ca.pem",))
+    with_client = replace(plain, client=(("/etc/c.pem", None),))
+    runtime = build_runtime(load_settings(None))
+    async with UpstreamClient(runtime, user_agent="test") as client:
+        ssl_for = client.exchange._ssl_for
+        assert ssl_for(plain, same_origin=True) is True
+        assert ssl_for(with_client, same_origin=False) is True  # a redirect: not its cert
+        assert ssl_for(replace(plain, skip_verify=True), same_origin=True) is not True
+        with pytest.raises(TLSSetupError):  # its own context: the file is read
+            ssl_for(with_ca, same_origin=True)
+        with pytest.raises(TLSSetupError):
+            ssl_for(with_client, same_origin=True)
