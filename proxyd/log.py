@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ import structlog
 
 FLUSH_EVERY = 0.05  # seconds an access line may wait in a batch
 MAX_BATCH = 128  # lines (~50 KiB): a batch is written when it has this many
+WRITE_WAIT = 1.0  # seconds a write waits for a non-blocking stderr's reader (at most)
 ACCESS_LOGGER = "proxyd.access"
 
 
@@ -41,6 +43,9 @@ class Output:
         self._fd = fd
         self._batch: list[str] | None = None  # lines not yet written, while batched
         self._lock = threading.Lock()  # executor threads log too
+        self.write_wait = WRITE_WAIT
+        self._stalled = False  # a wait for a non-blocking stderr was in vain
+        self._cut = False  # the last write ended inside a line
 
     def write(self, text: str, *, urgent: bool = True) -> None:
         with self._lock:
@@ -63,12 +68,33 @@ class Output:
     def _write_batch(self, batch: list[str]) -> None:
         """One write of the whole batch (the lock is held). A log that cannot be
         written (stderr closed, its reader gone) is dropped: it must not fail the
-        request that logged."""
+        request that logged. A line cut short by a drop is ended before the next
+        batch, so no line is glued to another."""
         data = "".join(batch).encode("utf-8", "backslashreplace")
         batch.clear()
-        with contextlib.suppress(OSError):
-            while data:
-                data = data[os.write(self._fd, data) :]
+        if self._cut:
+            data = b"\n" + data
+        written = self._write_all(data)
+        if written:
+            self._cut = data[written - 1] != 0x0A  # "\n"
+
+    def _write_all(self, data: bytes) -> int:
+        """The bytes of `data` written. A stderr its parent left non-blocking (EAGAIN
+        while its reader is behind) is waited for up to `write_wait` seconds at a time,
+        as a blocking one would be, but bounded: after a wait in vain, nothing more is
+        waited for until a batch goes out whole."""
+        view, written = memoryview(data), 0
+        while written < len(data):
+            try:
+                written += os.write(self._fd, view[written:])
+            except BlockingIOError:
+                if self._stalled or not select.select([], [self._fd], [], self.write_wait)[1]:
+                    self._stalled = True
+                    return written
+            except OSError:
+                return written
+        self._stalled = False
+        return written
 
     @contextlib.asynccontextmanager
     async def batched(self, interval: float = FLUSH_EVERY) -> AsyncIterator[None]:

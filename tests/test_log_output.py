@@ -4,9 +4,12 @@ out in batches, other events at once, and nothing is lost on the way out."""
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
+import select
+import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -15,6 +18,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from proxyd import log as log_module
 from proxyd.log import (
     ACCESS_LOGGER,
     HOLE,
@@ -91,6 +95,73 @@ async def test_a_log_whose_reader_is_gone_is_dropped_and_fails_nothing():
         output.flush()
     finally:
         os.close(writer)
+
+
+@pytest.fixture
+def small_pipe() -> Iterator[tuple[int, int]]:
+    """A pipe of one page (4 KiB), its write end non-blocking, as a parent may leave
+    stderr (`F_SETPIPE_SZ`: fcntl(2))."""
+    reader, writer = os.pipe()
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(writer, False)
+    yield reader, writer
+    os.close(reader)
+    os.close(writer)
+
+
+async def test_a_non_blocking_stderr_is_waited_for_while_its_reader_reads(small_pipe):
+    reader, writer = small_pipe
+    line = "x" * 10_000 + "\n"  # more than the pipe holds: EAGAIN until it is read
+    got = bytearray()
+
+    def read() -> None:  # until the line is in, for 10 s at most
+        deadline = time.monotonic() + 10
+        while len(got) < len(line) and time.monotonic() < deadline:
+            if select.select([reader], [], [], 0.1)[0]:
+                got.extend(os.read(reader, 65536))
+
+    drain = threading.Thread(target=read, daemon=True)
+    output = Output(fd=writer)
+    async with output.batched(interval=60):
+        drain.start()
+        output.write(line)
+    drain.join(timeout=10)
+    assert got.decode() == line
+
+
+async def test_a_line_cut_by_a_reader_that_stopped_is_ended_before_the_next_batch(small_pipe):
+    reader, writer = small_pipe
+    output = Output(fd=writer)
+    output.write_wait = 0.01  # nobody reads: the wait is in vain
+    async with output.batched(interval=60):
+        output.write("y" * 10_000 + "\n")  # 4 KiB of it fit
+        cut = os.read(reader, 65536)
+        output.write("stalled\n")  # the pipe has room: written without a wait
+        output.write("next\n")
+    lines = (cut + os.read(reader, 65536)).decode().split("\n")
+    assert lines == ["y" * len(cut), "stalled", "next", ""]
+
+
+async def test_after_a_wait_in_vain_nothing_waits_until_a_batch_goes_out_whole(
+    small_pipe, monkeypatch
+):
+    reader, writer = small_pipe
+    waits: list[float] = []
+
+    def in_vain(_r: object, _w: object, _x: object, timeout: float) -> tuple[list[int], ...]:
+        waits.append(timeout)
+        return [], [], []
+
+    monkeypatch.setattr(log_module.select, "select", in_vain)
+    output = Output(fd=writer)
+    async with output.batched(interval=60):
+        output.write("z" * 8192 + "\n")  # waits once, in vain
+        output.write("dropped at once\n")  # the pipe still full: no wait
+        assert len(waits) == 1
+        os.read(reader, 65536)
+        output.write("whole\n")
+        output.write("w" * 8192 + "\n")  # a batch went out whole: waited for again
+    assert len(waits) == 2
 
 
 def test_outside_a_server_every_line_is_written_at_once(capfd):
