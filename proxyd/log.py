@@ -88,7 +88,7 @@ class Output:
             try:
                 written += os.write(self._fd, view[written:])
             except BlockingIOError:
-                if self._stalled or not select.select([], [self._fd], [], self.write_wait)[1]:
+                if self._stalled or not _writable(self._fd, self.write_wait):
                     self._stalled = True
                     return written
             except OSError:
@@ -115,6 +115,13 @@ class Output:
         while True:
             await asyncio.sleep(interval)
             self.flush()
+
+
+def _writable(fd: int, timeout: float) -> bool:
+    """Whether `fd` takes more within `timeout` seconds (poll: any descriptor number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
 
 
 OUTPUT = Output()

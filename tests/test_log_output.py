@@ -148,11 +148,11 @@ async def test_after_a_wait_in_vain_nothing_waits_until_a_batch_goes_out_whole(
     reader, writer = small_pipe
     waits: list[float] = []
 
-    def in_vain(_r: object, _w: object, _x: object, timeout: float) -> tuple[list[int], ...]:
+    def in_vain(_fd: int, timeout: float) -> bool:
         waits.append(timeout)
-        return [], [], []
+        return False
 
-    monkeypatch.setattr(log_module.select, "select", in_vain)
+    monkeypatch.setattr(log_module, "_writable", in_vain)
     output = Output(fd=writer)
     async with output.batched(interval=60):
         output.write("z" * 8192 + "\n")  # waits once, in vain
