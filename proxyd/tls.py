@@ -70,7 +70,8 @@ def has_own_context(host: RegistryHost, *, same_origin: bool) -> bool:
     """Whether `host`'s requests need a context of their own: with no `ca` or `client`
     files and verification on, aiohttp's verified one (`ssl=True`: the system's CAs,
     TLS >= 1.2, made once when aiohttp is imported) is the same, and a second copy of
-    the system's CAs would cost 0.8 MiB (docs/performance.md, "Idle memory")."""
+    the system's CAs cost 0.55 MiB of the idle RSS (docs/performance.md, "HTTPS reads,
+    one copy of the system's CAs")."""
     return bool(host.skip_verify or host.ca or (same_origin and host.client))
 
 

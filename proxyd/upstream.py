@@ -166,7 +166,7 @@ def _larger_reads(transport: asyncio.BaseTransport | None) -> Any:
     flight; docs/performance.md, "Big cold blobs"). A plain connection's reader is its
     socket transport; a TLS connection's is asyncio's SSL protocol under the transport
     aiohttp holds, whose `max_size` sizes both the socket read and the buffer it reads
-    into (5-15 % less of the loop's CPU on a cold 1 GiB blob over HTTPS). The limit is
+    into (7 % less of the loop's CPU on a cold 1 GiB blob over HTTPS). The limit is
     an attribute of each class: set on the instance it is this connection's alone, and
     deleting it gives the class's back."""
     if transport is None:
