@@ -12,6 +12,13 @@ far more than the proxy's own CPU does: an A/B of two proxyds compares their CPU
 The client is ``curl`` writing to /dev/null when it is installed: at 1-2 GiB/s an
 aiohttp client in Python takes most of a core, which on two cores is taken from the
 proxy being measured. Without curl, ``bench.clients.fetch_one``; the JSON says which.
+
+The same blobs are then fetched over HTTPS (``https_blob_*``, not judged by a target):
+from the ``tls`` upstream, the plain registry's storage served with a test CA's
+certificate, straight and through proxyd given that CA as the host's ``ca``. Real
+registries are HTTPS, and a TLS connection reads, decrypts and copies differently
+from a plain one (docs/performance.md, "HTTPS reads"). The other proxies are not
+configured to trust a test CA here: their rows are skipped. Needs curl.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
+from pathlib import Path
 
 from bench.clients import fetch_one
 from bench.context import Context, shuffled
 from bench.fixtures import Blob, make_blob
 from bench.procs import cpu_seconds, memory
-from bench.proxies import Proxy
+from bench.proxies import Proxy, Proxyd
 from bench.results import DIRECT, Row, Workload, record
+from bench.upstreams import Upstream
 from tests.peers import PeerError
 
 MIB = 1024 * 1024
@@ -33,40 +42,71 @@ SEED = 19
 
 
 def big_blobs(ctx: Context) -> list[Workload]:
-    out = []
     client = "curl" if shutil.which("curl") else "bench.clients"
-    upstream = ctx.upstreams.plain
+    blobs = []
     for size in ctx.profile.big_sizes:
         print(f"   pushing a {_size(size)} random blob", flush=True)
-        blob = make_blob(ctx.workdir / "big", upstream.url, ctx.repository, size, seed=SEED)
-        wl = Workload(
-            f"big_blob_{_size(size).replace(' ', '')}",
-            f"cold GET of a {_size(size)} blob",
-            "s",
-            "lower",
-        )
-        wl.notes.append(f"client: {client}")
-        proxies = ctx.ready_rows(wl)
-        direct = wl.row(DIRECT)
-        url = upstream.url + ctx.blob_path(blob.digest)
-        for rep in range(ctx.profile.big_reps):
-            for proxy in shuffled([None, *proxies], rep):  # None: direct
-                if proxy is None:
-                    if direct.status == "ok":
-                        ctx.warm_up(upstream.url)
-                        _sample(direct, blob, url, client)
-                    continue
-                _proxy_turn(ctx, wl, proxy, blob, client, rep)
-        for row in wl.rows.values():
-            _summarise(row, size)
-        out.append(wl)
+        plain = ctx.upstreams.plain.url
+        blobs.append(make_blob(ctx.workdir / "big", plain, ctx.repository, size, seed=SEED))
+    out = [_measure(ctx, blob, ctx.upstreams.plain, client, "big_blob", "") for blob in blobs]
+    for blob in blobs:
+        out.append(_measure(ctx, blob, ctx.upstreams.tls, client, "https_blob", " over HTTPS"))
     return out
 
 
+def _measure(
+    ctx: Context, blob: Blob, upstream: Upstream, client: str, kind: str, how: str
+) -> Workload:
+    """The cold GETs of `blob` from `upstream`, direct and through each proxy."""
+    size = blob.size
+    name = _size(size)
+    wl_id = f"{kind}_{name.replace(' ', '')}"
+    wl = Workload(wl_id, f"cold GET of a {name} blob{how}", "s", "lower")
+    wl.notes.append(f"client: {client}")
+    proxies = ctx.ready_rows(wl)
+    if upstream.ca is not None:  # only proxyd is told to trust the test CA
+        for other in [p for p in proxies if not isinstance(p, Proxyd)]:
+            wl.rows[other.name] = Row(other.name, status="skipped", reason="no test CA here")
+        proxies = [p for p in proxies if isinstance(p, Proxyd)]
+        if client != "curl":
+            for row in wl.rows.values():
+                row.status, row.reason = "skipped", "over HTTPS the client is curl"
+            return wl
+    direct = wl.row(DIRECT)
+    url = upstream.url + ctx.blob_path(blob.digest)
+    for rep in range(ctx.profile.big_reps):
+        for proxy in shuffled([None, *proxies], rep):  # None: direct
+            if proxy is None:
+                if direct.status == "ok":
+                    _warm_up(ctx, upstream)
+                    _sample(direct, blob, url, client, upstream.ca)
+                continue
+            _proxy_turn(ctx, wl, proxy, upstream, blob, client, rep)
+    for row in wl.rows.values():
+        _summarise(row, size)
+    return wl
+
+
+def _warm_up(ctx: Context, upstream: Upstream) -> None:
+    """The harness's warm-up request; over HTTPS one of curl's (urllib is the harness's
+    client, and it talks plain http only)."""
+    if upstream.ca is None:
+        ctx.warm_up(upstream.url)
+        return
+    argv = ["curl", "-sS", "-o", "/dev/null", "--cacert", str(upstream.ca), "--max-time", "30"]
+    subprocess.run([*argv, f"{upstream.url}/v2/"], capture_output=True, timeout=40, check=False)
+
+
 def _proxy_turn(
-    ctx: Context, wl: Workload, proxy: Proxy, blob: Blob, client: str, rep: int
+    ctx: Context,
+    wl: Workload,
+    proxy: Proxy,
+    upstream: Upstream,
+    blob: Blob,
+    client: str,
+    rep: int,
 ) -> None:
-    for row, running in ctx.each_fresh(wl, [proxy], ctx.upstreams.plain):
+    for row, running in ctx.each_fresh(wl, [proxy], upstream):
         idle = memory(running.pid)["VmRSS"]
         before = cpu_seconds(running.pid)
         with ctx.watch(running, f"{wl.id}-{rep}"):
@@ -79,22 +119,24 @@ def _proxy_turn(
             row.extra.setdefault("main_thread_cpu_s", []).append(round(after[1] - before[1], 3))
 
 
-def _sample(row: Row, blob: Blob, url: str, client: str) -> bool:
-    seconds = record(row, _get, url, blob, client)
+def _sample(row: Row, blob: Blob, url: str, client: str, ca: Path | None = None) -> bool:
+    seconds = record(row, _get, url, blob, client, ca)
     if seconds is None:
         return False
     row.samples.append(seconds)
     return True
 
 
-def _get(url: str, blob: Blob, client: str) -> float:
-    """Seconds for one GET of ``url`` read to the end; the whole blob, or an error."""
+def _get(url: str, blob: Blob, client: str, ca: Path | None = None) -> float:
+    """Seconds for one GET of ``url`` read to the end (over HTTPS trusting ``ca``); the
+    whole blob, or an error."""
     timeout = 60 + blob.size / (20 * MIB)
     if client == "bench.clients":
         fetched = fetch_one(url, {}, timeout=timeout)
         status, got, seconds = fetched.statuses[0], fetched.sizes[0], fetched.seconds
     else:
         argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", str(int(timeout))]
+        argv += ["--cacert", str(ca)] if ca is not None else []
         argv += ["-w", "%{http_code} %{size_download} %{time_total}", url]
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout + 10, check=False

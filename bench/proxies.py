@@ -110,7 +110,14 @@ class Proxyd(Proxy):
     def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
         config = proxyd_config(
             default_namespace=upstream.host,
-            namespaces=[Namespace(upstream.host, upstream.url, tag_ttl=self.tag_ttl)],
+            namespaces=[
+                Namespace(
+                    upstream.host,
+                    upstream.url,
+                    tag_ttl=self.tag_ttl,
+                    ca=(str(upstream.ca),) if upstream.ca else (),
+                )
+            ],
             credentials={upstream.host: upstream.creds} if upstream.creds else None,
             settings={"cluster": self.cluster} if self.cluster else None,
         )

@@ -1,6 +1,8 @@
 """The upstreams every workload measures against, all real, all on 127.0.0.1.
 
 - ``plain``: distribution with no authentication.
+- ``tls``: a second distribution serving the plain one's storage over HTTPS, with a
+  throw-away CA's certificate (``ca``): what a blob costs over TLS (the big blobs).
 - ``token``: distribution with token authentication (ES256 JWTs from the harness's
   token server), reached through a relay that answers ``/token`` too, so the registry
   and its realm share one address (drayage requires that). Everyone, the direct
@@ -12,7 +14,8 @@
   bytes, in front of ``slow``, for what one more process on the way costs here.
 
 ``Upstream`` is what a proxy needs to know about one of them: the origin, the
-credentials (if any), and the relay to ask for request counts (if any).
+credentials (if any), the CA to trust (if https), and the relay to ask for request
+counts (if any).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from bench.procs import spawn
 from tests.peers import LOOPBACK, PeerError, free_port, stop_process, wait_for_http
-from tests.peers.registry import TOKEN_SERVICE, Registry
+from tests.peers.registry import TOKEN_SERVICE, Registry, TLSFiles
 from tests.peers.tokenserver import TokenServer
 
 USER, PASSWORD = "alice", "wonderland"
@@ -36,13 +39,14 @@ USER, PASSWORD = "alice", "wonderland"
 @dataclass(frozen=True)
 class Upstream:
     name: str
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http://127.0.0.1:PORT (https:// with `ca`)
     creds: tuple[str, str] | None = None
     relay: RelayProcess | None = None
+    ca: Path | None = None  # the CA of an https upstream's certificate
 
     @property
     def host(self) -> str:
-        return self.url.removeprefix("http://")
+        return self.url.split("://", 1)[1]
 
     @property
     def creds_text(self) -> str | None:
@@ -130,6 +134,12 @@ class Upstreams(contextlib.ExitStack):
         self.callback(self.plain_registry.stop)  # first: it may be interrupted while starting
         self.plain_registry.start()
         self.plain = Upstream("plain", self.plain_registry.url)
+        # The same registry's storage served over HTTPS (a test CA's certificate).
+        tls = TLSFiles.issue(self.workdir / "tls" / "pki")
+        over_tls = Registry.over_tls(self.workdir / "tls", tls, storage=self.plain_registry.storage)
+        self.callback(over_tls.stop)
+        over_tls.start()
+        self.tls = Upstream("tls", over_tls.url, ca=tls.ca)
 
         tokens = TokenServer().start()
         self.callback(tokens.stop)

@@ -236,3 +236,30 @@ def test_a_results_path_that_is_a_directory_is_refused_before_the_run(tmp_path, 
         parse_args(["--out", str(tmp_path)])
     assert "is a directory" in capsys.readouterr().err
     assert parse_args(["--out", str(tmp_path / "x.json")]).out == tmp_path / "x.json"
+
+
+def test_the_harness_talks_https_only_to_loopback_peers_said_to_serve_it():
+    from tests.peers import PeerError, loopback_url
+
+    assert loopback_url("http://127.0.0.1:5000/v2/") == "http://127.0.0.1:5000/v2/"
+    assert loopback_url("https://127.0.0.1:5000/v2/", tls=True) == "https://127.0.0.1:5000/v2/"
+    for url, tls in (
+        ("https://127.0.0.1:5000/v2/", False),  # TLS only where a test CA is given
+        ("http://127.0.0.1:5000/v2/", True),
+        ("https://registry-1.docker.io/v2/", True),
+    ):
+        with pytest.raises(PeerError):
+            loopback_url(url, tls=tls)
+
+
+def test_a_registry_over_tls_serves_the_storage_it_is_given_with_its_certificate(tmp_path):
+    from tests.peers.registry import Registry, TLSFiles
+
+    tls = TLSFiles.issue(tmp_path / "pki")
+    assert all(path.is_file() for path in (tls.cert, tls.key, tls.ca))
+    registry = Registry.over_tls(tmp_path / "tls", tls, storage=tmp_path / "plain" / "storage")
+    registry._port = 5999  # as if started: the URL and the config are what is asked
+    assert registry.url == "https://127.0.0.1:5999"
+    config = registry._config()
+    assert config["http"]["tls"] == {"certificate": str(tls.cert), "key": str(tls.key)}
+    assert config["storage"]["filesystem"]["rootdirectory"] == str(tmp_path / "plain" / "storage")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -97,21 +98,26 @@ class Listening:
         return f"{LOOPBACK}:{self.port}"
 
 
-def loopback_url(url: str) -> str:
-    """``url`` itself, after checking that it points at 127.0.0.1 over plain HTTP.
+def loopback_url(url: str, *, tls: bool = False) -> str:
+    """``url`` itself, after checking that it points at 127.0.0.1 over plain HTTP
+    (or HTTPS, with ``tls``: a peer serving a test CA's certificate).
 
     Every peer of these tests listens there; anything else is a bug in a test.
     """
-    if not url.startswith(f"http://{LOOPBACK}:"):
-        raise PeerError(f"refusing a request to {url!r}: tests only talk to http://{LOOPBACK}")
+    scheme = "https" if tls else "http"
+    if not url.startswith(f"{scheme}://{LOOPBACK}:"):
+        raise PeerError(f"refusing a request to {url!r}: tests only talk to {scheme}://{LOOPBACK}")
     return url
 
 
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """The status of ``GET url``, or None when nothing answers."""
+def http_status(url: str, timeout: float = 2.0, *, ca: Path | None = None) -> int | None:
+    """The status of ``GET url``, or None when nothing answers; with ``ca``, over HTTPS
+    trusting only that CA."""
+    context = None if ca is None else ssl.create_default_context(cafile=str(ca))
     try:
         # loopback_url checks the scheme S310 worries about.
-        with urllib.request.urlopen(loopback_url(url), timeout=timeout) as response:  # noqa: S310
+        checked = loopback_url(url, tls=ca is not None)
+        with urllib.request.urlopen(checked, timeout=timeout, context=context) as response:  # noqa: S310
             return int(response.status)
     except urllib.error.HTTPError as err:
         return int(err.code)
@@ -126,8 +132,10 @@ def wait_for_http(
     timeout: float,
     alive: Callable[[], str | None] = lambda: None,
     what: str = "server",
+    ca: Path | None = None,
 ) -> int:
-    """Poll ``GET url`` until ``accept(status)``; return that status.
+    """Poll ``GET url`` until ``accept(status)``; return that status (over HTTPS
+    trusting ``ca``, if given).
 
     ``alive`` returns None while the server's process runs, or a description of its
     death (exit code and output), which ends the wait at once.
@@ -138,7 +146,7 @@ def wait_for_http(
         died = alive()
         if died is not None:
             raise PeerError(f"{what} exited before answering {url}:\n{died}")
-        last = http_status(url, timeout=1.0)
+        last = http_status(url, timeout=1.0, ca=ca)
         if last is not None and accept(last):
             return last
         if time.monotonic() > deadline:

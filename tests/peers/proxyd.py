@@ -336,6 +336,7 @@ class Namespace:
     tag_ttl: float | None = None  # seconds a resolved tag is fresh (proxyd's default: 60)
     allow_push: bool = False  # pushes (uploads, manifest PUT) through proxyd
     allow_delete: bool = False  # manifest and blob DELETE through proxyd
+    ca: tuple[str, ...] = ()  # CA files trusted for the server (an https one)
 
 
 def _toml_value(value: Any) -> str:
@@ -387,6 +388,8 @@ def proxyd_config(
             lines.append(f"server = {_toml_value(ns.server)}")
         if ns.tag_ttl is not None:
             lines.append(f"tag_ttl = {_toml_value(ns.tag_ttl)}")
+        if ns.ca:
+            lines.append(f"ca = {_toml_value(ns.ca)}")
         for setting in ("allow_push", "allow_delete"):
             if getattr(ns, setting):
                 lines.append(f"{setting} = true")

@@ -5,6 +5,8 @@ Modes:
 - ``Registry.plain(dir)``: no authentication.
 - ``Registry.htpasswd(dir)``: Basic authentication from a bcrypt htpasswd file.
 - ``Registry.token(dir, token_server)``: Bearer tokens from ``TokenServer``.
+- ``Registry.over_tls(dir, tls, storage)``: no authentication, over HTTPS (a test
+  CA's certificate), optionally serving another registry's storage.
 - ``Registry.pull_through(dir, remote_url)``: a pull-through cache (``proxy.remoteurl``)
   of another registry, usable as a mirror.
 
@@ -44,6 +46,29 @@ from tests.peers.tokenserver import TokenServer
 DEFAULT_USERS: Mapping[str, str] = {"alice": "wonderland"}
 TOKEN_SERVICE = "proxyd-test-registry"
 START_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A server's certificate and key for 127.0.0.1, and the CA that issued them."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def issue(cls, directory: Path) -> TLSFiles:
+        """A throw-away CA (trustme) and its certificate for 127.0.0.1, as files."""
+        import trustme  # a dev dependency: only what serves TLS needs it
+
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        leaf = ca.issue_cert(LOOPBACK)
+        files = cls(directory / "server.pem", directory / "server.key", directory / "ca.pem")
+        leaf.cert_chain_pems[0].write_to_path(files.cert)
+        leaf.private_key_pem.write_to_path(files.key)
+        ca.cert_pem.write_to_path(files.ca)
+        return files
 
 
 @dataclass(frozen=True)
@@ -87,10 +112,13 @@ class Registry(Listening):
         kind: str,
         auth: dict[str, Any] | None = None,
         proxy: dict[str, str] | None = None,
+        storage: Path | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.workdir = workdir
         self.kind = kind
-        self.storage = workdir / "storage"
+        self.storage = storage or workdir / "storage"
+        self.tls = tls
         self.config_path = workdir / "config.yml"
         self._auth = auth
         self._proxy = proxy
@@ -107,6 +135,13 @@ class Registry(Listening):
     def plain(cls, workdir: Path) -> Registry:
         workdir.mkdir(parents=True, exist_ok=True)
         return cls(workdir, kind="plain")
+
+    @classmethod
+    def over_tls(cls, workdir: Path, tls: TLSFiles, storage: Path | None = None) -> Registry:
+        """No authentication, served over HTTPS with ``tls``'s certificate; with
+        ``storage``, another registry's (it serves what that one holds)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        return cls(workdir, kind="tls", storage=storage, tls=tls)
 
     @classmethod
     def htpasswd(cls, workdir: Path, users: Mapping[str, str] = DEFAULT_USERS) -> Registry:
@@ -161,7 +196,7 @@ class Registry(Listening):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def running(self) -> bool:
@@ -185,6 +220,8 @@ class Registry(Listening):
             config["auth"] = self._auth
         if self._proxy is not None:
             config["proxy"] = self._proxy
+        if self.tls is not None:
+            config["http"]["tls"] = {"certificate": str(self.tls.cert), "key": str(self.tls.key)}
         return config
 
     def _stderr_path(self, generation: int) -> Path:
@@ -218,6 +255,7 @@ class Registry(Listening):
                     timeout=START_TIMEOUT,
                     alive=self._death,
                     what=f"docker-registry ({self.kind})",
+                    ca=self.tls.ca if self.tls else None,
                 )
                 return self
             except PeerError:
