@@ -93,8 +93,8 @@ def _warm_up(ctx: Context, upstream: Upstream) -> None:
     if upstream.ca is None:
         ctx.warm_up(upstream.url)
         return
-    argv = ["curl", "-sS", "-o", "/dev/null", "--cacert", str(upstream.ca), "--max-time", "30"]
-    subprocess.run([*argv, f"{upstream.url}/v2/"], capture_output=True, timeout=40, check=False)
+    argv = [*_curl(30, upstream.ca), f"{upstream.url}/v2/"]
+    subprocess.run(argv, capture_output=True, timeout=40, check=False)
 
 
 def _proxy_turn(
@@ -135,8 +135,7 @@ def _get(url: str, blob: Blob, client: str, ca: Path | None = None) -> float:
         fetched = fetch_one(url, {}, timeout=timeout)
         status, got, seconds = fetched.statuses[0], fetched.sizes[0], fetched.seconds
     else:
-        argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", str(int(timeout))]
-        argv += ["--cacert", str(ca)] if ca is not None else []
+        argv = _curl(timeout, ca)
         argv += ["-w", "%{http_code} %{size_download} %{time_total}", url]
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout + 10, check=False
@@ -148,6 +147,12 @@ def _get(url: str, blob: Blob, client: str, ca: Path | None = None) -> float:
     if status != 200 or got != blob.size:
         raise PeerError(f"got {status} and {got} B, want 200 and {blob.size} B")
     return seconds
+
+
+def _curl(timeout: float, ca: Path | None) -> list[str]:
+    """curl discarding the body, bounded by `timeout`, trusting `ca` over HTTPS."""
+    argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", str(int(timeout))]
+    return argv + (["--cacert", str(ca)] if ca is not None else [])
 
 
 def _summarise(row: Row, size: int) -> None:

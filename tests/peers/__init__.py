@@ -29,6 +29,7 @@ server, and running commands with a deadline.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -110,10 +111,16 @@ def loopback_url(url: str, *, tls: bool = False) -> str:
     return url
 
 
+@functools.cache
+def _trusting(ca: Path) -> ssl.SSLContext:
+    """A client context trusting only `ca`: made once, not at every poll of a start."""
+    return ssl.create_default_context(cafile=str(ca))
+
+
 def http_status(url: str, timeout: float = 2.0, *, ca: Path | None = None) -> int | None:
     """The status of ``GET url``, or None when nothing answers; with ``ca``, over HTTPS
     trusting only that CA."""
-    context = None if ca is None else ssl.create_default_context(cafile=str(ca))
+    context = None if ca is None else _trusting(ca)
     try:
         # loopback_url checks the scheme S310 worries about.
         checked = loopback_url(url, tls=ca is not None)
