@@ -13,15 +13,18 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-async def settle(job: asyncio.Future[T]) -> T:
+async def settle(job: asyncio.Future[T], on_cancel: Callable[[], None] | None = None) -> T:
     """The result of a worker-thread job, waiting for its end even when cancelled
-    meanwhile (a thread cannot be stopped: what it holds must stay open until it ends).
-    A cancellation is re-raised once the job ended."""
+    meanwhile (a thread cannot be stopped: what it holds must stay open until it ends;
+    `on_cancel` may ask it to end early). A cancellation is re-raised once the job
+    ended."""
     cancelled = False
     while not job.done():
         try:
             await asyncio.wait([job])
         except asyncio.CancelledError:
+            if not cancelled and on_cancel is not None:
+                on_cancel()
             cancelled = True
     if cancelled:
         if not job.cancelled():

@@ -8,6 +8,13 @@ reader short and keeps nothing. A range ends on the same terms: its own last byt
 waits for the digest too, so no answer, whole or partial, ends clean on bytes the
 digest has not vouched for.
 
+A reader whose client sits on a plain socket takes the bytes on disk as spans of
+the temporary file (`OnDisk`), which the server sends with sendfile: the page cache
+goes to the socket without passing through Python, where a copy into the process and
+one out of it cost the event loop a third of its CPU on a cold 1 GiB blob. Such a
+reader takes bytes the disk has not reached only for its first piece (the time to
+first byte), then follows the disk.
+
 A download whose source fails midway (a peer of the fleet, `proxyd.fleetpull`) may
 go on from its next source at the byte it reached, or `restart` from the first byte:
 then readers that had bytes are cut short (those bytes may be what made the digest
@@ -21,20 +28,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from proxyd import splicing
+from proxyd.background import settle
 from proxyd.errors import UpstreamError
 from proxyd.hosts import Target
 from proxyd.reference import Digest
 from proxyd.store import BlobStore, BlobWriter
+from proxyd.upstream import RawBody
 from proxyd.writebehind import WriteBehind
 
 # Bytes a reader behind the disk preads at once: a slow client's chunk waits in the
 # socket's send buffer as a copy too, so 1 MiB here was 2 MiB of the peak RSS.
 READ_CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """Bytes [offset, offset + length) of the blob, in `file` (the reader's own
+    descriptor of the temporary or the stored file, open until the reader ends)."""
+
+    file: io.FileIO
+    offset: int
+    length: int
 
 
 class Download:
@@ -71,6 +94,7 @@ class Download:
         self.verified = False  # the digest matched: readers may have every byte
         self.writer: BlobWriter | None = None
         self._pipe: WriteBehind | None = None
+        self._spliced = 0  # bytes a splice put in the file (no write-behind then)
         self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not on disk yet
         self._fd = -1  # the temporary file, for readers
         self._answered = False  # upstream answered the GET, or the download failed first
@@ -93,7 +117,7 @@ class Download:
     @property
     def written(self) -> int:
         """Bytes on disk: what readers may pread (but the last byte, until verified)."""
-        return self._pipe.written if self._pipe is not None else 0
+        return self._pipe.written if self._pipe is not None else self._spliced
 
     def open(self, store: BlobStore) -> None:
         """Create the temporary file, and the descriptor readers pread (once)."""
@@ -124,6 +148,42 @@ class Download:
         self.notify()  # readers caught up take it from memory
         if self._pipe.backlog > self._pipe.high_water:
             await self._pipe.room()
+
+    async def splice(self, body: RawBody) -> None:
+        """Take a body straight from its socket into the file (`BlobWriter.splice`,
+        in a worker thread), announcing what reaches the disk as it does; cancelled,
+        the splice is told to stop and waited for (the socket and the file stay open
+        until it ended). Raises what the splice raised."""
+        writer = self.writer
+        assert writer is not None, "the download writes once it is open"
+        loop = asyncio.get_running_loop()
+        if body.head:  # what aiohttp had read: a batch of its own, here
+            self._spliced = self.received = writer.append([body.head])
+            self.notify()
+
+        def moved(size: int) -> None:  # in the worker thread
+            body.pace.arrived(size)
+            loop.call_soon_threadsafe(self._landed, size)
+
+        stop = splicing.Stop()
+        try:
+            job = loop.run_in_executor(
+                None,
+                functools.partial(
+                    writer.splice, body.fd, body.left, timeout=body.timeout, stop=stop, moved=moved
+                ),
+            )
+            await settle(job, on_cancel=stop.set)
+        finally:
+            stop.close()
+        if writer.written > self._spliced:  # (announced already, by the loop's turns)
+            self._landed(writer.written - self._spliced)
+
+    def _landed(self, size: int) -> None:
+        """`size` more bytes of a spliced body are in the file."""
+        self._spliced += size
+        self.received = self._spliced
+        self.notify()
 
     async def verify(self) -> None:
         """Once every byte is on disk: check the digest, then release the last byte."""
@@ -212,10 +272,21 @@ class Download:
         is `stop`'s last byte: a range short of the end completes only once the whole
         blob is verified (holding back the blob's last byte alone would protect only
         the ranges that include it). A `restart` after this reader had bytes raises."""
+        async with contextlib.aclosing(self.pieces(start, stop)) as pieces:
+            async for piece in pieces:
+                assert isinstance(piece, bytes), "asked for bytes only"
+                yield piece
+
+    async def pieces(
+        self, start: int = 0, stop: int | None = None, *, spans: bool = False
+    ) -> AsyncGenerator[bytes | OnDisk, None]:
+        """`chunks`, on the same terms; with `spans`, bytes on disk come as `OnDisk`
+        spans of the file, and bytes beyond the disk only as the first piece."""
         ended = self._users == 0  # the download itself let go: stored, or dropped
         self._users += 1
         offset = start
         generation = self.generation
+        file: io.FileIO | None = None  # this reader's descriptor, for spans
         try:
             if self._fd < 0 and self.error is None and ended:
                 # The download ended between handing this reader out and its first read.
@@ -229,22 +300,33 @@ class Download:
                     if offset > start:
                         raise UpstreamError(f"download of {self.digest} started again")
                     generation = self.generation
+                    if file is not None:
+                        file.close()  # the old file's
+                        file = None
                 available = self._releasable()
                 if stop is not None:
                     available = min(available, stop if self.verified else stop - 1)
-                if offset < available:
-                    if offset < self.written:
-                        on_disk = min(available, self.written)
-                        data = os.pread(self._fd, min(READ_CHUNK, on_disk - offset), offset)
-                        if not data:  # the file is shorter than written: never spin on it
-                            raise UpstreamError(f"temporary file of {self.digest} was truncated")
+                piece: bytes | OnDisk
+                if offset < available and offset < self.written:
+                    on_disk = min(available, self.written)
+                    if spans:
+                        if file is None:
+                            file = io.FileIO(os.dup(self._fd), "rb")
+                        piece = OnDisk(file, offset, on_disk - offset)
                     else:
-                        data = self._unwritten_bytes(offset, available)
-                    offset += len(data)
-                    yield data
-                elif self.verified:
+                        piece = os.pread(self._fd, min(READ_CHUNK, on_disk - offset), offset)
+                        if not piece:  # the file is shorter than written: never spin on it
+                            raise UpstreamError(f"temporary file of {self.digest} was truncated")
+                elif offset < available and not (spans and offset > start):
+                    piece = self._unwritten_bytes(offset, available)
+                elif self.verified and offset >= available:
                     return
                 else:
                     await self._news()
+                    continue
+                offset += piece.length if isinstance(piece, OnDisk) else len(piece)
+                yield piece
         finally:
+            if file is not None:
+                file.close()
             self.release()

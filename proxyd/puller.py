@@ -402,8 +402,12 @@ class Puller:
                 download.host = up.host.host
                 download.open(self.store)  # made already, unless that failed
                 download.answer()
-                async for chunk in up.chunks():
-                    await download.write(chunk)
+                raw = up.raw_body()
+                if raw is not None:
+                    await download.splice(raw)
+                else:
+                    async for chunk in up.chunks():
+                        await download.write(chunk)
                 await download.verify()  # in the block: a mismatch is this host's failure
         finally:
             early.cancel()  # the request failed before the loop turned: nothing to make

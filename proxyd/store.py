@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import secrets
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from proxyd import splicing
 from proxyd.errors import DigestMismatch
 from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
 
@@ -55,6 +58,8 @@ _IOV_MAX = 1024  # buffers one writev takes (Linux's IOV_MAX)
 # hash and the copy into the page cache are the two slow halves of a cold download,
 # and both release the GIL. Below it, the hand-over costs more than it saves.
 HASH_ASIDE_FROM = 256 << 10
+# The most of a spliced file the hash maps at once: mapped pages count in the RSS.
+HASH_WINDOW = 1 << 20
 _hashers: ThreadPoolExecutor | None = None
 
 
@@ -312,6 +317,37 @@ class BlobStore:
         return resolved
 
 
+class _Landed:
+    """How far a splice has filled the file, for the thread that hashes behind it."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self._total = start
+        self._ended = False
+        self._complete = False
+        self._changed = threading.Condition()
+
+    def add(self, size: int) -> None:
+        with self._changed:
+            self._total += size
+            self._changed.notify()
+
+    def end(self, *, complete: bool) -> None:
+        with self._changed:
+            self._ended, self._complete = True, complete
+            self._changed.notify()
+
+    def beyond(self, done: int) -> int | None:
+        """The file's length once it is past `done`; None when nothing more is to be
+        hashed (the splice ended: complete and all hashed, or failed)."""
+        with self._changed:
+            while self._total <= done and not self._ended:
+                self._changed.wait()
+            if self._ended and (not self._complete or self._total <= done):
+                return None
+            return self._total
+
+
 class BlobWriter:
     """Writes a temporary file while hashing it; `commit` renames it into place only
     when the digest matches. Leaving the `with` block without commit discards it.
@@ -327,7 +363,8 @@ class BlobWriter:
         self.digest = digest
         self.temp_path = store.temporary_path(digest.hex[:16])
         # Unbuffered: readers of a download in flight pread this file as it grows.
-        self._fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        # Readable too: a spliced body is hashed from the file, mapped (`splice`).
+        self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
         self._hash = hashlib.new(digest.algorithm)
         self.written = 0
         self.verified = False
@@ -360,6 +397,52 @@ class BlobWriter:
             hashed.result()
         self.written += total
         return total
+
+    def splice(
+        self,
+        source: int,
+        count: int,
+        *,
+        timeout: float,
+        stop: splicing.Stop,
+        moved: Callable[[int], None],
+    ) -> None:
+        """Move `count` bytes from the socket `source` to the end of the file inside
+        the kernel (`proxyd.splicing`, which says what it raises), `moved(n)` after
+        each move, while a hashing thread hashes them from the file as they land,
+        mapped a window at a time. Both are done when this returns, as with `append`.
+        Blocks: run it in a worker thread."""
+        landed = _Landed(self.written)
+        hashed = _hasher_pool().submit(self._hash_landed, landed)
+
+        def on_move(size: int) -> None:
+            self.written += size
+            landed.add(size)
+            moved(size)
+
+        try:
+            splicing.splice_into(source, self._fd, count, timeout=timeout, stop=stop, moved=on_move)
+        finally:
+            landed.end(complete=self.written == landed.start + count)
+            wait_for([hashed])  # never leave the hash reading a file about to close
+        hashed.result()
+
+    def _hash_landed(self, landed: _Landed) -> None:
+        """Hash what lands in the file, in order, until `landed` ends (all of it, if
+        the splice completed)."""
+        done = landed.start
+        while (upto := landed.beyond(done)) is not None:
+            end = min(upto, done + HASH_WINDOW)
+            base = done - done % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(self._fd, end - base, prot=mmap.PROT_READ, offset=base) as mapped:
+                view = memoryview(mapped)
+                part = view[done - base :]
+                try:
+                    self._hash.update(part)
+                finally:
+                    part.release()
+                    view.release()
+            done = end
 
     def _write_all(self, views: list[memoryview], left: int) -> None:
         """Write `left` bytes, all of `views`, however short each writev falls."""

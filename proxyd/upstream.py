@@ -41,6 +41,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp import hdrs
 
 from proxyd import clienterrors, retries
 from proxyd.auth import Authorizer
@@ -89,6 +90,22 @@ BODY_BUFFER = 1 << 19
 # The most one read from the socket takes while a body is read (asyncio's: 256 KiB).
 SOCKET_READ = 512 << 10
 DEFAULT_RETRY_MAX_WAIT = 10.0  # seconds; the retry_max_wait setting's default
+# The smallest body taken straight from its socket (`Upstream.raw_body`): such a
+# connection is closed after it, not reused, which a small blob would pay for.
+SPLICE_FROM = 8 << 20
+
+
+@dataclass
+class RawBody:
+    """A body left in its socket for the kernel to move (`proxyd.splicing`): `head`,
+    what aiohttp had read of it already, then `left` bytes in the socket `fd`. The
+    connection is closed once the response is released, never reused."""
+
+    fd: int
+    head: bytes
+    left: int
+    timeout: float  # seconds without a byte: the host's read timeout
+    pace: MinimumRate
 
 
 @dataclass
@@ -113,6 +130,41 @@ class Upstream:
         connection = self.response.connection
         transport = connection.transport if connection is not None else None
         return _Paced(self.response.content, MinimumRate(self.min_rate, self.clock), transport)
+
+    def raw_body(self) -> RawBody | None:
+        """The body, to be spliced, when that is possible and worth it: a plain-http
+        connection (TLS bodies must be decrypted in the process), a length of at least
+        `SPLICE_FROM` given by Content-Length (no transfer coding to parse), asyncio's
+        own socket transport. aiohttp's reading of the connection is paused for good:
+        what it has not read yet is the caller's to splice. None: read `chunks`."""
+        response = self.response
+        length = response.content_length
+        connection = response.connection
+        if (
+            length is None
+            or length < SPLICE_FROM
+            or hdrs.TRANSFER_ENCODING in response.headers
+            or connection is None
+            or connection.transport is None
+            or connection.protocol is None
+        ):
+            return None
+        transport = connection.transport
+        sock = transport.get_extra_info("socket")
+        if (
+            transport.get_extra_info("sslcontext") is not None
+            or hasattr(transport, "_ssl_protocol")
+            or sock is None
+        ):
+            return None
+        content = response.content
+        if content.exception() is not None or content.is_eof():
+            return None
+        head = content.read_nowait()  # (it may resume the reading: paused right after)
+        connection.protocol.pause_reading()
+        pace = MinimumRate(self.min_rate, self.clock)
+        pace.arrived(len(head))
+        return RawBody(sock.fileno(), head, length - len(head), self.host.read_timeout, pace)
 
 
 class _Paced:
@@ -369,8 +421,9 @@ class UpstreamClient:
                 continue
             try:
                 yield Upstream(host, response, failures, self.min_rate, self.clock.monotonic)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # The body broke or stalled after the headers: still this host's failure.
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                # The body broke or stalled after the headers: still this host's failure
+                # (ConnectionError: a spliced body's, which aiohttp never saw).
                 reason = _describe(exc)
                 self.record.bad_answer(host, path, failures, reason)
                 raise UpstreamError(

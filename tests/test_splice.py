@@ -1,0 +1,277 @@
+"""A big cold blob from a plain-http upstream goes from the socket to the file inside
+the kernel (splice), is hashed from the file, and reaches clients on plain sockets
+with sendfile: the same answers and guarantees as the write-behind's path, with the
+bytes never in the process. `SPLICE_FROM` is lowered here so that the 1 MiB layers of
+the fakes take that path; `spliced` counts the splices, so each test shows it did."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxyd import splicing, upstream
+from proxyd.download import Download, OnDisk
+from proxyd.errors import DigestMismatch
+from proxyd.pace import MinimumRate
+from proxyd.reference import Digest
+from proxyd.store import BlobStore
+from proxyd.upstream import RawBody
+from tests.conftest import host, origin, until, until_stored
+from tests.fakes import FakeRegistry, make_image
+
+LAYER = os.urandom(1 << 20)
+READ_TIMEOUT = 0.3
+
+
+@pytest.fixture
+def spliced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Bodies of any length are spliced; the list holds each splice's byte count."""
+    counts: list[int] = []
+    real = splicing.splice_into
+
+    def counting(source: int, target: int, count: int, **kwargs: Any) -> None:
+        counts.append(count)
+        real(source, target, count, **kwargs)
+
+    monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
+    monkeypatch.setattr(splicing, "splice_into", counting)
+    yield counts
+
+
+def config(server: Any, read_timeout: float | None = None) -> str:
+    lines = [
+        f'default_namespace = "{host(server)}"',
+        f'[namespaces."{host(server)}"]',
+        f'server = "{origin(server)}"',
+    ]
+    if read_timeout is not None:
+        lines.append(f"read_timeout = {read_timeout}")
+    return "\n".join(lines)
+
+
+async def proxyd_with(make_proxyd: Any, start_fake: Any, fake: FakeRegistry, **kw: Any) -> Any:
+    server = await start_fake(fake)
+    return await make_proxyd(config(server, **kw))
+
+
+def stored(cache_dir: Path, digest: str) -> Path:
+    return cache_dir / "blobs" / "sha256" / digest.split(":")[1]
+
+
+async def test_a_cold_blob_is_spliced_served_whole_and_stored(
+    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+):
+    fake = FakeRegistry()
+    image = fake.add(make_image(layer=LAYER))
+    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    assert response.status == 200
+    assert await response.read() == LAYER
+    assert len(spliced) == 1 and 0 < spliced[0] <= len(LAYER)  # the rest of the head's read
+    assert (await until_stored(cache_dir, image.layer)).read_bytes() == LAYER
+
+    ranged = await proxyd.get(f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=5-9"})
+    assert await ranged.read() == LAYER[5:10]
+
+
+async def test_clients_joining_a_splice_get_every_byte_once_the_digest_is_verified(
+    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+):
+    fake = FakeRegistry(gate=asyncio.Event())  # the last byte waits for the test
+    image = fake.add(make_image(layer=LAYER))
+    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+    path = f"/v2/team/app/blobs/{image.layer}"
+
+    first = await proxyd.get(path)
+    await until(lambda: bool(spliced))
+    whole, part = await proxyd.get(path), await proxyd.get(path, headers={"Range": "bytes=10-"})
+    assert fake.gate is not None
+    fake.gate.set()
+
+    assert [await r.read() for r in (first, whole, part)] == [LAYER, LAYER, LAYER[10:]]
+    assert len(fake.requests(f"/blobs/{image.layer}")) == 1
+    await until_stored(cache_dir, image.layer)
+
+
+async def test_a_corrupt_spliced_blob_is_cut_short_and_stores_nothing(
+    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+):
+    fake = FakeRegistry(corrupt=True)
+    image = fake.add(make_image(layer=LAYER))
+    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    assert spliced
+    assert not stored(cache_dir, image.layer).exists()
+    await until(lambda: not any((cache_dir / "tmp").iterdir()))
+
+
+async def test_a_spliced_body_that_breaks_off_is_cut_short_and_fetched_again_next_time(
+    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+):
+    fake = FakeRegistry(drop_after=len(LAYER) // 2)
+    image = fake.add(make_image(layer=LAYER))
+    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+    path = f"/v2/team/app/blobs/{image.layer}"
+
+    response = await proxyd.get(path)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    assert spliced
+    assert not stored(cache_dir, image.layer).exists()
+
+    fake.drop_after = None
+    assert await (await proxyd.get(path)).read() == LAYER
+    await until_stored(cache_dir, image.layer)
+
+
+async def test_a_spliced_body_that_stalls_is_cut_by_the_read_timeout(
+    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+):
+    fake = FakeRegistry(gate=asyncio.Event())  # never set: the last byte never comes
+    image = fake.add(make_image(layer=LAYER))
+    proxyd = await proxyd_with(make_proxyd, start_fake, fake, read_timeout=READ_TIMEOUT)
+
+    started = time.monotonic()
+    response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(response.read(), 10)
+    assert spliced
+    assert time.monotonic() - started < READ_TIMEOUT + 5
+    assert not stored(cache_dir, image.layer).exists()
+    await until(lambda: not any((cache_dir / "tmp").iterdir()))
+
+
+def test_a_splice_moves_the_count_and_reports_each_move(tmp_path: Path):
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    data = os.urandom(3 << 20)
+    target = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT)
+    moves: list[int] = []
+    stop = splicing.Stop()
+    with ours, theirs:
+        sender = threading.Thread(target=theirs.sendall, args=(data,))
+        sender.start()
+        splicing.splice_into(
+            ours.fileno(), target, len(data), timeout=10, stop=stop, moved=moves.append
+        )
+        sender.join()
+    os.close(target)
+    stop.close()
+    assert sum(moves) == len(data)
+    assert max(moves) <= splicing.SPLICE_READ
+    assert (tmp_path / "file").read_bytes() == data
+
+
+@pytest.mark.parametrize("fault", ["closed", "silent", "stopped"])
+def test_a_splice_ends_on_a_short_body_silence_or_its_stop(tmp_path: Path, fault: str):
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    target = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT)
+    stop = splicing.Stop()
+    theirs.sendall(b"x" * 1000)
+    if fault == "closed":
+        theirs.close()
+    if fault == "stopped":
+        stop.set()
+    expected = {
+        "closed": ConnectionAbortedError,
+        "silent": TimeoutError,
+        "stopped": splicing.Stopped,
+    }[fault]
+    try:
+        with pytest.raises(expected):
+            splicing.splice_into(
+                ours.fileno(), target, 2000, timeout=0.05, stop=stop, moved=lambda n: None
+            )
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(target)
+        stop.close()
+    assert (tmp_path / "file").read_bytes() == b"x" * 1000
+
+
+def raw_body(sock: socket.socket, left: int, head: bytes = b"", timeout: float = 10) -> RawBody:
+    return RawBody(sock.fileno(), head, left, timeout, MinimumRate(0, time.monotonic))
+
+
+async def test_a_spliced_download_is_hashed_from_the_file_and_read_both_ways(tmp_path: Path):
+    """Readers on plain sockets take spans of the file; the others (TLS) its bytes.
+    Both wait for the digest for the last byte."""
+    store = BlobStore(tmp_path)
+    store.open()
+    download = Download(Digest.parse("sha256:" + hashlib.sha256(LAYER).hexdigest()), None)
+    download.size = len(LAYER)
+    download.open(store)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+
+    async def read(spans: bool) -> bytes:
+        got = bytearray()
+        async for piece in download.pieces(spans=spans):
+            if isinstance(piece, OnDisk):
+                got += os.pread(piece.file.fileno(), piece.length, piece.offset)
+            else:
+                got += piece
+        return bytes(got)
+
+    readers = [asyncio.create_task(read(spans)) for spans in (True, False)]
+    with ours, theirs:
+        sending = asyncio.get_running_loop().run_in_executor(None, theirs.sendall, LAYER[100:])
+        await download.splice(raw_body(ours, len(LAYER) - 100, head=LAYER[:100]))
+        await sending
+    assert download.written == len(LAYER)
+    await asyncio.sleep(0)
+    assert not any(r.done() for r in readers)  # the last byte waits for the digest
+    await download.verify()
+    assert [await r for r in readers] == [LAYER, LAYER]
+    assert download.writer is not None
+    download.writer.close()
+    download.release()
+
+
+async def test_a_spliced_download_with_a_wrong_digest_keeps_nothing(tmp_path: Path):
+    store = BlobStore(tmp_path)
+    store.open()
+    download = Download(Digest.parse("sha256:" + "0" * 64), None)
+    download.open(store)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        theirs.sendall(LAYER[:4096])
+        await download.splice(raw_body(ours, 4096))
+    with pytest.raises(DigestMismatch):
+        await download.verify()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_a_cancelled_splice_stops_at_once_and_lets_go_of_the_file(tmp_path: Path):
+    store = BlobStore(tmp_path)
+    store.open()
+    download = Download(Digest.parse("sha256:" + "0" * 64), None)
+    download.open(store)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        splice = asyncio.create_task(download.splice(raw_body(ours, 4096, timeout=60)))
+        theirs.sendall(b"x" * 1000)
+        await until(lambda: download.written == 1000)  # then the thread polls for more
+        splice.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(splice, 5)  # not the 60 s of the read timeout
+    await download.discard()
+    assert list((tmp_path / "tmp").iterdir()) == []
