@@ -1,19 +1,20 @@
 """One upstream fetch of a blob, streamed to any number of readers as it arrives.
 
 A download writes a temporary file while hashing it (through a write-behind, in a
-worker thread), and each client streams from that file as bytes reach it, or from
-the chunks still queued for it. The blob's last byte is held back until the digest
+worker thread; or, for a big plain-http body, spliced from the socket by the kernel
+and hashed from the file: `splice`), and each client streams from that file as bytes
+reach it, or from the chunks still queued for it. The blob's last byte is held back until the digest
 is verified, so a client never receives a complete wrong body; a mismatch cuts every
 reader short and keeps nothing. A range ends on the same terms: its own last byte
 waits for the digest too, so no answer, whole or partial, ends clean on bytes the
 digest has not vouched for.
 
 A reader whose client sits on a plain socket takes the bytes on disk as spans of
-the temporary file (`OnDisk`), which the server sends with sendfile: the page cache
-goes to the socket without passing through Python, where a copy into the process and
-one out of it cost the event loop a third of its CPU on a cold 1 GiB blob. Such a
-reader takes bytes the disk has not reached only for its first piece (the time to
-first byte), then follows the disk.
+the temporary file (`OnDisk`), which the server sends with sendfile, from the page
+cache to the socket without a copy through Python: all of a spliced body's bytes,
+and a write-behind's for a reader behind the disk. A caught-up reader of a
+write-behind takes what is not on disk yet from memory, as every reader does (waiting
+for the disk instead cost the loop more CPU than sendfile saved: docs/performance.md).
 
 A download whose source fails midway (a peer of the fleet, `proxyd.fleetpull`) may
 go on from its next source at the byte it reached, or `restart` from the first byte:
@@ -156,6 +157,8 @@ class Download:
         until it ended). Raises what the splice raised."""
         writer = self.writer
         assert writer is not None, "the download writes once it is open"
+        # `written` counts the write-behind's bytes or the splice's: never both.
+        assert self._pipe is None and self.received == 0, "a splice takes a blob whole"
         loop = asyncio.get_running_loop()
         if body.head:  # what aiohttp had read: a batch of its own, here
             self._spliced = self.received = writer.append([body.head])
@@ -281,7 +284,7 @@ class Download:
         self, start: int = 0, stop: int | None = None, *, spans: bool = False
     ) -> AsyncGenerator[bytes | OnDisk, None]:
         """`chunks`, on the same terms; with `spans`, bytes on disk come as `OnDisk`
-        spans of the file, and bytes beyond the disk only as the first piece."""
+        spans of the file instead of read."""
         ended = self._users == 0  # the download itself let go: stored, or dropped
         self._users += 1
         offset = start
@@ -317,9 +320,9 @@ class Download:
                         piece = os.pread(self._fd, min(READ_CHUNK, on_disk - offset), offset)
                         if not piece:  # the file is shorter than written: never spin on it
                             raise UpstreamError(f"temporary file of {self.digest} was truncated")
-                elif offset < available and not (spans and offset > start):
+                elif offset < available:
                     piece = self._unwritten_bytes(offset, available)
-                elif self.verified and offset >= available:
+                elif self.verified:
                     return
                 else:
                     await self._news()

@@ -9,13 +9,14 @@ requests. Progress goes to a terminal as bars, elsewhere as log lines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd.download import Download
+from proxyd.download import Download, OnDisk
 from proxyd.errors import NameUnknown, ProxydError
 from proxyd.hosts import Target
 from proxyd.manifests import MANIFEST_TYPES, Manifest
@@ -132,9 +133,12 @@ async def _fetch_blob(
         return
     assert isinstance(result, Download)
     progress.blob_started(digest, result.size)
-    async for chunk in result.chunks():
-        progress.blob_advanced(digest, len(chunk))
-        summary.bytes_fetched += len(chunk)
+    # Spans of the file, never read: only the progress is wanted here.
+    async with contextlib.aclosing(result.pieces(spans=True)) as pieces:
+        async for piece in pieces:
+            size = piece.length if isinstance(piece, OnDisk) else len(piece)
+            progress.blob_advanced(digest, size)
+            summary.bytes_fetched += size
     summary.blobs_fetched += 1
     progress.blob_done(digest, cached=False)
 

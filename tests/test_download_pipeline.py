@@ -17,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxyd import store as store_module
-from proxyd.download import Download
+from proxyd.download import Download, OnDisk
 from proxyd.errors import UpstreamError
 from proxyd.reference import Digest
 from proxyd.server.keys import PULLER
@@ -391,6 +391,52 @@ async def test_a_caught_up_reader_gets_what_the_disk_has_not_taken_yet_but_the_l
     await asyncio.wait_for(download.verify(), 10)
     await asyncio.wait_for(reader, 10)
     assert bytes(got) == data
+    writers[0].close()
+    download.release()
+
+
+async def test_a_reader_for_a_plain_socket_gets_spans_of_what_is_on_disk_and_memory_beyond(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A reader whose client takes sendfile is handed the bytes on disk as spans of
+    the file, and what the disk has not taken yet from memory, as any reader; the
+    last byte still waits for the digest."""
+    store = BlobStore(tmp_path)
+    store.open()
+    chunk = 64 * 1024
+    data = os.urandom(4 * chunk)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    writers: list[StalledWriter] = []
+
+    def stalled_writer(wanted: Digest) -> StalledWriter:
+        writers.append(StalledWriter(store, wanted))
+        return writers[-1]
+
+    monkeypatch.setattr(store, "writer", stalled_writer)
+    download = Download(digest, target=None)
+    download.size = len(data)
+    download.open(store)
+    for start in range(0, len(data), chunk):
+        await download.write(data[start : start + chunk])
+    await until(lambda: download.written == chunk)  # the disk took the first and stalled
+    got: list[tuple[str, bytes]] = []
+
+    async def read() -> None:
+        async for piece in download.pieces(spans=True):
+            if isinstance(piece, OnDisk):
+                got.append(("disk", os.pread(piece.file.fileno(), piece.length, piece.offset)))
+            else:
+                got.append(("memory", piece))
+
+    reader = asyncio.create_task(read())
+    await until(lambda: sum(len(part) for _, part in got) == len(data) - 1)
+    assert [where for where, _ in got] == ["disk", "memory", "memory", "memory"]
+
+    writers[0].go_on.set()
+    await asyncio.wait_for(download.verify(), 10)
+    await asyncio.wait_for(reader, 10)
+    assert got[-1] == ("disk", data[-1:])
+    assert b"".join(part for _, part in got) == data
     writers[0].close()
     download.release()
 
