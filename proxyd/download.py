@@ -34,6 +34,7 @@ import io
 import os
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,13 +170,15 @@ class Download:
             loop.call_soon_threadsafe(self._landed, size)
 
         stop = splicing.Stop()
+        own = ThreadPoolExecutor(1, thread_name_prefix="proxyd-splice")  # (splicing.py)
         try:
             job = loop.run_in_executor(
-                None,
+                own,
                 functools.partial(
                     writer.splice, body.fd, body.left, timeout=body.timeout, stop=stop, moved=moved
                 ),
             )
+            own.shutdown(wait=False)  # the thread ends with its one job
             await settle(job, on_cancel=stop.set)
         finally:
             stop.close()

@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from proxyd import splicing
 from proxyd.background import in_worker
 from proxyd.clock import SYSTEM_CLOCK, Clock
 from proxyd.download import Download
@@ -99,6 +100,7 @@ class Puller:
         self.metrics = metrics or Metrics()
         self._flights: SingleFlight[Manifest] = SingleFlight(on_join=self.metrics.coalesced.inc)
         self._downloads: dict[Digest, Download] = {}
+        self._splices = 0  # bodies being spliced now (at most splicing.MAX_SPLICES)
         self._storing: dict[MemoryKey, _Storing] = {}  # manifests on their way to the disk
         self._stores: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -402,9 +404,13 @@ class Puller:
                 download.host = up.host.host
                 download.open(self.store)  # made already, unless that failed
                 download.answer()
-                raw = up.raw_body()
+                raw = up.raw_body() if self._splices < splicing.MAX_SPLICES else None
                 if raw is not None:
-                    await download.splice(raw)
+                    self._splices += 1
+                    try:
+                        await download.splice(raw)
+                    finally:
+                        self._splices -= 1
                 else:
                     async for chunk in up.chunks():
                         await download.write(chunk)

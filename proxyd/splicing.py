@@ -5,7 +5,9 @@ A cold blob read by the event loop crossed into the process and out of it again
 1 GiB blob from a plain-http upstream that was a core's second of CPU on the loop
 alone. Spliced, the bytes go from the socket's buffers to the page cache without
 entering the process; the clients take them from there with sendfile and the hash
-reads them mapped (`BlobWriter.splice`). This runs in a worker thread: it blocks in
+reads them mapped (`BlobWriter.splice`). This runs in a thread of its own (it lasts as
+long as the body, at the upstream's pace: in a shared pool it would hold up the
+work queued behind it; at most `MAX_SPLICES` run at once): it blocks in
 `poll` while the socket is empty, at most `timeout` seconds (a stalled upstream is a
 timeout, as aiohttp's read timeout makes it), and ends early when told to (`Stop`).
 """
@@ -19,6 +21,9 @@ import select
 from collections.abc import Callable
 
 SPLICE_READ = 1 << 20  # the most one splice from the socket moves (the pipe's size)
+# Splices at once, each two threads of its own for as long as its body takes (the
+# splice, and the hash that follows it): more bodies meanwhile are read by the loop.
+MAX_SPLICES = 16
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+ but not in typeshed's
 
 

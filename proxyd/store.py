@@ -413,7 +413,11 @@ class BlobWriter:
         mapped a window at a time. Both are done when this returns, as with `append`.
         Blocks: run it in a worker thread."""
         landed = _Landed(self.written)
-        hashed = _hasher_pool().submit(self._hash_landed, landed)
+        # A thread of its own: this hash waits for the splice, which no pooled hasher
+        # may (a write-behind's batch waits for those).
+        own = ThreadPoolExecutor(1, thread_name_prefix="proxyd-splice-hash")
+        hashed = own.submit(self._hash_landed, landed)
+        own.shutdown(wait=False)  # the thread ends with its one job
 
         def on_move(size: int) -> None:
             self.written += size

@@ -13,13 +13,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from proxyd import splicing, upstream
+from proxyd import splicing, store, upstream
 from proxyd.download import Download, OnDisk
 from proxyd.errors import DigestMismatch
 from proxyd.pace import MinimumRate
@@ -153,6 +154,39 @@ async def test_a_spliced_body_that_stalls_is_cut_by_the_read_timeout(
     assert time.monotonic() - started < READ_TIMEOUT + 5
     assert not stored(cache_dir, image.layer).exists()
     await until(lambda: not any((cache_dir / "tmp").iterdir()))
+
+
+async def test_a_stalled_splice_holds_no_thread_that_other_downloads_wait_for(
+    make_proxyd, start_fake, cache_dir: Path, spliced: list[int], monkeypatch: pytest.MonkeyPatch
+):
+    """A splice and the hash that follows it wait at the upstream's pace, in threads of
+    their own: a download read by the loop meanwhile (past `MAX_SPLICES`) hashes its
+    large batches in the shared hashing threads, and ends while the splice stalls."""
+    monkeypatch.setattr(splicing, "MAX_SPLICES", 1)
+    monkeypatch.setattr(store, "_hashers", ThreadPoolExecutor(1))  # one shared hasher
+    stalled, other = FakeRegistry(gate=asyncio.Event()), FakeRegistry()
+    first = stalled.add(make_image(layer=LAYER))
+    second = other.add(make_image(layer=LAYER[::-1]))
+    stalled_server, other_server = await start_fake(stalled), await start_fake(other)
+    proxyd = await make_proxyd(
+        "\n".join(
+            [
+                config(stalled_server),
+                f'[namespaces."{host(other_server)}"]',
+                f'server = "{origin(other_server)}"',
+            ]
+        )
+    )
+
+    waiting = await proxyd.get(f"/v2/team/app/blobs/{first.layer}")
+    await until(lambda: bool(spliced))
+    response = await proxyd.get(f"/v2/team/app/blobs/{second.layer}?ns={host(other_server)}")
+    assert await asyncio.wait_for(response.read(), 10) == LAYER[::-1]
+    assert len(spliced) == 1  # the second body was read by the loop
+
+    assert stalled.gate is not None
+    stalled.gate.set()
+    assert await waiting.read() == LAYER
 
 
 def test_a_splice_moves_the_count_and_reports_each_move(tmp_path: Path):
