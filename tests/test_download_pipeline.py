@@ -276,6 +276,27 @@ class StalledWriter(BlobWriter):
         return super().append(buffers)
 
 
+def on_a_stalling_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, *, size_known: bool = False
+) -> tuple[Download, list[StalledWriter]]:
+    """A download of `data`, open, whose disk stalls after its first write (the writer
+    made is in the list)."""
+    store = BlobStore(tmp_path)
+    store.open()
+    writers: list[StalledWriter] = []
+
+    def stalled_writer(wanted: Digest) -> StalledWriter:
+        writers.append(StalledWriter(store, wanted))
+        return writers[-1]
+
+    monkeypatch.setattr(store, "writer", stalled_writer)
+    download = Download(Digest.parse("sha256:" + hashlib.sha256(data).hexdigest()), target=None)
+    if size_known:
+        download.size = len(data)
+    download.open(store)
+    return download, writers
+
+
 async def test_a_stalled_disk_stops_the_reading_at_the_high_water_mark(tmp_path: Path):
     store = BlobStore(tmp_path)
     store.open()
@@ -359,20 +380,9 @@ async def test_a_caught_up_reader_gets_what_the_disk_has_not_taken_yet_but_the_l
 ):
     """Readers do not wait for a slow disk: bytes still queued for it are served from
     memory. The last byte still waits for the digest."""
-    store = BlobStore(tmp_path)
-    store.open()
     chunk = 64 * 1024
     data = os.urandom(8 * chunk)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
-    writers: list[StalledWriter] = []
-
-    def stalled_writer(wanted: Digest) -> StalledWriter:
-        writers.append(StalledWriter(store, wanted))
-        return writers[-1]
-
-    monkeypatch.setattr(store, "writer", stalled_writer)
-    download = Download(digest, target=None)
-    download.open(store)
+    download, writers = on_a_stalling_disk(tmp_path, monkeypatch, data)
     got = bytearray()
 
     async def read() -> None:
@@ -401,21 +411,9 @@ async def test_a_reader_for_a_plain_socket_gets_spans_of_what_is_on_disk_and_mem
     """A reader whose client takes sendfile is handed the bytes on disk as spans of
     the file, and what the disk has not taken yet from memory, as any reader; the
     last byte still waits for the digest."""
-    store = BlobStore(tmp_path)
-    store.open()
     chunk = 64 * 1024
     data = os.urandom(4 * chunk)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
-    writers: list[StalledWriter] = []
-
-    def stalled_writer(wanted: Digest) -> StalledWriter:
-        writers.append(StalledWriter(store, wanted))
-        return writers[-1]
-
-    monkeypatch.setattr(store, "writer", stalled_writer)
-    download = Download(digest, target=None)
-    download.size = len(data)
-    download.open(store)
+    download, writers = on_a_stalling_disk(tmp_path, monkeypatch, data, size_known=True)
     for start in range(0, len(data), chunk):
         await download.write(data[start : start + chunk])
     await until(lambda: download.written == chunk)  # the disk took the first and stalled

@@ -29,6 +29,7 @@ from proxyd.store import BlobStore
 from proxyd.upstream import RawBody
 from tests.conftest import host, origin, until, until_stored
 from tests.fakes import FakeRegistry, make_image
+from tests.test_faults import config
 
 LAYER = os.urandom(1 << 20)
 READ_TIMEOUT = 0.3
@@ -47,17 +48,6 @@ def spliced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
     monkeypatch.setattr(splicing, "splice_into", counting)
     yield counts
-
-
-def config(server: Any, read_timeout: float | None = None) -> str:
-    lines = [
-        f'default_namespace = "{host(server)}"',
-        f'[namespaces."{host(server)}"]',
-        f'server = "{origin(server)}"',
-    ]
-    if read_timeout is not None:
-        lines.append(f"read_timeout = {read_timeout}")
-    return "\n".join(lines)
 
 
 async def proxyd_with(make_proxyd: Any, start_fake: Any, fake: FakeRegistry, **kw: Any) -> Any:
@@ -190,8 +180,7 @@ async def test_a_stalled_splice_holds_no_thread_that_other_downloads_wait_for(
 
 
 def test_a_splice_moves_the_count_and_reports_each_move(tmp_path: Path):
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
+    ours, theirs = connected()
     data = os.urandom(3 << 20)
     target = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT)
     moves: list[int] = []
@@ -212,8 +201,7 @@ def test_a_splice_moves_the_count_and_reports_each_move(tmp_path: Path):
 
 @pytest.mark.parametrize("fault", ["closed", "silent", "stopped"])
 def test_a_splice_ends_on_a_short_body_silence_or_its_stop(tmp_path: Path, fault: str):
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
+    ours, theirs = connected()
     target = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT)
     stop = splicing.Stop()
     theirs.sendall(b"x" * 1000)
@@ -243,16 +231,28 @@ def raw_body(sock: socket.socket, left: int, head: bytes = b"", timeout: float =
     return RawBody(sock.fileno(), head, left, timeout, MinimumRate(0, time.monotonic))
 
 
+def open_download(tmp_path: Path, digest: str) -> Download:
+    """A download of `digest` into a store under `tmp_path`, its file made."""
+    blob_store = BlobStore(tmp_path)
+    blob_store.open()
+    download = Download(Digest.parse(digest), None)
+    download.open(blob_store)
+    return download
+
+
+def connected() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a connection: ours non-blocking, as asyncio's sockets are."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    return ours, theirs
+
+
 async def test_a_spliced_download_is_hashed_from_the_file_and_read_both_ways(tmp_path: Path):
     """Readers on plain sockets take spans of the file; the others (TLS) its bytes.
     Both wait for the digest for the last byte."""
-    store = BlobStore(tmp_path)
-    store.open()
-    download = Download(Digest.parse("sha256:" + hashlib.sha256(LAYER).hexdigest()), None)
+    download = open_download(tmp_path, "sha256:" + hashlib.sha256(LAYER).hexdigest())
     download.size = len(LAYER)
-    download.open(store)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
+    ours, theirs = connected()
 
     async def read(spans: bool) -> bytes:
         got = bytearray()
@@ -279,12 +279,8 @@ async def test_a_spliced_download_is_hashed_from_the_file_and_read_both_ways(tmp
 
 
 async def test_a_spliced_download_with_a_wrong_digest_keeps_nothing(tmp_path: Path):
-    store = BlobStore(tmp_path)
-    store.open()
-    download = Download(Digest.parse("sha256:" + "0" * 64), None)
-    download.open(store)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
+    download = open_download(tmp_path, "sha256:" + "0" * 64)
+    ours, theirs = connected()
     with ours, theirs:
         theirs.sendall(LAYER[:4096])
         await download.splice(raw_body(ours, 4096))
@@ -294,12 +290,8 @@ async def test_a_spliced_download_with_a_wrong_digest_keeps_nothing(tmp_path: Pa
 
 
 async def test_a_cancelled_splice_stops_at_once_and_lets_go_of_the_file(tmp_path: Path):
-    store = BlobStore(tmp_path)
-    store.open()
-    download = Download(Digest.parse("sha256:" + "0" * 64), None)
-    download.open(store)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
+    download = open_download(tmp_path, "sha256:" + "0" * 64)
+    ours, theirs = connected()
     with ours, theirs:
         splice = asyncio.create_task(download.splice(raw_body(ours, 4096, timeout=60)))
         theirs.sendall(b"x" * 1000)
