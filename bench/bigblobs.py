@@ -15,10 +15,10 @@ proxy being measured. Without curl, ``bench.clients.fetch_one``; the JSON says w
 
 The same blobs are then fetched over HTTPS (``https_blob_*``, not judged by a target):
 from the ``tls`` upstream, the plain registry's storage served with a test CA's
-certificate, straight and through proxyd given that CA as the host's ``ca``. Real
-registries are HTTPS, and a TLS connection reads, decrypts and copies differently
-from a plain one (docs/performance.md, "HTTPS reads"). The other proxies are not
-configured to trust a test CA here: their rows are skipped. Needs curl.
+certificate, straight and through each proxy told to trust that CA (proxyd by the
+host's ``ca``, distribution and drayage by ``SSL_CERT_FILE``). Real registries are
+HTTPS, and a TLS connection reads, decrypts and copies differently from a plain one
+(docs/performance.md, "HTTPS reads"). Needs curl.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench.clients import fetch_one
 from bench.context import Context, shuffled
 from bench.fixtures import Blob, make_blob
 from bench.procs import cpu_seconds, memory
-from bench.proxies import Proxy, Proxyd
+from bench.proxies import Proxy
 from bench.results import DIRECT, Row, Workload, record
 from bench.upstreams import Upstream
 from tests.peers import PeerError
@@ -64,14 +64,10 @@ def _measure(
     wl = Workload(wl_id, f"cold GET of a {name} blob{how}", "s", "lower")
     wl.notes.append(f"client: {client}")
     proxies = ctx.ready_rows(wl)
-    if upstream.ca is not None:  # only proxyd is told to trust the test CA
-        for other in [p for p in proxies if not isinstance(p, Proxyd)]:
-            wl.rows[other.name] = Row(other.name, status="skipped", reason="no test CA here")
-        proxies = [p for p in proxies if isinstance(p, Proxyd)]
-        if client != "curl":
-            for row in wl.rows.values():
-                row.status, row.reason = "skipped", "over HTTPS the client is curl"
-            return wl
+    if upstream.ca is not None and client != "curl":
+        for row in wl.rows.values():
+            row.status, row.reason = "skipped", "over HTTPS the client is curl"
+        return wl
     direct = wl.row(DIRECT)
     url = upstream.url + ctx.blob_path(blob.digest)
     for rep in range(ctx.profile.big_reps):

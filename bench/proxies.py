@@ -22,6 +22,7 @@ so in ``unavailable()``, and its rows are reported as skipped.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -151,7 +152,9 @@ class DistributionProxy(Proxy):
 
     def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
         user, password = upstream.creds or (None, None)
-        registry = Registry.pull_through(workdir, upstream.url, username=user, password=password)
+        registry = Registry.pull_through(
+            workdir, upstream.url, username=user, password=password, trust=upstream.ca
+        )
         try:
             registry.start()
         except BaseException:  # the harness stops it only on its own errors
@@ -190,7 +193,12 @@ class Drayage(Proxy):
             lines += [f'username = "{upstream.creds[0]}"', f'password = "{upstream.creds[1]}"']
         config = workdir / "drayage.toml"
         config.write_text("\n".join(lines) + "\n")
-        proc = spawn([binary, "serve", "--config", str(config)], log=workdir / "drayage.log")
+        # A test CA by the variable rustls-native-certs and OpenSSL read (if drayage's
+        # TLS reads neither, its https rows fail with what its log says).
+        env = {**os.environ, "SSL_CERT_FILE": str(upstream.ca)} if upstream.ca else None
+        proc = spawn(
+            [binary, "serve", "--config", str(config)], log=workdir / "drayage.log", env=env
+        )
 
         def died() -> str | None:
             if proc.poll() is None:

@@ -263,3 +263,24 @@ def test_a_registry_over_tls_serves_the_storage_it_is_given_with_its_certificate
     config = registry._config()
     assert config["http"]["tls"] == {"certificate": str(tls.cert), "key": str(tls.key)}
     assert config["storage"]["filesystem"]["rootdirectory"] == str(tmp_path / "plain" / "storage")
+
+
+def test_a_pull_through_mirror_told_of_a_test_ca_pulls_over_https(tmp_path):
+    """distribution's proxy reads its CAs from `SSL_CERT_FILE` (Go's crypto/x509 on
+    Linux), so the benchmark's HTTPS rows can measure it too."""
+    from bench.fixtures import make_blob
+    from tests.peers import PeerError, http_status
+    from tests.peers.registry import Registry, TLSFiles
+
+    with Registry.plain(tmp_path / "plain") as plain:
+        blob = make_blob(tmp_path / "blob", plain.url, "bench/big", 4096, seed=1)
+        tls = TLSFiles.issue(tmp_path / "pki")
+        with Registry.over_tls(tmp_path / "tls", tls, storage=plain.storage) as over_tls:
+            mirror = Registry.pull_through(tmp_path / "mirror", over_tls.url, trust=tls.ca)
+            assert mirror.env == {"SSL_CERT_FILE": str(tls.ca)}
+            path = f"/v2/bench/big/blobs/{blob.digest}"
+            with mirror:
+                assert http_status(mirror.url + path) == 200
+            untrusting = Registry.pull_through(tmp_path / "untrusting", over_tls.url)
+            with pytest.raises(PeerError, match="signed by unknown authority"):
+                untrusting.start()  # it asks its remote at start: the system's CAs only

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -128,6 +129,7 @@ class Registry(Listening):
         self._secret = secrets.token_hex(16)
         self.users: Mapping[str, str] = {}
         self.token_service: str | None = None
+        self.env: dict[str, str] = {}  # the process's, over this one's
 
     # -- constructors ----------------------------------------------------------
 
@@ -185,12 +187,18 @@ class Registry(Listening):
         *,
         username: str | None = None,
         password: str | None = None,
+        trust: Path | None = None,
     ) -> Registry:
+        """A pull-through mirror of `remote_url`; `trust`: the one CA it trusts for an
+        https remote (Go's crypto/x509 reads `SSL_CERT_FILE` instead of the system's)."""
         workdir.mkdir(parents=True, exist_ok=True)
         proxy = {"remoteurl": remote_url}
         if username is not None and password is not None:
             proxy |= {"username": username, "password": password}
-        return cls(workdir, kind="pull-through", proxy=proxy)
+        registry = cls(workdir, kind="pull-through", proxy=proxy)
+        if trust is not None:
+            registry.env = {"SSL_CERT_FILE": str(trust)}
+        return registry
 
     # -- addresses -------------------------------------------------------------
 
@@ -247,6 +255,7 @@ class Registry(Listening):
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                     cwd=self.workdir,
+                    env={**os.environ, **self.env} if self.env else None,
                 )
             try:
                 wait_for_http(
