@@ -16,9 +16,9 @@ proxy being measured. Without curl, ``bench.clients.fetch_one``; the JSON says w
 The same blobs are then fetched over HTTPS (``https_blob_*``, not judged by a target):
 from the ``tls`` upstream, the plain registry's storage served with a test CA's
 certificate, straight and through each proxy told to trust that CA (proxyd by the
-host's ``ca``, distribution and drayage by ``SSL_CERT_FILE``). Real registries are
-HTTPS, and a TLS connection reads, decrypts and copies differently from a plain one
-(docs/performance.md, "HTTPS reads"). Needs curl.
+host's ``ca``, distribution by ``SSL_CERT_FILE``; drayage cannot be told one, and its
+rows say so). Real registries are HTTPS, and a TLS connection reads, decrypts and
+copies differently from a plain one (docs/performance.md, "HTTPS reads"). Needs curl.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _measure(
     wl_id = f"{kind}_{name.replace(' ', '')}"
     wl = Workload(wl_id, f"cold GET of a {name} blob{how}", "s", "lower")
     wl.notes.append(f"client: {client}")
-    proxies = ctx.ready_rows(wl)
+    proxies = ctx.ready_rows(wl, upstream=upstream)
     if upstream.ca is not None and client != "curl":
         for row in wl.rows.values():
             row.status, row.reason = "skipped", "over HTTPS the client is curl"

@@ -112,13 +112,17 @@ class Context:
         self,
         workload: Workload,
         row_names: Callable[[Proxy], Sequence[str]] = lambda proxy: (proxy.name,),
+        upstream: Upstream | None = None,
     ) -> list[Proxy]:
-        """The proxies that can run; a row marked skipped for each one that cannot.
-        Every proxy's rows (``row_names``: one, or one per way it is measured) are
-        made here, so tables list them in one order whatever order they are measured in."""
+        """The proxies that can run (and fetch from ``upstream``, when given); a row
+        marked skipped for each one that cannot. Every proxy's rows (``row_names``: one,
+        or one per way it is measured) are made here, so tables list them in one order
+        whatever order they are measured in."""
         ready = []
         for proxy in self.proxies:
             reason = proxy.unavailable()
+            if reason is None and upstream is not None:
+                reason = proxy.cannot_reach(upstream)
             if reason is None:
                 ready.append(proxy)
             for name in row_names(proxy):

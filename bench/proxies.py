@@ -22,7 +22,6 @@ so in ``unavailable()``, and its rows are reported as skipped.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -64,6 +63,10 @@ class Proxy:
 
     def unavailable(self) -> str | None:
         """Why this proxy cannot run here, or None."""
+        return None
+
+    def cannot_reach(self, upstream: Upstream) -> str | None:
+        """Why this proxy cannot fetch from ``upstream`` (though it runs), or None."""
         return None
 
     def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
@@ -175,6 +178,14 @@ class Drayage(Proxy):
             return "drayage is not installed (pip install drayage did not succeed)"
         return None
 
+    def cannot_reach(self, upstream: Upstream) -> str | None:
+        # Its rustls verifies against the webpki-roots built into the binary (their
+        # names are in it; no /etc/ssl path, no rustls-native-certs): a test CA cannot
+        # be added, by SSL_CERT_FILE or otherwise, and every HTTPS fetch is a 502.
+        if upstream.ca is not None:
+            return "drayage trusts only the roots built into it, not a test CA"
+        return None
+
     def start(self, upstream: Upstream, workdir: Path) -> RunningProxy:
         binary = self.binary()
         if binary is None:
@@ -193,12 +204,7 @@ class Drayage(Proxy):
             lines += [f'username = "{upstream.creds[0]}"', f'password = "{upstream.creds[1]}"']
         config = workdir / "drayage.toml"
         config.write_text("\n".join(lines) + "\n")
-        # A test CA by the variable rustls-native-certs and OpenSSL read (if drayage's
-        # TLS reads neither, its https rows fail with what its log says).
-        env = {**os.environ, "SSL_CERT_FILE": str(upstream.ca)} if upstream.ca else None
-        proc = spawn(
-            [binary, "serve", "--config", str(config)], log=workdir / "drayage.log", env=env
-        )
+        proc = spawn([binary, "serve", "--config", str(config)], log=workdir / "drayage.log")
 
         def died() -> str | None:
             if proc.poll() is None:

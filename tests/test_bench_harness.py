@@ -12,7 +12,7 @@ from bench.blobs import BUFFERED_SAMPLES, BUFFERING_MS, _buffers
 from bench.context import shuffled
 from bench.cpu import CpuMeter
 from bench.fleet import copy_store, fleet_part
-from bench.proxies import by_name
+from bench.proxies import ALL, by_name
 from bench.report import (
     _big,
     _crowd,
@@ -27,6 +27,7 @@ from bench.report import (
 from bench.results import DIRECT, Row, Workload
 from bench.results import warmed as warmed_row
 from bench.run import parse_args
+from bench.upstreams import Upstream
 
 
 def test_each_repetition_measures_every_target_once_in_its_own_order():
@@ -210,6 +211,16 @@ def test_a_baseline_checkout_runs_as_proxyd_before_right_after_proxyd(tmp_path: 
     names = [p.name for p in by_name(["distribution", "proxyd"], baseline=tmp_path)]
     assert names == ["distribution", "proxyd", "proxyd-before"]
     assert by_name(["proxyd"], baseline=tmp_path)[1].unavailable() is not None  # no .venv
+
+
+def test_over_https_only_drayage_is_skipped_for_it_cannot_be_told_of_a_test_ca(tmp_path):
+    plain = Upstream("plain", "http://127.0.0.1:5000")
+    tls = Upstream("tls", "https://127.0.0.1:5001", ca=tmp_path / "ca.pem")
+    assert {p.name: p.cannot_reach(plain) for p in ALL} == dict.fromkeys(
+        ("proxyd", "distribution", "drayage")
+    )
+    refused = {p.name for p in ALL if p.cannot_reach(tls) is not None}
+    assert refused == {"drayage"}
 
 
 def first_pulls(first: float, warmed: float, name: str = "first_pull_plain") -> Workload:
