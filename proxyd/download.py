@@ -175,7 +175,13 @@ class Download:
             job = loop.run_in_executor(
                 own,
                 functools.partial(
-                    writer.splice, body.fd, body.left, timeout=body.timeout, stop=stop, moved=moved
+                    writer.splice,
+                    body.fd,
+                    body.left,
+                    timeout=body.timeout,
+                    stop=stop,
+                    moved=moved,
+                    tls=body.tls,
                 ),
             )
             own.shutdown(wait=False)  # the thread ends with its one job

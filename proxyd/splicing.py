@@ -78,7 +78,7 @@ def splice_into(
             try:
                 taken = os.splice(source, pipe_in, min(left, SPLICE_READ), flags=_FLAGS)
             except BlockingIOError:
-                _wait(poller, stop, timeout)
+                wait_readable(poller, stop, timeout)
                 continue
             if taken == 0:
                 raise ConnectionAbortedError(
@@ -97,7 +97,7 @@ def splice_into(
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
-def _wait(poller: select.poll, stop: Stop, timeout: float) -> None:
+def wait_readable(poller: select.poll, stop: Stop, timeout: float) -> None:
     """Until the socket has bytes (or an error or its end, which the next splice
     reports); raises Stopped or TimeoutError."""
     events = poller.poll(timeout * 1000)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from proxyd import splicing
+from proxyd import decrypting, splicing
 from proxyd.errors import DigestMismatch
 from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
 
@@ -406,9 +406,11 @@ class BlobWriter:
         timeout: float,
         stop: splicing.Stop,
         moved: Callable[[int], None],
+        tls: decrypting.TLSState | None = None,
     ) -> None:
         """Move `count` bytes from the socket `source` to the end of the file inside
-        the kernel (`proxyd.splicing`, which says what it raises), `moved(n)` after
+        the kernel (`proxyd.splicing`, which says what it raises), or decrypt them
+        there from the connection's `tls` state (`proxyd.decrypting`), `moved(n)` after
         each move, while a hashing thread hashes them from the file as they land,
         mapped a window at a time. Both are done when this returns, as with `append`.
         Blocks: run it in a worker thread."""
@@ -425,7 +427,14 @@ class BlobWriter:
             moved(size)
 
         try:
-            splicing.splice_into(source, self._fd, count, timeout=timeout, stop=stop, moved=on_move)
+            if tls is None:
+                splicing.splice_into(
+                    source, self._fd, count, timeout=timeout, stop=stop, moved=on_move
+                )
+            else:
+                decrypting.decrypt_into(
+                    source, self._fd, count, tls=tls, timeout=timeout, stop=stop, moved=on_move
+                )
         finally:
             landed.end(complete=self.written == landed.start + count)
             wait_for([hashed])  # never leave the hash reading a file about to close

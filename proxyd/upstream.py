@@ -43,7 +43,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs
 
-from proxyd import clienterrors, retries
+from proxyd import clienterrors, decrypting, retries
 from proxyd.auth import Authorizer
 from proxyd.breaker import Breakers
 from proxyd.clock import SYSTEM_CLOCK, Clock
@@ -97,15 +97,18 @@ SPLICE_FROM = 8 << 20
 
 @dataclass
 class RawBody:
-    """A body left in its socket for the kernel to move (`proxyd.splicing`): `head`,
-    what aiohttp had read of it already, then `left` bytes in the socket `fd`. The
-    connection is closed once the response is released, never reused."""
+    """A body left in its socket for the kernel to move (`proxyd.splicing`), or for a
+    worker thread to decrypt where `tls` is its connection's TLS state
+    (`proxyd.decrypting`): `head`, what aiohttp had read of it already, then `left`
+    bytes in the socket `fd`. The connection is closed once the response is released,
+    never reused."""
 
     fd: int
     head: bytes
     left: int
     timeout: float  # seconds without a byte: the host's read timeout
     pace: MinimumRate
+    tls: decrypting.TLSState | None = None
 
 
 @dataclass
@@ -132,11 +135,11 @@ class Upstream:
         return _Paced(self.response.content, MinimumRate(self.min_rate, self.clock), transport)
 
     def raw_body(self) -> RawBody | None:
-        """The body, to be spliced, when that is possible and worth it: a plain-http
-        connection (TLS bodies must be decrypted in the process), a length of at least
-        `SPLICE_FROM` given by Content-Length (no transfer coding to parse), asyncio's
-        own socket transport. aiohttp's reading of the connection is paused for good:
-        what it has not read yet is the caller's to splice. None: read `chunks`."""
+        """The body, to be spliced (or decrypted by a worker thread, over TLS), when
+        that is possible and worth it: a length of at least `SPLICE_FROM` given by
+        Content-Length (no transfer coding to parse), asyncio's own socket transport or
+        TLS protocol. aiohttp's reading of the connection is paused for good: what it
+        has not read yet is the caller's. None: read `chunks`."""
         response = self.response
         length = response.content_length
         connection = response.connection
@@ -151,20 +154,21 @@ class Upstream:
             return None
         transport = connection.transport
         sock = transport.get_extra_info("socket")
-        if (
-            transport.get_extra_info("sslcontext") is not None
-            or hasattr(transport, "_ssl_protocol")
-            or sock is None
-        ):
-            return None
+        over_tls = transport.get_extra_info("sslcontext") is not None
+        if sock is None or over_tls != hasattr(transport, "_ssl_protocol"):
+            return None  # neither asyncio's plain transport nor its TLS one
         content = response.content
         if content.exception() is not None or content.is_eof():
             return None
+        tls = decrypting.take(transport) if over_tls else None
+        if over_tls and tls is None:
+            return None  # an SSL protocol unlike asyncio's: nothing was changed
         head = content.read_nowait()  # (it may resume the reading: paused right after)
         connection.protocol.pause_reading()
         pace = MinimumRate(self.min_rate, self.clock)
         pace.arrived(len(head))
-        return RawBody(sock.fileno(), head, length - len(head), self.host.read_timeout, pace)
+        left = length - len(head)
+        return RawBody(sock.fileno(), head, left, self.host.read_timeout, pace, tls)
 
 
 class _Paced:
