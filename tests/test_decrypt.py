@@ -300,3 +300,34 @@ def test_only_asyncios_own_tls_protocol_is_taken_over():
 
     assert decrypting.take(Elsewhere()) is None
     assert decrypting.take(object()) is None
+
+
+async def test_once_taken_the_loop_never_reads_the_socket_again(ca: trustme.CA):
+    """Not even where asyncio's SSL protocol had paused the socket itself (its buffer of
+    received bytes full) and its own flow control would resume it as the buffer drains:
+    the thread that decrypts owns the TLS object and its buffer from then on."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * 100)
+        await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context(ca))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    port = server.sockets[0].getsockname()[1]
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client, server_hostname="localhost"
+    )
+    try:
+        protocol: Any = writer.transport._ssl_protocol  # type: ignore[attr-defined]
+        socket_transport = protocol._transport
+        protocol._ssl_reading_paused = True  # as after a full buffer
+        socket_transport.pause_reading()
+
+        assert decrypting.take(writer.transport) is not None
+        protocol._control_ssl_reading()  # the buffer is empty: it would resume the socket
+        assert not socket_transport.is_reading()
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
