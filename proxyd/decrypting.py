@@ -46,8 +46,9 @@ class TLSState:
 def take(transport: Any) -> TLSState | None:
     """The TLS state of `transport` (asyncio's TLS transport), with the event loop's
     reading of the socket stopped for good; None where it is not asyncio's own SSL
-    protocol (then nothing is changed). The caller pauses the reading of the decrypted
-    bytes by aiohttp's protocol right after, taking what it holds already."""
+    protocol straight on a socket (then nothing is changed). The caller pauses the
+    reading of the decrypted bytes by aiohttp's protocol right after, taking what it
+    holds already."""
     protocol: Any = getattr(transport, "_ssl_protocol", None)
     sslobj = getattr(protocol, "_sslobj", None)
     incoming = getattr(protocol, "_incoming", None)
@@ -57,6 +58,9 @@ def take(transport: Any) -> TLSState | None:
         or not isinstance(incoming, ssl.MemoryBIO)
         or not hasattr(socket_transport, "pause_reading")
         or not isinstance(getattr(protocol, "_ssl_reading_paused", None), bool)
+        # TLS inside TLS (an https upstream through an https proxy): the socket carries
+        # the proxy's records, which this TLS object cannot read
+        or socket_transport.get_extra_info("sslcontext") is not None
     ):
         return None
     socket_transport.pause_reading()

@@ -410,7 +410,7 @@ class BlobWriter:
     ) -> None:
         """Move `count` bytes from the socket `source` to the end of the file inside
         the kernel (`proxyd.splicing`, which says what it raises), or decrypt them
-        there from the connection's `tls` state (`proxyd.decrypting`), `moved(n)` after
+        into it with the connection's `tls` state (`proxyd.decrypting`), `moved(n)` after
         each move, while a hashing thread hashes them from the file as they land,
         mapped a window at a time. Both are done when this returns, as with `append`.
         Blocks: run it in a worker thread."""

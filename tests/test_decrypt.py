@@ -294,11 +294,45 @@ def test_a_stop_told_while_the_body_flows_ends_it_after_the_batch_in_hand(
     assert os.path.getsize(tmp_path / "file") == decrypting.BATCH
 
 
-def test_only_asyncios_own_tls_protocol_is_taken_over():
-    class Elsewhere:
-        _ssl_protocol = object()  # another library's: no TLS object of asyncio's shape
+class FakeSocketTransport:
+    def __init__(self, sslcontext: ssl.SSLContext | None) -> None:
+        self.sslcontext = sslcontext
+        self.reading = True
 
-    assert decrypting.take(Elsewhere()) is None
+    def get_extra_info(self, name: str) -> Any:
+        return self.sslcontext if name == "sslcontext" else None
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+
+class FakeSSLProtocol:
+    """asyncio's SSL protocol as `take` sees it, over `under`."""
+
+    def __init__(self, under: FakeSocketTransport) -> None:
+        self._sslobj = ssl.create_default_context().wrap_bio(
+            ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="localhost"
+        )
+        self._incoming = ssl.MemoryBIO()
+        self._transport = under
+        self._ssl_reading_paused = False
+
+
+class FakeTLSTransport:
+    def __init__(self, protocol: Any) -> None:
+        self._ssl_protocol = protocol
+
+
+def test_only_asyncios_own_tls_protocol_straight_on_a_socket_is_taken_over():
+    plain = FakeSocketTransport(None)
+    assert decrypting.take(FakeTLSTransport(FakeSSLProtocol(plain))) is not None
+    assert not plain.reading
+
+    # TLS inside TLS (an https upstream through an https proxy): the proxy's records
+    inside = FakeSocketTransport(ssl.create_default_context())
+    assert decrypting.take(FakeTLSTransport(FakeSSLProtocol(inside))) is None
+    assert inside.reading  # nothing was changed
+    assert decrypting.take(FakeTLSTransport(object())) is None  # another library's
     assert decrypting.take(object()) is None
 
 
