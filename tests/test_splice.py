@@ -1,8 +1,11 @@
 """A big cold blob from a plain-http upstream goes from the socket to the file inside
 the kernel (splice), is hashed from the file, and reaches clients on plain sockets
 with sendfile: the same answers and guarantees as the write-behind's path, with the
-bytes never in the process. `SPLICE_FROM` is lowered here so that the 1 MiB layers of
-the fakes take that path; `spliced` counts the splices, so each test shows it did."""
+bytes never in the process. Over TLS the same body is decrypted into the file by the
+splice's thread instead (tests/test_decrypt.py has that thread's own tests): the tests
+taking `taken` run both ways. `SPLICE_FROM` is lowered here so that the 1 MiB layers of
+the fakes take that path; `spliced` and `taken.counts` count the bodies taken off the
+loop, so each test shows it did."""
 
 from __future__ import annotations
 
@@ -12,15 +15,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
-from proxyd import splicing, store, upstream
+from proxyd import decrypting, splicing, store, upstream
 from proxyd.download import Download, OnDisk
 from proxyd.errors import DigestMismatch
 from proxyd.pace import MinimumRate
@@ -29,6 +34,7 @@ from proxyd.store import BlobStore
 from proxyd.upstream import RawBody
 from tests.conftest import host, origin, until, until_stored
 from tests.fakes import FakeRegistry, make_image
+from tests.test_decrypt import server_context
 from tests.test_faults import config
 
 LAYER = os.urandom(1 << 20)
@@ -59,33 +65,81 @@ def stored(cache_dir: Path, digest: str) -> Path:
     return cache_dir / "blobs" / "sha256" / digest.split(":")[1]
 
 
-async def test_a_cold_blob_is_spliced_served_whole_and_stored(
-    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+@dataclass
+class Taken:
+    """proxyd in front of a fake, over plain http (its big bodies spliced) or TLS
+    (decrypted by the splice's thread); `counts` holds each such body's byte count."""
+
+    counts: list[int]
+    start: Callable[..., Awaitable[Any]]
+
+    async def proxyd(self, fake: FakeRegistry, **kw: Any) -> Any:
+        return await self.start(fake, **kw)
+
+
+@pytest.fixture(params=["plain http: spliced", "TLS: decrypted"])
+def taken(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    aiohttp_server: Any,
+    make_proxyd: Any,
+    tmp_path: Path,
+) -> Taken:
+    counts: list[int] = []
+    over_tls = request.param.startswith("TLS")
+    module: Any = decrypting if over_tls else splicing
+    name = "decrypt_into" if over_tls else "splice_into"
+    real = getattr(module, name)
+
+    def counting(source: int, target: int, count: int, **kwargs: Any) -> None:
+        counts.append(count)
+        real(source, target, count, **kwargs)
+
+    monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
+    monkeypatch.setattr(module, name, counting)
+    ca = trustme.CA()
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+
+    async def start(fake: FakeRegistry, read_timeout: float | None = None) -> Any:
+        context = server_context(ca) if over_tls else None
+        server = await aiohttp_server(fake.app(), host="127.0.0.1", ssl=context)
+        text = config(server, read_timeout=read_timeout)
+        if over_tls:
+            text = text.replace('server = "http://', 'server = "https://')
+            text += f'\nca = "{ca_pem}"'
+        return await make_proxyd(text)
+
+    return Taken(counts, start)
+
+
+async def test_a_cold_blob_taken_off_the_loop_is_served_whole_and_stored(
+    taken: Taken, cache_dir: Path
 ):
     fake = FakeRegistry()
     image = fake.add(make_image(layer=LAYER))
-    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+    proxyd = await taken.proxyd(fake)
 
     response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     assert response.status == 200
     assert await response.read() == LAYER
-    assert len(spliced) == 1 and 0 < spliced[0] <= len(LAYER)  # the rest of the head's read
+    assert len(taken.counts) == 1 and 0 < taken.counts[0] <= len(LAYER)  # past the head
     assert (await until_stored(cache_dir, image.layer)).read_bytes() == LAYER
 
     ranged = await proxyd.get(f"/v2/team/app/blobs/{image.layer}", headers={"Range": "bytes=5-9"})
     assert await ranged.read() == LAYER[5:10]
 
 
-async def test_clients_joining_a_splice_get_every_byte_once_the_digest_is_verified(
-    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+async def test_clients_joining_a_body_taken_off_the_loop_get_every_byte_once_verified(
+    taken: Taken, cache_dir: Path
 ):
     fake = FakeRegistry(gate=asyncio.Event())  # the last byte waits for the test
     image = fake.add(make_image(layer=LAYER))
-    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+    proxyd = await taken.proxyd(fake)
     path = f"/v2/team/app/blobs/{image.layer}"
 
     first = await proxyd.get(path)
-    await until(lambda: bool(spliced))
+    await until(lambda: bool(taken.counts))
     whole, part = await proxyd.get(path), await proxyd.get(path, headers={"Range": "bytes=10-"})
     assert fake.gate is not None
     fake.gate.set()
@@ -95,33 +149,33 @@ async def test_clients_joining_a_splice_get_every_byte_once_the_digest_is_verifi
     await until_stored(cache_dir, image.layer)
 
 
-async def test_a_corrupt_spliced_blob_is_cut_short_and_stores_nothing(
-    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+async def test_a_corrupt_blob_taken_off_the_loop_is_cut_short_and_stores_nothing(
+    taken: Taken, cache_dir: Path
 ):
     fake = FakeRegistry(corrupt=True)
     image = fake.add(make_image(layer=LAYER))
-    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+    proxyd = await taken.proxyd(fake)
 
     response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
-    assert spliced
+    assert taken.counts
     assert not stored(cache_dir, image.layer).exists()
     await until(lambda: not any((cache_dir / "tmp").iterdir()))
 
 
-async def test_a_spliced_body_that_breaks_off_is_cut_short_and_fetched_again_next_time(
-    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+async def test_a_body_taken_off_the_loop_that_breaks_off_is_cut_short_and_fetched_again(
+    taken: Taken, cache_dir: Path
 ):
     fake = FakeRegistry(drop_after=len(LAYER) // 2)
     image = fake.add(make_image(layer=LAYER))
-    proxyd = await proxyd_with(make_proxyd, start_fake, fake)
+    proxyd = await taken.proxyd(fake)
     path = f"/v2/team/app/blobs/{image.layer}"
 
     response = await proxyd.get(path)
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
-    assert spliced
+    assert taken.counts
     assert not stored(cache_dir, image.layer).exists()
 
     fake.drop_after = None
@@ -129,21 +183,31 @@ async def test_a_spliced_body_that_breaks_off_is_cut_short_and_fetched_again_nex
     await until_stored(cache_dir, image.layer)
 
 
-async def test_a_spliced_body_that_stalls_is_cut_by_the_read_timeout(
-    make_proxyd, start_fake, cache_dir: Path, spliced: list[int]
+async def test_a_body_taken_off_the_loop_that_stalls_is_cut_by_the_read_timeout(
+    taken: Taken, cache_dir: Path
 ):
     fake = FakeRegistry(gate=asyncio.Event())  # never set: the last byte never comes
     image = fake.add(make_image(layer=LAYER))
-    proxyd = await proxyd_with(make_proxyd, start_fake, fake, read_timeout=READ_TIMEOUT)
+    proxyd = await taken.proxyd(fake, read_timeout=READ_TIMEOUT)
 
     started = time.monotonic()
     response = await proxyd.get(f"/v2/team/app/blobs/{image.layer}")
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(response.read(), 10)
-    assert spliced
+    assert taken.counts
     assert time.monotonic() - started < READ_TIMEOUT + 5
     assert not stored(cache_dir, image.layer).exists()
     await until(lambda: not any((cache_dir / "tmp").iterdir()))
+
+
+async def test_small_bodies_are_read_by_the_loop(taken: Taken, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(upstream, "SPLICE_FROM", len(LAYER) + 1)
+    fake = FakeRegistry()
+    image = fake.add(make_image(layer=LAYER))
+    proxyd = await taken.proxyd(fake)
+    for digest, body in image.blobs.items():
+        assert await (await proxyd.get(f"/v2/team/app/blobs/{digest}")).read() == body
+    assert taken.counts == []
 
 
 async def test_a_stalled_splice_holds_no_thread_that_other_downloads_wait_for(
