@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,24 +41,25 @@ LAYER = os.urandom(1 << 20)
 READ_TIMEOUT = 0.3
 
 
-@pytest.fixture
-def spliced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Bodies of any length are spliced; the list holds each splice's byte count."""
+def counted(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Bodies of any length are taken off the loop by `module.name` (`splice_into`,
+    `decrypt_into`); the list holds each one's byte count."""
     counts: list[int] = []
-    real = splicing.splice_into
+    real = getattr(module, name)
 
     def counting(source: int, target: int, count: int, **kwargs: Any) -> None:
         counts.append(count)
         real(source, target, count, **kwargs)
 
     monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
-    monkeypatch.setattr(splicing, "splice_into", counting)
-    yield counts
+    monkeypatch.setattr(module, name, counting)
+    return counts
 
 
-async def proxyd_with(make_proxyd: Any, start_fake: Any, fake: FakeRegistry, **kw: Any) -> Any:
-    server = await start_fake(fake)
-    return await make_proxyd(config(server, **kw))
+@pytest.fixture
+def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bodies of any length are spliced; the list holds each splice's byte count."""
+    return counted(monkeypatch, splicing, "splice_into")
 
 
 def stored(cache_dir: Path, digest: str) -> Path:
@@ -67,14 +68,12 @@ def stored(cache_dir: Path, digest: str) -> Path:
 
 @dataclass
 class Taken:
-    """proxyd in front of a fake, over plain http (its big bodies spliced) or TLS
-    (decrypted by the splice's thread); `counts` holds each such body's byte count."""
+    """proxyd in front of a fake (`proxyd(fake, read_timeout=None)`), over plain http
+    (its big bodies spliced) or TLS (decrypted by the splice's thread); `counts` holds
+    each such body's byte count."""
 
     counts: list[int]
-    start: Callable[..., Awaitable[Any]]
-
-    async def proxyd(self, fake: FakeRegistry, **kw: Any) -> Any:
-        return await self.start(fake, **kw)
+    proxyd: Callable[..., Awaitable[Any]]
 
 
 @pytest.fixture(params=["plain http: spliced", "TLS: decrypted"])
@@ -85,21 +84,14 @@ def taken(
     make_proxyd: Any,
     tmp_path: Path,
 ) -> Taken:
-    counts: list[int] = []
     over_tls = request.param.startswith("TLS")
-    module: Any = decrypting if over_tls else splicing
-    name = "decrypt_into" if over_tls else "splice_into"
-    real = getattr(module, name)
-
-    def counting(source: int, target: int, count: int, **kwargs: Any) -> None:
-        counts.append(count)
-        real(source, target, count, **kwargs)
-
-    monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
-    monkeypatch.setattr(module, name, counting)
-    ca = trustme.CA()
-    ca_pem = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
+    if not over_tls:
+        counts = counted(monkeypatch, splicing, "splice_into")
+    else:
+        counts = counted(monkeypatch, decrypting, "decrypt_into")
+        ca = trustme.CA()
+        ca_pem = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_pem))
 
     async def start(fake: FakeRegistry, read_timeout: float | None = None) -> Any:
         context = server_context(ca) if over_tls else None
