@@ -8,6 +8,8 @@ the loop's CPU. Here a worker thread takes over the connection's TLS state once 
 response's head is read (`take`): it reads the socket, decrypts into a buffer and
 writes the file a batch at a time, as a splice moves a plain body, while the hash
 follows the file and the clients follow it with sendfile (`BlobWriter.splice`).
+Where the file system takes O_DIRECT, the thread instead decrypts into memory the
+clients are sent from (`reader`, used by `proxyd.direct`).
 
 The thread owns the TLS object for as long as the body takes. `take` stops asyncio's
 reading of the socket for good, so that the loop never touches that object meanwhile;
@@ -22,7 +24,6 @@ not authenticate, a close before the last byte) is the connection's failure
 from __future__ import annotations
 
 import os
-import select
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,63 +87,61 @@ def decrypt_into(
     raises, in the same cases; a TLS error is a ConnectionAbortedError."""
     out = bytearray(min(count, BATCH))
     view = memoryview(out)
-    raw = memoryview(bytearray(RAW_READ))
-    poller = select.poll()
-    poller.register(source, select.POLLIN)
-    poller.register(stop.fd, select.POLLIN)
-    # `read(n, buffer)` decrypts into the buffer and gives the count (typeshed has it
-    # return bytes, as `read(n)` does).
-    read_into = cast(Callable[[int, memoryview], int], tls.sslobj.read)
+    poller = splicing.watch(source, stop)
+    fill = reader(source, tls)
     done = 0
     while done < count:
         want = min(count - done, BATCH)
         filled = 0
         while filled < want:
-            try:
-                got = read_into(want - filled, view[filled:want])
-            except ssl.SSLWantReadError:
-                _receive(source, tls.incoming, raw, poller, stop, timeout, done + filled, count)
+            got = fill(view[filled:want])
+            if got is None:
+                splicing.wait_readable(poller, stop, timeout)
                 continue
-            except ssl.SSLZeroReturnError:  # the server's TLS close
-                got = 0
-            except ssl.SSLError as error:
-                failed = f"TLS failed after {done + filled} bytes: {error}"
-                raise ConnectionAbortedError(failed) from error
             if got == 0:
                 raise _short(done + filled, count)
             filled += got
         _write_all(target, view[:filled])
         done += filled
         moved(filled)
-        if _told(poller, stop):  # a body that never waits ends when told, too
+        if splicing.told(poller, stop):  # a body that never waits ends when told, too
             raise splicing.Stopped
 
 
-def _receive(
-    source: int,
-    incoming: ssl.MemoryBIO,
-    raw: memoryview,
-    poller: select.poll,
-    stop: splicing.Stop,
-    timeout: float,
-    so_far: int,
-    count: int,
-) -> None:
-    """Bytes from the socket into the TLS object's buffer, waiting for them if need be."""
-    while True:
-        try:
-            got = os.readv(source, [raw])
-        except BlockingIOError:
-            splicing.wait_readable(poller, stop, timeout)
-            continue
-        if got == 0:
-            raise _short(so_far, count)
-        incoming.write(raw[:got])
-        return
+def reader(source: int, tls: TLSState) -> Callable[[memoryview], int | None]:
+    """Decrypted reads of the TLS connection on the non-blocking socket `source`, none
+    waiting: each fills some of the view it is given (the count; 0 at the server's
+    close; None when the socket has nothing now). A TLS error is a
+    ConnectionAbortedError."""
+    raw = memoryview(bytearray(RAW_READ))
+    # `read(n, buffer)` decrypts into the buffer and gives the count (typeshed has it
+    # return bytes, as `read(n)` does).
+    read_into = cast(Callable[[int, memoryview], int], tls.sslobj.read)
+    decrypted = 0
 
+    def fill(view: memoryview) -> int | None:
+        nonlocal decrypted
+        while True:
+            try:
+                got = read_into(len(view), view)
+            except ssl.SSLWantReadError:
+                try:
+                    received = os.readv(source, [raw])
+                except BlockingIOError:
+                    return None
+                if received == 0:
+                    return 0
+                tls.incoming.write(raw[:received])
+                continue
+            except ssl.SSLZeroReturnError:  # the server's TLS close
+                return 0
+            except ssl.SSLError as error:
+                failed = f"TLS failed after {decrypted} bytes: {error}"
+                raise ConnectionAbortedError(failed) from error
+            decrypted += got
+            return got
 
-def _told(poller: select.poll, stop: splicing.Stop) -> bool:
-    return any(fd == stop.fd for fd, _ in poller.poll(0))
+    return fill
 
 
 def _short(so_far: int, count: int) -> ConnectionAbortedError:

@@ -10,6 +10,9 @@ long as the body, at the upstream's pace: in a shared pool it would hold up the
 work queued behind it; at most `MAX_SPLICES` run at once): it blocks in
 `poll` while the socket is empty, at most `timeout` seconds (a stalled upstream is a
 timeout, as aiohttp's read timeout makes it), and ends early when told to (`Stop`).
+
+A big body is written with O_DIRECT where the file system takes it (`proxyd.direct`,
+which shares this module's `Stop` and waits); the splice is for the others.
 """
 
 from __future__ import annotations
@@ -70,9 +73,7 @@ def splice_into(
     try:
         with contextlib.suppress(OSError):  # the system's limit may be lower: 64 KiB then
             fcntl.fcntl(pipe_in, _F_SETPIPE_SZ, SPLICE_READ)
-        poller = select.poll()
-        poller.register(source, select.POLLIN)
-        poller.register(stop.fd, select.POLLIN)
+        poller = watch(source, stop)
         left = count
         while left:
             try:
@@ -95,6 +96,19 @@ def splice_into(
 
 
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+def watch(source: int, stop: Stop) -> select.poll:
+    """A poll of the socket `source` and of `stop`, for `wait_readable` and `told`."""
+    poller = select.poll()
+    poller.register(source, select.POLLIN)
+    poller.register(stop.fd, select.POLLIN)
+    return poller
+
+
+def told(poller: select.poll, stop: Stop) -> bool:
+    """Whether `stop` is set (a body that never waits is told between its moves)."""
+    return any(fd == stop.fd for fd, _ in poller.poll(0))
 
 
 def wait_readable(poller: select.poll, stop: Stop, timeout: float) -> None:
