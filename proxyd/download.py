@@ -1,20 +1,24 @@
 """One upstream fetch of a blob, streamed to any number of readers as it arrives.
 
-A download writes a temporary file while hashing it (through a write-behind, in a
-worker thread; or, for a big plain-http body, spliced from the socket by the kernel
-and hashed from the file: `splice`), and each client streams from that file as bytes
-reach it, or from the chunks still queued for it. The blob's last byte is held back until the digest
+A download writes a temporary file while hashing it: through a write-behind, in a
+worker thread; or, for a big body, by a worker thread that takes it from the socket
+(`splice`): written with O_DIRECT, its bytes held in memory for the readers until
+they are on disk; or, where the file system refuses O_DIRECT, spliced (plain http)
+or decrypted (TLS) into the page cache and hashed from the file. Each client
+streams the bytes as they come, from memory while they are held and from the file
+once they are not. The blob's last byte is held back until the digest
 is verified, so a client never receives a complete wrong body; a mismatch cuts every
 reader short and keeps nothing. A range ends on the same terms: its own last byte
 waits for the digest too, so no answer, whole or partial, ends clean on bytes the
 digest has not vouched for.
 
-A reader whose client sits on a plain socket takes the bytes on disk as spans of
-the temporary file (`OnDisk`), which the server sends with sendfile, from the page
-cache to the socket without a copy through Python: all of a spliced body's bytes,
-and a write-behind's for a reader behind the disk. A caught-up reader of a
-write-behind takes what is not on disk yet from memory, as every reader does (waiting
-for the disk instead cost the loop more CPU than sendfile saved: docs/performance.md).
+A reader whose client sits on a plain socket takes the bytes on disk and not held
+as spans of the temporary file (`OnDisk`), which the server sends with sendfile,
+from the page cache to the socket without a copy through Python: a spliced body's
+bytes, and a write-behind's or an O_DIRECT body's for a reader behind what memory
+holds. A caught-up reader takes what is held from memory, as every reader does
+(waiting for the disk instead cost the loop more CPU than sendfile saved, and what
+O_DIRECT wrote is in no page cache: docs/performance.md).
 
 A download whose source fails midway (a peer of the fleet, `proxyd.fleetpull`) may
 go on from its next source at the byte it reached, or `restart` from the first byte:
@@ -29,11 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import io
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ from proxyd.writebehind import WriteBehind
 # Bytes a reader behind the disk preads at once: a slow client's chunk waits in the
 # socket's send buffer as a copy too, so 1 MiB here was 2 MiB of the peak RSS.
 READ_CHUNK = 1 << 18
+Held = bytes | memoryview  # bytes a reader takes from memory
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ class Download:
         self.writer: BlobWriter | None = None
         self._pipe: WriteBehind | None = None
         self._spliced = 0  # bytes a splice put in the file (no write-behind then)
-        self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not on disk yet
+        # (offset, chunk) not on disk yet: aiohttp's bytes, or views of a taken body's
+        # memory (never written again)
+        self._unwritten: deque[tuple[int, Held]] = deque()
         self._fd = -1  # the temporary file, for readers
         self._answered = False  # upstream answered the GET, or the download failed first
 
@@ -152,44 +158,74 @@ class Download:
             await self._pipe.room()
 
     async def splice(self, body: RawBody) -> None:
-        """Take a body straight from its socket into the file (`BlobWriter.splice`,
-        in a worker thread), announcing what reaches the disk as it does; cancelled,
-        the splice is told to stop and waited for (the socket and the file stay open
-        until it ended). Raises what the splice raised."""
+        """Take a body straight from its socket, in a worker thread: into the file with
+        O_DIRECT, its bytes held in memory for the clients until they are on disk
+        (`BlobWriter.receive`), or, where the file system refuses O_DIRECT, spliced or
+        decrypted into the page cache (`BlobWriter.splice`); announcing what arrives as
+        it does. Cancelled, the thread is told to stop and waited for (the socket and
+        the file stay open until it ended). Raises what the thread raised."""
         writer = self.writer
         assert writer is not None, "the download writes once it is open"
-        # `written` counts the write-behind's bytes or the splice's: never both.
+        # `written` counts the write-behind's bytes or the thread's: never both.
         assert self._pipe is None and self.received == 0, "a splice takes a blob whole"
         loop = asyncio.get_running_loop()
-        if body.head:  # what aiohttp had read: a batch of its own, here
-            self._spliced = self.received = writer.append([body.head])
-            self.notify()
+        unpaced = len(body.head)  # (counted by the pace already)
+
+        def arrived(chunk: memoryview) -> None:  # in the worker thread
+            nonlocal unpaced
+            body.pace.arrived(len(chunk) - unpaced)
+            unpaced = 0
+            loop.call_soon_threadsafe(self._arrived, chunk)
+
+        def written(size: int, release: Callable[[], None]) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._written, size, release)
 
         def moved(size: int) -> None:  # in the worker thread
             body.pace.arrived(size)
             loop.call_soon_threadsafe(self._landed, size)
 
+        def take() -> None:
+            received = writer.receive(
+                body.fd,
+                body.head,
+                body.left,
+                timeout=body.timeout,
+                stop=stop,
+                arrived=arrived,
+                written=written,
+                tls=body.tls,
+            )
+            if received:
+                return
+            if body.head:  # what aiohttp had read: a batch of its own, here
+                writer.append([body.head])
+                loop.call_soon_threadsafe(self._landed, len(body.head))
+            writer.splice(
+                body.fd, body.left, timeout=body.timeout, stop=stop, moved=moved, tls=body.tls
+            )
+
         stop = splicing.Stop()
         own = ThreadPoolExecutor(1, thread_name_prefix="proxyd-splice")  # (splicing.py)
         try:
-            job = loop.run_in_executor(
-                own,
-                functools.partial(
-                    writer.splice,
-                    body.fd,
-                    body.left,
-                    timeout=body.timeout,
-                    stop=stop,
-                    moved=moved,
-                    tls=body.tls,
-                ),
-            )
+            job = loop.run_in_executor(own, take)
             own.shutdown(wait=False)  # the thread ends with its one job
             await settle(job, on_cancel=stop.set)
         finally:
             stop.close()
-        if writer.written > self._spliced:  # (announced already, by the loop's turns)
-            self._landed(writer.written - self._spliced)
+
+    def _arrived(self, chunk: memoryview) -> None:
+        """A taken body's next bytes, read and on their way to the disk: readers may
+        have them from memory."""
+        self._unwritten.append((self.received, chunk))
+        self.received += len(chunk)
+        self.notify()
+
+    def _written(self, size: int, release: Callable[[], None]) -> None:
+        """`size` more bytes of a taken body are on disk: the memory that held them is
+        let go (but by readers sending it)."""
+        self._spliced += size
+        self._advance(self._spliced)
+        release()
 
     def _landed(self, size: int) -> None:
         """`size` more bytes of a spliced body are in the file."""
@@ -236,7 +272,7 @@ class Download:
             unwritten.popleft()
         self.notify()
 
-    def _unwritten_bytes(self, offset: int, limit: int) -> bytes:
+    def _unwritten_bytes(self, offset: int, limit: int) -> Held:
         """Bytes from `offset` (at or past what is on disk), up to `limit`, from the
         chunk queued for the disk that holds them."""
         for start, chunk in self._unwritten:
@@ -286,12 +322,12 @@ class Download:
         the ranges that include it). A `restart` after this reader had bytes raises."""
         async with contextlib.aclosing(self.pieces(start, stop)) as pieces:
             async for piece in pieces:
-                assert isinstance(piece, bytes), "asked for bytes only"
-                yield piece
+                assert not isinstance(piece, OnDisk), "asked for bytes only"
+                yield piece if isinstance(piece, bytes) else bytes(piece)
 
     async def pieces(
         self, start: int = 0, stop: int | None = None, *, spans: bool = False
-    ) -> AsyncGenerator[bytes | OnDisk, None]:
+    ) -> AsyncGenerator[Held | OnDisk, None]:
         """`chunks`, on the same terms; with `spans`, bytes on disk come as `OnDisk`
         spans of the file instead of read."""
         ended = self._users == 0  # the download itself let go: stored, or dropped
@@ -318,8 +354,11 @@ class Download:
                 available = self._releasable()
                 if stop is not None:
                     available = min(available, stop if self.verified else stop - 1)
-                piece: bytes | OnDisk
-                if offset < available and offset < self.written:
+                piece: Held | OnDisk
+                # Bytes still held come from memory, on disk or not: what O_DIRECT
+                # wrote is in no page cache (`splice`).
+                held = bool(self._unwritten) and self._unwritten[0][0] <= offset
+                if offset < available and offset < self.written and not held:
                     on_disk = min(available, self.written)
                     if spans:
                         if file is None:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from proxyd import decrypting, splicing
+from proxyd import decrypting, direct, splicing
 from proxyd.errors import DigestMismatch
 from proxyd.reference import DIGEST_HEX_LENGTHS, Digest
 
@@ -439,6 +439,52 @@ class BlobWriter:
             landed.end(complete=self.written == landed.start + count)
             wait_for([hashed])  # never leave the hash reading a file about to close
         hashed.result()
+
+    def receive(
+        self,
+        source: int,
+        head: bytes,
+        count: int,
+        *,
+        timeout: float,
+        stop: splicing.Stop,
+        arrived: Callable[[memoryview], None],
+        written: Callable[[int, Callable[[], None]], None],
+        tls: decrypting.TLSState | None = None,
+    ) -> bool:
+        """Write `head` then `count` bytes from the socket `source` (decrypted with the
+        connection's `tls` state, if given) into the empty file with O_DIRECT, hashing
+        them (`proxyd.direct`, which says what it raises): `arrived(view)` with the
+        bytes as they are read, `written(n, release)` as they reach the disk. False, with
+        nothing read, where the file system refuses O_DIRECT (then `splice`). Blocks:
+        run it in a worker thread."""
+        assert self.written == 0, "a body written with O_DIRECT starts the file"
+        direct_fd = direct.open_direct(str(self.temp_path))
+        if direct_fd is None:
+            return False
+
+        def on_write(size: int, release: Callable[[], None]) -> None:
+            self.written += size
+            written(size, release)
+
+        try:
+            poller = splicing.watch(source, stop)
+            fill = direct.plain_reader(source) if tls is None else decrypting.reader(source, tls)
+            direct.receive(
+                fill,
+                count,
+                head=head,
+                files=direct.Files(direct_fd, self._fd),
+                hash=self._hash,
+                poller=poller,
+                stop=stop,
+                timeout=timeout,
+                arrived=arrived,
+                written=on_write,
+            )
+        finally:
+            os.close(direct_fd)
+        return True
 
     def _hash_landed(self, landed: _Landed) -> None:
         """Hash what lands in the file, in order, until `landed` ends (all of it, if

@@ -1,11 +1,12 @@
-"""A big cold blob from a plain-http upstream goes from the socket to the file inside
-the kernel (splice), is hashed from the file, and reaches clients on plain sockets
-with sendfile: the same answers and guarantees as the write-behind's path, with the
-bytes never in the process. Over TLS the same body is decrypted into the file by the
-splice's thread instead (tests/test_decrypt.py has that thread's own tests): the tests
-taking `taken` run both ways. `SPLICE_FROM` is lowered here so that the 1 MiB layers of
-the fakes take that path; `spliced` and `taken.counts` count the bodies taken off the
-loop, so each test shows it did."""
+"""A big cold blob is taken off the event loop by a worker thread: written to the file
+with O_DIRECT and given to the clients from memory (tests/test_direct.py has the
+thread's own tests), or, where the file system refuses O_DIRECT, spliced from a
+plain-http socket into the file inside the kernel, hashed from the file and sent to
+plain clients with sendfile (over TLS, decrypted into the file instead:
+tests/test_decrypt.py). Either way the same answers and guarantees as the
+write-behind's path: the tests taking `taken` run all four ways. `SPLICE_FROM` is
+lowered here so that the 1 MiB layers of the fakes take that path; `spliced` and
+`taken.counts` count the bodies taken off the loop, so each test shows it did."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import aiohttp
 import pytest
 import trustme
 
-from proxyd import decrypting, splicing, store, upstream
+from proxyd import decrypting, direct, splicing, store, upstream
 from proxyd.download import Download, OnDisk
 from proxyd.errors import DigestMismatch
 from proxyd.pace import MinimumRate
@@ -42,23 +43,28 @@ READ_TIMEOUT = 0.3
 
 
 def counted(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
-    """Bodies of any length are taken off the loop by `module.name` (`splice_into`,
-    `decrypt_into`); the list holds each one's byte count."""
+    """Bodies of any length are taken off the loop by `module.name` (`receive`,
+    `splice_into`, `decrypt_into`); the list holds each one's byte count (what was
+    left in the socket). Where that is not `direct.receive`, the file system refuses
+    O_DIRECT."""
     counts: list[int] = []
     real = getattr(module, name)
 
-    def counting(source: int, target: int, count: int, **kwargs: Any) -> None:
-        counts.append(count)
-        real(source, target, count, **kwargs)
+    def counting(source: Any, *args: Any, **kwargs: Any) -> None:
+        counts.append(args[1] if module is splicing or module is decrypting else args[0])
+        real(source, *args, **kwargs)
 
     monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
     monkeypatch.setattr(module, name, counting)
+    if module is not direct:
+        monkeypatch.setattr(direct, "open_direct", lambda path: None)
     return counts
 
 
 @pytest.fixture
 def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Bodies of any length are spliced; the list holds each splice's byte count."""
+    """Bodies of any length are spliced (no O_DIRECT); the list holds each splice's
+    byte count."""
     return counted(monkeypatch, splicing, "splice_into")
 
 
@@ -69,14 +75,23 @@ def stored(cache_dir: Path, digest: str) -> Path:
 @dataclass
 class Taken:
     """proxyd in front of a fake (`proxyd(fake, read_timeout=None)`), over plain http
-    (its big bodies spliced) or TLS (decrypted by the splice's thread); `counts` holds
-    each such body's byte count."""
+    or TLS, its big bodies written with O_DIRECT, or (a file system refusing it)
+    spliced or decrypted into the page cache; `counts` holds each such body's byte
+    count."""
 
     counts: list[int]
     proxyd: Callable[..., Awaitable[Any]]
 
 
-@pytest.fixture(params=["plain http: spliced", "TLS: decrypted"])
+TAKERS = {
+    "plain http: O_DIRECT": (direct, "receive"),
+    "TLS: O_DIRECT": (direct, "receive"),
+    "plain http: spliced": (splicing, "splice_into"),
+    "TLS: decrypted": (decrypting, "decrypt_into"),
+}
+
+
+@pytest.fixture(params=list(TAKERS))
 def taken(
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
@@ -85,10 +100,8 @@ def taken(
     tmp_path: Path,
 ) -> Taken:
     over_tls = request.param.startswith("TLS")
-    if not over_tls:
-        counts = counted(monkeypatch, splicing, "splice_into")
-    else:
-        counts = counted(monkeypatch, decrypting, "decrypt_into")
+    counts = counted(monkeypatch, *TAKERS[request.param])
+    if over_tls:
         ca = trustme.CA()
         ca_pem = tmp_path / "ca.pem"
         ca.cert_pem.write_to_path(str(ca_pem))
@@ -303,9 +316,19 @@ def connected() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-async def test_a_spliced_download_is_hashed_from_the_file_and_read_both_ways(tmp_path: Path):
-    """Readers on plain sockets take spans of the file; the others (TLS) its bytes.
-    Both wait for the digest for the last byte."""
+@pytest.fixture(params=["O_DIRECT", "spliced"])
+def mover(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A download's body taken off the loop both ways: with O_DIRECT, or spliced (the
+    file system refusing O_DIRECT)."""
+    if request.param == "spliced":
+        monkeypatch.setattr(direct, "open_direct", lambda path: None)
+    return str(request.param)
+
+
+async def test_a_taken_download_is_hashed_and_read_both_ways(tmp_path: Path, mover: str):
+    """Readers on plain sockets take spans of the file (or bytes from memory, written
+    with O_DIRECT); the others (TLS) its bytes. Both wait for the digest for the last
+    byte."""
     download = open_download(tmp_path, "sha256:" + hashlib.sha256(LAYER).hexdigest())
     download.size = len(LAYER)
     ours, theirs = connected()
@@ -334,7 +357,7 @@ async def test_a_spliced_download_is_hashed_from_the_file_and_read_both_ways(tmp
     download.release()
 
 
-async def test_a_spliced_download_with_a_wrong_digest_keeps_nothing(tmp_path: Path):
+async def test_a_taken_download_with_a_wrong_digest_keeps_nothing(tmp_path: Path, mover: str):
     download = open_download(tmp_path, "sha256:" + "0" * 64)
     ours, theirs = connected()
     with ours, theirs:
@@ -345,13 +368,15 @@ async def test_a_spliced_download_with_a_wrong_digest_keeps_nothing(tmp_path: Pa
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-async def test_a_cancelled_splice_stops_at_once_and_lets_go_of_the_file(tmp_path: Path):
+async def test_a_cancelled_download_taken_off_the_loop_stops_at_once_and_lets_go_of_the_file(
+    tmp_path: Path, mover: str
+):
     download = open_download(tmp_path, "sha256:" + "0" * 64)
     ours, theirs = connected()
     with ours, theirs:
         splice = asyncio.create_task(download.splice(raw_body(ours, 4096, timeout=60)))
         theirs.sendall(b"x" * 1000)
-        await until(lambda: download.written == 1000)  # then the thread polls for more
+        await until(lambda: download.received == 1000)  # then the thread polls for more
         splice.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(splice, 5)  # not the 60 s of the read timeout
