@@ -456,9 +456,12 @@ class BlobWriter:
         connection's `tls` state, if given) into the empty file with O_DIRECT, hashing
         them (`proxyd.direct`, which says what it raises): `arrived(view)` with the
         bytes as they are read, `written(n, release)` as they reach the disk. False, with
-        nothing read, where the file system refuses O_DIRECT (then `splice`). Blocks:
-        run it in a worker thread."""
+        nothing read, where the file system refuses O_DIRECT or a plain body is
+        smaller than `direct.PLAIN_FROM` (then `splice`). Blocks: run it in a worker
+        thread."""
         assert self.written == 0, "a body written with O_DIRECT starts the file"
+        if tls is None and len(head) + count < direct.PLAIN_FROM:
+            return False
         direct_fd = direct.open_direct(str(self.temp_path))
         if direct_fd is None:
             return False

@@ -21,6 +21,8 @@ import pytest
 
 from proxyd import direct, splicing
 from proxyd.direct import Files
+from proxyd.reference import Digest
+from proxyd.store import BlobStore
 
 
 @dataclass
@@ -199,3 +201,26 @@ def test_where_the_alignment_is_refused_the_rest_is_written_the_ordinary_way(
     sender.join()
     assert direct_writes == [0]  # tried once
     assert body.path.read_bytes() == data
+
+
+def test_a_plain_body_below_plain_from_is_left_to_the_splice_unread(tmp_path: Path):
+    """Through warm page-cache pages a plain body's splice is the cheaper path."""
+    blob_store = BlobStore(tmp_path)
+    blob_store.open()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    stop = splicing.Stop()
+    with ours, theirs, blob_store.writer(Digest.parse("sha256:" + "0" * 64)) as writer:
+        theirs.sendall(b"x" * 100)
+        taken = writer.receive(
+            ours.fileno(),
+            b"",
+            direct.PLAIN_FROM - 1,
+            timeout=1,
+            stop=stop,
+            arrived=lambda view: None,
+            written=lambda size, release: None,
+        )
+        assert taken is False
+        assert ours.recv(1000) == b"x" * 100  # nothing was read
+    stop.close()

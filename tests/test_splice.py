@@ -55,6 +55,7 @@ def counted(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int
         real(source, *args, **kwargs)
 
     monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
+    monkeypatch.setattr(direct, "PLAIN_FROM", 0)
     monkeypatch.setattr(module, name, counting)
     if module is not direct:
         monkeypatch.setattr(direct, "open_direct", lambda path: None)
@@ -322,6 +323,8 @@ def mover(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     file system refusing O_DIRECT)."""
     if request.param == "spliced":
         monkeypatch.setattr(direct, "open_direct", lambda path: None)
+    else:
+        monkeypatch.setattr(direct, "PLAIN_FROM", 0)
     return str(request.param)
 
 
