@@ -91,6 +91,12 @@ class CacheSettings(BaseModel):
         description="seconds a Redis call may take; then Redis counts as unreachable "
         "(lookups are misses) until it answers again",
     )
+    direct_writes: bool = Field(
+        True,
+        description="big cold bodies (over TLS from 8 MiB, plain http from 1 GiB) are "
+        "written with O_DIRECT and sent from memory, not through the page cache; "
+        "false: always through the page cache (a blob stays there for its next reader)",
+    )
 
 
 class Settings(BaseSettings):

@@ -66,7 +66,7 @@ async def open_core(
     gains nothing from it."""
     settings = runtime.settings
     metrics = metrics or Metrics()
-    store = BlobStore(settings.cache_dir)
+    store = BlobStore(settings.cache_dir, direct_writes=settings.cache.direct_writes)
     store.open(clear_tmp=clear_tmp)
     small = (
         SmallCache.redis(

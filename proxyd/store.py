@@ -92,8 +92,9 @@ class Link:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, direct_writes: bool = True) -> None:
         self.root = root.resolve()
+        self.direct_writes = direct_writes  # big bodies with O_DIRECT (BlobWriter.receive)
         self._blobs = self.root / "blobs"
         self._tmp = self.root / "tmp"
         self._links = self.root / "links"
@@ -456,10 +457,12 @@ class BlobWriter:
         connection's `tls` state, if given) into the empty file with O_DIRECT, hashing
         them (`proxyd.direct`, which says what it raises): `arrived(view)` with the
         bytes as they are read, `written(n, release)` as they reach the disk. False, with
-        nothing read, where the file system refuses O_DIRECT or a plain body is
-        smaller than `direct.PLAIN_FROM` (then `splice`). Blocks: run it in a worker
-        thread."""
+        nothing read, where the store is told not to (`direct_writes`), the file
+        system refuses O_DIRECT or a plain body is smaller than `direct.PLAIN_FROM`
+        (then `splice`). Blocks: run it in a worker thread."""
         assert self.written == 0, "a body written with O_DIRECT starts the file"
+        if not self.store.direct_writes:
+            return False
         if tls is None and len(head) + count < direct.PLAIN_FROM:
             return False
         direct_fd = direct.open_direct(str(self.temp_path))

@@ -42,11 +42,13 @@ LAYER = os.urandom(1 << 20)
 READ_TIMEOUT = 0.3
 
 
-def counted(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+def counted(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, *, refused: bool | None = None
+) -> list[int]:
     """Bodies of any length are taken off the loop by `module.name` (`receive`,
     `splice_into`, `decrypt_into`); the list holds each one's byte count (what was
     left in the socket). Where that is not `direct.receive`, the file system refuses
-    O_DIRECT."""
+    O_DIRECT, unless `refused` is False."""
     counts: list[int] = []
     real = getattr(module, name)
 
@@ -57,7 +59,7 @@ def counted(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int
     monkeypatch.setattr(upstream, "SPLICE_FROM", 0)
     monkeypatch.setattr(direct, "PLAIN_FROM", 0)
     monkeypatch.setattr(module, name, counting)
-    if module is not direct:
+    if refused if refused is not None else module is not direct:
         monkeypatch.setattr(direct, "open_direct", lambda path: None)
     return counts
 
@@ -385,3 +387,19 @@ async def test_a_cancelled_download_taken_off_the_loop_stops_at_once_and_lets_go
             await asyncio.wait_for(splice, 5)  # not the 60 s of the read timeout
     await download.discard()
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_with_direct_writes_off_big_bodies_go_through_the_page_cache(
+    make_proxyd, start_fake, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`[cache] direct_writes = false`: the operator keeps every blob in the page cache
+    for its next reader; a body O_DIRECT would take (on a file system that takes it)
+    is spliced instead."""
+    spliced = counted(monkeypatch, splicing, "splice_into", refused=False)
+    fake = FakeRegistry()
+    image = fake.add(make_image(layer=LAYER))
+    proxyd = await make_proxyd(config(await start_fake(fake)) + "\n[cache]\ndirect_writes = false")
+
+    assert await (await proxyd.get(f"/v2/team/app/blobs/{image.layer}")).read() == LAYER
+    assert len(spliced) == 1
+    assert (await until_stored(cache_dir, image.layer)).read_bytes() == LAYER
