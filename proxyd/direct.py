@@ -36,6 +36,7 @@ import mmap
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
@@ -225,14 +226,15 @@ class _Ring:
         """Until fewer than `SLOTS` are in flight, at most `timeout` seconds (a disk
         that takes no slot for that long is a stall, as a silent socket is; so is a
         caller that releases none); ends when told."""
-        waited = 0.0
+        deadline = time.monotonic() + timeout
         with self._changed:
             while max(self._behind, default=0) >= SLOTS:
                 self.raise_failure()
-                if waited >= timeout:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise TimeoutError(f"no slot came free for {timeout:g} s (the disk stalls)")
-                self._changed.wait(0.05)
-                waited += 0.05
+                # (woken by each follower's slot done, or at the latest to look at `stop`)
+                self._changed.wait(min(left, 0.05))
                 if splicing.told(poller, stop):
                     raise splicing.Stopped
             self.raise_failure()
