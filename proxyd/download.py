@@ -5,20 +5,20 @@ worker thread; or, for a big body, by a worker thread that takes it from the soc
 (`splice`): written with O_DIRECT, its bytes held in memory for the readers until
 they are on disk; or, where the file system refuses O_DIRECT, spliced (plain http)
 or decrypted (TLS) into the page cache and hashed from the file. Each client
-streams the bytes as they come, from memory while they are held and from the file
-once they are not. The blob's last byte is held back until the digest
+streams the bytes as they come, from memory until they are on disk and from the
+file after. The blob's last byte is held back until the digest
 is verified, so a client never receives a complete wrong body; a mismatch cuts every
 reader short and keeps nothing. A range ends on the same terms: its own last byte
 waits for the digest too, so no answer, whole or partial, ends clean on bytes the
 digest has not vouched for.
 
-A reader whose client sits on a plain socket takes the bytes on disk and not held
-as spans of the temporary file (`OnDisk`), which the server sends with sendfile,
-from the page cache to the socket without a copy through Python: a spliced body's
-bytes, and a write-behind's or an O_DIRECT body's for a reader behind what memory
-holds. A caught-up reader takes what is held from memory, as every reader does
-(waiting for the disk instead cost the loop more CPU than sendfile saved, and what
-O_DIRECT wrote is in no page cache: docs/performance.md).
+A reader whose client sits on a plain socket takes the bytes on disk as spans of
+the temporary file (`OnDisk`), which the server sends with sendfile, from the page
+cache to the socket without a copy through Python: all of a spliced body's bytes,
+and a write-behind's or an O_DIRECT body's for a reader behind the disk (which for
+O_DIRECT reads the disk: those bytes are in no page cache). A caught-up reader takes
+what is not on disk yet from memory, as every reader does (waiting for the disk
+instead cost the loop more CPU than sendfile saved: docs/performance.md).
 
 A download whose source fails midway (a peer of the fleet, `proxyd.fleetpull`) may
 go on from its next source at the byte it reached, or `restart` from the first byte:
@@ -101,8 +101,8 @@ class Download:
         self.writer: BlobWriter | None = None
         self._pipe: WriteBehind | None = None
         self._spliced = 0  # bytes a splice put in the file (no write-behind then)
-        # (offset, chunk) not on disk yet: aiohttp's bytes, or views of a taken body's
-        # memory (never written again)
+        # (offset, chunk) not on disk yet: aiohttp's bytes, or views of an O_DIRECT
+        # body's memory (never written again)
         self._unwritten: deque[tuple[int, Held]] = deque()
         self._fd = -1  # the temporary file, for readers
         self._answered = False  # upstream answered the GET, or the download failed first
@@ -355,10 +355,7 @@ class Download:
                 if stop is not None:
                     available = min(available, stop if self.verified else stop - 1)
                 piece: Held | OnDisk
-                # Bytes still held come from memory, on disk or not: what O_DIRECT
-                # wrote is in no page cache (`splice`).
-                held = bool(self._unwritten) and self._unwritten[0][0] <= offset
-                if offset < available and offset < self.written and not held:
+                if offset < available and offset < self.written:
                     on_disk = min(available, self.written)
                     if spans:
                         if file is None:
